@@ -1,0 +1,166 @@
+"""Checkpoints: one folder per step, written atomically, verified by a checksum manifest.
+
+Layout of runs/<name>/checkpoints/step_00000100/:
+    model.pt         state dict of the plain (uncompiled, unwrapped) Transformer, fp32
+    config.yaml      the resolved config; its `model:` section rebuilds the architecture
+    tokenizer.model  the SentencePiece model the data was encoded with (when known)
+    train_state.pt   optimizer, step, sampler position, RNG states (training checkpoints only)
+    manifest.json    written last: {"step": N, "files": {name: sha256}}; no manifest = incomplete
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from hvd_llama.cli import UserError, atomic_write_text, sha256_file
+from hvd_llama.model import ModelConfig
+
+MANIFEST = "manifest.json"
+STEP_PREFIX = "step_"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _torch_save(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(ckpt_dir, model_state: dict, config: dict, tokenizer_path=None,
+                    train_state: Optional[dict] = None, step: int = 0) -> Path:
+    """Write a complete checkpoint into a temporary folder, then rename it into place.
+
+    A crash or a full disk leaves either the old folder or the new one, never a mix: the temporary folder is
+    removed on failure and the error propagates so the caller can report it.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=ckpt_dir.parent, prefix=f".{ckpt_dir.name}.tmp-"))
+    try:
+        _torch_save(model_state, tmp / "model.pt")
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        if train_state is not None:
+            _torch_save(train_state, tmp / "train_state.pt")
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
+        _fsync_dir(tmp)
+        if ckpt_dir.exists():  # re-saving a step: swap, so a valid copy exists at every instant
+            old = ckpt_dir.with_name(f".{ckpt_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(ckpt_dir, old)
+            os.replace(tmp, ckpt_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, ckpt_dir)
+        _fsync_dir(ckpt_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ckpt_dir
+
+
+def verify_checkpoint(ckpt_dir) -> dict:
+    """Return the manifest if every file is present with the recorded checksum, else raise UserError."""
+    ckpt_dir = Path(ckpt_dir)
+    manifest_path = ckpt_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise UserError(f"{ckpt_dir} is not a complete checkpoint (no {MANIFEST})")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError) as err:
+        raise UserError(f"{manifest_path} is unreadable ({err})") from None
+    for name, digest in files.items():
+        path = ckpt_dir / name
+        if not path.is_file():
+            raise UserError(f"checkpoint {ckpt_dir} is missing {name}")
+        if sha256_file(path) != digest:
+            raise UserError(f"checkpoint {ckpt_dir} is corrupt: checksum of {name} does not match its manifest")
+    return manifest
+
+
+def list_checkpoints(root) -> list[Path]:
+    """Checkpoint folders under a run dir or a checkpoints dir, oldest first (temporary folders excluded)."""
+    root = Path(root)
+    folder = root / "checkpoints" if (root / "checkpoints").is_dir() else root
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX))
+
+
+def find_latest_checkpoint(root) -> Optional[Path]:
+    """The newest checkpoint that verifies; corrupt newer ones are reported and skipped."""
+    for ckpt in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(ckpt)
+            return ckpt
+        except UserError as err:
+            warnings.warn(f"skipping checkpoint: {err}", stacklevel=2)
+    return None
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint folder as given, or the newest good one when given a run or checkpoints folder."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint path {path} does not exist")
+    if (path / MANIFEST).is_file() or (path / "model.pt").is_file():
+        verify_checkpoint(path)
+        return path
+    latest = find_latest_checkpoint(path)
+    if latest is None:
+        raise UserError(f"no complete checkpoint found under {path}")
+    return latest
+
+
+def read_config(ckpt_dir) -> dict:
+    return yaml.safe_load((Path(ckpt_dir) / "config.yaml").read_text()) or {}
+
+
+def load_model_checkpoint(path):
+    """Return (state_dict, ModelConfig, tokenizer path or None) from a checkpoint, run or checkpoints folder."""
+    ckpt = resolve_checkpoint(path)
+    model_fields = read_config(ckpt).get("model")
+    if not isinstance(model_fields, dict):
+        raise UserError(f"{ckpt}/config.yaml has no `model:` section")
+    try:
+        model_cfg = ModelConfig(**model_fields)
+    except TypeError as err:
+        raise UserError(f"{ckpt}/config.yaml: incompatible model section ({err})") from None
+    state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
+    tokenizer = ckpt / "tokenizer.model"
+    return state, model_cfg, (tokenizer if tokenizer.is_file() else None)
+
+
+def load_train_state(ckpt_dir) -> dict:
+    return torch.load(Path(ckpt_dir) / "train_state.pt", map_location="cpu", weights_only=False)
+
+
+def prune_checkpoints(root, keep: int) -> None:
+    """Keep the newest `keep` checkpoints (0 keeps all)."""
+    if keep <= 0:
+        return
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

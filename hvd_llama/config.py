@@ -1,0 +1,181 @@
+"""Run configuration: one dataclass per concern, loaded from YAML, overridden with `--set section.key=value`.
+
+Precedence: command line > YAML file > the defaults below (which run as they are: a tiny model on CPU).
+Unknown keys and values of the wrong type are errors, reported with the key's full name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import yaml
+
+from hvd_llama.cli import UserError
+from hvd_llama.model import ModelConfig
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/stdlib"  # a folder written by `hvd_llama.prepare` (meta.json, tokenizer.model, shards)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate, reached at the end of warmup
+    min_lr: float = 1e-4  # the cosine decay ends here at train.max_steps
+    warmup_steps: int = 20  # linear warmup from ~0 to lr
+    weight_decay: float = 0.1  # decoupled (AdamW), applied to matrices only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 128  # tokens per training sequence (<= model.max_seq_len)
+    batch_size: int = 16  # sequences per rank per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step (Horovod's backward_passes_per_step)
+    max_steps: int = 200  # optimizer steps
+    seed: int = 1337  # model init and data order
+    eval_every: int = 50  # optimizer steps between validation passes; 0 disables
+    eval_windows: int = 64  # validation windows per pass, split over ranks; 0 = the whole split
+    precision: str = "fp32"  # fp32 | bf16 (autocast, fp32 master weights) | fp16 (autocast + loss scaling)
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute block activations in backward to save memory
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # optimizer steps between checkpoints (and one at the end); 0 = only at the end
+    keep: int = 3  # newest checkpoints kept; 0 keeps all
+
+
+@dataclass
+class LogConfig:
+    every: int = 10  # optimizer steps between console lines (metrics.jsonl gets every step)
+    tensorboard: bool = True  # write TensorBoard event files under <run-dir>/tensorboard
+    peak_flops: float = 0.0  # per-rank peak FLOP/s for MFU; 0 = measure a matmul at start-up
+
+
+@dataclass
+class DistConfig:
+    compression: str = "none"  # none | fp16: how gradients travel in the allreduce
+    op: str = "average"  # average | adasum
+    gradient_predivide_factor: float = 1.0  # split the averaging before/after the sum (fp16 range)
+    threads_per_rank: int = 0  # CPU threads per rank; 0 = cores / ranks on this node
+    elastic: bool = False  # run under Horovod Elastic (horovodrun --min-np/--max-np)
+    commit_every: int = 10  # elastic: optimizer steps between state commits
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value, annotation, key: str):
+    """Check a YAML value against a dataclass field type; ints are accepted where floats are expected."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:  # Optional[X]
+        if value is None and type(None) in args:
+            return None
+        annotation = next(a for a in args if a is not type(None))
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, str, bool) and type(value) is annotation:
+        return value
+    raise UserError(f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
+
+
+def _section_from_dict(cls, values: dict, section: str):
+    if not isinstance(values, dict):
+        raise UserError(f"{section}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"unknown config key {section}.{unknown[0]} (known: {', '.join(sorted(known))})")
+    return cls(**{k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()})
+
+
+def config_from_dict(values: dict) -> Config:
+    hints = typing.get_type_hints(Config)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise UserError(f"unknown config section {unknown[0]!r} (known: {', '.join(hints)})")
+    return Config(**{name: _section_from_dict(hints[name], values.get(name) or {}, name) for name in hints})
+
+
+def apply_overrides(values: dict, overrides: Sequence[str]) -> dict:
+    """Apply `section.key=value` strings; the value is parsed as YAML (so 3, 3e-4, true, null work)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise UserError(f"--set {item!r}: expected section.key=value, e.g. train.max_steps=100")
+        values.setdefault(section, {})
+        if not isinstance(values[section], dict):
+            raise UserError(f"--set {item!r}: {section} is not a section")
+        values[section][name] = yaml.safe_load(raw) if raw != "" else ""
+    return values
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that must fail before any process starts training."""
+    try:
+        cfg.model.validate()
+    except ValueError as err:
+        raise UserError(f"model: {err}") from None
+    t = cfg.train
+    positive = {"train.seq_len": t.seq_len, "train.batch_size": t.batch_size,
+                "train.grad_accum": t.grad_accum, "train.max_steps": t.max_steps}
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"{key} must be > 0, got {value}")
+    if t.seq_len > cfg.model.max_seq_len:
+        raise UserError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    choices = {"train.precision": (t.precision, PRECISIONS), "train.device": (t.device, ("auto", "cpu", "cuda")),
+               "dist.compression": (cfg.dist.compression, ("none", "fp16")),
+               "dist.op": (cfg.dist.op, ("average", "adasum"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise UserError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+    o = cfg.optim
+    if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
+        raise UserError(f"optim.lr={o.lr}, optim.min_lr={o.min_lr}: expected 0 <= min_lr <= lr and lr > 0")
+    if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
+        raise UserError("optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0")
+    if cfg.checkpoint.every < 0 or cfg.train.eval_every < 0 or cfg.log.every <= 0:
+        raise UserError("checkpoint.every and train.eval_every must be >= 0, log.every > 0")
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise UserError(f"config file {path}: expected a mapping of sections at the top level")
+    cfg = config_from_dict(apply_overrides(values, overrides))
+    validate(cfg)
+    return cfg

@@ -1,0 +1,83 @@
+"""Everything Horovod: the only module that imports it.
+
+Follows Horovod's PyTorch examples (examples/pytorch/pytorch_imagenet_resnet50.py): init, pin the device,
+wrap the optimizer, broadcast the initial state from rank 0, and average metrics across ranks.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import horovod.torch as hvd
+import torch
+
+from hvd_llama.config import DistConfig
+
+
+def init(cfg: DistConfig, device: str) -> torch.device:
+    """Start Horovod and give this rank its device (a GPU, or a fair share of the CPU cores)."""
+    hvd.init()
+    if device == "cuda":
+        # Horovod: pin each process to one GPU (its local rank).
+        torch.cuda.set_device(hvd.local_rank())
+        return torch.device("cuda", hvd.local_rank())
+    # Horovod: ranks on one node share its cores; more threads than cores makes every rank slower.
+    threads = cfg.threads_per_rank or max(1, (os.cpu_count() or 1) // hvd.local_size())
+    torch.set_num_threads(threads)
+    return torch.device("cpu")
+
+
+def rank() -> int:
+    return hvd.rank()
+
+
+def size() -> int:
+    return hvd.size()
+
+
+def is_main() -> bool:
+    return hvd.rank() == 0
+
+
+def wrap_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, cfg: DistConfig,
+                   grad_accum: int) -> torch.optim.Optimizer:
+    """Horovod: allreduce gradients during backward; accumulate `grad_accum` passes locally first."""
+    compression = hvd.Compression.fp16 if cfg.compression == "fp16" else hvd.Compression.none
+    op = hvd.Adasum if cfg.op == "adasum" else hvd.Average
+    return hvd.DistributedOptimizer(
+        optimizer,
+        named_parameters=[(n, p) for n, p in model.named_parameters() if p.requires_grad],
+        compression=compression,
+        backward_passes_per_step=grad_accum,
+        op=op,
+        gradient_predivide_factor=cfg.gradient_predivide_factor,
+    )
+
+
+def broadcast_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, has_optimizer_state: bool) -> None:
+    """Horovod: make every rank start from rank 0's weights (and optimizer state after a resume).
+
+    The optimizer state is broadcast only when rank 0 has some: on an empty AdamW state Horovod runs a dummy
+    step (applying weight decay once and starting the step counter at 1), which would make step 1 differ from
+    a plain PyTorch loop. That dummy step also touches the other ranks' weights, so the weights go last.
+    """
+    if has_optimizer_state:
+        hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+
+
+def broadcast_object(obj: Any, name: str) -> Any:
+    return hvd.broadcast_object(obj, root_rank=0, name=name)
+
+
+def allgather_object(obj: Any, name: str) -> list:
+    return hvd.allgather_object(obj, name=name)
+
+
+def allreduce_sum(values: torch.Tensor, name: str) -> torch.Tensor:
+    """Sum a small float64 tensor of statistics over ranks (exact for counts, order-stable for sums)."""
+    return hvd.allreduce(values.double().cpu(), op=hvd.Sum, name=name)
+
+
+def allreduce_max(values: torch.Tensor, name: str) -> torch.Tensor:
+    return hvd.allreduce(values.double().cpu(), op=hvd.Max, name=name)
