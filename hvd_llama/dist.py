@@ -6,11 +6,12 @@ wrap the optimizer, broadcast the initial state from rank 0, and average metrics
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import horovod.torch as hvd
 import torch
 
+from hvd_llama.cli import UserError
 from hvd_llama.config import DistConfig
 
 
@@ -81,3 +82,20 @@ def allreduce_sum(values: torch.Tensor, name: str) -> torch.Tensor:
 
 def allreduce_max(values: torch.Tensor, name: str) -> torch.Tensor:
     return hvd.allreduce(values.double().cpu(), op=hvd.Max, name=name)
+
+
+def run_on_main(fn: Callable[[], Any], name: str) -> Any:
+    """Run `fn` on rank 0 only (a rank-0 side effect); every rank raises the UserError it raised, if any.
+
+    Without this, a rank-0 failure would leave the other ranks waiting in their next collective forever.
+    """
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except UserError as err:
+            error = str(err)
+    error = broadcast_object(error, name=f"{name}.error")
+    if error:
+        raise UserError(error)
+    return result

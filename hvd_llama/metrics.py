@@ -1,0 +1,101 @@
+"""Rank-0 side effects of training: the console line, metrics.jsonl and TensorBoard. A no-op on other ranks."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from hvd_llama.cli import atomic_write_text
+
+TENSORBOARD_TAGS = {  # metrics.jsonl key -> TensorBoard tag
+    "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+    "tokens_per_s": "perf/tokens_per_s", "mfu": "perf/mfu", "val_loss": "val/loss", "val_ppl": "val/ppl",
+}
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024,
+                       seconds: float = 0.3) -> float:
+    """FLOP/s this device reaches on large square matmuls: the denominator of an honest MFU."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.matmul(a, b)  # warm-up: thread pools, kernel selection
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    iterations, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.matmul(a, b)
+        iterations += 1
+        sync()
+    return 2 * n**3 * iterations / (time.perf_counter() - start)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class MetricsLogger:
+    """Writes one JSON object per optimizer step, TensorBoard scalars and a console line, on rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, console_every: int,
+                 resume_step: Optional[int] = None):
+        self.enabled = enabled
+        self.console_every = console_every
+        self.writer = None
+        if not enabled:
+            return
+        self.jsonl = Path(run_dir) / "metrics.jsonl"
+        self._truncate_after(resume_step or 0)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # rank 0 only: other ranks need not import it
+            # purge_step drops events a crashed run logged after the checkpoint we resume from.
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"),
+                                        purge_step=(resume_step + 1) if resume_step else None)
+        self.file = open(self.jsonl, "a")
+
+    def _truncate_after(self, step: int) -> None:
+        """Keep records up to `step`: a resumed run re-does the steps after its checkpoint."""
+        if not self.jsonl.exists():
+            return
+        kept = [line for line in self.jsonl.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write_text(self.jsonl, "".join(line + "\n" for line in kept))
+
+    def log_step(self, record: dict, max_steps: int) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, tag in TENSORBOARD_TAGS.items():
+                if key in record and record[key] is not None and math.isfinite(record[key]):
+                    self.writer.add_scalar(tag, record[key], record["step"])
+        step = record["step"]
+        if step % self.console_every == 0 or step == max_steps or "val_loss" in record:
+            print(self.console_line(record, max_steps), flush=True)
+
+    @staticmethod
+    def console_line(r: dict, max_steps: int) -> str:
+        parts = [f"step {r['step']}/{max_steps}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}",
+                 f"grad {r['grad_norm']:.3f}", f"{r['tokens_per_s']:,.0f} tok/s", f"mfu {100 * r['mfu']:.1f}%"]
+        if "val_loss" in r:
+            parts.append(f"val {r['val_loss']:.4f} (ppl {r['val_ppl']:.1f})")
+        if r.get("skipped"):
+            parts.append("SKIPPED (non-finite)")
+        parts.append(f"eta {format_duration(r['eta_s'])}")
+        return " | ".join(parts)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.writer is not None:
+                self.writer.close()

@@ -1,0 +1,313 @@
+"""The LLaMA model in plain PyTorch, in the style of Meta's llama/model.py and nanoGPT.
+
+Pre-norm decoder-only transformer: RMSNorm, rotary position embeddings (Meta's interleaved complex layout),
+grouped-query attention without biases, SwiGLU feed-forward. Parameter names follow Meta's checkpoints.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 256  # width of the residual stream
+    n_layers: int = 4  # number of transformer blocks
+    n_heads: int = 8  # query heads per attention layer
+    n_kv_heads: Optional[int] = None  # key/value heads (grouped-query attention); None means n_heads
+    vocab_size: int = 4096  # rows of the token-embedding table and the output head
+    multiple_of: int = 32  # feed-forward hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None  # scales the feed-forward hidden size (Llama 2 70B: 1.3)
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base period
+    max_seq_len: int = 256  # longest sequence (prompt plus generated tokens) the model accepts
+    tie_embeddings: bool = False  # share the token-embedding table with the output head
+    init_std: float = 0.02  # standard deviation of the normal weight initialisation
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        return ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+    def validate(self) -> "ModelConfig":
+        """Raise ValueError naming the first inconsistent field; return self so calls can be chained."""
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        for name in ("norm_eps", "rope_theta", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)!r}")
+        if self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0:
+            raise ValueError(f"model.ffn_dim_multiplier must be positive or null, got {self.ffn_dim_multiplier!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"model.dim / model.n_heads = {self.head_dim} must be even for rotary embeddings")
+        kv = self.kv_heads
+        if not isinstance(kv, int) or isinstance(kv, bool) or kv <= 0 or self.n_heads % kv:
+            raise ValueError(f"model.n_kv_heads ({kv!r}) must be a positive divisor of model.n_heads ({self.n_heads})")
+        return self
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float] = None) -> int:
+    """Meta's rule: 2/3 of 4*dim (SwiGLU has three matrices, so this keeps the parameter count of a 4*dim MLP),
+    optionally scaled, rounded up to a multiple of `multiple_of`."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 even under bf16 autocast: the mean of squares loses too much precision otherwise.
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def precompute_freqs_cis(head_dim: int, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """Unit complex numbers e^(i * pos * theta^(-2k/head_dim)), shape positions.shape + (head_dim // 2,).
+
+    Meta's precompute_freqs_cis(dim, end, theta) is precompute_freqs_cis(dim, torch.arange(end), theta). Taking
+    positions lets every row of a left-padded batch start at position 0, and keeps the model free of buffers
+    (nothing to re-initialise after building on the meta device); the cost is negligible next to the matmuls.
+    """
+    exponents = torch.arange(0, head_dim, 2, device=positions.device)[: head_dim // 2].float() / head_dim
+    inv_freq = 1.0 / (theta ** exponents)
+    angles = positions.float().unsqueeze(-1) * inv_freq
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate query/key pairs (x[2k], x[2k+1]) by the angles in freqs_cis.
+
+    xq: [B, T, Hq, D], xk: [B, T, Hkv, D], freqs_cis: [T, D/2] or [B, T, D/2]. Computed in fp32 like Meta's.
+    """
+    freqs_cis = freqs_cis.unsqueeze(-2)  # broadcast over heads
+    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
+    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
+    xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(-2)
+    xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(-2)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, S, Hkv, D] -> [B, S, Hkv * n_rep, D]: each key/value head serves n_rep consecutive query heads."""
+    if n_rep == 1:
+        return x
+    B, S, H, D = x.shape
+    return x[:, :, :, None, :].expand(B, S, H, n_rep, D).reshape(B, S, H * n_rep, D)
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, for incremental decoding: [B, max_seq_len, Hkv, D]."""
+
+    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, device, dtype):
+        shape = (batch_size, max_seq_len, n_kv_heads, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def update(self, start_pos: int, xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store xk/xv at slots [start_pos, start_pos + T) and return keys/values of slots [0, start_pos + T)."""
+        B, T = xk.shape[:2]
+        end = start_pos + T
+        if B > self.k.shape[0] or end > self.k.shape[1]:
+            raise ValueError(f"KV cache holds {tuple(self.k.shape[:2])} (batch, positions); "
+                             f"got batch {B} at positions [{start_pos}, {end})")
+        self.k[:B, start_pos:end] = xk
+        self.v[:B, start_pos:end] = xv
+        return self.k[:B, :end], self.v[:B, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.n_rep = self.n_heads // self.n_kv_heads
+        self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.cache: Optional[KVCache] = None
+
+    def forward(self, x, freqs_cis, mask: Optional[torch.Tensor], start_pos: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        xq = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        xk = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        xv = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+        if self.cache is not None:
+            xk, xv = self.cache.update(start_pos, xk, xv)
+        q, k, v = (t.transpose(1, 2) for t in (xq, repeat_kv(xk, self.n_rep), repeat_kv(xv, self.n_rep)))
+        # mask None means plain causal attention over these T tokens, which lets SDPA pick its fused kernels.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x, freqs_cis, mask: Optional[torch.Tensor], start_pos: int) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs_cis, mask, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+def attention_mask(start_pos: int, seq_len: int, n_keys: int, key_padding_mask: Optional[torch.Tensor],
+                   device) -> torch.Tensor:
+    """Boolean mask (True = attend) of queries at slots start_pos + [0, seq_len) over the last n_keys slots.
+
+    Causal by slot; padded keys are hidden, except a padded query still sees itself so its softmax has at
+    least one entry (an all-masked row is NaN, and NaN values would leak through zero attention weights).
+    """
+    q_slot = torch.arange(start_pos, start_pos + seq_len, device=device)[:, None]
+    k_slot = torch.arange(start_pos + seq_len - n_keys, start_pos + seq_len, device=device)[None, :]
+    mask = k_slot <= q_slot  # [T, S]
+    if key_padding_mask is None:
+        return mask
+    visible = key_padding_mask[:, None, -n_keys:] | (k_slot == q_slot)  # [B, T, S]
+    return (mask & visible)[:, None]  # [B, 1, T, S], broadcast over heads
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.activation_checkpointing = False
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) matrices, RMSNorm weights 1. Call again after to_empty() of a meta-device model.
+
+        The residual output projections (attention.wo, feed_forward.w2) get std / sqrt(2 * n_layers), as in
+        GPT-2 and nanoGPT: each of the 2 * n_layers blocks adds to the residual stream, so this keeps its
+        variance at the output about the same whatever the depth, and deep models start training stably.
+        """
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
+            elif p.ndim == 2:
+                nn.init.normal_(p, mean=0.0, std=std)
+            else:
+                nn.init.ones_(p)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block in the backward pass instead of storing its activations (less memory, ~1/3
+        more compute)."""
+        self.activation_checkpointing = bool(enabled)
+
+    def enable_kv_cache(self, batch_size: int, max_seq_len: Optional[int] = None, device=None, dtype=None) -> None:
+        """Allocate a fresh KV cache per layer (default: cfg.max_seq_len slots, the weights' device and dtype)."""
+        max_seq_len = max_seq_len or self.cfg.max_seq_len
+        if max_seq_len > self.cfg.max_seq_len:
+            raise ValueError(f"KV cache of {max_seq_len} positions exceeds model.max_seq_len {self.cfg.max_seq_len}")
+        weight = self.output.weight
+        for layer in self.layers:
+            layer.attention.cache = KVCache(batch_size, max_seq_len, self.cfg.kv_heads, self.cfg.head_dim,
+                                            device or weight.device, dtype or weight.dtype)
+
+    def disable_kv_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.cache = None
+
+    @property
+    def kv_cache_enabled(self) -> bool:
+        return self.layers[0].attention.cache is not None
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, positions: Optional[torch.Tensor] = None,
+                key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens [B, T] -> fp32 logits [B, T, vocab_size].
+
+        start_pos: slot of tokens[:, 0]. With the KV cache enabled, the tokens are written to cache slots
+            [start_pos, start_pos + T) and attend to every cached slot before them (prefill with start_pos=0,
+            then feed each new token with start_pos = number of slots filled so far).
+        positions: optional LongTensor [B, T], the RoPE position of each token; default start_pos + arange(T)
+            for every row. For left-padded prompts, pass each row's position counted from its first real token
+            (e.g. (key_padding_mask.cumsum(1) - 1).clamp(min=0)) so a padded row gives the same results as that
+            prompt alone.
+        key_padding_mask: optional BoolTensor [B, start_pos + T], True for real tokens and False for padding,
+            covering every slot from 0; padded slots are never attended to. Without the cache only its last T
+            columns are used.
+        """
+        B, T = tokens.shape
+        end = start_pos + T
+        if end > self.cfg.max_seq_len:
+            raise ValueError(f"positions up to {end} exceed model.max_seq_len {self.cfg.max_seq_len}")
+        if positions is None:
+            positions = torch.arange(start_pos, end, device=tokens.device)
+        elif positions.shape != tokens.shape:
+            raise ValueError(f"positions must have the shape of tokens {tuple(tokens.shape)}, got {tuple(positions.shape)}")
+        if key_padding_mask is not None and key_padding_mask.shape != (B, end):
+            raise ValueError(f"key_padding_mask must have shape {(B, end)}, got {tuple(key_padding_mask.shape)}")
+        freqs_cis = precompute_freqs_cis(self.cfg.head_dim, positions, self.cfg.rope_theta)
+        mask = None
+        if self.kv_cache_enabled or key_padding_mask is not None:
+            n_keys = end if self.kv_cache_enabled else T
+            mask = attention_mask(start_pos, T, n_keys, key_padding_mask, tokens.device)
+
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(layer, h, freqs_cis, mask, start_pos, use_reentrant=False)
+            else:
+                h = layer(h, freqs_cis, mask, start_pos)
+        return self.output(self.norm(h)).float()
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Number of parameters (a tied matrix counted once). exclude_embedding leaves out the token-embedding
+        table, a lookup rather than a matmul, unless it is tied to the output head (then it is a matmul too)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding and not self.cfg.tie_embeddings:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward) at sequence length seq_len: 6 * N + 12 * L * dim * T.
+
+        N counts the parameters used in matmuls (all but an untied token-embedding table): each costs 2 FLOPs
+        per token forward and 4 backward. 12 * L * dim * T is attention's QK^T and AV (2 matmuls of
+        2 * dim * T FLOPs each per layer, times 3 for forward + backward). PaLM appendix B; nanoGPT estimate_mfu.
+        """
+        return 6 * self.num_params(exclude_embedding=True) + 12 * self.cfg.n_layers * self.cfg.dim * seq_len

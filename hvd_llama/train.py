@@ -1,0 +1,354 @@
+"""The training application: `horovodrun -np N python -m hvd_llama.train --config configs/tiny.yaml`.
+
+N ranks train exactly the model one rank would train with an N-times larger batch: each rank reads its own
+windows (DistributedSampler), hvd.DistributedOptimizer averages the gradients, and every rank applies the same
+update. Only rank 0 writes files (metrics.py, checkpoint.py).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from hvd_llama import checkpoint, dist
+from hvd_llama.cli import UserError, atomic_write_text, run_main
+from hvd_llama.config import Config, load_config
+from hvd_llama.data import ResumableDistributedSampler, TokenWindows, read_meta
+from hvd_llama.metrics import MetricsLogger, format_duration, measure_peak_flops
+from hvd_llama.model import Transformer
+from hvd_llama.optim import build_optimizer, lr_at, set_lr
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in checkpoints so a resumed run continues exactly."""
+    step: int = 0  # optimizer steps completed
+    epoch: int = 0  # data epoch of the next window
+    offset: int = 0  # windows of that epoch this rank has already consumed
+    tokens: int = 0  # tokens trained on, all ranks together
+    elapsed_s: float = 0.0  # training wall time, summed over resumed sessions
+
+
+class WindowStream:
+    """This rank's training windows in sampler order, continuing across epochs and from a saved position."""
+
+    def __init__(self, dataset: TokenWindows, sampler: ResumableDistributedSampler, progress: Progress):
+        self.dataset, self.sampler, self.progress = dataset, sampler, progress
+        self._indices = None
+
+    def next_batch(self, n: int) -> torch.Tensor:
+        rows = []
+        while len(rows) < n:
+            if self._indices is None:
+                self.sampler.set_position(self.progress.epoch, self.progress.offset)
+                self._indices = iter(self.sampler)
+            index = next(self._indices, None)
+            if index is None:  # epoch done: every rank gets there at the same step (drop_last sampler)
+                self.progress.epoch, self.progress.offset, self._indices = self.progress.epoch + 1, 0, None
+                continue
+            rows.append(self.dataset[index])
+            self.progress.offset += 1
+        return torch.stack(rows)
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="hvd_llama.train", description=__doc__.split("\n\n")[0],
+        epilog="Example: horovodrun -np 2 -H localhost:2 python -m hvd_llama.train --config configs/tiny.yaml "
+               "--set train.max_steps=100 --run-dir runs/demo")
+    parser.add_argument("--config", help="YAML config (see configs/); defaults apply to anything it leaves out")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value, e.g. --set optim.lr=3e-4 (repeatable)")
+    parser.add_argument("--run-dir", help="where config, metrics, TensorBoard and checkpoints go "
+                                          "(default: runs/<config name>)")
+    parser.add_argument("--resume", metavar="auto|PATH",
+                        help="continue from a checkpoint: 'auto' = newest good one in the run dir (a fresh start "
+                             "if there is none), or a checkpoint folder")
+    parser.add_argument("--elastic", action="store_true", help="run under Horovod Elastic (same as dist.elastic=true)")
+    return parser.parse_args(argv)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but torch sees no CUDA device (use train.device=cpu or auto)")
+    return name
+
+
+def check_data(cfg: Config) -> dict:
+    """Fail before training if the data does not fit the model (checked on every rank: no collective)."""
+    meta = read_meta(cfg.data.dir)
+    if meta["vocab_size"] != cfg.model.vocab_size:
+        raise UserError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer of {cfg.data.dir} has "
+                        f"{meta['vocab_size']} tokens; set --set model.vocab_size={meta['vocab_size']}")
+    return meta
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss over the targets that are not masked out (-100)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def train_step(model, optimizer, micro_batches, device, precision, grad_clip, scaler=None):
+    """One optimizer step over `grad_accum` micro-batches; returns (this rank's mean loss, grad norm, stepped).
+
+    Horovod: gradients are allreduced once the last micro-batch's backward is done (backward_passes_per_step).
+    The norm is taken on the averaged gradients, identical on every rank, so a non-finite norm makes every
+    rank skip the same step together.
+    """
+    losses = []
+    for batch in micro_batches:
+        batch = batch.to(device, non_blocking=True)
+        with autocast(device, precision):
+            loss = cross_entropy(model(batch[:, :-1]), batch[:, 1:])
+        scaled = loss / len(micro_batches)
+        (scaler.scale(scaled) if scaler else scaled).backward()
+        losses.append(loss.detach())
+    optimizer.synchronize()
+    if scaler:
+        scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    stepped = bool(torch.isfinite(grad_norm))
+    with optimizer.skip_synchronize():
+        if scaler:
+            scaler.step(optimizer)  # skips by itself on inf/nan and lowers the scale
+            scaler.update()
+        elif stepped:
+            optimizer.step()
+    optimizer.zero_grad()
+    return torch.stack(losses).mean().item(), grad_norm.item(), stepped
+
+
+@torch.no_grad()
+def evaluate(model, dataset: TokenWindows, n_windows: int, batch_size: int, device, precision: str) -> float:
+    """Mean loss per token over the first `n_windows` windows (0 = all), split across ranks by stride.
+
+    Sums travel in float64 and the split does not depend on the number of ranks, so any world size gives
+    the same figure.
+    """
+    model.eval()
+    total = len(dataset) if n_windows <= 0 else min(n_windows, len(dataset))
+    indices = list(range(dist.rank(), total, dist.size()))
+    loss_sum, count = 0.0, 0
+    for start in range(0, len(indices), batch_size):
+        batch = torch.stack([dataset[i] for i in indices[start:start + batch_size]]).to(device)
+        with autocast(device, precision):
+            logits = model(batch[:, :-1])
+        targets = batch[:, 1:]
+        loss_sum += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
+        count += targets.numel()
+    model.train()
+    sums = dist.allreduce_sum(torch.tensor([loss_sum, count]), name="eval.sums")
+    return (sums[0] / sums[1]).item()
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1 (what SLURM sends before a kill); ranks agree on it at each step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, device: torch.device, meta: dict):
+        self.cfg, self.run_dir, self.device, self.meta = cfg, run_dir, device, meta
+        t = cfg.train
+        torch.manual_seed(t.seed)  # same init everywhere; rank 0's copy is broadcast anyway
+        self.model = Transformer(cfg.model).to(device)
+        if t.activation_checkpointing:
+            self.model.set_activation_checkpointing(True)
+        self.forward_model = torch.compile(self.model) if t.compile else self.model
+        optimizer = build_optimizer(self.model, cfg.optim, fused=device.type == "cuda")
+        self.optimizer = dist.wrap_optimizer(optimizer, self.model, cfg.dist, t.grad_accum)
+        self.scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
+        self.train_data = TokenWindows(cfg.data.dir, "train", t.seq_len)
+        self.val_data = TokenWindows(cfg.data.dir, "val", t.seq_len) if t.eval_every else None
+        self.sampler = ResumableDistributedSampler(self.train_data, num_replicas=dist.size(), rank=dist.rank(),
+                                                   shuffle=True, seed=t.seed)
+        self.progress = Progress()
+        self.stop_flag = StopFlag()
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+    def resume(self, resume: Optional[str]) -> None:
+        """Rank 0 reads the checkpoint; every other rank receives it by broadcast."""
+        state = dist.run_on_main(lambda: self._load_on_main(resume), name="resume") if resume else None
+        resumed = dist.broadcast_object(state is not None, name="resume.found")
+        dist.broadcast_state(self.model, self.optimizer, has_optimizer_state=resumed)
+        if resumed:
+            shared = dist.broadcast_object({k: state[k] for k in ("progress", "rng")} if state else None,
+                                           name="resume.state")
+            self.progress = Progress(**shared["progress"])
+            rng = shared["rng"]
+            set_rng_state(rng[dist.rank()] if dist.rank() < len(rng) else rng[0])
+
+    def _load_on_main(self, resume: str) -> Optional[dict]:
+        path = checkpoint.find_latest_checkpoint(self.run_dir) if resume == "auto" else \
+            checkpoint.resolve_checkpoint(resume)
+        if path is None:
+            return None
+        print(f"resuming from {path}", flush=True)
+        model_state, _, _ = checkpoint.load_model_checkpoint(path)
+        self.model.load_state_dict(model_state)
+        state = checkpoint.load_train_state(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        return state
+
+    def save(self) -> Path:
+        """Every rank calls this (the RNG gather is a collective); only rank 0 writes."""
+        rngs = dist.allgather_object(rng_state(), name="ckpt.rng")
+        if not dist.is_main():
+            return None
+        train_state = {"optimizer": self.optimizer.state_dict(), "progress": asdict(self.progress), "rng": rngs,
+                       "scaler": self.scaler.state_dict() if self.scaler else None}
+        path = self.run_dir / "checkpoints" / checkpoint.checkpoint_name(self.progress.step)
+        checkpoint.save_checkpoint(path, self.model.state_dict(), self.cfg.to_dict(),
+                                   tokenizer_path=Path(self.cfg.data.dir) / "tokenizer.model",
+                                   train_state=train_state, step=self.progress.step)
+        checkpoint.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep)
+        return path
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+    def peak_flops(self) -> float:
+        """The job's peak: per-rank peaks measured at the same moment and summed (ranks may share a CPU)."""
+        if self.cfg.log.peak_flops > 0:
+            return self.cfg.log.peak_flops * dist.size()
+        dtype = AUTOCAST_DTYPES.get(self.cfg.train.precision, torch.float32)
+        dist.allreduce_sum(torch.zeros(1), name="peak.barrier")
+        own = measure_peak_flops(self.device, dtype)
+        return dist.allreduce_sum(torch.tensor([own]), name="peak.sum").item()
+
+    def run(self, logger: MetricsLogger) -> dict:
+        t, p = self.cfg.train, self.progress
+        stream = WindowStream(self.train_data, self.sampler, p)
+        tokens_per_step = t.batch_size * t.grad_accum * t.seq_len * dist.size()
+        flops_per_token = self.model.flops_per_token(t.seq_len)
+        peak = self.peak_flops()
+        session_start, first_step, record = time.perf_counter(), p.step, {}
+        while p.step < t.max_steps:
+            step_start = time.perf_counter()
+            lr = lr_at(p.step, self.cfg.optim, t.max_steps)
+            set_lr(self.optimizer, lr)
+            batches = [stream.next_batch(t.batch_size) for _ in range(t.grad_accum)]
+            loss, grad_norm, stepped = train_step(self.forward_model, self.optimizer, batches, self.device,
+                                                  t.precision, self.cfg.optim.grad_clip, self.scaler)
+            # Horovod: one small allreduce per step carries the loss and the preemption vote together.
+            loss_sum, stop_votes = dist.allreduce_sum(
+                torch.tensor([loss, float(self.stop_flag.requested)]), name="step.stats").tolist()
+            p.step += 1
+            p.tokens += tokens_per_step
+            step_time = time.perf_counter() - step_start
+            p.elapsed_s += step_time
+            tokens_per_s = tokens_per_step / step_time
+            session_steps = p.step - first_step
+            record = {"step": p.step, "loss": loss_sum / dist.size(), "lr": lr, "grad_norm": grad_norm,
+                      "tokens_per_s": tokens_per_s, "mfu": flops_per_token * tokens_per_s / peak,
+                      "tokens": p.tokens, "elapsed_s": p.elapsed_s, "skipped": not stepped,
+                      "eta_s": (t.max_steps - p.step) * (time.perf_counter() - session_start) / session_steps}
+            if t.eval_every and (p.step % t.eval_every == 0 or p.step == t.max_steps):
+                record["val_loss"] = evaluate(self.forward_model, self.val_data, t.eval_windows, t.batch_size,
+                                              self.device, t.precision)
+                record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
+            logger.log_step(record, t.max_steps)
+            every = self.cfg.checkpoint.every
+            if stop_votes > 0 or p.step == t.max_steps or (every and p.step % every == 0):
+                path = self.save()
+                if stop_votes > 0:
+                    logger.message(f"stop requested by a signal: saved {path} at step {p.step}; "
+                                   "resubmit with --resume auto to continue")
+                    break
+        return record
+
+
+def default_run_dir(config_path: Optional[str]) -> Path:
+    return Path("runs") / (Path(config_path).stem if config_path else "default")
+
+
+def prepare_run_dir(run_dir: Path, resume: Optional[str], cfg: Config) -> None:
+    """Rank 0: refuse to mix a fresh run into an old one; record the resolved config."""
+    if not resume and checkpoint.list_checkpoints(run_dir):
+        raise UserError(f"{run_dir} already holds checkpoints: pass --resume auto to continue it, "
+                        "or choose another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def summary_line(record: dict, steps_run: int, seconds: float, run_dir: Path) -> str:
+    val = f" | val loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f})" if "val_loss" in record else ""
+    return (f"done: {record.get('step', 0)} steps ({steps_run} this session) in {format_duration(seconds)}"
+            f" | train loss {record.get('loss', float('nan')):.4f}{val}"
+            f" | {record.get('tokens_per_s', 0):,.0f} tok/s | run dir {run_dir}")
+
+
+def _main(argv: Optional[Sequence[str]]) -> None:
+    args = parse_args(argv)
+    overrides = args.set + (["dist.elastic=true"] if args.elastic else [])
+    cfg = load_config(args.config, overrides)
+    device_kind = resolve_device(cfg.train.device)
+    meta = check_data(cfg)  # every rank fails alike, before any collective, on bad config or data
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
+    if args.resume and args.resume != "auto" and not Path(args.resume).exists():
+        raise UserError(f"--resume {args.resume}: no such checkpoint (use 'auto' or a checkpoint folder)")
+    device = dist.init(cfg.dist, device_kind)
+    dist.run_on_main(lambda: prepare_run_dir(run_dir, args.resume, cfg), name="run_dir")
+    trainer = Trainer(cfg, run_dir, device, meta)
+    trainer.resume(args.resume)
+    start_step, start = trainer.progress.step, time.perf_counter()
+    logger = MetricsLogger(run_dir, dist.is_main(), cfg.log.tensorboard, cfg.log.every,
+                           resume_step=start_step if args.resume else None)
+    logger.message(f"training {trainer.model.num_params():,} parameters on {dist.size()} rank(s), "
+                   f"{device.type}, {cfg.train.precision}; {meta['splits']['train']['tokens']:,} train tokens; "
+                   f"run dir {run_dir}")
+    try:
+        record = trainer.run(logger)
+    finally:
+        logger.close()
+    logger.message(summary_line(record, trainer.progress.step - start_step, time.perf_counter() - start, run_dir))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Run Python under real `horovodrun` (Gloo) or `mpirun` jobs and collect each rank's output."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# horovodrun tags lines "[1]<stdout>:", mpirun --tag-output "[1,1]<stdout>:" (job, rank).
+TAGGED_LINE = re.compile(r"^\[(?:\d+,)?(\d+)\]<(stdout|stderr)>:?(.*)$")
+LAUNCHERS = ("horovodrun", "mpirun")
+
+
+@dataclass
+class JobResult:
+    returncode: int
+    output: str  # everything the launcher printed
+    ranks: dict  # rank -> list of that rank's stdout lines
+
+    def lines(self, rank: int) -> list:
+        return self.ranks.get(rank, [])
+
+
+def launcher_command(launcher: str, np: int, extra: Sequence[str] = ()) -> list:
+    if launcher == "horovodrun":
+        return [str(BIN / "horovodrun"), "--gloo", "-np", str(np), "-H", f"localhost:{np}", *extra]
+    if launcher == "mpirun":
+        return ["mpirun", "--allow-run-as-root", "--oversubscribe", "--tag-output", "-np", str(np),
+                "-bind-to", "none", "-x", "PATH", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", *extra]
+    raise ValueError(f"unknown launcher {launcher}")
+
+
+def job_env(extra: Optional[dict] = None) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra or {})
+    return env
+
+
+def run_job(args: Sequence[str], np: int = 2, launcher: str = "horovodrun", timeout: float = 120,
+            cwd=None, env: Optional[dict] = None, launcher_args: Sequence[str] = ()) -> JobResult:
+    """Run `python <args>` on `np` ranks; the whole process group is killed if it outlives `timeout`."""
+    cmd = launcher_command(launcher, np, launcher_args) + [sys.executable, *args]
+    proc = subprocess.Popen(cmd, cwd=cwd or REPO, env=job_env(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise AssertionError(f"{launcher} job timed out after {timeout}s:\n{output[-4000:]}") from None
+    ranks: dict = {}
+    for line in output.splitlines():
+        match = TAGGED_LINE.match(line)
+        if match and match.group(2) == "stdout":
+            ranks.setdefault(int(match.group(1)), []).append(match.group(3))
+    return JobResult(proc.returncode, output, ranks)
+
+
+def run_snippet(code: str, tmp_path: Path, **kwargs) -> JobResult:
+    script = tmp_path / "snippet.py"
+    script.write_text(code)
+    return run_job([str(script)], **kwargs)
