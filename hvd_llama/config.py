@@ -89,7 +89,7 @@ class Config:
 
 
 def _coerce(value, annotation, key: str):
-    """Check a YAML value against a dataclass field type; ints are accepted where floats are expected."""
+    """Check a YAML value against a dataclass field type; ints (and 1e-5 style strings) pass as floats."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Union:  # Optional[X]
         if value is None and type(None) in args:
@@ -97,6 +97,11 @@ def _coerce(value, annotation, key: str):
         annotation = next(a for a in args if a is not type(None))
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if annotation in (int, str, bool) and type(value) is annotation:
         return value
     raise UserError(f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")

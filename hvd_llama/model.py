@@ -84,30 +84,35 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def precompute_freqs_cis(head_dim: int, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
-    """Unit complex numbers e^(i * pos * theta^(-2k/head_dim)), shape positions.shape + (head_dim // 2,).
+def rope_cos_sin(head_dim: int, positions: torch.Tensor, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the RoPE angles pos * theta^(-2k/head_dim), each of shape positions.shape + (head_dim // 2,).
 
-    Meta's precompute_freqs_cis(dim, end, theta) is precompute_freqs_cis(dim, torch.arange(end), theta). Taking
-    positions lets every row of a left-padded batch start at position 0, and keeps the model free of buffers
-    (nothing to re-initialise after building on the meta device); the cost is negligible next to the matmuls.
+    Meta's precompute_freqs_cis(dim, end, theta) is torch.polar(1, angles) of positions = torch.arange(end), the
+    same fp32 products. Taking positions lets every row of a left-padded batch start at position 0, and keeps
+    the model free of buffers (nothing to re-initialise after building on the meta device); computing them in
+    each forward is negligible next to the matmuls.
     """
     exponents = torch.arange(0, head_dim, 2, device=positions.device)[: head_dim // 2].float() / head_dim
-    inv_freq = 1.0 / (theta ** exponents)
-    angles = positions.float().unsqueeze(-1) * inv_freq
-    return torch.polar(torch.ones_like(angles), angles)
+    angles = positions.float().unsqueeze(-1) * (1.0 / (theta ** exponents))
+    return angles.cos(), angles.sin()
 
 
-def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate query/key pairs (x[2k], x[2k+1]) by the angles in freqs_cis.
+def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate each pair (x[2k], x[2k+1]) of every head by its angle: Meta's interleaved layout.
 
-    xq: [B, T, Hq, D], xk: [B, T, Hkv, D], freqs_cis: [T, D/2] or [B, T, D/2]. Computed in fp32 like Meta's.
+    This is Meta's view_as_complex(x) * freqs_cis written in real arithmetic, because Inductor generates no
+    code for complex ops (torch.compile would fall back to eager kernels). Computed in fp32 like Meta's.
+    xq: [B, T, Hq, D], xk: [B, T, Hkv, D], cos/sin: [T, D/2] or [B, T, D/2].
     """
-    freqs_cis = freqs_cis.unsqueeze(-2)  # broadcast over heads
-    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
-    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
-    xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(-2)
-    xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(-2)
-    return xq_out.type_as(xq), xk_out.type_as(xk)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        pairs = x.float().unflatten(-1, (-1, 2))
+        real, imag = pairs[..., 0], pairs[..., 1]
+        return torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1).flatten(-2).type_as(x)
+
+    return rotate(xq), rotate(xk)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -149,12 +154,13 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
         self.cache: Optional[KVCache] = None
 
-    def forward(self, x, freqs_cis, mask: Optional[torch.Tensor], start_pos: int) -> torch.Tensor:
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], mask: Optional[torch.Tensor],
+                start_pos: int) -> torch.Tensor:
         B, T, _ = x.shape
         xq = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         xk = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         xv = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+        xq, xk = apply_rotary_emb(xq, xk, *rope)
         if self.cache is not None:
             xk, xv = self.cache.update(start_pos, xk, xv)
         q, k, v = (t.transpose(1, 2) for t in (xq, repeat_kv(xk, self.n_rep), repeat_kv(xv, self.n_rep)))
@@ -182,8 +188,9 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, freqs_cis, mask: Optional[torch.Tensor], start_pos: int) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs_cis, mask, start_pos)
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], mask: Optional[torch.Tensor],
+                start_pos: int) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -278,10 +285,10 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(start_pos, end, device=tokens.device)
         elif positions.shape != tokens.shape:
-            raise ValueError(f"positions must have the shape of tokens {tuple(tokens.shape)}, got {tuple(positions.shape)}")
+            raise ValueError(f"positions must have shape {tuple(tokens.shape)}, got {tuple(positions.shape)}")
         if key_padding_mask is not None and key_padding_mask.shape != (B, end):
             raise ValueError(f"key_padding_mask must have shape {(B, end)}, got {tuple(key_padding_mask.shape)}")
-        freqs_cis = precompute_freqs_cis(self.cfg.head_dim, positions, self.cfg.rope_theta)
+        rope = rope_cos_sin(self.cfg.head_dim, positions, self.cfg.rope_theta)
         mask = None
         if self.kv_cache_enabled or key_padding_mask is not None:
             n_keys = end if self.kv_cache_enabled else T
@@ -290,9 +297,9 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(layer, h, freqs_cis, mask, start_pos, use_reentrant=False)
+                h = checkpoint(layer, h, rope, mask, start_pos, use_reentrant=False)
             else:
-                h = layer(h, freqs_cis, mask, start_pos)
+                h = layer(h, rope, mask, start_pos)
         return self.output(self.norm(h)).float()
 
     def num_params(self, exclude_embedding: bool = False) -> int:

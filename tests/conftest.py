@@ -16,3 +16,37 @@ def shakespeare_path():
     if not SHAKESPEARE.is_file():
         pytest.skip("../shared/data/tinyshakespeare.txt is not present")
     return SHAKESPEARE
+
+
+def corpus_file(directory: Path) -> Path:
+    """Real text for tests: tiny Shakespeare when ../shared has it, else some of Python's own stdlib source."""
+    if SHAKESPEARE.is_file():
+        return SHAKESPEARE
+    import argparse
+    import collections
+    import inspect
+    import json
+    import textwrap
+    path = directory / "corpus.txt"
+    path.write_text("\n\n".join(inspect.getsource(m) for m in (argparse, collections, json.decoder, textwrap)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A prepared corpus (vocabulary 512) shared by the training tests."""
+    from hvd_llama.prepare import main as prepare_main
+    root = tmp_path_factory.mktemp("data")
+    out = root / "prepared"
+    prepare_main(["--input", str(corpus_file(root)), "--out", str(out), "--vocab-size", "512"])
+    return out
+
+
+def micro_overrides(data_dir: Path, **extra) -> list:
+    """--set values for a model small enough that a 2-rank step takes milliseconds."""
+    values = {"data.dir": str(data_dir), "model.dim": 64, "model.n_layers": 2, "model.n_heads": 4,
+              "model.n_kv_heads": 2, "model.vocab_size": 512, "model.max_seq_len": 64, "train.seq_len": 32,
+              "train.batch_size": 4, "train.max_steps": 5, "train.eval_every": 0, "optim.warmup_steps": 2,
+              "optim.lr": 3e-3, "optim.min_lr": 3e-4, "checkpoint.every": 0, "log.peak_flops": 1e11}
+    values.update(extra)
+    return [item for key, value in values.items() for item in ("--set", f"{key}={value}")]

@@ -1,0 +1,120 @@
+"""The training application in one process: exactness against plain PyTorch, resume, outputs, bad input."""
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import micro_overrides
+from trainrun import losses, metrics, train_single
+
+from hvd_llama.config import load_config
+from hvd_llama.data import ResumableDistributedSampler, TokenWindows
+from hvd_llama.model import Transformer
+from hvd_llama.optim import lr_at
+
+
+def plain_pytorch_losses(overrides: list) -> list:
+    """The reference: the same model, data order, AdamW, schedule and clipping with no Horovod at all."""
+    cfg = load_config(None, [v for v in overrides if v != "--set"])
+    t, o = cfg.train, cfg.optim
+    torch.manual_seed(t.seed)
+    model = Transformer(cfg.model)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    data = TokenWindows(cfg.data.dir, "train", t.seq_len)
+    sampler = ResumableDistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=t.seed)
+    sampler.set_epoch(0)
+    order = list(sampler)
+    result = []
+    for step in range(t.max_steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, o, t.max_steps)
+        batch = torch.stack([data[i] for i in order[step * t.batch_size:(step + 1) * t.batch_size]])
+        loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+        opt.step()
+        opt.zero_grad()
+        result.append(loss.item())
+    return result
+
+
+def test_one_rank_equals_plain_pytorch_loop(data_dir, tmp_path):
+    # Clipping at 0.5 is active from the first steps, so a wrong clip shows too.
+    overrides = micro_overrides(data_dir, **{"train.max_steps": 6, "optim.grad_clip": 0.5})
+    run = train_single(tmp_path / "run", overrides)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ours, reference = losses(tmp_path / "run"), plain_pytorch_losses(overrides)
+    assert len(ours) == 6
+    assert ours == pytest.approx(reference, rel=1e-6)
+    assert ours[-1] < ours[0]
+
+
+def test_grad_accum_equals_doubled_batch(data_dir, tmp_path):
+    accum = train_single(tmp_path / "a", micro_overrides(data_dir, **{"train.grad_accum": 2}))
+    double = train_single(tmp_path / "b", micro_overrides(data_dir, **{"train.batch_size": 8}))
+    assert accum.returncode == 0 and double.returncode == 0, accum.stderr[-2000:] + double.stderr[-2000:]
+    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), rel=1e-5)
+
+
+def test_resume_continues_bit_for_bit(data_dir, tmp_path):
+    overrides = micro_overrides(data_dir, **{"train.max_steps": 8, "checkpoint.every": 4, "checkpoint.keep": 0})
+    straight = tmp_path / "straight"
+    assert train_single(straight, overrides).returncode == 0
+    # A run that stopped after its step-4 checkpoint: later checkpoints gone, metrics of later steps stale.
+    stopped = tmp_path / "stopped"
+    shutil.copytree(straight, stopped)
+    shutil.rmtree(stopped / "checkpoints" / "step_00000008")
+    resumed = train_single(stopped, overrides, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "step_00000004" in resumed.stdout
+    assert [r["step"] for r in metrics(stopped)] == list(range(1, 9))
+    assert losses(stopped) == losses(straight)  # exact, not approximate
+    a = torch.load(straight / "checkpoints/step_00000008/model.pt")
+    b = torch.load(stopped / "checkpoints/step_00000008/model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_outputs_metrics_tensorboard_and_summary(data_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run_dir = tmp_path / "run"
+    run = train_single(run_dir, micro_overrides(data_dir, **{"train.max_steps": 4, "train.eval_every": 2}))
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s"):
+        assert all(r[key] > 0 for r in records), key
+    assert [("val_loss" in r) for r in records] == [False, True, False, True]
+    assert records[-1]["tokens"] == 4 * 4 * 32  # steps x batch x seq_len
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints" / "step_00000004").is_dir()
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/mfu", "val/loss",
+            "val/ppl"} <= tags
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in records])
+    last = run.stdout.strip().splitlines()[-1]
+    assert last.startswith("done: 4 steps") and "val loss" in last and "tok/s" in last
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"model.vocab_size": 1000}, "model.vocab_size=1000 but the tokenizer"),
+    ({"model.dim": 66}, "dim"),
+    ({"train.seq_len": 128}, "train.seq_len=128 exceeds model.max_seq_len=64"),
+    ({"data.dir": "/nonexistent/data"}, "/nonexistent/data"),
+    ({"train.bogus": 1}, "unknown config key train.bogus"),
+])
+def test_bad_config_fails_fast_with_one_line(data_dir, tmp_path, extra, message):
+    run = train_single(tmp_path / "run", micro_overrides(data_dir, **extra), timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith("error: ") and message in run.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_fresh_start_refuses_a_run_with_checkpoints(data_dir, tmp_path):
+    overrides = micro_overrides(data_dir, **{"train.max_steps": 2})
+    assert train_single(tmp_path / "run", overrides).returncode == 0
+    again = train_single(tmp_path / "run", overrides)
+    assert again.returncode == 2 and "--resume auto" in again.stderr

@@ -1,0 +1,31 @@
+"""Run the training command as users do and read back what it wrote."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from multiproc import REPO, job_env, run_job
+
+
+def train_args(run_dir: Path, overrides: list, *more: str) -> list:
+    return ["-m", "hvd_llama.train", "--run-dir", str(run_dir), *overrides, *more]
+
+
+def train_single(run_dir: Path, overrides: list, *more: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *train_args(run_dir, overrides, *more)], cwd=REPO, env=job_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def train_job(run_dir: Path, overrides: list, *more: str, np: int = 2, launcher: str = "horovodrun",
+              timeout: float = 180):
+    return run_job(train_args(run_dir, overrides, *more), np=np, launcher=launcher, timeout=timeout)
+
+
+def metrics(run_dir: Path) -> list:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> list:
+    return [r["loss"] for r in metrics(run_dir)]
