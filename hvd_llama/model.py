@@ -84,7 +84,8 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_cos_sin(head_dim: int, positions: torch.Tensor, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(head_dim: int, positions: torch.Tensor,
+                 theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the RoPE angles pos * theta^(-2k/head_dim), each of shape positions.shape + (head_dim // 2,).
 
     Meta's precompute_freqs_cis(dim, end, theta) is torch.polar(1, angles) of positions = torch.arange(end), the
