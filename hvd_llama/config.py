@@ -49,6 +49,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
+    max_bad_steps: int = 5  # non-finite steps in a row (each skipped on every rank) before training stops
 
 
 @dataclass

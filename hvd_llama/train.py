@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import random
 import signal
+import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -109,18 +112,20 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
-def train_step(model, optimizer, micro_batches, device, precision, grad_clip, scaler=None):
+def train_step(model, optimizer, micro_batches, device, precision, grad_clip, scaler=None, poison=False):
     """One optimizer step over `grad_accum` micro-batches; returns (this rank's mean loss, grad norm, stepped).
 
     Horovod: gradients are allreduced once the last micro-batch's backward is done (backward_passes_per_step).
     The norm is taken on the averaged gradients, identical on every rank, so a non-finite norm makes every
-    rank skip the same step together.
+    rank skip the same step together. `poison` turns this rank's loss into NaN (fault injection).
     """
     losses = []
     for batch in micro_batches:
         batch = batch.to(device, non_blocking=True)
         with autocast(device, precision):
             loss = cross_entropy(model(batch[:, :-1]), batch[:, 1:])
+        if poison:
+            loss = loss * float("nan")
         scaled = loss / len(micro_batches)
         (scaler.scale(scaled) if scaler else scaled).backward()
         losses.append(loss.detach())
@@ -234,17 +239,23 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         return state
 
-    def save(self) -> Path:
-        """Every rank calls this (the RNG gather is a collective); only rank 0 writes."""
+    def save(self) -> Optional[Path]:
+        """Every rank calls this (the RNG gather is a collective); rank 0 writes, every rank learns if it failed."""
         rngs = dist.allgather_object(rng_state(), name="ckpt.rng")
-        if not dist.is_main():
-            return None
+        return dist.run_on_main(lambda: self._write_checkpoint(rngs), name="ckpt")
+
+    def _write_checkpoint(self, rngs: list) -> Path:
         train_state = {"optimizer": self.optimizer.state_dict(), "progress": asdict(self.progress), "rng": rngs,
                        "scaler": self.scaler.state_dict() if self.scaler else None}
         path = self.run_dir / "checkpoints" / checkpoint.checkpoint_name(self.progress.step)
-        checkpoint.save_checkpoint(path, self.model.state_dict(), self.cfg.to_dict(),
-                                   tokenizer_path=Path(self.cfg.data.dir) / "tokenizer.model",
-                                   train_state=train_state, step=self.progress.step)
+        try:
+            checkpoint.save_checkpoint(path, self.model.state_dict(), self.cfg.to_dict(),
+                                       tokenizer_path=Path(self.cfg.data.dir) / "tokenizer.model",
+                                       train_state=train_state, step=self.progress.step)
+        except OSError as err:
+            previous = checkpoint.find_latest_checkpoint(self.run_dir)
+            raise UserError(f"writing checkpoint {path.name} failed ({err}); the last good checkpoint, "
+                            f"{previous or 'none'}, is intact") from None
         checkpoint.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep)
         return path
 
@@ -261,35 +272,33 @@ class Trainer:
     def run(self, logger: MetricsLogger) -> dict:
         t, p = self.cfg.train, self.progress
         stream = WindowStream(self.train_data, self.sampler, p)
-        tokens_per_step = t.batch_size * t.grad_accum * t.seq_len * dist.size()
-        flops_per_token = self.model.flops_per_token(t.seq_len)
-        peak = self.peak_flops()
-        session_start, first_step, record = time.perf_counter(), p.step, {}
+        self.tokens_per_step = t.batch_size * t.grad_accum * t.seq_len * dist.size()
+        self.flops_per_token, self.peak = self.model.flops_per_token(t.seq_len), self.peak_flops()
+        session_start, first_step, record, bad_in_a_row = time.perf_counter(), p.step, {}, 0
         while p.step < t.max_steps:
             step_start = time.perf_counter()
             lr = lr_at(p.step, self.cfg.optim, t.max_steps)
             set_lr(self.optimizer, lr)
             batches = [stream.next_batch(t.batch_size) for _ in range(t.grad_accum)]
             loss, grad_norm, stepped = train_step(self.forward_model, self.optimizer, batches, self.device,
-                                                  t.precision, self.cfg.optim.grad_clip, self.scaler)
+                                                  t.precision, self.cfg.optim.grad_clip, self.scaler,
+                                                  poison=injected_fault("nan", p.step + 1))
             # Horovod: one small allreduce per step carries the loss and the preemption vote together.
             loss_sum, stop_votes = dist.allreduce_sum(
                 torch.tensor([loss, float(self.stop_flag.requested)]), name="step.stats").tolist()
             p.step += 1
-            p.tokens += tokens_per_step
-            step_time = time.perf_counter() - step_start
-            p.elapsed_s += step_time
-            tokens_per_s = tokens_per_step / step_time
-            session_steps = p.step - first_step
-            record = {"step": p.step, "loss": loss_sum / dist.size(), "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": tokens_per_s, "mfu": flops_per_token * tokens_per_s / peak,
-                      "tokens": p.tokens, "elapsed_s": p.elapsed_s, "skipped": not stepped,
-                      "eta_s": (t.max_steps - p.step) * (time.perf_counter() - session_start) / session_steps}
-            if t.eval_every and (p.step % t.eval_every == 0 or p.step == t.max_steps):
-                record["val_loss"] = evaluate(self.forward_model, self.val_data, t.eval_windows, t.batch_size,
-                                              self.device, t.precision)
-                record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
+            p.tokens += self.tokens_per_step
+            p.elapsed_s += time.perf_counter() - step_start
+            record = self.step_record(loss_sum / dist.size(), lr, grad_norm, stepped, step_start)
+            record["eta_s"] = (t.max_steps - p.step) * (time.perf_counter() - session_start) / (p.step - first_step)
             logger.log_step(record, t.max_steps)
+            bad_in_a_row = 0 if stepped else bad_in_a_row + 1
+            if bad_in_a_row > t.max_bad_steps:  # the same on every rank: decided by allreduced numbers
+                raise UserError(f"{bad_in_a_row} non-finite steps in a row at step {p.step} (limit "
+                                f"train.max_bad_steps={t.max_bad_steps}); lower optim.lr or resume from "
+                                "an earlier checkpoint with --resume PATH")
+            if injected_fault("raise", p.step):
+                raise RuntimeError(f"injected fault at step {p.step} (HVD_LLAMA_FAULT)")
             every = self.cfg.checkpoint.every
             if stop_votes > 0 or p.step == t.max_steps or (every and p.step % every == 0):
                 path = self.save()
@@ -298,6 +307,25 @@ class Trainer:
                                    "resubmit with --resume auto to continue")
                     break
         return record
+
+    def step_record(self, loss: float, lr: float, grad_norm: float, stepped: bool, step_start: float) -> dict:
+        """One line of metrics.jsonl (validation figures added on evaluation steps)."""
+        t, p = self.cfg.train, self.progress
+        tokens_per_s = self.tokens_per_step / (time.perf_counter() - step_start)
+        record = {"step": p.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                  "mfu": self.flops_per_token * tokens_per_s / self.peak, "tokens": p.tokens,
+                  "elapsed_s": p.elapsed_s, "skipped": not stepped}
+        if t.eval_every and (p.step % t.eval_every == 0 or p.step == t.max_steps):
+            record["val_loss"] = evaluate(self.forward_model, self.val_data, t.eval_windows, t.batch_size,
+                                          self.device, t.precision)
+            record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
+        return record
+
+
+def injected_fault(kind: str, step: int) -> bool:
+    """Fault injection for tests and drills: HVD_LLAMA_FAULT=KIND:STEP:RANK (KIND = nan | raise)."""
+    spec = os.environ.get("HVD_LLAMA_FAULT", "")
+    return spec.count(":") == 2 and spec.split(":") == [kind, str(step), str(dist.rank())]
 
 
 def default_run_dir(config_path: Optional[str]) -> Path:
@@ -347,7 +375,13 @@ def _main(argv: Optional[Sequence[str]]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    run_main(_main, argv)
+    try:
+        run_main(_main, argv)
+    except Exception as err:  # a crash: name the rank, so the job's log says which one died first
+        traceback.print_exc()
+        print(f"error: rank {os.environ.get('HOROVOD_RANK', os.environ.get('OMPI_COMM_WORLD_RANK', 0))} failed: "
+              f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        os._exit(1)  # do not wait for Horovod's background thread: the other ranks must see us gone
 
 
 if __name__ == "__main__":
