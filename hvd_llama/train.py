@@ -7,7 +7,6 @@ update. Only rank 0 writes files (metrics.py, checkpoint.py).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import random
@@ -21,19 +20,16 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 
 from hvd_llama import checkpoint, dist
 from hvd_llama.cli import UserError, atomic_write_text, run_main
+from hvd_llama.compute import AUTOCAST_DTYPES, autocast, cross_entropy, evaluate
 from hvd_llama.config import Config, load_config
 from hvd_llama.data import ResumableDistributedSampler, TokenWindows, read_meta
 from hvd_llama.metrics import MetricsLogger, format_duration, measure_peak_flops
 from hvd_llama.model import Transformer
 from hvd_llama.optim import build_optimizer, lr_at, set_lr
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclass
 class Progress:
@@ -101,17 +97,6 @@ def check_data(cfg: Config) -> dict:
     return meta
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss over the targets that are not masked out (-100)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
-
-
 def train_step(model, optimizer, micro_batches, device, precision, grad_clip, scaler=None, poison=False):
     """One optimizer step over `grad_accum` micro-batches; returns (this rank's mean loss, grad norm, stepped).
 
@@ -143,29 +128,6 @@ def train_step(model, optimizer, micro_batches, device, precision, grad_clip, sc
             optimizer.step()
     optimizer.zero_grad()
     return torch.stack(losses).mean().item(), grad_norm.item(), stepped
-
-
-@torch.no_grad()
-def evaluate(model, dataset: TokenWindows, n_windows: int, batch_size: int, device, precision: str) -> float:
-    """Mean loss per token over the first `n_windows` windows (0 = all), split across ranks by stride.
-
-    Sums travel in float64 and the split does not depend on the number of ranks, so any world size gives
-    the same figure.
-    """
-    model.eval()
-    total = len(dataset) if n_windows <= 0 else min(n_windows, len(dataset))
-    indices = list(range(dist.rank(), total, dist.size()))
-    loss_sum, count = 0.0, 0
-    for start in range(0, len(indices), batch_size):
-        batch = torch.stack([dataset[i] for i in indices[start:start + batch_size]]).to(device)
-        with autocast(device, precision):
-            logits = model(batch[:, :-1])
-        targets = batch[:, 1:]
-        loss_sum += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
-        count += targets.numel()
-    model.train()
-    sums = dist.allreduce_sum(torch.tensor([loss_sum, count]), name="eval.sums")
-    return (sums[0] / sums[1]).item()
 
 
 def rng_state() -> dict:
