@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hvd_llama.cli import UserError, atomic_write_text, run_main, sha256_file
-from hvd_llama.text import CLEAN_STEPS, DEFAULT_CLEAN, Cleaner, decode_utf8, document_hash, parse_steps, sentence_chunks
+from hvd_llama.text import CHAR_STEPS, CLEAN_STEPS, DEFAULT_CLEAN, Cleaner, decode_utf8, document_hash, parse_steps, sentence_chunks
 from hvd_llama.tokenizer import Tokenizer, train_tokenizer
 
 SHARD_MAGIC = int.from_bytes(b"HVDLLAMA", "little")
@@ -495,7 +495,8 @@ def build_corpus(args: argparse.Namespace, files: Sequence[Path], folder: Path, 
     finally:
         store.close()
     if not docs:
-        dropped = ", ".join(f"{step}: {r['documents']}" for step, r in cleaner.report.items() if r["documents"])
+        dropped = ", ".join(f"{step}: {r['documents']}" for step, r in cleaner.report.items()
+                            if r["documents"] and step not in CHAR_STEPS)
         raise UserError(f"the corpus is empty after cleaning: {inputs['documents']} documents read from "
                         f"{inputs['files']} files, all dropped ({dropped or 'no text'})")
     train, val, split_method = split_corpus(docs, hashes, args.val_fraction, store.path)
@@ -543,7 +544,7 @@ def build_corpus(args: argparse.Namespace, files: Sequence[Path], folder: Path, 
         "cleaning": {"steps": list(args.clean), "unicode_form": args.unicode_form, "min_chars": args.min_chars,
                      "removed": cleaner.report},
         "command": command,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": json.loads(json.dumps(vars(args), default=str)),
         "python": platform.python_version(), "seconds": round(seconds, 3),
     }
     atomic_write_text(folder / "meta.json", json.dumps(meta, indent=2) + "\n")
@@ -553,7 +554,7 @@ def build_corpus(args: argparse.Namespace, files: Sequence[Path], folder: Path, 
 
 def print_report(meta: dict, folder: Path) -> None:
     for step, removed in meta["cleaning"]["removed"].items():
-        verb = "dropped" if step in ("short", "dedup", "empty") else "changed"
+        verb = "changed" if step in CHAR_STEPS else "dropped"
         print(f"clean {step}: {removed['documents']:,} documents {verb}, {removed['chars']:,} characters removed")
     inputs = meta["inputs"]
     if inputs["undecodable_bytes"]:

@@ -222,8 +222,11 @@ def test_activation_checkpointing_gives_same_gradients():
     def grads(enabled):
         model = tiny_model().train()
         model.set_activation_checkpointing(enabled)
+        calls = []
+        model.layers[0].register_forward_hook(lambda *_: calls.append(1))
         loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
         loss.backward()
+        assert len(calls) == (2 if enabled else 1)  # checkpointing recomputes the block during backward
         return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
     loss_a, plain = grads(False)

@@ -1,0 +1,215 @@
+"""Score a checkpoint on held-out text: loss per token, perplexity, nats per character and bits per byte.
+
+    python -m hvd_llama.evaluate --checkpoint runs/tiny                  # val split of the run's data folder
+    horovodrun -np 4 python -m hvd_llama.evaluate --checkpoint runs/tiny --text book.txt --json eval.json
+
+Every token is scored exactly once. The token stream (documents as [bos] + tokens + [eos], as prepare writes
+them) is cut into non-overlapping windows of seq_len predictions plus a final partial window, and each window
+predicts its tokens from the ones before them in the same window. So the figures are sums over the whole text:
+nats/char = total loss / characters, bits/byte = total loss / ln 2 / UTF-8 bytes (the loss of the EOS and BOS
+tokens between documents is included: it is part of modelling the text).
+
+Under horovodrun, batches of windows go to the ranks by stride and the sums travel in float64, so any number
+of ranks gives the figures of one process (to rounding of the final sum). Each rank loads the checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from hvd_llama import dist
+from hvd_llama.cli import UserError, atomic_write_text, run_main
+from hvd_llama.config import DistConfig
+from hvd_llama.data import SPLITS, TokenWindows, read_meta
+from hvd_llama.generate import QUANTIZE_CHOICES, load_model, require_tokenizer, resolve_device
+from hvd_llama.prepare import read_documents
+from hvd_llama.tokenizer import Tokenizer
+
+
+@dataclass
+class TokenText:
+    """A token stream to score and the size of the text it encodes."""
+    name: str
+    n_tokens: int
+    read: Callable[[int, int], np.ndarray]  # tokens[start:stop]
+    characters: int
+    utf8_bytes: Optional[int]  # None: counted from the scored tokens with byte_lengths
+    byte_lengths: Optional[np.ndarray] = None
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes each token id stands for in decoded text: 1 for a byte-fallback piece, 0 for control,
+    unknown and unused ids, else its piece's bytes with the whitespace marker U+2581 read as a space.
+
+    Summed over a token stream, this is the byte length of its text whenever decoding is lossless, as it is
+    with prepare's tokenizers (no normalisation, no dummy prefix, byte fallback); only a literal U+2581 in
+    the text would be counted as 1 byte instead of 3.
+    """
+    sp = tokenizer.sp
+    lengths = np.zeros(sp.vocab_size(), dtype=np.int64)
+    for i in range(sp.vocab_size()):
+        if sp.is_byte(i):
+            lengths[i] = 1
+        elif not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)):
+            lengths[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+    return lengths
+
+
+def text_file_tokens(path: Path, tokenizer: Tokenizer) -> TokenText:
+    """A text file (one document), or JSON lines (one document per line's "text"), optionally gzipped."""
+    if not path.is_file():
+        raise UserError(f"--text {path} does not exist")
+    docs = [text for text, _, _ in read_documents(path, "text")]
+    characters = sum(len(d) for d in docs)
+    if characters == 0:
+        raise UserError(f"--text {path} holds no text to score")
+    tokens = np.array([t for d in docs for t in tokenizer.encode(d, bos=True, eos=True)], dtype=np.int64)
+    return TokenText(str(path), len(tokens), lambda start, stop: tokens[start:stop], characters,
+                     sum(len(d.encode("utf-8")) for d in docs))
+
+
+def data_split_tokens(data_dir: Path, split: str, tokenizer: Optional[Tokenizer]) -> TokenText:
+    """A split of a prepared data folder. Characters come from meta.json; bytes are counted from the tokens
+    (see token_byte_lengths), since meta.json does not record them."""
+    meta = read_meta(data_dir)
+    if tokenizer is not None and meta.get("tokenizer_sha256") != tokenizer.sha256:
+        raise UserError(f"{data_dir} was encoded with a different tokenizer than the checkpoint's "
+                        f"{tokenizer.path}; evaluate on data prepared with --tokenizer {tokenizer.path}")
+    if meta["splits"][split]["tokens"] < 2:
+        raise UserError(f"the {split} split of {data_dir} holds no text to score (prepare it with --val-fraction > 0)")
+    reader = TokenWindows(data_dir, split, seq_len=1)  # used only to read the token stream
+    return TokenText(f"{data_dir} ({split})", reader.n_tokens, reader.tokens, meta["splits"][split]["chars"], None,
+                     token_byte_lengths(Tokenizer(data_dir / meta["tokenizer"])))
+
+
+def window_batches(n_tokens: int, seq_len: int, batch_size: int) -> list[list[tuple[int, int]]]:
+    """Windows (start, stop) covering the stream: inputs tokens[start:stop-1], targets tokens[start+1:stop].
+    Full windows go batch_size at a time; the final partial window, if any, is a batch of its own."""
+    windows = [(start, min(start + seq_len + 1, n_tokens)) for start in range(0, n_tokens - 1, seq_len)]
+    full = [w for w in windows if w[1] - w[0] == seq_len + 1]
+    batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
+    return batches + ([windows[len(full):]] if len(full) < len(windows) else [])
+
+
+@torch.no_grad()
+def score(model, text: TokenText, seq_len: int, batch_size: int, device: torch.device) -> dict:
+    """Total loss (nats), predicted tokens and bytes over the whole stream, summed over all ranks."""
+    model.eval()
+    batches = window_batches(text.n_tokens, seq_len, batch_size)
+    loss_sum, n_targets, n_bytes = 0.0, 0, 0
+    mine = batches[dist.rank()::dist.size()]  # the same batches whatever the world size: identical per-window sums
+    for batch in tqdm(mine, desc="evaluate", unit="batch", disable=not dist.is_main(), file=sys.stderr,
+                      mininterval=1, leave=False):
+        rows = np.stack([text.read(start, stop) for start, stop in batch]).astype(np.int64)
+        tokens = torch.from_numpy(rows).to(device)
+        targets = tokens[:, 1:]
+        logits = model(tokens[:, :-1])
+        losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        loss_sum += losses.double().sum().item()
+        n_targets += targets.numel()
+        if text.byte_lengths is not None:
+            n_bytes += int(text.byte_lengths[rows[:, 1:]].sum())
+    sums = dist.allreduce_sum(torch.tensor([loss_sum, n_targets, n_bytes], dtype=torch.float64),
+                              name="evaluate.sums").tolist()
+    return {"loss_sum": sums[0], "tokens": int(sums[1]), "counted_bytes": int(sums[2])}
+
+
+def figures(loss_sum: float, tokens: int, characters: int, utf8_bytes: int) -> dict:
+    loss = loss_sum / tokens
+    return {"loss_per_token": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
+            "nats_per_char": loss_sum / characters, "bits_per_byte": loss_sum / math.log(2) / utf8_bytes}
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m hvd_llama.evaluate", description=__doc__.split("\n\n")[0],
+        epilog="Example: horovodrun -np 2 -H localhost:2 python -m hvd_llama.evaluate --checkpoint runs/tiny "
+               "--json runs/tiny/eval.json")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint folder, run folder (newest checkpoint) or Hugging Face LLaMA folder")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--data", help="prepared data folder (default: the checkpoint's data.dir)")
+    source.add_argument("--text", help="text file to score (.jsonl: one document per line's \"text\"; .gz ok)")
+    parser.add_argument("--split", choices=SPLITS, default="val", help="split of the data folder")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass on each rank")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="window length (default: the checkpoint's train.seq_len, else model.max_seq_len)")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="dynamic int8 Linear layers (CPU)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--json", metavar="OUT", help="also write the figures to this JSON file (atomically)")
+    return parser.parse_args(argv)
+
+
+def default_data_dir(config: dict) -> Path:
+    data_dir = (config.get("data") or {}).get("dir")
+    if not data_dir or not (Path(data_dir) / "meta.json").is_file():
+        raise UserError(f"no --data or --text given, and the checkpoint's data.dir ({data_dir or 'not recorded'}) "
+                        "is not a prepared data folder here; pass --data DIR or --text FILE")
+    return Path(data_dir)
+
+
+def pick_seq_len(requested: Optional[int], config: dict, max_seq_len: int) -> int:
+    seq_len = requested or min((config.get("train") or {}).get("seq_len") or max_seq_len, max_seq_len)
+    if not 1 <= seq_len <= max_seq_len:
+        raise UserError(f"--seq-len {seq_len} must be between 1 and the model's max_seq_len {max_seq_len}")
+    return seq_len
+
+
+def _main(argv: Optional[Sequence[str]]) -> dict:
+    args = parse_args(argv)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size} must be at least 1")
+    if args.text and not Path(args.text).is_file():
+        raise UserError(f"--text {args.text} does not exist")
+    device = dist.init(DistConfig(), resolve_device(args.device, args.quantize).type)
+    model, tokenizer, config = load_model(args.checkpoint, device, args.quantize)
+    seq_len = pick_seq_len(args.seq_len, config, model.cfg.max_seq_len)
+    if args.text:
+        text = text_file_tokens(Path(args.text), require_tokenizer(tokenizer, args.checkpoint))
+    else:
+        text = data_split_tokens(Path(args.data) if args.data else default_data_dir(config), args.split, tokenizer)
+    start = time.perf_counter()
+    sums = score(model, text, seq_len, args.batch_size, device)
+    seconds = time.perf_counter() - start
+    utf8_bytes = text.utf8_bytes if text.utf8_bytes is not None else sums["counted_bytes"]
+    result = {"checkpoint": str(args.checkpoint), "source": text.name, "tokens": sums["tokens"],
+              "characters": text.characters, "bytes": utf8_bytes,
+              **figures(sums["loss_sum"], sums["tokens"], text.characters, utf8_bytes),
+              "loss_sum_nats": sums["loss_sum"], "seq_len": seq_len, "quantize": args.quantize or "none",
+              "ranks": dist.size(), "device": device.type, "seconds": seconds}
+    dist.run_on_main(lambda: report(result, args.json), name="evaluate.report")
+    return result
+
+
+def report(result: dict, json_path: Optional[str]) -> None:
+    print(f"eval {result['source']}: {result['tokens']:,} tokens, {result['characters']:,} chars | "
+          f"loss {result['loss_per_token']:.4f} | ppl {result['perplexity']:.2f} | "
+          f"{result['nats_per_char']:.4f} nats/char | {result['bits_per_byte']:.4f} bits/byte | "
+          f"{'int8' if result['quantize'] == 'int8' else 'fp32'} | {result['ranks']} rank(s) | "
+          f"{result['tokens'] / max(result['seconds'], 1e-9):,.0f} tok/s", flush=True)
+    if json_path:
+        path = Path(json_path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+        except OSError as err:
+            raise UserError(f"cannot write --json {json_path}: {err}") from None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    main()
