@@ -60,7 +60,8 @@ class TokenWindows(Dataset):
                 raise UserError(f"{path} holds {n_tokens} {dtype.name} tokens but meta.json says {shard['tokens']} "
                                 f"{self.dtype.name}; {RERUN_HINT}")
             if verify and sha256_file(path) != shard["sha256"]:
-                raise UserError(f"{path} does not match its checksum in meta.json (corrupted or replaced); {RERUN_HINT}")
+                raise UserError(f"{path} does not match its checksum in meta.json (corrupted or replaced); "
+                                f"{RERUN_HINT}")
             self.paths.append(path)
             counts.append(n_tokens)
         self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])  # shard k holds [starts[k], starts[k+1])

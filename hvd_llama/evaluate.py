@@ -68,8 +68,6 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
 
 def text_file_tokens(path: Path, tokenizer: Tokenizer) -> TokenText:
     """A text file (one document), or JSON lines (one document per line's "text"), optionally gzipped."""
-    if not path.is_file():
-        raise UserError(f"--text {path} does not exist")
     docs = [text for text, _, _ in read_documents(path, "text")]
     characters = sum(len(d) for d in docs)
     if characters == 0:
@@ -109,7 +107,8 @@ def score(model, text: TokenText, seq_len: int, batch_size: int, device: torch.d
     batches = window_batches(text.n_tokens, seq_len, batch_size)
     loss_sum, n_targets, n_bytes = 0.0, 0, 0
     mine = batches[dist.rank()::dist.size()]  # the same batches whatever the world size: identical per-window sums
-    for batch in tqdm(mine, desc="evaluate", unit="batch", disable=not dist.is_main(), file=sys.stderr,
+    show_progress = dist.is_main() and sys.stderr.isatty()
+    for batch in tqdm(mine, desc="evaluate", unit="batch", disable=not show_progress, file=sys.stderr,
                       mininterval=1, leave=False):
         rows = np.stack([text.read(start, stop) for start, stop in batch]).astype(np.int64)
         tokens = torch.from_numpy(rows).to(device)
@@ -147,6 +146,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="window length (default: the checkpoint's train.seq_len, else model.max_seq_len)")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="dynamic int8 Linear layers (CPU)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads per rank; 0 = cores / ranks on this node")
     parser.add_argument("--json", metavar="OUT", help="also write the figures to this JSON file (atomically)")
     return parser.parse_args(argv)
 
@@ -170,9 +170,11 @@ def _main(argv: Optional[Sequence[str]]) -> dict:
     args = parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size} must be at least 1")
+    if args.threads < 0:
+        raise UserError(f"--threads {args.threads} must be >= 0")
     if args.text and not Path(args.text).is_file():
         raise UserError(f"--text {args.text} does not exist")
-    device = dist.init(DistConfig(), resolve_device(args.device, args.quantize).type)
+    device = dist.init(DistConfig(threads_per_rank=args.threads), resolve_device(args.device, args.quantize).type)
     model, tokenizer, config = load_model(args.checkpoint, device, args.quantize)
     seq_len = pick_seq_len(args.seq_len, config, model.cfg.max_seq_len)
     if args.text:

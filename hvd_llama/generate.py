@@ -11,6 +11,7 @@ import argparse
 import copy
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from hvd_llama import checkpoint
 from hvd_llama.cli import UserError, run_main
+from hvd_llama.convert import check_tensors, import_hf
 from hvd_llama.model import Transformer
 from hvd_llama.tokenizer import Tokenizer
 
@@ -44,7 +46,12 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     Weights are stored as int8 with one scale per tensor; activations are quantized on the fly per batch,
     so no calibration data is needed. Embeddings and norms stay fp32.
     """
-    return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    with warnings.catch_warnings():
+        # torch.ao.quantization announces its move to torchao; the API still works, and the warnings would
+        # otherwise be the first thing every int8 run prints.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
+        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -60,7 +67,6 @@ def load_model(path, device: torch.device = torch.device("cpu"),
     """
     path = Path(path)
     if path.is_dir() and is_hf_folder(path):
-        from hvd_llama.convert import import_hf  # only this path needs the converter
         state, model_cfg, tokenizer_path = import_hf(path)
         config = {}
     else:
@@ -71,11 +77,9 @@ def load_model(path, device: torch.device = torch.device("cpu"),
         model = Transformer(model_cfg)
     except ValueError as err:
         raise UserError(f"{path}: incompatible model configuration ({err})") from None
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
-        raise UserError(f"{path}: the weights do not match the model configuration ({first})") from None
+    check_tensors(state, {k: v.shape for k, v in model.state_dict().items()},
+                  f"{path} (its model.pt does not fit its config.yaml)")
+    model.load_state_dict(state)
     tokenizer = Tokenizer(tokenizer_path) if tokenizer_path is not None else None
     if tokenizer is not None and tokenizer.vocab_size > model_cfg.vocab_size:
         raise UserError(f"{tokenizer_path} has {tokenizer.vocab_size} tokens but the model only "
@@ -170,23 +174,22 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token")
     check_sampling(temperature, top_k, top_p)
-    max_seq_len = model.cfg.max_seq_len
-    check_context([len(p) for p in prompts], max_new_tokens, max_seq_len)
+    check_context([len(p) for p in prompts], max_new_tokens, model.cfg.max_seq_len)
     device = model.tok_embeddings.weight.device
     total_len = max(len(p) for p in prompts) + max_new_tokens
     tokens, mask, width = left_pad(prompts, total_len, device)
     positions = (mask.cumsum(1) - 1).clamp(min=0)  # each row counts from its first real token
-    padding = None if bool(mask.all()) else mask  # no padding: plain causal attention (fused SDPA kernels)
+    key_mask = None if bool(mask.all()) else mask  # no padding: plain causal attention (fused SDPA kernels)
     outputs: list[list[int]] = [[] for _ in prompts]
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    finished = [False] * len(prompts)
     if use_kv_cache:
         # A quantized model's Linear weights are packed int8, so name the cache's device and dtype explicitly.
         model.enable_kv_cache(len(prompts), total_len, device=device, dtype=model.tok_embeddings.weight.dtype)
     try:
-        cur = width
-        logits = model(tokens[:, :width], 0, positions[:, :width],
-                       None if padding is None else padding[:, :width])[:, -1]
-        for step in range(max_new_tokens):
+        start = 0  # first slot fed to the model: the whole prompt now, then only the newest token if cached
+        for cur in range(width, total_len):  # cur: the slot the next token goes to
+            logits = model(tokens[:, start:cur], start, positions[:, start:cur],
+                           None if key_mask is None else key_mask[:, :cur])[:, -1]
             next_tokens = sample_next(logits, temperature, top_k, top_p, generator)
             tokens[:, cur] = next_tokens
             for row, token in enumerate(next_tokens.tolist()):
@@ -198,12 +201,9 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens:
                 outputs[row].append(token)
                 if on_token is not None:
                     on_token(row, token)
-            cur += 1
-            if bool(finished.all()) or step == max_new_tokens - 1:
+            if all(finished):
                 break
-            start = cur - 1 if use_kv_cache else 0
-            logits = model(tokens[:, start:cur], start, positions[:, start:cur],
-                           None if padding is None else padding[:, :cur])[:, -1]
+            start = cur if use_kv_cache else 0
     finally:
         if use_kv_cache:
             model.disable_kv_cache()

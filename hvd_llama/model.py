@@ -200,7 +200,8 @@ def attention_mask(start_pos: int, seq_len: int, n_keys: int, key_padding_mask: 
     """Boolean mask (True = attend) of queries at slots start_pos + [0, seq_len) over the last n_keys slots.
 
     Causal by slot; padded keys are hidden, except a padded query still sees itself so its softmax has at
-    least one entry (an all-masked row is NaN, and NaN values would leak through zero attention weights).
+    least one entry: some SDPA kernels return NaN for an all-masked row, and NaN in a padded slot's keys or
+    values would reach real rows through their zero attention weights (0 * NaN = NaN).
     """
     q_slot = torch.arange(start_pos, start_pos + seq_len, device=device)[:, None]
     k_slot = torch.arange(start_pos + seq_len - n_keys, start_pos + seq_len, device=device)[None, :]
@@ -251,7 +252,7 @@ class Transformer(nn.Module):
         max_seq_len = max_seq_len or self.cfg.max_seq_len
         if max_seq_len > self.cfg.max_seq_len:
             raise ValueError(f"KV cache of {max_seq_len} positions exceeds model.max_seq_len {self.cfg.max_seq_len}")
-        weight = self.output.weight
+        weight = self.tok_embeddings.weight
         for layer in self.layers:
             layer.attention.cache = KVCache(batch_size, max_seq_len, self.cfg.kv_heads, self.cfg.head_dim,
                                             device or weight.device, dtype or weight.dtype)
@@ -272,9 +273,9 @@ class Transformer(nn.Module):
             [start_pos, start_pos + T) and attend to every cached slot before them (prefill with start_pos=0,
             then feed each new token with start_pos = number of slots filled so far).
         positions: optional LongTensor [B, T], the RoPE position of each token; default start_pos + arange(T)
-            for every row. For left-padded prompts, pass each row's position counted from its first real token
-            (e.g. (key_padding_mask.cumsum(1) - 1).clamp(min=0)) so a padded row gives the same results as that
-            prompt alone.
+            for every row. RoPE scores depend only on position differences, so with key_padding_mask a
+            left-padded row already equals its prompt alone up to float rounding; positions counted from each
+            row's first real token, (key_padding_mask.cumsum(1) - 1).clamp(min=0), also reproduce its angles.
         key_padding_mask: optional BoolTensor [B, start_pos + T], True for real tokens and False for padding,
             covering every slot from 0; padded slots are never attended to. Without the cache only its last T
             columns are used.

@@ -28,13 +28,14 @@ import time
 import zlib
 from contextlib import closing
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from hvd_llama.cli import UserError, atomic_write_text, run_main, sha256_file
-from hvd_llama.text import CHAR_STEPS, CLEAN_STEPS, DEFAULT_CLEAN, Cleaner, decode_utf8, document_hash, parse_steps, sentence_chunks
+from hvd_llama.text import (CHAR_STEPS, CLEAN_STEPS, DEFAULT_CLEAN, Cleaner, decode_utf8, document_hash, parse_steps,
+                            sentence_chunks)
 from hvd_llama.tokenizer import Tokenizer, train_tokenizer
 
 SHARD_MAGIC = int.from_bytes(b"HVDLLAMA", "little")
@@ -193,10 +194,12 @@ def _jsonl_text(line: str, field: str, path: Path, number: int) -> str:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise UserError(f"{path}:{number} is not valid JSON ({err.msg}); JSON-lines input needs one object per line") from None
+        raise UserError(f"{path}:{number} is not valid JSON ({err.msg}); JSON-lines input needs one object "
+                        "per line") from None
     if not isinstance(record, dict) or not isinstance(record.get(field), str):
         fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-        raise UserError(f"{path}:{number} has no text field {field!r} (it has: {fields}); choose one with --jsonl-field")
+        raise UserError(f"{path}:{number} has no text field {field!r} (it has: {fields}); "
+                        "choose one with --jsonl-field")
     return record[field]
 
 
@@ -358,7 +361,7 @@ def _encode_in_worker(docs: Sequence[Doc]) -> np.ndarray:
     return _worker_encoder(docs)
 
 
-def batch_docs(docs: Sequence[Doc], batch_bytes: int = ENCODE_BATCH_BYTES) -> list[list[Doc]]:
+def batch_docs(docs: Sequence[Doc], batch_bytes: int) -> list[list[Doc]]:
     """Consecutive documents grouped into batches of about batch_bytes each (order kept)."""
     batches: list[list[Doc]] = [[]]
     size = 0
@@ -382,6 +385,37 @@ def encode_batches(batches: Sequence[Sequence[Doc]], tokenizer_path: Path, store
         return
     with multiprocessing.get_context("spawn").Pool(workers, _start_worker, args) as pool:
         yield from pool.imap(_encode_in_worker, batches)
+
+
+def make_tokenizer(args: argparse.Namespace, store_path: Path, train: Sequence[Doc], path: Path) -> Tokenizer:
+    """Copy --tokenizer, or train one on a sample of the training split (never on validation text)."""
+    if args.tokenizer is not None:
+        shutil.copyfile(args.tokenizer, path)
+    else:
+        sentences = sample_sentences(store_path, train, args.tokenizer_sentences)
+        print(f"training a {args.vocab_size}-piece tokenizer on {len(sentences):,} text chunks", file=sys.stderr)
+        train_tokenizer(sentences, path, args.vocab_size, args.tokenizer_sentences, TOKENIZER_SENTENCE_CHARS)
+    return load_tokenizer(path)
+
+
+def encode_splits(split_docs: dict[str, list[Doc]], tokenizer_path: Path, store_path: Path, dtype: np.dtype,
+                  folder: Path, shard_tokens: int, workers: int) -> dict:
+    """Encode every split into its shards; returns meta.json's "splits"."""
+    batches = [(name, batch) for name, docs in split_docs.items() for batch in batch_docs(docs, ENCODE_BATCH_BYTES)]
+    writers = {name: ShardWriter(folder, name, dtype, shard_tokens) for name in split_docs}
+    with tqdm(total=sum(d.nbytes for docs in split_docs.values() for d in docs), unit="B", unit_scale=True,
+              desc="encode", file=sys.stderr, mininterval=0.5) as bar:
+        arrays = encode_batches([b for _, b in batches], tokenizer_path, store_path, dtype, workers)
+        with closing(arrays):  # on an error, stop the pool now rather than when garbage-collected
+            for (name, batch), tokens in zip(batches, arrays):
+                writers[name].write(tokens)
+                bar.update(sum(d.nbytes for d in batch))
+    splits = {}
+    for name, docs in split_docs.items():
+        shards = writers[name].close()
+        splits[name] = {"documents": len(docs), "chars": sum(d.chars for d in docs),
+                        "tokens": sum(s["tokens"] for s in shards), "shards": shards}
+    return splits
 
 
 # ---------------------------------------------------------------------------------------------- output folder
@@ -419,12 +453,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "shards plus meta.json for hvd_llama.train.")
     files = parser.add_argument_group("input / output")
     files.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                    help=f"files or folders (plain text, source code, JSON lines; optionally .gz), or '{STDLIB}' "
-                         "for this Python's standard library sources (no download needed)")
-    files.add_argument("--out", required=True, type=Path, help="output folder")
+                       help=f"files or folders (plain text, source code, JSON lines; optionally .gz), or '{STDLIB}' "
+                            "for this Python's standard library sources without tests (no download needed; write "
+                            "./stdlib for a folder of that name)")
+    files.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
     files.add_argument("--overwrite", action="store_true", help="replace an existing prepared corpus in --out")
     files.add_argument("--include", nargs="+", default=list(DEFAULT_INCLUDE), metavar="GLOB",
-                    help="file patterns read from folders (matched against the relative path and the name)")
+                       help="file patterns read from folders, matched against the relative path and the name "
+                            "(*.txt also matches a.txt.gz; hidden files and folders are skipped)")
     files.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="file patterns skipped in folders")
     files.add_argument("--jsonl-field", default="text", help="field holding the text in JSON-lines records")
     files.add_argument("--max-docs", type=int, default=None, help="stop after this many cleaned documents")
@@ -438,11 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
     tok = parser.add_argument_group("tokenizer")
     choice = tok.add_mutually_exclusive_group()
     choice.add_argument("--vocab-size", type=int, default=4096, help="train a tokenizer of this many pieces")
-    choice.add_argument("--tokenizer", type=Path, default=None, help="use this existing tokenizer.model instead")
+    choice.add_argument("--tokenizer", type=Path, default=None, metavar="FILE",
+                        help="use this existing SentencePiece tokenizer.model instead of training one")
     tok.add_argument("--tokenizer-sentences", type=int, default=100_000,
                      help=f"train on at most this many sampled chunks of <= {TOKENIZER_SENTENCE_CHARS} characters")
     out = parser.add_argument_group("split and shards")
-    out.add_argument("--val-fraction", type=float, default=0.1, help="fraction of the corpus held out for validation")
+    out.add_argument("--val-fraction", type=float, default=0.1,
+                     help=f"held-out fraction: of the documents (those with the smallest content hash) when there "
+                          f"are at least {MIN_DOCS_FOR_DOCUMENT_SPLIT}, else the last characters of the text")
     out.add_argument("--shard-tokens", type=int, default=100_000_000, help="at most this many tokens per shard")
     out.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")
     return parser
@@ -483,6 +522,7 @@ def prepare(argv: Optional[Sequence[str]] = None) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    print_report(meta, out)
     return meta
 
 
@@ -504,32 +544,10 @@ def build_corpus(args: argparse.Namespace, files: Sequence[Path], folder: Path, 
         raise UserError(f"the corpus ({sum(d.chars for d in docs)} characters) is too small to hold out "
                         f"--val-fraction {args.val_fraction}")
 
-    tokenizer_path = folder / "tokenizer.model"
-    if args.tokenizer is not None:
-        shutil.copyfile(args.tokenizer, tokenizer_path)
-    else:
-        sentences = sample_sentences(store.path, train, args.tokenizer_sentences)
-        print(f"training a {args.vocab_size}-piece tokenizer on {len(sentences):,} text chunks", file=sys.stderr)
-        train_tokenizer(sentences, tokenizer_path, args.vocab_size, args.tokenizer_sentences,
-                        TOKENIZER_SENTENCE_CHARS)
-        del sentences
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = make_tokenizer(args, store.path, train, folder / "tokenizer.model")
     dtype = token_dtype(tokenizer.vocab_size)
-
-    splits = {}
-    batches = [("train", b) for b in batch_docs(train)] + [("val", b) for b in batch_docs(val)]
-    writers = {name: ShardWriter(folder, name, dtype, args.shard_tokens) for name in ("train", "val")}
-    with tqdm(total=sum(d.nbytes for d in train + val), unit="B", unit_scale=True, desc="encode",
-              file=sys.stderr, mininterval=0.5) as bar:
-        arrays = encode_batches([b for _, b in batches], tokenizer_path, store.path, dtype, args.workers)
-        with closing(arrays):  # on an error, stop the pool now rather than when garbage-collected
-            for (name, batch), tokens in zip(batches, arrays):
-                writers[name].write(tokens)
-                bar.update(sum(d.nbytes for d in batch))
-    for name, split_docs in (("train", train), ("val", val)):
-        shards = writers[name].close()
-        splits[name] = {"documents": len(split_docs), "chars": sum(d.chars for d in split_docs),
-                        "tokens": sum(s["tokens"] for s in shards), "shards": shards}
+    splits = encode_splits({"train": train, "val": val}, tokenizer.path, store.path, dtype, folder,
+                           args.shard_tokens, args.workers)
     store.path.unlink()
 
     seconds = time.perf_counter() - start
@@ -537,7 +555,7 @@ def build_corpus(args: argparse.Namespace, files: Sequence[Path], folder: Path, 
         "format": META_FORMAT, "format_version": META_VERSION,
         "vocab_size": tokenizer.vocab_size, "dtype": dtype.name,
         "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
-        "unk_id": tokenizer.unk_id, "tokenizer": tokenizer_path.name, "tokenizer_sha256": tokenizer.sha256,
+        "unk_id": tokenizer.unk_id, "tokenizer": tokenizer.path.name, "tokenizer_sha256": tokenizer.sha256,
         "tokenizer_trained": args.tokenizer is None,
         "split_method": split_method, "val_fraction": args.val_fraction, "splits": splits,
         "inputs": inputs,
@@ -548,7 +566,6 @@ def build_corpus(args: argparse.Namespace, files: Sequence[Path], folder: Path, 
         "python": platform.python_version(), "seconds": round(seconds, 3),
     }
     atomic_write_text(folder / "meta.json", json.dumps(meta, indent=2) + "\n")
-    print_report(meta, folder=args.out)
     return meta
 
 
@@ -562,7 +579,7 @@ def print_report(meta: dict, folder: Path) -> None:
               "files were replaced by U+FFFD")
     for name, split in meta["splits"].items():
         print(f"{name}: {split['documents']:,} documents, {split['chars']:,} characters, {split['tokens']:,} tokens, "
-              f"{len(split['shards'])} shards")
+              f"{len(split['shards'])} shard file(s)")
     docs = sum(s["documents"] for s in meta["splits"].values())
     chars = sum(s["chars"] for s in meta["splits"].values())
     tokens = sum(s["tokens"] for s in meta["splits"].values())

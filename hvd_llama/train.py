@@ -7,6 +7,7 @@ update. Only rank 0 writes files (metrics.py, checkpoint.py).
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import random
@@ -211,6 +212,8 @@ class Trainer:
                        "scaler": self.scaler.state_dict() if self.scaler else None}
         path = self.run_dir / "checkpoints" / checkpoint.checkpoint_name(self.progress.step)
         try:
+            if injected_fault("diskfull", self.progress.step):
+                raise OSError(errno.ENOSPC, "No space left on device (injected)")
             checkpoint.save_checkpoint(path, self.model.state_dict(), self.cfg.to_dict(),
                                        tokenizer_path=Path(self.cfg.data.dir) / "tokenizer.model",
                                        train_state=train_state, step=self.progress.step)
@@ -285,9 +288,16 @@ class Trainer:
 
 
 def injected_fault(kind: str, step: int) -> bool:
-    """Fault injection for tests and drills: HVD_LLAMA_FAULT=KIND:STEP:RANK (KIND = nan | raise)."""
+    """Fault injection for tests and drills: HVD_LLAMA_FAULT=KIND:STEP:RANK (KIND = nan | raise | diskfull)."""
     spec = os.environ.get("HVD_LLAMA_FAULT", "")
     return spec.count(":") == 2 and spec.split(":") == [kind, str(step), str(dist.rank())]
+
+
+def replicas_identical(model: torch.nn.Module) -> bool:
+    """Compare a fingerprint of every rank's weights (float64 sum and sum of squares per tensor)."""
+    with torch.no_grad():
+        fingerprint = [(p.double().sum().item(), p.double().square().sum().item()) for p in model.parameters()]
+    return len({repr(f) for f in dist.allgather_object(fingerprint, name="replicas")}) == 1
 
 
 def default_run_dir(config_path: Optional[str]) -> Path:
@@ -303,10 +313,11 @@ def prepare_run_dir(run_dir: Path, resume: Optional[str], cfg: Config) -> None:
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def summary_line(record: dict, steps_run: int, seconds: float, run_dir: Path) -> str:
+def summary_line(record: dict, steps_run: int, seconds: float, run_dir: Path, replicas_identical: bool) -> str:
     val = f" | val loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f})" if "val_loss" in record else ""
+    replicas = "replicas identical" if replicas_identical else "WARNING: replicas differ"
     return (f"done: {record.get('step', 0)} steps ({steps_run} this session) in {format_duration(seconds)}"
-            f" | train loss {record.get('loss', float('nan')):.4f}{val}"
+            f" | train loss {record.get('loss', float('nan')):.4f}{val} | {replicas}"
             f" | {record.get('tokens_per_s', 0):,.0f} tok/s | run dir {run_dir}")
 
 
@@ -333,7 +344,9 @@ def _main(argv: Optional[Sequence[str]]) -> None:
         record = trainer.run(logger)
     finally:
         logger.close()
-    logger.message(summary_line(record, trainer.progress.step - start_step, time.perf_counter() - start, run_dir))
+    identical = replicas_identical(trainer.model)
+    logger.message(summary_line(record, trainer.progress.step - start_step, time.perf_counter() - start, run_dir,
+                                identical))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -45,24 +45,33 @@ def job_env(extra: Optional[dict] = None) -> dict:
     return env
 
 
-def run_job(args: Sequence[str], np: int = 2, launcher: str = "horovodrun", timeout: float = 120,
-            cwd=None, env: Optional[dict] = None, launcher_args: Sequence[str] = ()) -> JobResult:
-    """Run `python <args>` on `np` ranks; the whole process group is killed if it outlives `timeout`."""
-    cmd = launcher_command(launcher, np, launcher_args) + [sys.executable, *args]
-    proc = subprocess.Popen(cmd, cwd=cwd or REPO, env=job_env(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def start_job(args: Sequence[str], np: int = 2, launcher: str = "horovodrun", cwd=None,
+              env: Optional[dict] = None, launcher_args: Sequence[str] = ()) -> subprocess.Popen:
+    """Start `python <args>` on `np` ranks in a new process group; `np=0` runs one plain process."""
+    prefix = launcher_command(launcher, np, launcher_args) if np else []
+    return subprocess.Popen(prefix + [sys.executable, *args], cwd=cwd or REPO, env=job_env(env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish_job(proc: subprocess.Popen, timeout: float = 120) -> JobResult:
+    """Wait for the job; the whole process group is killed if it outlives `timeout`."""
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
-        raise AssertionError(f"{launcher} job timed out after {timeout}s:\n{output[-4000:]}") from None
+        raise AssertionError(f"job timed out after {timeout}s:\n{output[-4000:]}") from None
     ranks: dict = {}
     for line in output.splitlines():
         match = TAGGED_LINE.match(line)
         if match and match.group(2) == "stdout":
             ranks.setdefault(int(match.group(1)), []).append(match.group(3))
     return JobResult(proc.returncode, output, ranks)
+
+
+def run_job(args: Sequence[str], np: int = 2, launcher: str = "horovodrun", timeout: float = 120,
+            cwd=None, env: Optional[dict] = None, launcher_args: Sequence[str] = ()) -> JobResult:
+    return finish_job(start_job(args, np, launcher, cwd, env, launcher_args), timeout)
 
 
 def run_snippet(code: str, tmp_path: Path, **kwargs) -> JobResult:

@@ -2,7 +2,6 @@
 and bad input fails with a one-line error, leaving --out complete or untouched."""
 import gzip
 import json
-import os
 import re
 import signal
 import subprocess
@@ -28,7 +27,8 @@ def make_document(i: int) -> str:
     """A distinct, somewhat varied document: prose with non-ASCII words, or indented code."""
     words = " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(40 + i))
     if i % 3 == 0:
-        return f"def function_{i}(x):\n    total = {i * 1234}\n    for v in x:\n        total += v  # {words[:40]}\n    return total\n"
+        return (f"def function_{i}(x):\n    total = {i * 1234}\n    for v in x:\n"
+                f"        total += v  # {words[:40]}\n    return total\n")
     return f"Document {i}: {words}.\r\nSecond line   with  spaces \u00a0\n\n\n\n\nEnd of {i}.\x00\n"
 
 
@@ -204,6 +204,31 @@ def test_stdlib_defaults_are_fast(tmp_path):
     assert json.loads((tmp_path / "x/meta.json").read_text())["splits"]["train"]["tokens"] > 1_000_000
 
 
+def test_stdlib_files_skip_tests_and_installed_packages():
+    root = Path(prepare.sysconfig.get_paths()["stdlib"])
+    files = prepare.stdlib_files()
+    assert root / "os.py" in files and root / "json/decoder.py" in files
+    assert not [p for p in files if {"site-packages", "test", "tests"} & set(p.relative_to(root).parts)]
+    assert files == sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def test_caps_stop_reading_early(corpus, tmp_path):
+    by_docs = run_prepare("--input", corpus[0], "--out", tmp_path / "a", "--vocab-size", 400, "--max-docs", 21)
+    assert sum(s["documents"] for s in by_docs["splits"].values()) == 21 and by_docs["split_method"] == "documents"
+    by_chars = run_prepare("--input", corpus[0], "--out", tmp_path / "b", "--vocab-size", 400, "--max-chars", 600)
+    assert by_chars["inputs"]["files"] < 5 and by_chars["split_method"] == "characters"
+    assert sum(s["chars"] for s in by_chars["splits"].values()) >= 600
+
+
+def test_jsonl_field_option(tmp_path):
+    records = [{"body": f"record {i}: " + " ".join(WORDS[i:] + WORDS[:i])} for i in range(25)]
+    (tmp_path / "a.ndjson").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run_prepare("--input", tmp_path / "a.ndjson", "--out", tmp_path / "out", "--vocab-size", 300,
+                "--jsonl-field", "body")
+    docs = decode_documents(tmp_path / "out", "train") + decode_documents(tmp_path / "out", "val")
+    assert sorted(docs) == sorted(r["body"] for r in records)
+
+
 def test_token_dtype_and_uint32_shards(tmp_path):
     assert token_dtype(4096) == np.uint16 and token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
     writer = ShardWriter(tmp_path, "train", token_dtype(100_000), shard_tokens=7)
@@ -286,7 +311,7 @@ def test_overwrite_replaces_a_corpus_but_never_other_folders(tmp_path):
 @pytest.mark.parametrize("files, pattern", [
     ({"empty.txt": b""}, r"empty after cleaning: 1 documents read from 1 files, all dropped \(short: 1\)"),
     ({"a.txt": b"short", "b.txt": b"  \n\x00\n"}, r"empty after cleaning: 2 documents .* \(short: 2\)"),
-    ({"a.jsonl": b'{"content": "x"}\n'}, r"a\.jsonl:1 has no text field 'text' \(it has: content\); choose one with --jsonl-field"),
+    ({"a.jsonl": b'{"content": "x"}\n'}, r"a\.jsonl:1 has no text field 'text' \(it has: content\); choose one with"),
     ({"a.jsonl": b'{"text": "fine"}\nnot json\n'}, r"a\.jsonl:2 is not valid JSON"),
     ({"a.txt.gz": b"not gzip at all"}, r"a\.txt\.gz is not a valid gzip file"),
     ({"a.txt": b"tiny corpus but long enough to keep as one document"}, r"too small to hold out --val-fraction"),

@@ -19,8 +19,8 @@ def train_single(run_dir: Path, overrides: list, *more: str, timeout: float = 12
 
 
 def train_job(run_dir: Path, overrides: list, *more: str, np: int = 2, launcher: str = "horovodrun",
-              timeout: float = 180):
-    return run_job(train_args(run_dir, overrides, *more), np=np, launcher=launcher, timeout=timeout)
+              timeout: float = 180, env=None):
+    return run_job(train_args(run_dir, overrides, *more), np=np, launcher=launcher, timeout=timeout, env=env)
 
 
 def metrics(run_dir: Path) -> list:

@@ -1,0 +1,173 @@
+"""Token windows over memory-mapped shards, and the resumable distributed sampler."""
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from hvd_llama import prepare
+from hvd_llama.cli import UserError
+from hvd_llama.data import ResumableDistributedSampler, TokenWindows, read_meta
+from hvd_llama.prepare import HEADER_BYTES, META_FORMAT, META_VERSION, ShardWriter
+from hvd_llama.tokenizer import Tokenizer
+
+
+def write_data_dir(folder, train_tokens, val_tokens, shard_tokens, dtype=np.dtype("<u2")):
+    """A data folder with known token values, laid out exactly as prepare writes it."""
+    folder.mkdir(exist_ok=True)
+    splits = {}
+    for name, tokens in (("train", train_tokens), ("val", val_tokens)):
+        writer = ShardWriter(folder, name, dtype, shard_tokens)
+        writer.write(np.asarray(tokens))
+        shards = writer.close()
+        splits[name] = {"documents": 1, "chars": 0, "tokens": len(tokens), "shards": shards}
+    meta = {"format": META_FORMAT, "format_version": META_VERSION, "vocab_size": 70_000, "dtype": dtype.name,
+            "bos_id": 1, "eos_id": 2, "splits": splits}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.fixture
+def shard_dir(tmp_path):
+    return write_data_dir(tmp_path / "data", np.arange(1000), np.arange(5000, 5100), shard_tokens=300)
+
+
+def test_windows_are_consecutive_and_cross_shard_boundaries(shard_dir):
+    windows = TokenWindows(shard_dir, "train", seq_len=64)
+    assert len(windows) == (1000 - 1) // 64 == 15
+    assert len(windows.meta["splits"]["train"]["shards"]) == 4
+    for i in range(len(windows)):
+        item = windows[i]
+        assert item.dtype == torch.int64 and item.tolist() == list(range(64 * i, 64 * i + 65))
+    with pytest.raises(IndexError):
+        windows[len(windows)]
+    val = TokenWindows(shard_dir, "val", seq_len=33)
+    assert len(val) == 3 and val[2].tolist() == list(range(5066, 5100))
+
+
+def test_exact_fit_uses_the_last_token(tmp_path):
+    folder = write_data_dir(tmp_path / "d", np.arange(129), np.arange(10), shard_tokens=50)
+    windows = TokenWindows(folder, "train", seq_len=64)
+    assert len(windows) == 2 and windows[1][-1].item() == 128
+
+
+def test_uint32_tokens(tmp_path):
+    folder = write_data_dir(tmp_path / "d", np.arange(69_000, 69_100), np.arange(69_000, 69_010), shard_tokens=30,
+                            dtype=np.dtype("<u4"))
+    assert TokenWindows(folder, "train", seq_len=9)[10].tolist() == list(range(69_090, 69_100))
+
+
+def test_pickles_for_dataloader_workers(shard_dir):
+    windows = TokenWindows(shard_dir, "train", seq_len=16)
+    first = windows[3]
+    clone = pickle.loads(pickle.dumps(windows))
+    assert len(pickle.dumps(windows)) < 10_000  # memory maps are not pickled, only paths
+    assert torch.equal(clone[3], first)
+    batch = next(iter(DataLoader(windows, batch_size=4)))
+    assert batch.shape == (4, 17)
+
+
+def test_prepared_corpus_round_trip(tmp_path):
+    text = "".join(f"line {i}: caf\u00e9 \u65e5\u672c and some words to pack\n" for i in range(300))
+    (tmp_path / "a.txt").write_text(text)
+    prepare.prepare(["--input", str(tmp_path / "a.txt"), "--out", str(tmp_path / "out"), "--vocab-size", "300",
+                     "--shard-tokens", "1000", "--workers", "1"])
+    tok = Tokenizer(tmp_path / "out/tokenizer.model")
+    windows = TokenWindows(tmp_path / "out", "train", seq_len=100)
+    stream = [windows[0][0].item()] + [t for i in range(len(windows)) for t in windows[i][1:].tolist()]
+    meta = read_meta(tmp_path / "out")
+    assert len(stream) == len(windows) * 100 + 1 > meta["splits"]["train"]["tokens"] - 100
+    assert stream[0] == tok.bos_id
+    assert text.startswith(tok.decode(stream[1:]))
+
+
+@pytest.mark.parametrize("damage, pattern", [
+    (lambda d: (d / "meta.json").unlink(), "has no meta.json"),
+    (lambda d: (d / "meta.json").write_text("{not json"), "is not valid JSON"),
+    (lambda d: (d / "meta.json").write_text('{"format": "other"}'), "was not written by hvd_llama.prepare"),
+    (lambda d: (d / "train_0001.bin").unlink(), "train_0001.bin is missing"),
+    (lambda d: (d / "train_0001.bin").write_bytes((d / "train_0001.bin").read_bytes()[:-2]), "truncated"),
+    (lambda d: (d / "train_0001.bin").write_bytes(b"X" + (d / "train_0001.bin").read_bytes()[1:]), "bad magic"),
+    (lambda d: flip_token(d / "train_0002.bin"), "does not match its checksum"),
+])
+def test_damaged_data_folder(shard_dir, damage, pattern):
+    damage(shard_dir)
+    with pytest.raises(UserError, match=pattern) as error:
+        TokenWindows(shard_dir, "train", seq_len=8)
+    assert "re-run `python -m hvd_llama.prepare`" in str(error.value)
+
+
+def flip_token(path):
+    data = bytearray(path.read_bytes())
+    data[HEADER_BYTES + 10] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def test_checksum_verification_can_be_skipped(shard_dir):
+    flip_token(shard_dir / "train_0002.bin")
+    assert len(TokenWindows(shard_dir, "train", seq_len=8, verify=False)) == 124
+
+
+def test_other_user_errors(shard_dir, tmp_path):
+    with pytest.raises(UserError, match="does not exist; create it with `python -m hvd_llama.prepare"):
+        read_meta(tmp_path / "missing")
+    with pytest.raises(UserError, match=r"val split .* has 100 tokens, fewer than one window of seq_len \+ 1 = 101"):
+        TokenWindows(shard_dir, "val", seq_len=100)
+    with pytest.raises(UserError, match="unknown split 'test'"):
+        TokenWindows(shard_dir, "test", seq_len=8)
+
+
+# ------------------------------------------------------------------------------------------------- sampler
+
+def epoch_indices(n, replicas, rank, epoch=0, seed=0, shuffle=True):
+    sampler = ResumableDistributedSampler(range(n), num_replicas=replicas, rank=rank, shuffle=shuffle, seed=seed)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+@pytest.mark.parametrize("n", [100, 101])
+def test_ranks_partition_the_epoch(n):
+    ranks = [epoch_indices(n, 2, r, epoch=3) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == n // 2
+    assert not set(ranks[0]) & set(ranks[1])
+    assert len(set(ranks[0]) | set(ranks[1])) == n - n % 2  # drop_last: every window at most once, all but n % 2
+    assert sorted(epoch_indices(n, 1, 0, epoch=3)) == list(range(n))
+
+
+def test_two_ranks_at_step_k_equal_one_rank_with_double_batch():
+    n, batch = 103, 4
+    single = epoch_indices(n, 1, 0, epoch=1)
+    ranks = [epoch_indices(n, 2, r, epoch=1) for r in range(2)]
+    for step in range(n // (2 * batch)):
+        both = ranks[0][step * batch:(step + 1) * batch] + ranks[1][step * batch:(step + 1) * batch]
+        assert sorted(both) == sorted(single[step * 2 * batch:(step + 1) * 2 * batch])
+
+
+def test_epochs_and_seeds_shuffle_differently():
+    assert epoch_indices(50, 1, 0, epoch=0) != epoch_indices(50, 1, 0, epoch=1)
+    assert epoch_indices(50, 1, 0, seed=0) != epoch_indices(50, 1, 0, seed=1)
+    assert epoch_indices(50, 1, 0, epoch=2) == epoch_indices(50, 1, 0, epoch=2)
+    assert epoch_indices(10, 2, 1, shuffle=False) == [1, 3, 5, 7, 9]
+
+
+def test_mid_epoch_resume_yields_exactly_the_remaining_windows(shard_dir):
+    windows = TokenWindows(shard_dir, "train", seq_len=8)
+    full = epoch_indices(len(windows), 2, 1, epoch=5, seed=7)
+    sampler = ResumableDistributedSampler(windows, num_replicas=2, rank=1, seed=7)
+    sampler.set_position(5, 13)
+    assert len(sampler) == len(full) - 13
+    assert list(sampler) == full[13:]
+    assert list(sampler) == full[13:]  # iterating again repeats the same remainder until set_epoch
+    sampler.set_epoch(5)
+    assert len(sampler) == len(full) and list(sampler) == full
+    sampler.set_position(5, len(full))
+    assert list(sampler) == [] and len(sampler) == 0
+    with pytest.raises(ValueError, match="outside this epoch"):
+        sampler.set_position(5, len(full) + 1)
+
+
+def test_sampler_needs_a_window_per_rank():
+    with pytest.raises(UserError, match="fewer than the 4 ranks"):
+        ResumableDistributedSampler(range(3), num_replicas=4, rank=0)

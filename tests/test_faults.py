@@ -1,0 +1,107 @@
+"""Faults a long run meets: preemption signals, non-finite steps, corrupt checkpoints, a crashing rank."""
+import json
+import signal
+import time
+
+import pytest
+from conftest import micro_overrides
+from multiproc import finish_job, start_job
+from trainrun import losses, metrics, train_args, train_job, train_single
+
+pytestmark = pytest.mark.distributed
+
+
+def wait_for_step(run_dir, step: int, proc, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if lines and json.loads(lines[-1])["step"] >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run never reached step {step}")
+
+
+def interrupted_then_resumed(overrides, tmp_path, np, launcher, sig):
+    """Send `sig` mid-run; return (exit code, step it stopped at, the resumed run's losses)."""
+    run_dir = tmp_path / "stopped"
+    proc = start_job(train_args(run_dir, overrides), np=np, launcher=launcher)
+    wait_for_step(run_dir, 3, proc)
+    proc.send_signal(sig)
+    stopped = finish_job(proc, timeout=60)
+    stop_step = metrics(run_dir)[-1]["step"]
+    resumed = finish_job(start_job(train_args(run_dir, overrides, "--resume", "auto"), np=np, launcher=launcher))
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    return stopped, stop_step, losses(run_dir)
+
+
+@pytest.mark.parametrize("np, launcher, sig", [(0, None, signal.SIGTERM), (2, "mpirun", signal.SIGUSR1)],
+                         ids=["one-process-sigterm", "mpirun-sigusr1"])
+def test_preemption_checkpoints_exits_zero_and_resumes_exactly(data_dir, tmp_path, np, launcher, sig):
+    overrides = micro_overrides(data_dir, **{"train.max_steps": 300, "checkpoint.every": 0})
+    stopped, stop_step, resumed_losses = interrupted_then_resumed(overrides, tmp_path, np, launcher, sig)
+    assert stopped.returncode == 0, stopped.output[-3000:]
+    assert "stop requested by a signal" in stopped.output
+    assert 3 <= stop_step < 300
+    assert (tmp_path / "stopped" / "checkpoints" / f"step_{stop_step:08d}" / "manifest.json").is_file()
+    straight = tmp_path / "straight"
+    done = finish_job(start_job(train_args(straight, overrides), np=np, launcher=launcher))
+    assert done.returncode == 0, done.output[-3000:]
+    assert resumed_losses == losses(straight)
+
+
+def test_nan_on_one_rank_is_skipped_by_both(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    job = train_job(run_dir, micro_overrides(data_dir), env={"HVD_LLAMA_FAULT": "nan:3:1"})
+    assert job.returncode == 0, job.output[-3000:]
+    skipped = [r["step"] for r in metrics(run_dir) if r["skipped"]]
+    assert skipped == [3]
+    assert "replicas identical" in job.output
+    clean = tmp_path / "clean"
+    assert train_job(clean, micro_overrides(data_dir)).returncode == 0
+    # Skipping step 3 leaves the weights as they were after step 2, so step 4's loss differs from the
+    # clean run's while steps 1-2 match.
+    assert losses(run_dir)[:2] == losses(clean)[:2] and losses(run_dir)[3] != losses(clean)[3]
+
+
+def test_too_many_non_finite_steps_stop_with_a_message(data_dir, tmp_path):
+    job = train_job(tmp_path / "run", micro_overrides(data_dir, **{"train.max_bad_steps": 0}),
+                    env={"HVD_LLAMA_FAULT": "nan:2:0"}, timeout=60)
+    assert job.returncode != 0
+    assert "non-finite steps in a row at step 2" in job.output
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(data_dir, tmp_path):
+    overrides = micro_overrides(data_dir, **{"train.max_steps": 6, "checkpoint.every": 2, "checkpoint.keep": 0})
+    run_dir = tmp_path / "run"
+    assert train_single(run_dir, micro_overrides(data_dir, **{"train.max_steps": 4, "checkpoint.every": 2,
+                                                              "checkpoint.keep": 0})).returncode == 0
+    newest = run_dir / "checkpoints" / "step_00000004" / "model.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated
+    resumed = train_single(run_dir, overrides, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step_00000004 is corrupt" in resumed.stderr
+    assert "resuming from" in resumed.stdout and "step_00000002" in resumed.stdout
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, 7))
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = micro_overrides(data_dir, **{"train.max_steps": 4, "checkpoint.every": 2, "checkpoint.keep": 0})
+    assert train_single(run_dir, overrides).returncode == 0
+    more = micro_overrides(data_dir, **{"train.max_steps": 6, "checkpoint.every": 0})
+    again = train_job(run_dir, more, "--resume", "auto", env={"HVD_LLAMA_FAULT": "diskfull:6:0"}, timeout=60)
+    assert again.returncode != 0
+    assert "writing checkpoint step_00000006 failed" in again.output and "step_00000004" in again.output
+    assert again.output.count("error: writing checkpoint") == 2  # every rank stops, none is left waiting
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+
+
+@pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
+def test_crashing_rank_brings_the_job_down_with_its_name(data_dir, tmp_path, launcher):
+    start = time.monotonic()
+    job = train_job(tmp_path / "run", micro_overrides(data_dir, **{"train.max_steps": 50}), launcher=launcher,
+                    env={"HVD_LLAMA_FAULT": "raise:3:1"}, timeout=90)
+    assert job.returncode != 0
+    assert time.monotonic() - start < 60
+    assert "error: rank 1 failed: RuntimeError: injected fault at step 3" in job.output

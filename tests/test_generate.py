@@ -1,0 +1,179 @@
+"""Generation: KV cache against full recomputation, batching, seeds, filters, EOS, int8, bad input.
+
+The session fixtures here (a small prepared corpus and a micro model trained on it) are shared with
+test_evaluate.py.
+"""
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import corpus_file, micro_overrides
+from multiproc import REPO, job_env
+from trainrun import train_single
+
+from hvd_llama.checkpoint import load_model_checkpoint, save_checkpoint
+from hvd_llama.generate import filter_top_k, filter_top_p, generate, load_model, sample_next, tokens_per_second
+
+
+@pytest.fixture(scope="session")
+def small_data(data_dir, tmp_path_factory):
+    """A 40,000-character corpus encoded with data_dir's tokenizer (no tokenizer training: fast), with a
+    validation split of about 2,000 tokens."""
+    from hvd_llama.prepare import main as prepare_main
+    root = tmp_path_factory.mktemp("small")
+    source = root / "small.txt"
+    source.write_text(corpus_file(root).read_text()[:40_000])
+    out = root / "prepared"
+    prepare_main(["--input", str(source), "--out", str(out), "--tokenizer", str(data_dir / "tokenizer.model"),
+                  "--workers", "1"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def micro_run(small_data, tmp_path_factory):
+    """Run dir of a micro model (context 64, vocab 512) trained 3 steps on small_data."""
+    run_dir = tmp_path_factory.mktemp("micro") / "run"
+    result = train_single(run_dir, micro_overrides(small_data, **{"train.max_steps": 3}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def loaded(micro_run):
+    model, tokenizer, _ = load_model(micro_run)
+    return model, tokenizer
+
+
+def encode(tokenizer, *texts):
+    return [tokenizer.encode(t, bos=True) for t in texts]
+
+
+def greedy(model, prompts, n, **kwargs):
+    return generate(model, prompts, n, temperature=0, **kwargs)
+
+
+def test_kv_cache_greedy_equals_full_forward(loaded):
+    model, tokenizer = loaded
+    prompts = encode(tokenizer, "ROMEO:\nWhat", "The king")
+    cached = greedy(model, prompts, 30, use_kv_cache=True)
+    full = greedy(model, prompts, 30, use_kv_cache=False)
+    assert [len(c) for c in cached] == [30, 30]  # no eos_id given: nothing stops early
+    assert cached == full
+
+
+def test_batched_equals_one_by_one(loaded):
+    model, tokenizer = loaded
+    prompts = encode(tokenizer, "First Citizen:\nBefore we proceed any further, hear me speak.", "All", "")
+    assert len({len(p) for p in prompts}) == 3  # different lengths: the batch is left-padded
+    for use_kv_cache in (True, False):
+        batched = greedy(model, prompts, 20, use_kv_cache=use_kv_cache)
+        alone = [greedy(model, [p], 20, use_kv_cache=use_kv_cache)[0] for p in prompts]
+        assert batched == alone
+
+
+def test_fixed_seed_reproduces_samples(loaded):
+    model, tokenizer = loaded
+    prompts = encode(tokenizer, "To be", "Now is the winter")
+
+    def sample(seed):
+        return generate(model, prompts, 25, temperature=1.0, top_k=100, top_p=0.95,
+                        generator=torch.Generator().manual_seed(seed))
+
+    first = sample(7)
+    assert sample(7) == first
+    assert sample(8) != first
+    assert first != greedy(model, prompts, 25)
+
+
+def test_stops_at_eos(loaded):
+    model, tokenizer = loaded
+    prompts = encode(tokenizer, "ROMEO:", "JULIET: O Romeo")
+    reference = greedy(model, prompts, 12)
+    eos = reference[0][3]  # pretend the 4th greedy token of row 0 is EOS
+    stopped = greedy(model, prompts, 12, eos_id=eos)
+    assert stopped[0] == reference[0][:reference[0].index(eos)]
+    cut = reference[1].index(eos) if eos in reference[1] else len(reference[1])
+    assert stopped[1] == reference[1][:cut]  # the other row is unaffected
+
+
+def test_hugging_face_folder_generates_like_its_checkpoint(loaded, micro_run, tmp_path):
+    from hvd_llama.convert import main as convert_main
+    convert_main(["export", "--checkpoint", str(micro_run), "--out", str(tmp_path / "hf")])
+    hf_model, hf_tokenizer, config = load_model(tmp_path / "hf")
+    model, tokenizer = loaded
+    assert config == {} and hf_tokenizer.sha256 == tokenizer.sha256
+    prompts = encode(tokenizer, "ROMEO:", "Good morrow")
+    assert greedy(hf_model, prompts, 20) == greedy(model, prompts, 20)
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0]])
+    assert torch.isinf(filter_top_k(logits, 2)).tolist() == [[False, False, True, True, True]]
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = lambda p: (~torch.isinf(filter_top_p(probs.log(), p))).sum().item()  # noqa: E731
+    assert [kept(0.45), kept(0.75), kept(0.9), kept(1.0)] == [1, 2, 3, 4]
+    assert sample_next(logits, temperature=0).tolist() == [0]
+    draws = sample_next(logits.expand(2000, -1), temperature=1.0, top_k=2, generator=torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) == {0, 1}
+
+
+def test_generation_speed_function(loaded):
+    model, _ = loaded
+    assert tokens_per_second(model, prompt_len=4, new_tokens=4, repeats=1) > 0
+
+
+def run_cli(module, *args):
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=job_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_int8_stream(micro_run):
+    result = run_cli("hvd_llama.generate", "--checkpoint", micro_run, "--prompt", "ROMEO:", "--stream",
+                     "--max-new-tokens", 16, "--temperature", 0, "--quantize", "int8")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ROMEO:") and len(result.stdout) > len("ROMEO:\n")
+    assert "| int8 |" in result.stderr and "Warning" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def incompatible_checkpoint(micro_run, tmp_path_factory):
+    """model.pt of the micro model with a config.yaml that claims one more layer."""
+    state, cfg, _ = load_model_checkpoint(micro_run)
+    fields = {**vars(cfg), "n_layers": cfg.n_layers + 1}
+    return save_checkpoint(tmp_path_factory.mktemp("bad") / "ckpt", state, {"model": fields})
+
+
+BAD_GENERATE = {
+    "missing checkpoint": (["--checkpoint", "{missing}", "--prompt", "a"], "does not exist"),
+    "incompatible checkpoint": (["--checkpoint", "{incompatible}", "--prompt", "a"], "missing tensor layers.2."),
+    "prompt plus new tokens too long": (["--prompt", "ROMEO:", "--max-new-tokens", "64"],
+                                        "exceeds the model's context"),
+    "top-p zero": (["--prompt", "a", "--top-p", "0"], "top-p 0.0 must be in (0, 1]"),
+    "top-p above one": (["--prompt", "a", "--top-p", "1.5"], "top-p 1.5 must be in (0, 1]"),
+    "negative temperature": (["--prompt", "a", "--temperature", "-0.5"], "temperature -0.5 must be >= 0"),
+    "negative top-k": (["--prompt", "a", "--top-k", "-1"], "top-k -1 must be >= 0"),
+    "missing prompt file": (["--prompt-file", "{missing}"], "--prompt-file"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_generate_runs(micro_run, incompatible_checkpoint, tmp_path_factory):
+    """All the bad command lines, started together (each pays Python's and torch's start-up)."""
+    paths = {"missing": tmp_path_factory.mktemp("none") / "absent", "incompatible": incompatible_checkpoint}
+    procs = {}
+    for name, (args, _) in BAD_GENERATE.items():
+        args = [a.format(**paths) for a in args]
+        if "--checkpoint" not in args:
+            args = ["--checkpoint", str(micro_run), *args]
+        procs[name] = subprocess.Popen([sys.executable, "-m", "hvd_llama.generate", *args], cwd=REPO,
+                                       env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return {name: (p.communicate(timeout=120)[1], p.returncode)[::-1] for name, p in procs.items()}
+
+
+@pytest.mark.parametrize("case", BAD_GENERATE)
+def test_bad_input_is_one_line_exit_2(case, bad_generate_runs):
+    returncode, stderr = bad_generate_runs[case]
+    assert returncode == 2, stderr
+    assert len(stderr.splitlines()) == 1 and stderr.startswith("error: "), stderr
+    assert BAD_GENERATE[case][1] in stderr
