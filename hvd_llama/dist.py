@@ -67,6 +67,32 @@ def broadcast_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ha
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
 
+class _ElasticState(hvd.elastic.TorchState):
+    """hvd.elastic.TorchState whose sync skips Horovod's dummy optimizer step on an empty state.
+
+    TorchState syncs the model, then the optimizer with broadcast_optimizer_state: at the first sync (empty
+    AdamW state) that applies weight decay once on every rank, and a worker joining later would have its
+    freshly synced weights moved by it. broadcast_state avoids both.
+    """
+
+    def sync(self):
+        has_state = broadcast_object(len(self.optimizer.state) > 0, name="elastic.has_state")
+        broadcast_state(self.model, self.optimizer, has_optimizer_state=has_state)
+        self._handlers["sampler"].sync()
+        super(hvd.elastic.TorchState, self).sync()  # the plain Python values (ObjectState)
+
+
+def elastic_state(model, optimizer, sampler, **values) -> hvd.elastic.TorchState:
+    return _ElasticState(model=model, optimizer=optimizer, sampler=sampler, **values)
+
+
+def elastic_sampler(dataset, seed: int) -> hvd.elastic.ElasticSampler:
+    return hvd.elastic.ElasticSampler(dataset, shuffle=True, seed=seed)
+
+
+elastic_run = hvd.elastic.run
+
+
 def broadcast_object(obj: Any, name: str) -> Any:
     return hvd.broadcast_object(obj, root_rank=0, name=name)
 

@@ -50,21 +50,25 @@ class MetricsLogger:
         if not enabled:
             return
         self.jsonl = Path(run_dir) / "metrics.jsonl"
-        self._truncate_after(resume_step or 0)
+        self.file = None
+        self.truncate_after(resume_step or 0)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # rank 0 only: other ranks need not import it
             # purge_step drops events a crashed run logged after the checkpoint we resume from.
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"),
                                         purge_step=(resume_step + 1) if resume_step else None)
-        self.file = open(self.jsonl, "a")
 
-    def _truncate_after(self, step: int) -> None:
+    def truncate_after(self, step: int) -> None:
         """Keep records up to `step`: a resumed run re-does the steps after its checkpoint."""
-        if not self.jsonl.exists():
+        if not self.enabled:
             return
-        kept = [line for line in self.jsonl.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        atomic_write_text(self.jsonl, "".join(line + "\n" for line in kept))
+        if self.file is not None:
+            self.file.close()
+        if self.jsonl.exists():
+            kept = [line for line in self.jsonl.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= step]
+            atomic_write_text(self.jsonl, "".join(line + "\n" for line in kept))
+        self.file = open(self.jsonl, "a")
 
     def log_step(self, record: dict, max_steps: int) -> None:
         if not self.enabled:

@@ -45,7 +45,7 @@ class Progress:
 class WindowStream:
     """This rank's training windows in sampler order, continuing across epochs and from a saved position."""
 
-    def __init__(self, dataset: TokenWindows, sampler: ResumableDistributedSampler, progress: Progress):
+    def __init__(self, dataset: TokenWindows, sampler, progress: Progress):
         self.dataset, self.sampler, self.progress = dataset, sampler, progress
         self._indices = None
 
@@ -53,15 +53,34 @@ class WindowStream:
         rows = []
         while len(rows) < n:
             if self._indices is None:
-                self.sampler.set_position(self.progress.epoch, self.progress.offset)
-                self._indices = iter(self.sampler)
+                self._indices = self._begin()
             index = next(self._indices, None)
-            if index is None:  # epoch done: every rank gets there at the same step (drop_last sampler)
+            if index is None:  # epoch done: every rank gets there at the same step (equal shares)
                 self.progress.epoch, self.progress.offset, self._indices = self.progress.epoch + 1, 0, None
                 continue
             rows.append(self.dataset[index])
-            self.progress.offset += 1
+            self._consumed_one()
         return torch.stack(rows)
+
+    def _begin(self):
+        self.sampler.set_position(self.progress.epoch, self.progress.offset)
+        return iter(self.sampler)
+
+    def _consumed_one(self) -> None:
+        self.progress.offset += 1  # this rank's windows
+
+
+class ElasticWindowStream(WindowStream):
+    """The same over Horovod's ElasticSampler, which re-splits the epoch's remaining windows on a resize."""
+
+    def _begin(self):
+        if self.sampler.epoch != self.progress.epoch:
+            self.sampler.set_epoch(self.progress.epoch)
+        return iter(self.sampler)
+
+    def _consumed_one(self) -> None:
+        self.sampler.record_batch(0, 1)
+        self.progress.offset = self.sampler.processed_num  # all ranks' windows: survives a resize
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -170,9 +189,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
         self.train_data = TokenWindows(cfg.data.dir, "train", t.seq_len)
         self.val_data = TokenWindows(cfg.data.dir, "val", t.seq_len) if t.eval_every else None
-        self.sampler = ResumableDistributedSampler(self.train_data, num_replicas=dist.size(), rank=dist.rank(),
-                                                   shuffle=True, seed=t.seed)
+        if cfg.dist.elastic:
+            self.sampler = dist.elastic_sampler(self.train_data, seed=t.seed)
+        else:
+            self.sampler = ResumableDistributedSampler(self.train_data, num_replicas=dist.size(),
+                                                       rank=dist.rank(), shuffle=True, seed=t.seed)
         self.progress = Progress()
+        self.lr_scale = 1.0  # elastic: world size / the size the job started with (linear scaling rule)
         self.stop_flag = StopFlag()
 
     # ---- checkpoints -------------------------------------------------------------------------------------
@@ -234,15 +257,43 @@ class Trainer:
         own = measure_peak_flops(self.device, dtype)
         return dist.allreduce_sum(torch.tensor([own]), name="peak.sum").item()
 
-    def run(self, logger: MetricsLogger) -> dict:
+    def run_elastic(self, logger: MetricsLogger) -> dict:
+        """Horovod Elastic: train inside hvd.elastic.run; a lost or added worker rolls back to the last commit."""
+        if self.progress.offset:  # a checkpoint position: ElasticSampler counts windows of all ranks
+            self.sampler.load_state_dict({"epoch": self.progress.epoch, "processed_num": self.progress.offset})
+        state = dist.elastic_state(self.model, self.optimizer, self.sampler, progress=asdict(self.progress),
+                                   initial_size=dist.size())
+
+        def on_reset():
+            self.lr_scale = dist.size() / state.initial_size
+            logger.message(f"elastic reset: {dist.size()} ranks now, global batch "
+                           f"{self.cfg.train.batch_size * self.cfg.train.grad_accum * dist.size()} sequences, "
+                           f"learning rate x{self.lr_scale:.3g}; continuing from step {state.progress['step']}")
+
+        def commit():
+            state.progress = asdict(self.progress)  # a fresh dict: ObjectState keeps what it is given
+            state.commit()
+
+        state.register_reset_callbacks([on_reset])
+
+        @dist.elastic_run
+        def train(state):
+            self.progress = Progress(**state.progress)
+            self.lr_scale = dist.size() / state.initial_size
+            logger.truncate_after(self.progress.step)  # steps after the last commit are trained again
+            return self.run(logger, commit)
+
+        return train(state)
+
+    def run(self, logger: MetricsLogger, commit=None) -> dict:
         t, p = self.cfg.train, self.progress
-        stream = WindowStream(self.train_data, self.sampler, p)
+        stream = (ElasticWindowStream if commit else WindowStream)(self.train_data, self.sampler, p)
         self.tokens_per_step = t.batch_size * t.grad_accum * t.seq_len * dist.size()
         self.flops_per_token, self.peak = self.model.flops_per_token(t.seq_len), self.peak_flops()
         session_start, first_step, record, bad_in_a_row = time.perf_counter(), p.step, {}, 0
         while p.step < t.max_steps:
             step_start = time.perf_counter()
-            lr = lr_at(p.step, self.cfg.optim, t.max_steps)
+            lr = lr_at(p.step, self.cfg.optim, t.max_steps) * self.lr_scale
             set_lr(self.optimizer, lr)
             batches = [stream.next_batch(t.batch_size) for _ in range(t.grad_accum)]
             loss, grad_norm, stepped = train_step(self.forward_model, self.optimizer, batches, self.device,
@@ -264,6 +315,10 @@ class Trainer:
                                 "an earlier checkpoint with --resume PATH")
             if injected_fault("raise", p.step):
                 raise RuntimeError(f"injected fault at step {p.step} (HVD_LLAMA_FAULT)")
+            if injected_fault("exit", p.step):
+                os._exit(1)  # a worker that vanishes (killed, lost host)
+            if commit and p.step % self.cfg.dist.commit_every == 0:
+                commit()
             every = self.cfg.checkpoint.every
             if stop_votes > 0 or p.step == t.max_steps or (every and p.step % every == 0):
                 path = self.save()
@@ -279,7 +334,7 @@ class Trainer:
         tokens_per_s = self.tokens_per_step / (time.perf_counter() - step_start)
         record = {"step": p.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
                   "mfu": self.flops_per_token * tokens_per_s / self.peak, "tokens": p.tokens,
-                  "elapsed_s": p.elapsed_s, "skipped": not stepped}
+                  "elapsed_s": p.elapsed_s, "skipped": not stepped, "world_size": dist.size()}
         if t.eval_every and (p.step % t.eval_every == 0 or p.step == t.max_steps):
             record["val_loss"] = evaluate(self.forward_model, self.val_data, t.eval_windows, t.batch_size,
                                           self.device, t.precision)
@@ -288,7 +343,7 @@ class Trainer:
 
 
 def injected_fault(kind: str, step: int) -> bool:
-    """Fault injection for tests and drills: HVD_LLAMA_FAULT=KIND:STEP:RANK (KIND = nan | raise | diskfull)."""
+    """Fault injection for tests and drills: HVD_LLAMA_FAULT=KIND:STEP:RANK (nan | raise | exit | diskfull)."""
     spec = os.environ.get("HVD_LLAMA_FAULT", "")
     return spec.count(":") == 2 and spec.split(":") == [kind, str(step), str(dist.rank())]
 
@@ -341,7 +396,7 @@ def _main(argv: Optional[Sequence[str]]) -> None:
                    f"{device.type}, {cfg.train.precision}; {meta['splits']['train']['tokens']:,} train tokens; "
                    f"run dir {run_dir}")
     try:
-        record = trainer.run(logger)
+        record = trainer.run_elastic(logger) if cfg.dist.elastic else trainer.run(logger)
     finally:
         logger.close()
     identical = replicas_identical(trainer.model)

@@ -29,7 +29,8 @@ class JobResult:
 
 def launcher_command(launcher: str, np: int, extra: Sequence[str] = ()) -> list:
     if launcher == "horovodrun":
-        return [str(BIN / "horovodrun"), "--gloo", "-np", str(np), "-H", f"localhost:{np}", *extra]
+        hosts = [] if "--host-discovery-script" in extra else ["-H", f"localhost:{np}"]  # elastic: discovered
+        return [str(BIN / "horovodrun"), "--gloo", "-np", str(np), *hosts, *extra]
     if launcher == "mpirun":
         return ["mpirun", "--allow-run-as-root", "--oversubscribe", "--tag-output", "-np", str(np),
                 "-bind-to", "none", "-x", "PATH", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", *extra]
@@ -74,7 +75,7 @@ def run_job(args: Sequence[str], np: int = 2, launcher: str = "horovodrun", time
     return finish_job(start_job(args, np, launcher, cwd, env, launcher_args), timeout)
 
 
-def run_snippet(code: str, tmp_path: Path, **kwargs) -> JobResult:
+def run_snippet(code: str, tmp_path: Path, args: Sequence[str] = (), **kwargs) -> JobResult:
     script = tmp_path / "snippet.py"
     script.write_text(code)
-    return run_job([str(script)], **kwargs)
+    return run_job([str(script), *args], **kwargs)
