@@ -1,10 +1,12 @@
-"""Reading prepared token shards: meta.json, fixed-length training windows, and a resumable sampler."""
+"""Reading prepared token shards: meta.json, fixed-length training windows (pretraining), one padded row per
+example (supervised fine-tuning), and a resumable sampler."""
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -14,6 +16,8 @@ from hvd_llama.cli import UserError, sha256_file
 from hvd_llama.prepare import HEADER_BYTES, META_FORMAT, META_VERSION, RERUN_HINT, read_shard_header
 
 SPLITS = ("train", "val")
+KINDS = ("pretrain", "sft")
+IGNORE_INDEX = -100  # targets with this value are left out of the loss (torch's cross_entropy default)
 
 
 def read_meta(data_dir: str | os.PathLike) -> dict:
@@ -34,14 +38,16 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
     if meta.get("format_version") != META_VERSION:
         raise UserError(f"{path} has format version {meta.get('format_version')}, this code reads "
                         f"{META_VERSION}; {RERUN_HINT}")
+    kind = meta.setdefault("kind", "pretrain")  # folders written before fine-tuning existed have no kind
+    if kind not in KINDS:
+        raise UserError(f"{path} has kind {kind!r}; this code reads {' or '.join(KINDS)}; {RERUN_HINT}")
     return meta
 
 
-class TokenWindows(Dataset):
-    """Item i is tokens[i * seq_len : i * seq_len + seq_len + 1] of the split's concatenated token stream
-    (inputs are item[:-1], targets item[1:]). Windows do not overlap except for that one shared token, and
-    they pack across document boundaries. Shards are memory-mapped lazily in each process, so the dataset
-    pickles cheaply into DataLoader workers and never loads a split into memory."""
+class SplitTokens(Dataset):
+    """A split's token stream: its shards checked against meta.json and memory-mapped lazily in each process,
+    so a dataset pickles cheaply into DataLoader workers and never loads a split into memory. The base of the
+    two training datasets, which cut it into items of seq_len inputs."""
 
     def __init__(self, data_dir: str | os.PathLike, split: str, seq_len: int, verify: bool = True):
         if split not in SPLITS:
@@ -66,19 +72,7 @@ class TokenWindows(Dataset):
             counts.append(n_tokens)
         self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])  # shard k holds [starts[k], starts[k+1])
         self.n_tokens = int(self.starts[-1])
-        if self.n_tokens < seq_len + 1:
-            raise UserError(f"the {split} split of {self.data_dir} has {self.n_tokens} tokens, fewer than one window "
-                            f"of seq_len + 1 = {seq_len + 1}; use a smaller seq_len or more data")
         self._maps: Optional[list[np.memmap]] = None
-
-    def __len__(self) -> int:
-        return (self.n_tokens - 1) // self.seq_len
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        if not 0 <= index < len(self):
-            raise IndexError(f"window {index} out of range for {len(self)} windows")
-        start = index * self.seq_len
-        return torch.from_numpy(self.tokens(start, start + self.seq_len + 1).astype(np.int64))
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
         """tokens[start:stop] of the split's stream, read across shard boundaries."""
@@ -99,15 +93,124 @@ class TokenWindows(Dataset):
         return {**self.__dict__, "_maps": None}  # reopen the memory maps in the receiving process
 
 
+class TokenWindows(SplitTokens):
+    """Item i is tokens[i * seq_len : i * seq_len + seq_len + 1] of the split's concatenated token stream
+    (inputs are item[:-1], targets item[1:]). Windows do not overlap except for that one shared token, and
+    they pack across document boundaries."""
+
+    def __init__(self, data_dir: str | os.PathLike, split: str, seq_len: int, verify: bool = True):
+        super().__init__(data_dir, split, seq_len, verify)
+        if self.n_tokens < seq_len + 1:
+            raise UserError(f"the {split} split of {self.data_dir} has {self.n_tokens} tokens, fewer than one window "
+                            f"of seq_len + 1 = {seq_len + 1}; use a smaller seq_len or more data")
+
+    def __len__(self) -> int:
+        return (self.n_tokens - 1) // self.seq_len
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not 0 <= index < len(self):
+            raise IndexError(f"window {index} out of range for {len(self)} windows")
+        start = index * self.seq_len
+        return torch.from_numpy(self.tokens(start, start + self.seq_len + 1).astype(np.int64))
+
+
+class SFTExamples(SplitTokens):
+    """Supervised fine-tuning examples of a folder prepared with `prepare --sft`, one per row, no packing.
+
+    An example is s = [bos] + prompt + response + [eos]. Item i is a LongTensor [2, seq_len]: row 0 the inputs
+    s[:-1] right-padded with eos, row 1 the targets s[1:] with IGNORE_INDEX (-100) wherever the next token is
+    part of the prompt (bos included) and on the padding, so the loss covers the response and the eos only.
+    Attention is causal, so real tokens never attend to the right padding: every row computes exactly what
+    the example alone would, and nothing leaks between examples of a batch.
+
+    Examples longer than seq_len + 1 tokens are cut on the right (the response loses its end; counted in
+    `truncated`). Examples whose prompt fills the window, so that no response token would be a target, are
+    dropped (`dropped`); one warning reports both counts. len() is the number of examples kept.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, split: str, seq_len: int, verify: bool = True):
+        super().__init__(data_dir, split, seq_len, verify)
+        if self.meta["kind"] != "sft":
+            raise UserError(f"{self.data_dir} holds {self.meta['kind']} data, not fine-tuning examples; prepare "
+                            "prompt/response examples with `python -m hvd_llama.prepare --sft`")
+        self.eos_id = int(self.meta["eos_id"])
+        index = self._read_index(verify)
+        keep = index[:, 1] <= seq_len  # target prompt_len - 1 is the first response token (or the eos)
+        self.examples = index[keep]  # rows: start, prompt length counting bos, total length
+        self.dropped = int(len(index) - len(self.examples))
+        self.truncated = int((self.examples[:, 2] > seq_len + 1).sum())
+        if not len(index):
+            raise UserError(f"the {split} split of {self.data_dir} holds no examples "
+                            "(prepare it with --val-fraction > 0)")
+        if not len(self.examples):
+            raise UserError(f"none of the {len(index)} examples of the {split} split of {self.data_dir} fits: every "
+                            f"prompt (with bos) is longer than seq_len = {seq_len} tokens; use a larger seq_len")
+        if self.dropped or self.truncated:
+            warnings.warn(f"{split} split of {self.data_dir}: {self.dropped} of {len(index)} examples dropped (prompt "
+                          f"with bos longer than seq_len = {seq_len} tokens, so no response token fits), "
+                          f"{self.truncated} truncated to seq_len + 1 = {seq_len + 1} tokens", stacklevel=2)
+
+    def _read_index(self, verify: bool) -> np.ndarray:
+        split_meta = self.meta["splits"][self.split]
+        path = self.data_dir / split_meta["index"]["file"]
+        if not path.is_file():
+            raise UserError(f"example index {path} is missing; {RERUN_HINT}")
+        if verify and sha256_file(path) != split_meta["index"]["sha256"]:
+            raise UserError(f"{path} does not match its checksum in meta.json (corrupted or replaced); {RERUN_HINT}")
+        try:
+            index = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise UserError(f"{path} is not an example index ({err}); {RERUN_HINT}") from None
+        bad = UserError(f"{path} does not describe the {split_meta['examples']} examples of the {self.split} split; "
+                        f"{RERUN_HINT}")
+        if index.ndim != 2 or index.shape[1] != 3 or index.dtype != np.int64 or len(index) != split_meta["examples"]:
+            raise bad
+        starts, prompt, total = index.T
+        if ((prompt < 1) | (total <= prompt) | (starts < 0) | (starts + total > self.n_tokens)).any():
+            raise bad
+        return index
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not 0 <= index < len(self):
+            raise IndexError(f"example {index} out of range for {len(self)} examples")
+        start, prompt_len, total = (int(v) for v in self.examples[index])
+        length = min(total, self.seq_len + 1)
+        s = torch.from_numpy(self.tokens(start, start + length).astype(np.int64))
+        item = torch.full((2, self.seq_len), IGNORE_INDEX, dtype=torch.int64)
+        item[0] = self.eos_id
+        item[0, :length - 1] = s[:-1]
+        item[1, prompt_len - 1:length - 1] = s[prompt_len:]
+        return item
+
+
+def open_split(data_dir: str | os.PathLike, split: str, seq_len: int,
+               verify: bool = True) -> Union[TokenWindows, SFTExamples]:
+    """The training items of a split: TokenWindows for a pretraining folder, SFTExamples for a --sft one."""
+    dataset = SFTExamples if read_meta(data_dir)["kind"] == "sft" else TokenWindows
+    return dataset(data_dir, split, seq_len, verify)
+
+
+def inputs_and_targets(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a stacked batch of either dataset: TokenWindows [B, T + 1] -> (batch[:, :-1], batch[:, 1:]);
+    SFTExamples [B, 2, T] -> (batch[:, 0], batch[:, 1]). Both give inputs and targets of shape [B, T]."""
+    if batch.ndim == 3:
+        return batch[:, 0], batch[:, 1]
+    return batch[:, :-1], batch[:, 1:]
+
+
 class ResumableDistributedSampler(DistributedSampler):
     """DistributedSampler with drop_last=True (every rank gets the same number of windows; the epoch's
     permutation depends only on seed and epoch, not on the number of ranks) and exact mid-epoch resume:
-    set_position(epoch, offset) skips this rank's first `offset` indices of that epoch."""
+    set_position(epoch, offset) skips this rank's first `offset` indices of that epoch. It only needs len(),
+    so it serves TokenWindows and SFTExamples alike."""
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool = True, seed: int = 0):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
         if self.num_samples == 0:
-            raise UserError(f"the dataset has {len(dataset)} windows, fewer than the {num_replicas} ranks")
+            raise UserError(f"the dataset has {len(dataset)} windows or examples, fewer than the {num_replicas} ranks")
         self.offset = 0
 
     def set_epoch(self, epoch: int) -> None:

@@ -1,6 +1,7 @@
 """Turn raw text into token shards: read, clean, split, train a tokenizer, encode in parallel, write.
 
-    python -m hvd_llama.prepare --input stdlib --out data/stdlib
+    python -m hvd_llama.prepare --input stdlib --out data/stdlib                 # pretraining ("kind": "pretrain")
+    python -m hvd_llama.prepare --sft --input chat.jsonl --out data/chat        # fine-tuning ("kind": "sft")
 
 writes DIR/{tokenizer.model, meta.json, train_0000.bin ..., val_0000.bin ...}. Everything is written into a
 temporary folder next to DIR and renamed at the end, so DIR is either complete or untouched.
@@ -8,6 +9,13 @@ temporary folder next to DIR and renamed at the end, so DIR is either complete o
 Shard file (little-endian, llm.c style): a 1024-byte header of 128 int64 [magic b"HVDLLAMA", format
 version, bytes per token (2: uint16, 4: uint32), token count, 0 ...], then the tokens. Each document is
 stored as [bos] + tokens + [eos]; documents are packed back to back, and a split may span several shards.
+
+Supervised fine-tuning (--sft) reads JSON lines with a prompt and a response field. Each example is stored as
+[bos] + encode(prompt) + encode(response) + [eos] in the same shards, and DIR/{split}_index.npy (int64
+[examples, 3]) holds one row per example: start offset in the split's token stream, prompt length counting
+bos, total length. The only cleaning is --unicode-form normalisation (NFC by default) and removal of control
+characters other than tab, newline and carriage return; exact duplicate examples are dropped. Examples are
+split by content hash like documents, whatever their number.
 """
 from __future__ import annotations
 
@@ -26,16 +34,16 @@ import sys
 import sysconfig
 import time
 import zlib
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional, Sequence
+from typing import BinaryIO, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from hvd_llama.cli import UserError, atomic_write_text, run_main, sha256_file
-from hvd_llama.text import (CHAR_STEPS, CLEAN_STEPS, DEFAULT_CLEAN, Cleaner, decode_utf8, document_hash, parse_steps,
-                            sentence_chunks)
+from hvd_llama.text import (CHAR_STEPS, CLEAN_STEPS, DEFAULT_CLEAN, Cleaner, decode_utf8, document_hash,
+                            normalize_unicode, parse_steps, remove_control_chars, sentence_chunks)
 from hvd_llama.tokenizer import Tokenizer, train_tokenizer
 
 SHARD_MAGIC = int.from_bytes(b"HVDLLAMA", "little")
@@ -49,6 +57,7 @@ RERUN_HINT = "re-run `python -m hvd_llama.prepare` to rebuild the data folder"
 
 STDLIB = "stdlib"
 STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+SFT_INCLUDE = ("*.jsonl", "*.ndjson")
 DEFAULT_INCLUDE = ("*.txt", "*.md", "*.rst", "*.jsonl", "*.ndjson", "*.py", "*.pyi", "*.c", "*.h", "*.cc",
                    "*.cpp", "*.hpp", "*.cu", "*.java", "*.js", "*.ts", "*.go", "*.rs", "*.rb", "*.sh", "*.toml",
                    "*.yaml", "*.yml", "*.tex")
@@ -171,35 +180,53 @@ def find_input_files(inputs: Sequence[str], include: Sequence[str], exclude: Seq
     return unique
 
 
-def read_documents(path: Path, jsonl_field: str) -> Iterator[tuple[str, int, int]]:
-    """Yield (text, undecodable bytes replaced, bytes of the file consumed so far) per document: one per
-    plain-text file, one per line of a JSON-lines file; either may be gzip-compressed (.gz)."""
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+@contextmanager
+def open_input(path: Path) -> Iterator[tuple[BinaryIO, BinaryIO]]:
+    """(raw file, decompressed stream) of an input file that may be gzip-compressed (.gz)."""
     with open(path, "rb") as raw:
-        stream = gzip.GzipFile(fileobj=raw) if path.name.endswith(".gz") else raw
         try:
-            if name.endswith(JSONL_SUFFIXES):
-                for number, line in enumerate(stream, 1):
-                    if line.strip():
-                        text, bad = decode_utf8(line)
-                        yield _jsonl_text(text, jsonl_field, path, number), bad, raw.tell()
-            else:
-                text, bad = decode_utf8(stream.read())
-                yield text, bad, raw.tell()
+            yield raw, gzip.GzipFile(fileobj=raw) if path.name.endswith(".gz") else raw
         except (gzip.BadGzipFile, EOFError, zlib.error) as err:
             raise UserError(f"{path} is not a valid gzip file ({err})") from None
 
 
-def _jsonl_text(line: str, field: str, path: Path, number: int) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}:{number} is not valid JSON ({err.msg}); JSON-lines input needs one object "
-                        "per line") from None
-    if not isinstance(record, dict) or not isinstance(record.get(field), str):
+def read_documents(path: Path, jsonl_field: str) -> Iterator[tuple[str, int, int]]:
+    """Yield (text, undecodable bytes replaced, bytes of the file consumed so far) per document: one per
+    plain-text file, one per line of a JSON-lines file; either may be gzip-compressed (.gz)."""
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    if name.endswith(JSONL_SUFFIXES):
+        for (number, record), bad, position in read_json_lines(path):
+            yield record_text(record, jsonl_field, path, number, "text", "--jsonl-field"), bad, position
+        return
+    with open_input(path) as (raw, stream):
+        text, bad = decode_utf8(stream.read())
+        yield text, bad, raw.tell()
+
+
+def read_json_lines(path: Path) -> Iterator[tuple[tuple[int, object], int, int]]:
+    """Yield ((line number, parsed JSON value), undecodable bytes replaced, bytes of the file consumed so far)
+    per non-blank line."""
+    with open_input(path) as (raw, stream):
+        for number, line in enumerate(stream, 1):
+            if line.strip():
+                text, bad = decode_utf8(line)
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{path}:{number} is not valid JSON ({err.msg}); JSON-lines input needs one "
+                                    "object per line") from None
+                yield (number, record), bad, raw.tell()
+
+
+def record_text(record: object, field: str, path: Path, number: int, what: str, option: str) -> str:
+    """record[field], or a UserError naming the file, the line and the option that chooses the field."""
+    if not isinstance(record, dict) or field not in record:
         fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-        raise UserError(f"{path}:{number} has no text field {field!r} (it has: {fields}); "
-                        "choose one with --jsonl-field")
+        raise UserError(f"{path}:{number} has no {what} field {field!r} (it has: {fields}); "
+                        f"choose one with {option}")
+    if not isinstance(record[field], str):
+        raise UserError(f"{path}:{number}: the {what} field {field!r} holds {type(record[field]).__name__}, "
+                        "expected a string")
     return record[field]
 
 
@@ -236,53 +263,135 @@ def read_doc(file, doc: Doc) -> str:
     return file.read(doc.nbytes).decode("utf-8")
 
 
-def read_corpus(files: Sequence[Path], store: DocumentStore, cleaner: Cleaner, jsonl_field: str,
-                max_docs: Optional[int], max_chars: Optional[int]) -> tuple[list[Doc], list[bytes], dict]:
-    """Read and clean every document into the store until the caps are reached."""
-    docs: list[Doc] = []
-    hashes: list[bytes] = []
-    stats = {"files": 0, "bytes": 0, "documents": 0, "undecodable_bytes": 0, "files_with_undecodable_bytes": 0}
-    kept_chars = 0
+def input_stats(unit: str) -> dict:
+    """meta.json's "inputs", counted by read_files and the caller (`unit`: documents or JSON records read)."""
+    return {"files": 0, "bytes": 0, unit: 0, "undecodable_bytes": 0, "files_with_undecodable_bytes": 0}
+
+
+def read_files(files: Sequence[Path], read_file: Callable[[Path], Iterator[tuple[object, int, int]]],
+               stats: dict) -> Iterator[tuple[Path, object]]:
+    """(path, item) for the items read_file(path) yields as (item, undecodable bytes, bytes consumed), file by
+    file, with a progress bar; counts files, bytes and undecodable bytes into stats. The caller may stop early."""
     with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc="read+clean",
               file=sys.stderr, mininterval=0.5) as bar:
         for path in files:
-            consumed = bad_in_file = 0
-            for text, bad, position in read_documents(path, jsonl_field):
-                bar.update(position - consumed)
-                consumed = position
-                stats["documents"] += 1
-                bad_in_file += bad
-                cleaned = cleaner(text)
-                if cleaned is not None:
-                    docs.append(store.add(cleaned))
-                    hashes.append(document_hash(cleaned))
-                    kept_chars += len(cleaned)
-                if (max_docs and len(docs) >= max_docs) or (max_chars and kept_chars >= max_chars):
-                    break
             stats["files"] += 1
-            stats["bytes"] += consumed
-            stats["undecodable_bytes"] += bad_in_file
-            stats["files_with_undecodable_bytes"] += bad_in_file > 0
-            if bad_in_file:
-                tqdm.write(f"warning: {path}: {bad_in_file} undecodable bytes replaced by U+FFFD", file=sys.stderr)
-            if (max_docs and len(docs) >= max_docs) or (max_chars and kept_chars >= max_chars):
+            consumed = bad_in_file = 0
+            try:
+                for item, bad, position in read_file(path):
+                    bar.update(position - consumed)
+                    stats["bytes"] += position - consumed
+                    consumed = position
+                    bad_in_file += bad
+                    yield path, item
+                rest = path.stat().st_size - consumed  # what follows the last item, e.g. blank lines
+                bar.update(rest)
+                stats["bytes"] += rest
+            finally:
+                stats["undecodable_bytes"] += bad_in_file
+                stats["files_with_undecodable_bytes"] += bad_in_file > 0
+                if bad_in_file:
+                    tqdm.write(f"warning: {path}: {bad_in_file} undecodable bytes replaced by U+FFFD", file=sys.stderr)
+
+
+def caps_reached(args: argparse.Namespace, kept: int, kept_chars: int) -> bool:
+    return bool((args.max_docs and kept >= args.max_docs) or (args.max_chars and kept_chars >= args.max_chars))
+
+
+def read_corpus(files: Sequence[Path], store: DocumentStore, cleaner: Cleaner,
+                args: argparse.Namespace) -> tuple[list[Doc], list[bytes], dict]:
+    """Read and clean every document into the store until the caps are reached."""
+    docs: list[Doc] = []
+    hashes: list[bytes] = []
+    stats = input_stats("documents")
+    kept_chars = 0
+    with closing(read_files(files, lambda path: read_documents(path, args.jsonl_field), stats)) as texts:
+        for _, text in texts:
+            stats["documents"] += 1
+            cleaned = cleaner(text)
+            if cleaned is not None:
+                docs.append(store.add(cleaned))
+                hashes.append(document_hash(cleaned))
+                kept_chars += len(cleaned)
+            if caps_reached(args, len(docs), kept_chars):
                 break
     return docs, hashes, stats
 
 
+# ------------------------------------------------------------------------------------- fine-tuning examples
+
+class Example(NamedTuple):
+    """A prompt/response pair, both stored in the document store."""
+    prompt: Doc
+    response: Doc
+
+    @property
+    def nbytes(self) -> int:
+        return self.prompt.nbytes + self.response.nbytes
+
+    @property
+    def chars(self) -> int:
+        return self.prompt.chars + self.response.chars
+
+
+def clean_sft_text(text: str, unicode_form: str) -> str:
+    """The only cleaning safe for prompts and responses: one Unicode normal form and no control characters
+    (tab, newline and carriage return stay). Whitespace and markup are kept as written."""
+    return remove_control_chars(normalize_unicode(text, unicode_form))
+
+
+def example_hash(prompt: str, response: str) -> bytes:
+    """Content hash of an example, for deduplication and the split. NUL never survives cleaning, so it
+    separates the two fields unambiguously."""
+    return document_hash(f"{prompt}\0{response}")
+
+
+def read_examples(files: Sequence[Path], store: DocumentStore,
+                  args: argparse.Namespace) -> tuple[list[Example], list[bytes], dict, dict]:
+    """Read every JSON-lines record's prompt and response into the store, cleaned and deduplicated, until the
+    caps are reached (--max-docs counts examples). Returns examples, hashes, input stats and a cleaning report."""
+    examples: list[Example] = []
+    hashes: list[bytes] = []
+    seen: set[bytes] = set()
+    stats = input_stats("records")
+    cleaning = {"changed": 0, "duplicates": 0}
+    kept_chars = 0
+    with closing(read_files(files, read_json_lines, stats)) as records:
+        for path, (number, record) in records:
+            stats["records"] += 1
+            raw = [record_text(record, field, path, number, what, option) for field, what, option in (
+                (args.prompt_field, "prompt", "--prompt-field"), (args.response_field, "response", "--response-field"))]
+            prompt, response = (clean_sft_text(text, args.unicode_form) for text in raw)
+            cleaning["changed"] += [prompt, response] != raw
+            digest = example_hash(prompt, response)
+            if digest in seen:
+                cleaning["duplicates"] += 1
+                continue
+            seen.add(digest)
+            examples.append(Example(store.add(prompt), store.add(response)))
+            hashes.append(digest)
+            kept_chars += len(prompt) + len(response)
+            if caps_reached(args, len(examples), kept_chars):
+                break
+    return examples, hashes, stats, cleaning
+
+
 # ---------------------------------------------------------------------------------------------------- split
+
+def split_by_hash(items: list, hashes: list[bytes], val_fraction: float) -> tuple[list, list]:
+    """(train, val): validation is the val_fraction of items with the smallest content hash, at least one
+    when val_fraction > 0; independent of input order. Order within each split is kept."""
+    n_val = max(1, round(len(items) * val_fraction)) if val_fraction > 0 else 0
+    val_ids = set(sorted(range(len(items)), key=lambda i: (hashes[i], i))[:n_val])
+    return ([x for i, x in enumerate(items) if i not in val_ids], [x for i, x in enumerate(items) if i in val_ids])
+
 
 def split_corpus(docs: list[Doc], hashes: list[bytes], val_fraction: float,
                  store_path: Path) -> tuple[list[Doc], list[Doc], str]:
-    """(train, val, method). With enough documents, validation is the val_fraction of documents with the
-    smallest content hash (independent of input order); with few, it is the last val_fraction of the
-    concatenated text by characters, cutting one document in two (nanoGPT's convention)."""
+    """(train, val, method). With enough documents, split_by_hash; with few, validation is the last
+    val_fraction of the concatenated text by characters, cutting one document in two (nanoGPT's convention)."""
     if len(docs) >= MIN_DOCS_FOR_DOCUMENT_SPLIT:
-        n_val = max(1, round(len(docs) * val_fraction)) if val_fraction > 0 else 0
-        val_ids = set(sorted(range(len(docs)), key=lambda i: (hashes[i], i))[:n_val])
-        train = [d for i, d in enumerate(docs) if i not in val_ids]
-        val = [d for i, d in enumerate(docs) if i in val_ids]
-        return train, val, "documents"
+        return (*split_by_hash(docs, hashes, val_fraction), "documents")
     cut = int(sum(d.chars for d in docs) * (1 - val_fraction))
     train, val, seen = [], [], 0
     with open(store_path, "rb") as store:
@@ -348,21 +457,40 @@ class DocEncoder:
         return np.array(flat, dtype=self.dtype)
 
 
+class ExampleEncoder(DocEncoder):
+    """Encodes a batch of stored examples into [bos] + prompt + response + [eos] each (prompt and response
+    encoded separately, so the boundary is exact), and returns the tokens with one index row per example:
+    (start within this batch, prompt length counting bos, total length)."""
+
+    def __call__(self, examples: Sequence[Example]) -> tuple[np.ndarray, np.ndarray]:
+        encoded = self.sp.encode([read_doc(self.store, d) for example in examples for d in example], num_threads=1)
+        bos, eos = self.sp.bos_id(), self.sp.eos_id()
+        flat: list[int] = []
+        rows = np.zeros((len(examples), 3), dtype=np.int64)
+        for row, prompt, response in zip(rows, encoded[0::2], encoded[1::2]):
+            row[:] = len(flat), 1 + len(prompt), 2 + len(prompt) + len(response)
+            flat.append(bos)
+            flat.extend(prompt)
+            flat.extend(response)
+            flat.append(eos)
+        return np.array(flat, dtype=self.dtype), rows
+
+
 _worker_encoder: Optional[DocEncoder] = None
 
 
-def _start_worker(*encoder_args) -> None:
+def _start_worker(encoder: type, *encoder_args) -> None:
     global _worker_encoder
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it terminates the pool
-    _worker_encoder = DocEncoder(*encoder_args)
+    _worker_encoder = encoder(*encoder_args)
 
 
-def _encode_in_worker(docs: Sequence[Doc]) -> np.ndarray:
+def _encode_in_worker(docs: Sequence[Doc]):
     return _worker_encoder(docs)
 
 
 def batch_docs(docs: Sequence[Doc], batch_bytes: int) -> list[list[Doc]]:
-    """Consecutive documents grouped into batches of about batch_bytes each (order kept)."""
+    """Consecutive documents (or examples) grouped into batches of about batch_bytes each (order kept)."""
     batches: list[list[Doc]] = [[]]
     size = 0
     for doc in docs:
@@ -375,15 +503,16 @@ def batch_docs(docs: Sequence[Doc], batch_bytes: int) -> list[list[Doc]]:
 
 
 def encode_batches(batches: Sequence[Sequence[Doc]], tokenizer_path: Path, store_path: Path, dtype: np.dtype,
-                   workers: int) -> Iterator[np.ndarray]:
-    """Token arrays for `batches`, in order. workers > 1 encodes in a process pool (imap keeps the order, and
-    tasks are only document offsets, so memory stays bounded); workers == 1 encodes in this process.
-    Also the benchmark's entry point for single-process versus parallel encoding."""
+                   workers: int, encoder: type = DocEncoder) -> Iterator:
+    """encoder's output (DocEncoder: a token array) for each of `batches`, in order. workers > 1 encodes in a
+    process pool (imap keeps the order, and tasks are only document offsets, so memory stays bounded);
+    workers == 1 encodes in this process. Also the benchmark's entry point for single-process versus parallel
+    encoding."""
     args = (tokenizer_path, store_path, dtype)
     if workers <= 1 or len(batches) <= 1:
-        yield from map(DocEncoder(*args), batches)
+        yield from map(encoder(*args), batches)
         return
-    with multiprocessing.get_context("spawn").Pool(workers, _start_worker, args) as pool:
+    with multiprocessing.get_context("spawn").Pool(workers, _start_worker, (encoder, *args)) as pool:
         yield from pool.imap(_encode_in_worker, batches)
 
 
@@ -398,23 +527,59 @@ def make_tokenizer(args: argparse.Namespace, store_path: Path, train: Sequence[D
     return load_tokenizer(path)
 
 
+def encoded_batches(split_docs: dict[str, list], tokenizer_path: Path, store_path: Path, dtype: np.dtype,
+                    workers: int, encoder: type) -> Iterator[tuple[str, object]]:
+    """(split name, encoder output) for every batch of every split, in order, with a progress bar."""
+    batches = [(name, batch) for name, docs in split_docs.items() for batch in batch_docs(docs, ENCODE_BATCH_BYTES)]
+    with tqdm(total=sum(d.nbytes for docs in split_docs.values() for d in docs), unit="B", unit_scale=True,
+              desc="encode", file=sys.stderr, mininterval=0.5) as bar:
+        outputs = encode_batches([b for _, b in batches], tokenizer_path, store_path, dtype, workers, encoder)
+        with closing(outputs):  # on an error, stop the pool now rather than when garbage-collected
+            for (name, batch), output in zip(batches, outputs):
+                yield name, output
+                bar.update(sum(d.nbytes for d in batch))
+
+
 def encode_splits(split_docs: dict[str, list[Doc]], tokenizer_path: Path, store_path: Path, dtype: np.dtype,
                   folder: Path, shard_tokens: int, workers: int) -> dict:
     """Encode every split into its shards; returns meta.json's "splits"."""
-    batches = [(name, batch) for name, docs in split_docs.items() for batch in batch_docs(docs, ENCODE_BATCH_BYTES)]
     writers = {name: ShardWriter(folder, name, dtype, shard_tokens) for name in split_docs}
-    with tqdm(total=sum(d.nbytes for docs in split_docs.values() for d in docs), unit="B", unit_scale=True,
-              desc="encode", file=sys.stderr, mininterval=0.5) as bar:
-        arrays = encode_batches([b for _, b in batches], tokenizer_path, store_path, dtype, workers)
-        with closing(arrays):  # on an error, stop the pool now rather than when garbage-collected
-            for (name, batch), tokens in zip(batches, arrays):
-                writers[name].write(tokens)
-                bar.update(sum(d.nbytes for d in batch))
+    with closing(encoded_batches(split_docs, tokenizer_path, store_path, dtype, workers, DocEncoder)) as batches:
+        for name, tokens in batches:
+            writers[name].write(tokens)
     splits = {}
     for name, docs in split_docs.items():
         shards = writers[name].close()
         splits[name] = {"documents": len(docs), "chars": sum(d.chars for d in docs),
                         "tokens": sum(s["tokens"] for s in shards), "shards": shards}
+    return splits
+
+
+def encode_example_splits(split_examples: dict[str, list[Example]], tokenizer_path: Path, store_path: Path,
+                          dtype: np.dtype, folder: Path, shard_tokens: int, workers: int) -> dict:
+    """Encode every split's examples into its shards and {split}_index.npy; returns meta.json's "splits".
+    prompt_tokens counts bos, response_tokens counts eos: together they are all the tokens, and
+    response_tokens are exactly the tokens a fine-tuning loss is computed on."""
+    writers = {name: ShardWriter(folder, name, dtype, shard_tokens) for name in split_examples}
+    rows: dict[str, list[np.ndarray]] = {name: [np.zeros((0, 3), dtype=np.int64)] for name in split_examples}
+    offsets = dict.fromkeys(split_examples, 0)
+    with closing(encoded_batches(split_examples, tokenizer_path, store_path, dtype, workers,
+                                 ExampleEncoder)) as batches:
+        for name, (tokens, batch_rows) in batches:
+            batch_rows[:, 0] += offsets[name]  # start within the split's token stream
+            offsets[name] += len(tokens)
+            writers[name].write(tokens)
+            rows[name].append(batch_rows)
+    splits = {}
+    for name, examples in split_examples.items():
+        shards = writers[name].close()
+        index = np.concatenate(rows[name])
+        index_file = f"{name}_index.npy"
+        np.save(folder / index_file, index.astype("<i8"), allow_pickle=False)
+        prompt_tokens, tokens = int(index[:, 1].sum()), int(index[:, 2].sum())
+        splits[name] = {"examples": len(examples), "chars": sum(e.chars for e in examples), "tokens": tokens,
+                        "prompt_tokens": prompt_tokens, "response_tokens": tokens - prompt_tokens, "shards": shards,
+                        "index": {"file": index_file, "sha256": sha256_file(folder / index_file)}}
     return splits
 
 
@@ -449,8 +614,8 @@ def publish(tmp: Path, out: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m hvd_llama.prepare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Clean a text corpus, train a SentencePiece BPE tokenizer and write memory-mappable token "
-                    "shards plus meta.json for hvd_llama.train.")
+        description="Clean a text corpus (or, with --sft, read prompt/response examples), train a SentencePiece "
+                    "BPE tokenizer and write memory-mappable token shards plus meta.json for hvd_llama.train.")
     files = parser.add_argument_group("input / output")
     files.add_argument("--input", nargs="+", required=True, metavar="PATH",
                        help=f"files or folders (plain text, source code, JSON lines; optionally .gz), or '{STDLIB}' "
@@ -458,13 +623,23 @@ def build_parser() -> argparse.ArgumentParser:
                             "./stdlib for a folder of that name)")
     files.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
     files.add_argument("--overwrite", action="store_true", help="replace an existing prepared corpus in --out")
-    files.add_argument("--include", nargs="+", default=list(DEFAULT_INCLUDE), metavar="GLOB",
+    files.add_argument("--include", nargs="+", default=argparse.SUPPRESS, metavar="GLOB",
                        help="file patterns read from folders, matched against the relative path and the name "
-                            "(*.txt also matches a.txt.gz; hidden files and folders are skipped)")
+                            "(*.txt also matches a.txt.gz; hidden files and folders are skipped); default: "
+                            f"{' '.join(DEFAULT_INCLUDE)}; with --sft: {' '.join(SFT_INCLUDE)}")
     files.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="file patterns skipped in folders")
     files.add_argument("--jsonl-field", default="text", help="field holding the text in JSON-lines records")
-    files.add_argument("--max-docs", type=int, default=None, help="stop after this many cleaned documents")
+    files.add_argument("--max-docs", type=int, default=None,
+                       help="stop after this many cleaned documents (--sft: examples)")
     files.add_argument("--max-chars", type=int, default=None, help="stop once this many cleaned characters are kept")
+    sft = parser.add_argument_group(
+        "supervised fine-tuning", "each example is stored as [bos] + prompt + response + [eos], with an index of "
+        "where the response starts; cleaning is only --unicode-form and control characters (the --clean steps and "
+        "--min-chars do not apply), and exact duplicates are dropped")
+    sft.add_argument("--sft", action="store_true",
+                     help="read every input file as JSON lines of prompt/response examples (optionally .gz)")
+    sft.add_argument("--prompt-field", default="prompt", help="field holding the prompt in --sft records")
+    sft.add_argument("--response-field", default="response", help="field holding the response in --sft records")
     clean = parser.add_argument_group("cleaning")
     clean.add_argument("--clean", default=",".join(DEFAULT_CLEAN),
                        help=f"comma-separated steps from {','.join(CLEAN_STEPS)}, or 'none'. html is off by "
@@ -481,7 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
     out = parser.add_argument_group("split and shards")
     out.add_argument("--val-fraction", type=float, default=0.1,
                      help=f"held-out fraction: of the documents (those with the smallest content hash) when there "
-                          f"are at least {MIN_DOCS_FOR_DOCUMENT_SPLIT}, else the last characters of the text")
+                          f"are at least {MIN_DOCS_FOR_DOCUMENT_SPLIT}, else the last characters of the text; "
+                          "--sft: of the examples by content hash, at least one")
     out.add_argument("--shard-tokens", type=int, default=100_000_000, help="at most this many tokens per shard")
     out.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")
     return parser
@@ -500,6 +676,10 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{name.replace('_', '-')} {value} must be at least 1")
     if args.min_chars < 0:
         raise UserError(f"--min-chars {args.min_chars} must be >= 0")
+    if args.sft and args.prompt_field == args.response_field:
+        raise UserError(f"--prompt-field and --response-field are both {args.prompt_field!r}; they must differ")
+    if "include" not in vars(args):  # the default depends on --sft
+        args.include = list(SFT_INCLUDE if args.sft else DEFAULT_INCLUDE)
     if args.tokenizer is not None:
         load_tokenizer(args.tokenizer)  # fail before reading the corpus
 
@@ -516,7 +696,8 @@ def prepare(argv: Optional[Sequence[str]] = None) -> dict:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.mkdir()
     try:
-        meta = build_corpus(args, files, tmp, command=shlex.join(["python", "-m", "hvd_llama.prepare", *argv]))
+        build = build_examples if args.sft else build_corpus
+        meta = build(args, files, tmp, command=shlex.join(["python", "-m", "hvd_llama.prepare", *argv]))
         check_out_dir(out, args.overwrite)  # something may have appeared there meanwhile
         publish(tmp, out)
     except BaseException:
@@ -531,7 +712,7 @@ def build_corpus(args: argparse.Namespace, files: Sequence[Path], folder: Path, 
     store = DocumentStore(folder / "documents.tmp")
     cleaner = Cleaner(args.clean, args.unicode_form, args.min_chars)
     try:
-        docs, hashes, inputs = read_corpus(files, store, cleaner, args.jsonl_field, args.max_docs, args.max_chars)
+        docs, hashes, inputs = read_corpus(files, store, cleaner, args)
     finally:
         store.close()
     if not docs:
@@ -549,42 +730,83 @@ def build_corpus(args: argparse.Namespace, files: Sequence[Path], folder: Path, 
     splits = encode_splits({"train": train, "val": val}, tokenizer.path, store.path, dtype, folder,
                            args.shard_tokens, args.workers)
     store.path.unlink()
+    return write_meta(folder, "pretrain", tokenizer, dtype, args, command, start,
+                      split_method=split_method, val_fraction=args.val_fraction, splits=splits, inputs=inputs,
+                      cleaning={"steps": list(args.clean), "unicode_form": args.unicode_form,
+                                "min_chars": args.min_chars, "removed": cleaner.report})
 
-    seconds = time.perf_counter() - start
+
+def build_examples(args: argparse.Namespace, files: Sequence[Path], folder: Path, command: str) -> dict:
+    """--sft: prompt/response examples -> shards, per-split example index, meta.json of kind "sft"."""
+    start = time.perf_counter()
+    store = DocumentStore(folder / "documents.tmp")
+    try:
+        examples, hashes, inputs, cleaning = read_examples(files, store, args)
+    finally:
+        store.close()
+    if not examples:
+        raise UserError(f"no fine-tuning examples in {inputs['files']} file(s) ({inputs['bytes']:,} bytes): --sft "
+                        f"needs JSON lines with {args.prompt_field!r} and {args.response_field!r} fields")
+    train, val = split_by_hash(examples, hashes, args.val_fraction)
+    if not train:
+        raise UserError(f"{len(examples)} example(s) are too few to hold out --val-fraction {args.val_fraction}; "
+                        "add examples or use --val-fraction 0")
+
+    tokenizer = make_tokenizer(args, store.path, [doc for example in train for doc in example],
+                               folder / "tokenizer.model")
+    dtype = token_dtype(tokenizer.vocab_size)
+    splits = encode_example_splits({"train": train, "val": val}, tokenizer.path, store.path, dtype, folder,
+                                   args.shard_tokens, args.workers)
+    store.path.unlink()
+    return write_meta(folder, "sft", tokenizer, dtype, args, command, start,
+                      split_method="examples", val_fraction=args.val_fraction, splits=splits, inputs=inputs,
+                      cleaning={"steps": ["unicode", "control"], "unicode_form": args.unicode_form, **cleaning},
+                      sft={"prompt_field": args.prompt_field, "response_field": args.response_field})
+
+
+def write_meta(folder: Path, kind: str, tokenizer: Tokenizer, dtype: np.dtype, args: argparse.Namespace,
+               command: str, start: float, **fields) -> dict:
+    """meta.json: what every data folder records, the builder's `fields`, then how it was made."""
     meta = {
-        "format": META_FORMAT, "format_version": META_VERSION,
+        "format": META_FORMAT, "format_version": META_VERSION, "kind": kind,
         "vocab_size": tokenizer.vocab_size, "dtype": dtype.name,
         "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
         "unk_id": tokenizer.unk_id, "tokenizer": tokenizer.path.name, "tokenizer_sha256": tokenizer.sha256,
         "tokenizer_trained": args.tokenizer is None,
-        "split_method": split_method, "val_fraction": args.val_fraction, "splits": splits,
-        "inputs": inputs,
-        "cleaning": {"steps": list(args.clean), "unicode_form": args.unicode_form, "min_chars": args.min_chars,
-                     "removed": cleaner.report},
+        **fields,
         "command": command,
         "settings": json.loads(json.dumps(vars(args), default=str)),
-        "python": platform.python_version(), "seconds": round(seconds, 3),
+        "python": platform.python_version(), "seconds": round(time.perf_counter() - start, 3),
     }
     atomic_write_text(folder / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta
 
 
 def print_report(meta: dict, folder: Path) -> None:
-    for step, removed in meta["cleaning"]["removed"].items():
-        verb = "changed" if step in CHAR_STEPS else "dropped"
-        print(f"clean {step}: {removed['documents']:,} documents {verb}, {removed['chars']:,} characters removed")
+    sft = meta["kind"] == "sft"
+    unit = "examples" if sft else "documents"
+    cleaning = meta["cleaning"]
+    if sft:
+        print(f"clean: {cleaning['changed']:,} examples changed ({cleaning['unicode_form']}, control characters), "
+              f"{cleaning['duplicates']:,} duplicates dropped")
+    else:
+        for step, removed in cleaning["removed"].items():
+            verb = "changed" if step in CHAR_STEPS else "dropped"
+            print(f"clean {step}: {removed['documents']:,} documents {verb}, {removed['chars']:,} characters removed")
     inputs = meta["inputs"]
     if inputs["undecodable_bytes"]:
         print(f"warning: {inputs['undecodable_bytes']:,} undecodable bytes in {inputs['files_with_undecodable_bytes']} "
               "files were replaced by U+FFFD")
     for name, split in meta["splits"].items():
-        print(f"{name}: {split['documents']:,} documents, {split['chars']:,} characters, {split['tokens']:,} tokens, "
+        tokens = (f"{split['prompt_tokens']:,} prompt + {split['response_tokens']:,} response tokens" if sft
+                  else f"{split['tokens']:,} tokens")
+        print(f"{name}: {split[unit]:,} {unit}, {split['chars']:,} characters, {tokens}, "
               f"{len(split['shards'])} shard file(s)")
-    docs = sum(s["documents"] for s in meta["splits"].values())
+    count = sum(s[unit] for s in meta["splits"].values())
     chars = sum(s["chars"] for s in meta["splits"].values())
     tokens = sum(s["tokens"] for s in meta["splits"].values())
-    seconds = meta["seconds"]
-    print(f"prepared {docs:,} documents, {chars:,} characters -> {tokens:,} tokens "
+    seconds = max(meta["seconds"], 1e-3)
+    print(f"prepared {count:,} {unit}, {chars:,} characters -> {tokens:,} tokens "
           f"({chars / tokens:.2f} characters/token) in {seconds:.1f} s "
           f"({inputs['bytes'] / 1e6 / seconds:.2f} MB/s) -> {folder}", flush=True)
 

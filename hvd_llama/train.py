@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -368,12 +368,15 @@ def prepare_run_dir(run_dir: Path, resume: Optional[str], cfg: Config) -> None:
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def summary_line(record: dict, steps_run: int, seconds: float, run_dir: Path, replicas_identical: bool) -> str:
+def summary_line(record: dict, before: Progress, after: Progress, seconds: float, run_dir: Path,
+                 replicas_identical: bool) -> str:
+    """The last line a person reads: where the run ended, how good, how fast (this session's average)."""
     val = f" | val loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f})" if "val_loss" in record else ""
     replicas = "replicas identical" if replicas_identical else "WARNING: replicas differ"
-    return (f"done: {record.get('step', 0)} steps ({steps_run} this session) in {format_duration(seconds)}"
+    tokens_per_s = (after.tokens - before.tokens) / max(after.elapsed_s - before.elapsed_s, 1e-9)
+    return (f"done: {after.step} steps ({after.step - before.step} this session) in {format_duration(seconds)}"
             f" | train loss {record.get('loss', float('nan')):.4f}{val} | {replicas}"
-            f" | {record.get('tokens_per_s', 0):,.0f} tok/s | run dir {run_dir}")
+            f" | {tokens_per_s:,.0f} tok/s | run dir {run_dir}")
 
 
 def _main(argv: Optional[Sequence[str]]) -> None:
@@ -389,9 +392,9 @@ def _main(argv: Optional[Sequence[str]]) -> None:
     dist.run_on_main(lambda: prepare_run_dir(run_dir, args.resume, cfg), name="run_dir")
     trainer = Trainer(cfg, run_dir, device, meta)
     trainer.resume(args.resume)
-    start_step, start = trainer.progress.step, time.perf_counter()
+    before, start = replace(trainer.progress), time.perf_counter()
     logger = MetricsLogger(run_dir, dist.is_main(), cfg.log.tensorboard, cfg.log.every,
-                           resume_step=start_step if args.resume else None)
+                           resume_step=before.step if args.resume else None)
     logger.message(f"training {trainer.model.num_params():,} parameters on {dist.size()} rank(s), "
                    f"{device.type}, {cfg.train.precision}; {meta['splits']['train']['tokens']:,} train tokens; "
                    f"run dir {run_dir}")
@@ -400,8 +403,7 @@ def _main(argv: Optional[Sequence[str]]) -> None:
     finally:
         logger.close()
     identical = replicas_identical(trainer.model)
-    logger.message(summary_line(record, trainer.progress.step - start_step, time.perf_counter() - start, run_dir,
-                                identical))
+    logger.message(summary_line(record, before, trainer.progress, time.perf_counter() - start, run_dir, identical))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -8,7 +8,7 @@ source .venv/bin/activate
 RUN=runs/quickstart
 [ -f data/stdlib/meta.json ] || python -m hvd_llama.prepare --input stdlib --out data/stdlib
 rm -rf "$RUN" && mkdir -p runs
-horovodrun -np 2 -H localhost:2 python -m hvd_llama.train --config configs/tiny.yaml --run-dir "$RUN" \
+horovodrun --gloo -np 2 -H localhost:2 python -m hvd_llama.train --config configs/tiny.yaml --run-dir "$RUN" \
   | tee "$RUN.log"
 python -m hvd_llama.evaluate --checkpoint "$RUN"
 python -m hvd_llama.generate --checkpoint "$RUN" --prompt "def " --max-new-tokens 120 --temperature 0.8 --seed 0

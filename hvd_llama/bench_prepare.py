@@ -1,0 +1,142 @@
+"""Data-preparation measurements for hvd_llama.bench, run as processes of their own.
+
+    python -m hvd_llama.bench_prepare rusage --json OUT -- COMMAND ...   # wall time and peak memory of COMMAND
+    python -m hvd_llama.bench_prepare encode --json OUT --tokenizer MODEL --mb 32 --folder DIR
+
+`rusage` is a fresh parent, so getrusage(RUSAGE_CHILDREN) sees only COMMAND and its own children (ru_maxrss
+is the largest single process among them). `encode` compares SentencePiece's own single-process encoding with
+prepare's encode_batches in one process and in a pool of workers. This module imports no torch: the pool's
+spawned workers import it again, and should start as fast as prepare's own.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import resource
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from hvd_llama.cli import UserError, atomic_write_text, run_main
+from hvd_llama.prepare import (ENCODE_BATCH_BYTES, DocumentStore, batch_docs, encode_batches, read_doc, stdlib_files,
+                               token_dtype)
+from hvd_llama.tokenizer import Tokenizer
+
+
+def unique_documents() -> Iterator[str]:
+    """Python's standard library sources over and over, each copy under a header line of its own, so that
+    prepare's exact deduplication keeps every copy."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    sources = [(p.relative_to(root).as_posix(), p.read_text(encoding="utf-8", errors="replace"))
+               for p in stdlib_files()]
+    for copy in itertools.count():
+        for name, text in sources:
+            yield f"# copy {copy} of {name}\n{text}"
+
+
+def write_corpus(path: Path, n_bytes: int) -> int:
+    """A JSON-lines corpus of at least n_bytes (one document per line); returns its size in bytes."""
+    written = 0
+    with open(path, "w", encoding="ascii") as f:
+        for text in unique_documents():
+            line = json.dumps({"text": text}) + "\n"  # ASCII only (escaped), so characters == bytes
+            f.write(line)
+            written += len(line)
+            if written >= n_bytes:
+                return written
+    raise AssertionError("unreachable: unique_documents never ends")
+
+
+def measure_rusage(args: argparse.Namespace) -> dict:
+    command = args.command
+    if not command:
+        raise UserError("rusage: give the command to measure after --")
+    start = time.perf_counter()
+    returncode = subprocess.call(command)
+    seconds = time.perf_counter() - start
+    max_rss_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
+    return {"command": command, "returncode": returncode, "seconds": seconds, "max_rss_bytes": max_rss_kib * 1024}
+
+
+def measure_encode(args: argparse.Namespace) -> dict:
+    """Encoding speed of the same documents three ways: SentencePiece alone in one process (the texts already
+    in memory, one thread), prepare's encode_batches in one process, and encode_batches with `workers`
+    processes (pool start-up included, as prepare pays it)."""
+    import sentencepiece as spm
+
+    args.folder.mkdir(parents=True, exist_ok=True)
+    store = DocumentStore(args.folder / "documents.tmp")
+    docs = []
+    for text in unique_documents():
+        docs.append(store.add(text))
+        n_bytes = docs[-1].offset + docs[-1].nbytes
+        if n_bytes >= args.mb * 1e6:
+            break
+    store.close()
+    try:
+        batches = batch_docs(docs, ENCODE_BATCH_BYTES)
+        tokenizer = Tokenizer(args.tokenizer)
+        dtype = token_dtype(tokenizer.vocab_size)
+        with open(store.path, "rb") as f:
+            texts = [[read_doc(f, d) for d in batch] for batch in batches]
+        sp = spm.SentencePieceProcessor(model_file=str(args.tokenizer))
+        start = time.perf_counter()
+        for batch in texts:
+            sp.encode(batch, num_threads=1)
+        sentencepiece_s = time.perf_counter() - start
+        del texts
+        seconds = {}
+        for workers in (1, args.workers):
+            start = time.perf_counter()
+            for _ in encode_batches(batches, tokenizer.path, store.path, dtype, workers):
+                pass
+            seconds[workers] = time.perf_counter() - start
+    finally:
+        store.path.unlink(missing_ok=True)
+    return {"bytes": n_bytes, "documents": len(docs), "workers": args.workers,
+            "sentencepiece_single_s": sentencepiece_s, "encode_single_s": seconds[1],
+            "encode_parallel_s": seconds[args.workers]}
+
+
+MEASUREMENTS = {"rusage": measure_rusage, "encode": measure_encode}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m hvd_llama.bench_prepare", description=__doc__.split("\n\n")[0],
+                                     epilog="rusage: python -m hvd_llama.bench_prepare rusage --json OUT -- COMMAND ...")
+    parser.add_argument("measurement", choices=MEASUREMENTS)
+    parser.add_argument("--json", type=Path, required=True, help="output file")
+    parser.add_argument("--tokenizer", type=Path, help="encode: a SentencePiece tokenizer.model")
+    parser.add_argument("--mb", type=float, default=32.0, help="encode: megabytes (1e6 bytes) of text to encode")
+    parser.add_argument("--workers", type=int, default=2, help="encode: processes of the parallel run")
+    parser.add_argument("--folder", type=Path, help="encode: where the temporary document store goes")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Everything after the first `--` is rusage's command, options included."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = build_parser().parse_args(argv[:split])
+    args.command = argv[split + 1:]
+    return args
+
+
+def _main(argv: Optional[Sequence[str]]) -> None:
+    args = parse_args(argv)
+    result = MEASUREMENTS[args.measurement](args)
+    atomic_write_text(args.json, json.dumps(result) + "\n")
+    if result.get("returncode"):
+        sys.exit(result["returncode"])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    main()

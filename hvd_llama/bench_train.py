@@ -1,0 +1,210 @@
+"""Timed training steps, each measurement in processes of its own; started by hvd_llama.bench.
+
+    python -m hvd_llama.bench_train throughput --json OUT          # plain PyTorch vs Horovod with one rank
+    horovodrun --gloo -np N -H localhost:N python -m hvd_llama.bench_train horovod --json-dir DIR
+    python -m torch.distributed.run --standalone --nproc-per-node N -m hvd_llama.bench_train ddp --json-dir DIR
+
+Every process times whole steps after warm-up and writes the raw seconds as JSON; hvd_llama.bench turns them
+into tokens/s, MFU and scaling figures. The tokens are random: a step costs the same whatever they are.
+Processes of their own because Horovod starts once per process, and because its start-up outside a launcher
+(singleton MPI) leaves variables in the environment that would confuse jobs launched afterwards.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from hvd_llama import dist
+from hvd_llama.cli import atomic_write_text, run_main
+from hvd_llama.config import Config, load_config
+from hvd_llama.metrics import measure_peak_flops
+from hvd_llama.model import Transformer
+from hvd_llama.optim import build_optimizer
+from hvd_llama.train import train_step
+
+PRECISION = "fp32"  # what every benchmarked step computes in (the presets' precision on CPU)
+
+
+def random_batch(cfg: Config, seed: int) -> torch.Tensor:
+    """[batch_size, seq_len + 1] random token ids: inputs are [:, :-1], targets [:, 1:]."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len + 1),
+                         generator=generator)
+
+
+def next_token_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+
+
+def reference_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
+                   grad_clip: float) -> None:
+    """The plain PyTorch training step hvd_llama is measured against (nanoGPT's loop, no Horovod)."""
+    next_token_loss(model, batch).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def forward_backward(model: torch.nn.Module, batch: torch.Tensor) -> None:
+    next_token_loss(model, batch).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def timed(step: Callable[[], object], warmup: int, steps: int) -> list[float]:
+    """Seconds of each of `steps` calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+class SynchronizeTimer:
+    """Wraps a Horovod optimizer's synchronize(), which train_step calls after backward: the time the step
+    waits for its gradient allreduces (they start during backward, so only the part that backward did not
+    hide is counted)."""
+
+    def __init__(self, optimizer):
+        self.seconds = 0.0
+        self._synchronize = optimizer.synchronize
+        optimizer.synchronize = self
+
+    def __call__(self) -> None:
+        start = time.perf_counter()
+        self._synchronize()
+        self.seconds += time.perf_counter() - start
+
+
+def new_model(cfg: Config) -> Transformer:
+    torch.manual_seed(cfg.train.seed)
+    return Transformer(cfg.model)
+
+
+def horovod_model(cfg: Config) -> tuple[Transformer, torch.optim.Optimizer]:
+    """hvd_llama's own set-up, as train.Trainer does it (after dist.init)."""
+    model = new_model(cfg)
+    optimizer = dist.wrap_optimizer(build_optimizer(model, cfg.optim), model, cfg.dist, grad_accum=1)
+    dist.broadcast_state(model, optimizer, has_optimizer_state=False)
+    return model, optimizer
+
+
+def measure_throughput(cfg: Config, args: argparse.Namespace) -> dict:
+    """One process: the machine's matmul peak, then the reference step, hvd_llama's step under Horovod with
+    one rank, and forward+backward alone, interleaved round by round so that a change in the machine's load
+    hits all three alike."""
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    cpu = torch.device("cpu")
+    peak = max(measure_peak_flops(cpu, n=args.peak_n, seconds=args.peak_s) for _ in range(3))
+    device = dist.init(replace(cfg.dist, threads_per_rank=threads), "cpu")
+    batch = random_batch(cfg, cfg.train.seed)
+    clip = cfg.optim.grad_clip
+    reference = new_model(cfg)
+    reference_optimizer = build_optimizer(reference, cfg.optim)
+    model, optimizer = horovod_model(cfg)
+    steps = {
+        "reference": lambda: reference_step(reference, reference_optimizer, batch, clip),
+        "horovod": lambda: train_step(model, optimizer, [batch], device, PRECISION, clip),
+        "forward_backward": lambda: forward_backward(reference, batch),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            seconds[name] += timed(step, args.warmup, args.steps)
+    return {"peak_flops": peak, "peak_matmul_n": args.peak_n, "threads": torch.get_num_threads(),
+            "horovod_size": dist.size(), "step_s": seconds}
+
+
+def measure_horovod_rank(cfg: Config, args: argparse.Namespace) -> dict:
+    """One rank of a horovodrun job: hvd_llama's train_step, with the time spent waiting in synchronize()."""
+    device = dist.init(cfg.dist, "cpu")
+    model, optimizer = horovod_model(cfg)
+    timer = SynchronizeTimer(optimizer)
+    batch = random_batch(cfg, cfg.train.seed + dist.rank())
+    step_s, allreduce_s = [], []
+    for i in range(args.warmup + args.steps):
+        timer.seconds = 0.0
+        start = time.perf_counter()
+        train_step(model, optimizer, [batch], device, PRECISION, cfg.optim.grad_clip)
+        if i >= args.warmup:
+            step_s.append(time.perf_counter() - start)
+            allreduce_s.append(timer.seconds)
+    return {"rank": dist.rank(), "size": dist.size(), "threads": torch.get_num_threads(), "step_s": step_s,
+            "allreduce_s": allreduce_s}
+
+
+def measure_ddp_rank(cfg: Config, args: argparse.Namespace) -> dict:
+    """One rank of torch.distributed DistributedDataParallel over Gloo, the usual alternative to Horovod:
+    the reference step with gradient allreduce, then the same step under no_sync() (no communication)."""
+    import torch.distributed as tdist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel
+
+    tdist.init_process_group("gloo")
+    rank, size = tdist.get_rank(), tdist.get_world_size()
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+    torch.set_num_threads(cfg.dist.threads_per_rank or max(1, len(os.sched_getaffinity(0)) // local_size))
+    model = new_model(cfg)
+    ddp = DistributedDataParallel(model, bucket_cap_mb=args.bucket_cap_mb)
+    if cfg.dist.compression == "fp16":
+        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    optimizer = build_optimizer(model, cfg.optim)
+    batch = random_batch(cfg, cfg.train.seed + rank)
+
+    def step():
+        reference_step(ddp, optimizer, batch, cfg.optim.grad_clip)
+
+    step_s = timed(step, args.warmup, args.steps)
+    with ddp.no_sync():
+        no_sync_step_s = timed(step, args.warmup, args.steps)
+    tdist.barrier()
+    tdist.destroy_process_group()
+    return {"rank": rank, "size": size, "threads": torch.get_num_threads(), "step_s": step_s,
+            "no_sync_step_s": no_sync_step_s, "bucket_cap_mb": args.bucket_cap_mb}
+
+
+MEASUREMENTS = {"throughput": measure_throughput, "horovod": measure_horovod_rank, "ddp": measure_ddp_rank}
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m hvd_llama.bench_train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("measurement", choices=MEASUREMENTS)
+    parser.add_argument("--config", help="YAML config (model, batch, optimizer)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--rounds", type=int, default=2, help="throughput: rounds of the interleaved variants")
+    parser.add_argument("--threads", type=int, default=0, help="throughput: torch threads; 0 = all usable cores")
+    parser.add_argument("--peak-n", type=int, default=2048, help="throughput: size of the square peak matmul")
+    parser.add_argument("--peak-s", type=float, default=1.0, help="throughput: seconds per peak measurement")
+    parser.add_argument("--bucket-cap-mb", type=float, default=25.0, help="ddp: gradient bucket size")
+    parser.add_argument("--json", type=Path, help="output file (throughput)")
+    parser.add_argument("--json-dir", type=Path, help="output folder, one rank<N>.json per rank (horovod, ddp)")
+    return parser.parse_args(argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> None:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    result = MEASUREMENTS[args.measurement](cfg, args)
+    path = args.json if args.json else args.json_dir / f"rank{result['rank']}.json"
+    atomic_write_text(path, json.dumps(result) + "\n")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    main()

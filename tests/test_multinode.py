@@ -1,0 +1,213 @@
+"""Multi-node for real: two hosts made of network namespaces (tests/netns.py), jobs started across them by
+mpirun through a launch agent and by horovodrun through ssh, as on a cluster."""
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import netns
+import pytest
+from conftest import micro_overrides
+from multiproc import REPO, finish_job, job_env
+from netns import IFACE
+from trainrun import losses, metrics, train_single
+
+from hvd_llama import checkpoint
+
+NETWORK_TIMEOUT_S = 10  # the launch scripts' -t: how long a silent peer may take before the job fails
+
+
+@pytest.fixture
+def hosts(tmp_path):
+    reason = netns.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with netns.TwoHosts(tmp_path / "hosts") as cluster:
+        yield cluster
+
+
+def launcher_env(cluster: netns.TwoHosts, launcher: str, home: Path) -> dict:
+    """The launcher's environment: for horovodrun an ssh that uses the test keys (and a HOME of its own for
+    horovodrun's check cache), for mpirun Open MPI's consent to run as root."""
+    env = job_env()
+    if launcher == "horovodrun":
+        reason = netns.ssh_unavailable_reason()
+        if reason:
+            pytest.skip(reason)
+        home.mkdir(exist_ok=True)
+        env.update(PATH=f"{cluster.start_sshd()}{os.pathsep}{env['PATH']}", HOME=str(home))
+    else:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return env
+
+
+def start_on_first_host(cluster: netns.TwoHosts, command: list, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(cluster.hosts[0].command(command), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def plain_command(cluster: netns.TwoHosts, launcher: str, program: list) -> list:
+    """The launcher itself, with the flags Horovod's docs give for two hosts."""
+    if launcher == "horovodrun":
+        return ["horovodrun", "--gloo", "-np", "2", "-H", cluster.host_list(), "--network-interfaces", IFACE,
+                *program]
+    return ["mpirun", "-np", "2", "-H", cluster.host_list(), "-bind-to", "none", "-mca", "plm_rsh_agent",
+            str(cluster.write_agent()), "-mca", "btl_tcp_if_include", IFACE, "-mca", "oob_tcp_if_include", IFACE,
+            "-x", "PATH", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", *program]
+
+
+def script_command(cluster: netns.TwoHosts, launcher: str, run_dir: Path, train_overrides: list) -> list:
+    """The launch/ multi-node script for `launcher`, training into `run_dir`."""
+    args = ["--run-dir", str(run_dir), *train_overrides]
+    common = ["-H", cluster.host_list(), "-i", IFACE, "-t", str(NETWORK_TIMEOUT_S)]
+    if launcher == "horovodrun":
+        return [str(REPO / "launch" / "train_horovodrun_hosts.sh"), *common, "--", *args]
+    return [str(REPO / "launch" / "train_mpirun.sh"), *common, "-a", str(cluster.write_agent()), "--", *args]
+
+
+def overrides(data_dir, **extra) -> list:
+    # One thread per rank: each "host" thinks it has the machine's cores to itself.
+    return micro_overrides(data_dir, **{"dist.threads_per_rank": 1, **extra})
+
+
+COLLECTIVES = """
+import fcntl, json, socket, struct, sys
+import horovod.torch as hvd
+import torch
+
+def counter(name):
+    with open(f"/sys/class/net/{sys.argv[2]}/statistics/{name}") as f:
+        return int(f.read())
+
+def address():  # this host's IPv4 address on the interface (SIOCGIFADDR)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        return socket.inet_ntoa(fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", sys.argv[2].encode()))[20:24])
+
+hvd.init()
+hvd.allreduce(torch.zeros(1), name="warmup")  # connections are made before counting
+tx, rx = counter("tx_bytes"), counter("rx_bytes")
+total = hvd.allreduce(torch.full((1 << 20,), float(hvd.rank() + 1)), op=hvd.Sum, name="payload")  # 4 MiB
+report = {"rank": hvd.rank(), "size": hvd.size(), "local_rank": hvd.local_rank(), "local_size": hvd.local_size(),
+          "cross_rank": hvd.cross_rank(), "cross_size": hvd.cross_size(), "address": address(),
+          "sum_right": bool((total == 3).all()), "tx": counter("tx_bytes") - tx, "rx": counter("rx_bytes") - rx}
+with open(f"{sys.argv[1]}/rank{hvd.rank()}.json", "w") as f:
+    json.dump(report, f)
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_one_rank_per_host_and_allreduce_crosses_the_link(hosts, launcher, tmp_path):
+    script = tmp_path / "collectives.py"
+    script.write_text(COLLECTIVES)
+    env = launcher_env(hosts, launcher, tmp_path / "home")
+    job = finish_job(start_on_first_host(hosts, plain_command(hosts, launcher, ["python", str(script),
+                                                                                str(tmp_path), IFACE]), env),
+                     timeout=90)
+    assert job.returncode == 0, job.output[-3000:]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for rank, report in enumerate(reports):
+        assert report["address"] == hosts.hosts[rank].address  # rank r runs on host r
+        assert (report["rank"], report["size"]) == (rank, 2)
+        assert (report["local_rank"], report["local_size"]) == (0, 1)  # alone on its host
+        assert (report["cross_rank"], report["cross_size"]) == (rank, 2)
+        assert report["sum_right"]
+        # A 2-rank allreduce of 4 MiB sends and receives about 4 MiB per rank, all through the veth pair.
+        assert report["tx"] > 2 << 20 and report["rx"] > 2 << 20, report
+
+
+@pytest.fixture(scope="module")
+def one_process_losses(data_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("one_process") / "run"
+    single = train_single(run_dir, overrides(data_dir, **{"train.batch_size": 8}))
+    assert single.returncode == 0, single.stderr[-3000:]
+    return losses(run_dir)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_training_across_hosts_equals_one_process_with_double_batch(hosts, launcher, data_dir, tmp_path,
+                                                                     one_process_losses):
+    run_dir = tmp_path / "run"
+    env = launcher_env(hosts, launcher, tmp_path / "home")
+    before = [host.counter("tx_bytes") for host in hosts.hosts]
+    job = finish_job(start_on_first_host(hosts, script_command(hosts, launcher, run_dir, overrides(data_dir)), env),
+                     timeout=120)
+    assert job.returncode == 0, job.output[-3000:]
+    assert job.output.startswith(f"+ {'horovodrun' if launcher == 'horovodrun' else 'mpirun'} ")  # the command
+    assert "replicas identical" in job.output
+    assert losses(run_dir) == pytest.approx(one_process_losses, rel=1e-5)
+    assert metrics(run_dir)[-1]["tokens"] == 5 * 2 * 4 * 32
+    params = int(re.search(r"training ([\d,]+) parameters on 2 rank", job.output).group(1).replace(",", ""))
+    sent = [host.counter("tx_bytes") - b for host, b in zip(hosts.hosts, before)]
+    # 5 gradient allreduces of `params` float32 values: each host sends about 5 * 4 * params bytes.
+    assert all(s > 5 * 4 * params // 2 for s in sent), (sent, params)
+
+
+LINK_LOST = {"horovodrun": "Timed out waiting", "mpirun": "ORTE has lost communication with a remote daemon"}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_cutting_the_link_fails_the_job_in_time_and_keeps_the_checkpoint(hosts, launcher, data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    env = launcher_env(hosts, launcher, tmp_path / "home")
+    train_overrides = overrides(data_dir, **{"train.max_steps": 100000, "checkpoint.every": 10, "checkpoint.keep": 2})
+    proc = start_on_first_host(hosts, script_command(hosts, launcher, run_dir, train_overrides), env)
+    netns.wait_for(lambda: proc.poll() is not None or len(checkpoint.list_checkpoints(run_dir)) >= 2,
+                   "the run wrote no checkpoint", timeout=90)
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    hosts.hosts[1].set_link(up=False)
+    cut = time.monotonic()
+    job = finish_job(proc, timeout=NETWORK_TIMEOUT_S + 50)  # fails the test if we have to kill the job
+    took = time.monotonic() - cut
+    assert job.returncode != 0
+    assert took < NETWORK_TIMEOUT_S + 30, f"the job took {took:.0f} s to notice"
+    assert LINK_LOST[launcher] in job.output, job.output[-3000:]
+    newest = checkpoint.list_checkpoints(run_dir)[-1]
+    checkpoint.verify_checkpoint(newest)  # raises if the cut left it half-written
+    assert checkpoint.find_latest_checkpoint(run_dir) == newest
+
+
+def fake_slurm(tmp_path) -> dict:
+    """An allocation of gpu01 and gpu02 with 8 tasks each, with an `scontrol` that expands its node list."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[01-02]" ] && printf "gpu01\\ngpu02\\n"\n')
+    scontrol.chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu[01-02]",
+            "SLURM_TASKS_PER_NODE": "8(x2)"}
+
+
+@pytest.mark.parametrize("script, expected", [
+    ("train_mpirun.sh", "mpirun -np 16 -H gpu01:8,gpu02:8 -bind-to none -map-by slot"),
+    ("train_horovodrun_hosts.sh", "horovodrun --gloo -np 16 -H gpu01:8,gpu02:8 --gloo-timeout-seconds 60 "
+                                  "--network-interfaces ib0"),
+])
+def test_scripts_take_slurm_nodes_and_print_the_command(script, expected, tmp_path):
+    env = {**os.environ, **fake_slurm(tmp_path), "DRY_RUN": "1", "HOROVOD_FUSION_THRESHOLD": "0"}
+    out = subprocess.run([str(REPO / "launch" / script), "-i", "ib0", "--", "--config", "my config.yaml"],
+                         env=env, capture_output=True, text=True, timeout=30, check=True).stdout
+    assert out.startswith(f"+ {expected}")
+    assert out.rstrip().endswith("python -m hvd_llama.train --config 'my config.yaml'")
+    if script == "train_mpirun.sh":  # ssh carries no environment: Horovod's knobs are passed by name
+        for flags in ("-x HOROVOD_FUSION_THRESHOLD", "-x NCCL_SOCKET_IFNAME", "-mca btl_tcp_if_include ib0",
+                      "-mca oob_tcp_if_include ib0", "-mca oob_tcp_keepalive_time 30"):
+            assert flags in out
+
+
+def test_scripts_read_a_hostfile(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two nodes\nnode1 slots=4\nnode2 slots=2\n")
+    out = subprocess.run([str(REPO / "launch" / "train_horovodrun_hosts.sh"), "-f", str(hostfile), "-p", "2222",
+                          "--", "--resume", "auto"], env={**os.environ, "DRY_RUN": "1"}, capture_output=True,
+                         text=True, timeout=30, check=True).stdout
+    assert out.startswith(f"+ horovodrun --gloo -np 6 -hostfile {hostfile} ")
+    assert "--ssh-port 2222" in out
+    missing = subprocess.run([str(REPO / "launch" / "train_mpirun.sh"), "--", "--resume", "auto"],
+                             env={k: v for k, v in os.environ.items() if not k.startswith("SLURM")},
+                             capture_output=True, text=True, timeout=30)
+    assert missing.returncode == 2 and "error: no hosts" in missing.stderr
