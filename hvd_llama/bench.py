@@ -33,9 +33,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from hvd_llama.bench_prepare import write_corpus
 from hvd_llama.cli import UserError, atomic_write_text, run_main
 from hvd_llama.config import Config, load_config
 from hvd_llama.data import read_meta
+from hvd_llama.generate import quantize_int8, tokens_per_second
 from hvd_llama.model import Transformer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -317,7 +319,6 @@ def show_quality(r: dict) -> list[str]:
 # ----------------------------------------------------------------------------------------------- generation
 
 def bench_generation(b: Bench) -> dict:
-    from hvd_llama.generate import quantize_int8, tokens_per_second  # this process's only generate import
     a = b.args
     torch.set_num_threads(b.threads)
     # Random weights decode as fast as trained ones; the context grows to fit the prompt and new tokens.
@@ -388,7 +389,6 @@ def measure_prepare(b: Bench, inputs: Sequence[str], out: Path, name: str) -> di
 
 
 def bench_prepare(b: Bench) -> dict:
-    from hvd_llama.bench_prepare import write_corpus
     a = b.args
     folder = b.work / "prepare"
     folder.mkdir(parents=True, exist_ok=True)

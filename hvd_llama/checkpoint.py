@@ -2,6 +2,7 @@
 
 Layout of runs/<name>/checkpoints/step_00000100/:
     model.pt         state dict of the plain (uncompiled, unwrapped) Transformer, fp32
+                     (LoRA runs: adapter.pt, the adapters alone; the base is config.yaml's finetune.init_from)
     config.yaml      the resolved config; its `model:` section rebuilds the architecture
     tokenizer.model  the SentencePiece model the data was encoded with (when known)
     train_state.pt   optimizer, step, sampler position, RNG states (training checkpoints only)
@@ -47,7 +48,7 @@ def _torch_save(obj, path: Path) -> None:
 
 
 def save_checkpoint(ckpt_dir, model_state: dict, config: dict, tokenizer_path=None,
-                    train_state: Optional[dict] = None, step: int = 0) -> Path:
+                    train_state: Optional[dict] = None, step: int = 0, weights_file: str = "model.pt") -> Path:
     """Write a complete checkpoint into a temporary folder, then rename it into place.
 
     A crash or a full disk leaves either the old folder or the new one, never a mix: the temporary folder is
@@ -57,7 +58,7 @@ def save_checkpoint(ckpt_dir, model_state: dict, config: dict, tokenizer_path=No
     ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=ckpt_dir.parent, prefix=f".{ckpt_dir.name}.tmp-"))
     try:
-        _torch_save(model_state, tmp / "model.pt")
+        _torch_save(model_state, tmp / weights_file)
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")

@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from hvd_llama import dist
-from hvd_llama.data import TokenWindows
+from hvd_llama.data import IGNORE_INDEX, inputs_and_targets
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss over the targets that are not masked out (-100)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def autocast(device: torch.device, precision: str):
@@ -24,8 +24,8 @@ def autocast(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def evaluate(model, dataset: TokenWindows, n_windows: int, batch_size: int, device, precision: str) -> float:
-    """Mean loss per token over the first `n_windows` windows (0 = all), split across ranks by stride.
+def evaluate(model, dataset, n_windows: int, batch_size: int, device, precision: str) -> float:
+    """Mean loss per target token over the first `n_windows` rows (0 = all), split across ranks by stride.
 
     Sums travel in float64 and the split does not depend on the number of ranks, so any world size gives
     the same figure.
@@ -36,11 +36,12 @@ def evaluate(model, dataset: TokenWindows, n_windows: int, batch_size: int, devi
     loss_sum, count = 0.0, 0
     for start in range(0, len(indices), batch_size):
         batch = torch.stack([dataset[i] for i in indices[start:start + batch_size]]).to(device)
+        inputs, targets = inputs_and_targets(batch)
         with autocast(device, precision):
-            logits = model(batch[:, :-1])
-        targets = batch[:, 1:]
-        loss_sum += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
-        count += targets.numel()
+            logits = model(inputs)
+        loss_sum += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum",
+                                    ignore_index=IGNORE_INDEX).item()
+        count += (targets != IGNORE_INDEX).sum().item()
     model.train()
     sums = dist.allreduce_sum(torch.tensor([loss_sum, count]), name="eval.sums")
     return (sums[0] / sums[1]).item()

@@ -76,6 +76,19 @@ class DistConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    init_from: str = ""  # pretrained weights: hvd_llama checkpoint, Hugging Face folder or Meta folder
+    lora_rank: int = 0  # 0 = full fine-tuning; > 0 trains only LoRA adapters of this rank
+    lora_alpha: float = 16.0  # adapter scale = lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # dropout on the adapters' input (0 keeps ranks bit-identical)
+    lora_targets: str = "wq,wv"  # comma-separated projections: wq, wk, wv, wo, w1, w2, w3, output
+
+
+def split_targets(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -84,6 +97,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -166,6 +180,12 @@ def validate(cfg: Config) -> None:
         raise UserError(f"optim.lr={o.lr}, optim.min_lr={o.min_lr}: expected 0 <= min_lr <= lr and lr > 0")
     if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
         raise UserError("optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0")
+    f = cfg.finetune
+    if f.lora_rank < 0 or f.lora_alpha <= 0 or not 0 <= f.lora_dropout < 1:
+        raise UserError(f"finetune.lora_rank={f.lora_rank}, lora_alpha={f.lora_alpha}, lora_dropout="
+                        f"{f.lora_dropout}: expected rank >= 0, alpha > 0, 0 <= dropout < 1")
+    if f.lora_rank and not f.init_from:
+        raise UserError("finetune.lora_rank > 0 needs pretrained weights: set finetune.init_from or --init-from")
     if cfg.checkpoint.every < 0 or cfg.train.eval_every < 0 or cfg.log.every <= 0:
         raise UserError("checkpoint.every and train.eval_every must be >= 0, log.every > 0")
 

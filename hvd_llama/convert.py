@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from hvd_llama.checkpoint import load_model_checkpoint, save_checkpoint
+from hvd_llama.checkpoint import save_checkpoint
 from hvd_llama.cli import UserError, run_main
 from hvd_llama.model import ModelConfig, Transformer, ffn_hidden_dim
 
@@ -164,7 +164,8 @@ def tokenizer_files(tokenizer_path: Path, cfg: ModelConfig) -> tuple[dict, dict]
 def export(args) -> str:
     out = Path(args.out)
     refuse_existing(out)
-    state, cfg, tokenizer = load_model_checkpoint(args.checkpoint)
+    from hvd_llama.pretrained import load_weights  # here: pretrained imports this module
+    state, cfg, tokenizer = load_weights(args.checkpoint)  # LoRA checkpoints arrive merged
     cfg = validated(cfg, f"{args.checkpoint}: config.yaml")
     check_tensors(state, expected_shapes(cfg), f"{args.checkpoint}: model.pt")
     hf_state = {}

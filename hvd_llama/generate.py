@@ -20,7 +20,8 @@ from torch import nn
 
 from hvd_llama import checkpoint
 from hvd_llama.cli import UserError, run_main
-from hvd_llama.convert import check_tensors, import_hf
+from hvd_llama.convert import check_tensors
+from hvd_llama.pretrained import is_foreign_folder, load_weights
 from hvd_llama.model import Transformer
 from hvd_llama.tokenizer import Tokenizer
 
@@ -54,25 +55,17 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
 
 
-def is_hf_folder(path: Path) -> bool:
-    return (path / "config.json").is_file() and not (path / "config.yaml").is_file()
-
-
 def load_model(path, device: torch.device = torch.device("cpu"),
                quantize: Optional[str] = None) -> tuple[nn.Module, Optional[Tokenizer], dict]:
     """(model in eval mode, its tokenizer or None, the checkpoint's config.yaml as a dict).
 
-    `path` is an hvd_llama checkpoint, run or checkpoints folder, or a Hugging Face LLaMA folder (imported on
-    the fly with hvd_llama.convert; its config dict is {}). Raises UserError for anything unusable.
+    `path` is anything pretrained.load_weights reads (hvd_llama checkpoint, run or checkpoints folder, LoRA
+    adapters merged into their base, a Hugging Face or Meta folder; their config dict is {}). Raises UserError
+    for anything unusable.
     """
     path = Path(path)
-    if path.is_dir() and is_hf_folder(path):
-        state, model_cfg, tokenizer_path = import_hf(path)
-        config = {}
-    else:
-        ckpt = checkpoint.resolve_checkpoint(path)
-        state, model_cfg, tokenizer_path = checkpoint.load_model_checkpoint(ckpt)
-        config = checkpoint.read_config(ckpt)
+    state, model_cfg, tokenizer_path = load_weights(path)
+    config = {} if is_foreign_folder(path) else checkpoint.read_config(checkpoint.resolve_checkpoint(path))
     try:
         model = Transformer(model_cfg)
     except ValueError as err:

@@ -26,11 +26,14 @@ import yaml
 from hvd_llama import checkpoint, dist
 from hvd_llama.cli import UserError, atomic_write_text, run_main
 from hvd_llama.compute import AUTOCAST_DTYPES, autocast, cross_entropy, evaluate
-from hvd_llama.config import Config, load_config
-from hvd_llama.data import ResumableDistributedSampler, TokenWindows, read_meta
+from hvd_llama.config import Config, load_config, split_targets, validate
+from hvd_llama.lora import apply_lora, load_lora_state_dict, lora_state_dict, trainable_param_count
+from hvd_llama.pretrained import ADAPTER_FILE, load_weights
+from hvd_llama.data import ResumableDistributedSampler, TokenWindows, inputs_and_targets, open_split, read_meta
 from hvd_llama.metrics import MetricsLogger, format_duration, measure_peak_flops
 from hvd_llama.model import Transformer
 from hvd_llama.optim import build_optimizer, lr_at, set_lr
+from hvd_llama.tokenizer import Tokenizer
 
 @dataclass
 class Progress:
@@ -96,6 +99,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--resume", metavar="auto|PATH",
                         help="continue from a checkpoint: 'auto' = newest good one in the run dir (a fresh start "
                              "if there is none), or a checkpoint folder")
+    parser.add_argument("--init-from", metavar="PATH",
+                        help="start from pretrained weights (hvd_llama checkpoint, Hugging Face or Meta folder); "
+                             "optimizer, step and schedule start fresh (same as finetune.init_from)")
     parser.add_argument("--elastic", action="store_true", help="run under Horovod Elastic (same as dist.elastic=true)")
     return parser.parse_args(argv)
 
@@ -111,7 +117,7 @@ def resolve_device(name: str) -> str:
 def check_data(cfg: Config) -> dict:
     """Fail before training if the data does not fit the model (checked on every rank: no collective)."""
     meta = read_meta(cfg.data.dir)
-    if meta["vocab_size"] != cfg.model.vocab_size:
+    if meta["vocab_size"] != cfg.model.vocab_size and not cfg.finetune.init_from:  # else checked on load
         raise UserError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer of {cfg.data.dir} has "
                         f"{meta['vocab_size']} tokens; set --set model.vocab_size={meta['vocab_size']}")
     return meta
@@ -128,7 +134,8 @@ def train_step(model, optimizer, micro_batches, device, precision, grad_clip, sc
     for batch in micro_batches:
         batch = batch.to(device, non_blocking=True)
         with autocast(device, precision):
-            loss = cross_entropy(model(batch[:, :-1]), batch[:, 1:])
+            inputs, targets = inputs_and_targets(batch)
+            loss = cross_entropy(model(inputs), targets)
         if poison:
             loss = loss * float("nan")
         scaled = loss / len(micro_batches)
@@ -176,19 +183,26 @@ class StopFlag:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, device: torch.device, meta: dict):
+    def __init__(self, cfg: Config, run_dir: Path, device: torch.device, meta: dict,
+                 init_state: Optional[dict] = None):
+        """`init_state`: pretrained weights (rank 0 only; the others receive them in resume())."""
         self.cfg, self.run_dir, self.device, self.meta = cfg, run_dir, device, meta
-        t = cfg.train
+        t, f = cfg.train, cfg.finetune
         torch.manual_seed(t.seed)  # same init everywhere; rank 0's copy is broadcast anyway
-        self.model = Transformer(cfg.model).to(device)
+        self.model = Transformer(cfg.model)
+        if init_state is not None:
+            self.model.load_state_dict(init_state)
+        if f.lora_rank:  # after loading: the adapters start at zero on top of the pretrained weights
+            apply_lora(self.model, f.lora_rank, f.lora_alpha, f.lora_dropout, split_targets(f.lora_targets))
+        self.model.to(device)
         if t.activation_checkpointing:
             self.model.set_activation_checkpointing(True)
         self.forward_model = torch.compile(self.model) if t.compile else self.model
         optimizer = build_optimizer(self.model, cfg.optim, fused=device.type == "cuda")
         self.optimizer = dist.wrap_optimizer(optimizer, self.model, cfg.dist, t.grad_accum)
         self.scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
-        self.train_data = TokenWindows(cfg.data.dir, "train", t.seq_len)
-        self.val_data = TokenWindows(cfg.data.dir, "val", t.seq_len) if t.eval_every else None
+        self.train_data = open_split(cfg.data.dir, "train", t.seq_len)
+        self.val_data = open_split(cfg.data.dir, "val", t.seq_len) if t.eval_every else None
         if cfg.dist.elastic:
             self.sampler = dist.elastic_sampler(self.train_data, seed=t.seed)
         else:
@@ -217,8 +231,10 @@ class Trainer:
         if path is None:
             return None
         print(f"resuming from {path}", flush=True)
-        model_state, _, _ = checkpoint.load_model_checkpoint(path)
-        self.model.load_state_dict(model_state)
+        if self.cfg.finetune.lora_rank:  # the base weights came from finetune.init_from
+            load_lora_state_dict(self.model, torch.load(path / ADAPTER_FILE, map_location="cpu", weights_only=True))
+        else:
+            self.model.load_state_dict(checkpoint.load_model_checkpoint(path)[0])
         state = checkpoint.load_train_state(path)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and state.get("scaler"):
@@ -237,9 +253,11 @@ class Trainer:
         try:
             if injected_fault("diskfull", self.progress.step):
                 raise OSError(errno.ENOSPC, "No space left on device (injected)")
-            checkpoint.save_checkpoint(path, self.model.state_dict(), self.cfg.to_dict(),
-                                       tokenizer_path=Path(self.cfg.data.dir) / "tokenizer.model",
-                                       train_state=train_state, step=self.progress.step)
+            lora = self.cfg.finetune.lora_rank > 0  # LoRA checkpoints hold the small adapters alone
+            checkpoint.save_checkpoint(path, lora_state_dict(self.model) if lora else self.model.state_dict(),
+                                       self.cfg.to_dict(), tokenizer_path=Path(self.cfg.data.dir) / "tokenizer.model",
+                                       train_state=train_state, step=self.progress.step,
+                                       weights_file=ADAPTER_FILE if lora else "model.pt")
         except OSError as err:
             previous = checkpoint.find_latest_checkpoint(self.run_dir)
             raise UserError(f"writing checkpoint {path.name} failed ({err}); the last good checkpoint, "
@@ -355,6 +373,33 @@ def replicas_identical(model: torch.nn.Module) -> bool:
     return len({repr(f) for f in dist.allgather_object(fingerprint, name="replicas")}) == 1
 
 
+def load_pretrained(cfg: Config, meta: dict) -> Optional[dict]:
+    """Rank 0 reads the pretrained weights; every rank adopts their architecture. Returns rank 0's state."""
+    def read() -> tuple[dict, object]:
+        state, model_cfg, tokenizer = load_weights(cfg.finetune.init_from)
+        if tokenizer is not None and Tokenizer(tokenizer).sha256 != meta.get("tokenizer_sha256"):
+            raise UserError(f"{cfg.data.dir} was encoded with another tokenizer than {cfg.finetune.init_from}'s; "
+                            f"re-run prepare with --tokenizer {tokenizer}")
+        if model_cfg.vocab_size < meta["vocab_size"]:
+            raise UserError(f"{cfg.finetune.init_from} has {model_cfg.vocab_size} token embeddings but "
+                            f"{cfg.data.dir}'s tokenizer has {meta['vocab_size']} tokens")
+        return state, model_cfg
+
+    loaded = dist.run_on_main(read, name="init_from")
+    cfg.model = dist.broadcast_object(loaded[1] if loaded else None, name="init_from.model")
+    validate(cfg)  # e.g. train.seq_len against the pretrained max_seq_len, on every rank alike
+    return loaded[0] if loaded else None
+
+
+def lora_summary(model: torch.nn.Module, cfg: Config) -> str:
+    """What LoRA saves: only the adapters' gradients cross the network."""
+    trainable, total = trainable_param_count(model), model.num_params()
+    per_value = 2 if cfg.dist.compression == "fp16" else 4
+    return (f"LoRA rank {cfg.finetune.lora_rank} on {cfg.finetune.lora_targets}: {trainable:,} trainable parameters "
+            f"({100 * trainable / total:.2f}% of {total:,}); allreduce per step {trainable * per_value / 1e6:.3f} MB "
+            f"instead of {total * per_value / 1e6:.1f} MB for full fine-tuning")
+
+
 def default_run_dir(config_path: Optional[str]) -> Path:
     return Path("runs") / (Path(config_path).stem if config_path else "default")
 
@@ -381,7 +426,8 @@ def summary_line(record: dict, before: Progress, after: Progress, seconds: float
 
 def _main(argv: Optional[Sequence[str]]) -> None:
     args = parse_args(argv)
-    overrides = args.set + (["dist.elastic=true"] if args.elastic else [])
+    overrides = args.set + (["dist.elastic=true"] if args.elastic else []) + \
+        ([f"finetune.init_from={args.init_from}"] if args.init_from else [])
     cfg = load_config(args.config, overrides)
     device_kind = resolve_device(cfg.train.device)
     meta = check_data(cfg)  # every rank fails alike, before any collective, on bad config or data
@@ -390,11 +436,14 @@ def _main(argv: Optional[Sequence[str]]) -> None:
         raise UserError(f"--resume {args.resume}: no such checkpoint (use 'auto' or a checkpoint folder)")
     device = dist.init(cfg.dist, device_kind)
     dist.run_on_main(lambda: prepare_run_dir(run_dir, args.resume, cfg), name="run_dir")
-    trainer = Trainer(cfg, run_dir, device, meta)
+    init_state = load_pretrained(cfg, meta) if cfg.finetune.init_from else None
+    trainer = Trainer(cfg, run_dir, device, meta, init_state)
     trainer.resume(args.resume)
     before, start = replace(trainer.progress), time.perf_counter()
     logger = MetricsLogger(run_dir, dist.is_main(), cfg.log.tensorboard, cfg.log.every,
                            resume_step=before.step if args.resume else None)
+    if cfg.finetune.lora_rank:
+        logger.message(lora_summary(trainer.model, cfg))
     logger.message(f"training {trainer.model.num_params():,} parameters on {dist.size()} rank(s), "
                    f"{device.type}, {cfg.train.precision}; {meta['splits']['train']['tokens']:,} train tokens; "
                    f"run dir {run_dir}")

@@ -19,7 +19,7 @@ hosts_args() {
   elif [ -n "${SLURM_JOB_NODELIST:-}" ]; then
     per_node=${per_node:-${SLURM_NTASKS_PER_NODE:-${SLURM_TASKS_PER_NODE:-1}}}
     per_node=${per_node%%(*}  # SLURM writes "8(x2)" for two nodes of 8
-    hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk -v n="$per_node" '{printf "%s%s:%d", sep, $1, n; sep = ","}')
+    hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/:$per_node/" | paste -sd,)
     [ -n "$hosts" ] || die "scontrol show hostnames '$SLURM_JOB_NODELIST' listed no nodes"
     hosts_args "$hosts" "" ""
     return

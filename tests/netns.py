@@ -81,6 +81,17 @@ class Host:
     def pids(self) -> list:
         return [int(p) for p in ip("netns", "pids", self.namespace, check=False).stdout.split()]
 
+    def command_lines(self) -> list:
+        """The command lines of the processes running on this host."""
+        lines = []
+        for pid in self.pids():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                lines.append(" ".join(arg.decode(errors="replace") for arg in argv).strip())
+            except OSError:  # it ended meanwhile
+                pass
+        return lines
+
 
 class TwoHosts:
     """Context manager: two hosts on a fresh subnet; everything is torn down on exit, also after errors."""
@@ -88,8 +99,7 @@ class TwoHosts:
     def __init__(self, workdir: Path):
         self.workdir = Path(workdir)
         token = f"{os.getpid()}-{secrets.token_hex(3)}"  # unique per run: parallel runs never share names
-        subnet = f"10.231.{random.randrange(256)}"
-        self.prefix_len = 24
+        subnet = f"10.231.{random.randrange(256)}"  # .0/24, private; a different one per run
         self.hosts = [Host(f"{PREFIX}-{token}-{i}", f"{subnet}.{i + 1}") for i in range(2)]
         self._processes: list = []  # (process, its log file)
         self._made_etc_netns = False
@@ -113,7 +123,7 @@ class TwoHosts:
             ip("netns", "add", host.namespace)
         ip("link", "add", IFACE, "netns", a.namespace, "type", "veth", "peer", "name", IFACE, "netns", b.namespace)
         for host in self.hosts:
-            ip("-n", host.namespace, "addr", "add", f"{host.address}/{self.prefix_len}", "dev", IFACE)
+            ip("-n", host.namespace, "addr", "add", f"{host.address}/24", "dev", IFACE)
             ip("-n", host.namespace, "link", "set", "lo", "up")
             ip("-n", host.namespace, "link", "set", IFACE, "up")
             etc = ETC_NETNS / host.namespace
@@ -140,10 +150,6 @@ class TwoHosts:
             except OSError:
                 pass
 
-    @property
-    def subnet(self) -> str:
-        return f"{self.hosts[0].address.rsplit('.', 1)[0]}.0/{self.prefix_len}"
-
     def host_list(self, slots: int = 1) -> str:
         """horovodrun's and mpirun's -H value: "10.231.x.1:1,10.231.x.2:1"."""
         return ",".join(f"{host.address}:{slots}" for host in self.hosts)
@@ -159,7 +165,7 @@ case "$host" in
 {cases}
   *) echo "agent: unknown host $host" >&2; exit 255 ;;
 esac
-exec env -i HOME="$HOME" USER=root LOGNAME=root SHELL=/bin/sh PATH={LOGIN_PATH} \\
+exec env -i HOME="$HOME" SHELL=/bin/sh PATH={LOGIN_PATH} \\
   ip netns exec "$ns" /bin/sh -c "$*"
 """)
         agent.chmod(0o755)
@@ -193,8 +199,10 @@ UsePAM no
             log = open(log_path, "w")
             sshd = host.command([find_tool("sshd"), "-D", "-e", "-f", str(config)])  # -D -e: foreground, log to log
             self._processes.append((subprocess.Popen(sshd, stdout=log, stderr=subprocess.STDOUT), log))
-            wait_for(lambda: "Server listening" in log_path.read_text(), f"sshd on {host.address} did not start: "
-                     f"{log_path.read_text()[-500:]}")
+            try:
+                wait_for(lambda: "Server listening" in log_path.read_text(), "sshd did not start")
+            except RuntimeError:
+                raise RuntimeError(f"sshd on {host.address} did not start: {log_path.read_text()[-500:]}") from None
         client_config = ssh_dir / "ssh_config"
         client_config.write_text(f"""Host *
   IdentityFile {ssh_dir / 'client_key'}

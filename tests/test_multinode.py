@@ -2,6 +2,7 @@
 mpirun through a launch agent and by horovodrun through ssh, as on a cluster."""
 import json
 import os
+import pwd
 import re
 import subprocess
 import time
@@ -16,7 +17,7 @@ from trainrun import losses, metrics, train_single
 
 from hvd_llama import checkpoint
 
-NETWORK_TIMEOUT_S = 10  # the launch scripts' -t: how long a silent peer may take before the job fails
+NETWORK_TIMEOUT_S = 10  # the launch scripts' -t when the link is cut: how long a silent peer may take
 
 
 @pytest.fixture
@@ -58,10 +59,11 @@ def plain_command(cluster: netns.TwoHosts, launcher: str, program: list) -> list
             "-x", "PATH", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", *program]
 
 
-def script_command(cluster: netns.TwoHosts, launcher: str, run_dir: Path, train_overrides: list) -> list:
+def script_command(cluster: netns.TwoHosts, launcher: str, run_dir: Path, train_overrides: list,
+                   *options: str) -> list:
     """The launch/ multi-node script for `launcher`, training into `run_dir`."""
     args = ["--run-dir", str(run_dir), *train_overrides]
-    common = ["-H", cluster.host_list(), "-i", IFACE, "-t", str(NETWORK_TIMEOUT_S)]
+    common = ["-H", cluster.host_list(), "-i", IFACE, *options]
     if launcher == "horovodrun":
         return [str(REPO / "launch" / "train_horovodrun_hosts.sh"), *common, "--", *args]
     return [str(REPO / "launch" / "train_mpirun.sh"), *common, "-a", str(cluster.write_agent()), "--", *args]
@@ -97,16 +99,24 @@ with open(f"{sys.argv[1]}/rank{hvd.rank()}.json", "w") as f:
 """
 
 
+def user_ssh_state() -> list:
+    """What the user's own ~/.ssh holds (ssh finds it through the password database, not $HOME)."""
+    folder = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".ssh"
+    return sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir()) if folder.is_dir() else ["absent"]
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_one_rank_per_host_and_allreduce_crosses_the_link(hosts, launcher, tmp_path):
     script = tmp_path / "collectives.py"
     script.write_text(COLLECTIVES)
+    ssh_before = user_ssh_state()
     env = launcher_env(hosts, launcher, tmp_path / "home")
     job = finish_job(start_on_first_host(hosts, plain_command(hosts, launcher, ["python", str(script),
                                                                                 str(tmp_path), IFACE]), env),
                      timeout=90)
     assert job.returncode == 0, job.output[-3000:]
+    assert user_ssh_state() == ssh_before
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for rank, report in enumerate(reports):
         assert report["address"] == hosts.hosts[rank].address  # rank r runs on host r
@@ -136,7 +146,7 @@ def test_training_across_hosts_equals_one_process_with_double_batch(hosts, launc
     job = finish_job(start_on_first_host(hosts, script_command(hosts, launcher, run_dir, overrides(data_dir)), env),
                      timeout=120)
     assert job.returncode == 0, job.output[-3000:]
-    assert job.output.startswith(f"+ {'horovodrun' if launcher == 'horovodrun' else 'mpirun'} ")  # the command
+    assert job.output.startswith(f"+ {launcher} ")  # the script shows the command it runs
     assert "replicas identical" in job.output
     assert losses(run_dir) == pytest.approx(one_process_losses, rel=1e-5)
     assert metrics(run_dir)[-1]["tokens"] == 5 * 2 * 4 * 32
@@ -155,8 +165,9 @@ def test_cutting_the_link_fails_the_job_in_time_and_keeps_the_checkpoint(hosts, 
     run_dir = tmp_path / "run"
     env = launcher_env(hosts, launcher, tmp_path / "home")
     train_overrides = overrides(data_dir, **{"train.max_steps": 100000, "checkpoint.every": 10, "checkpoint.keep": 2})
-    proc = start_on_first_host(hosts, script_command(hosts, launcher, run_dir, train_overrides), env)
-    netns.wait_for(lambda: proc.poll() is not None or len(checkpoint.list_checkpoints(run_dir)) >= 2,
+    command = script_command(hosts, launcher, run_dir, train_overrides, "-t", str(NETWORK_TIMEOUT_S))
+    proc = start_on_first_host(hosts, command, env)
+    netns.wait_for(lambda: proc.poll() is not None or checkpoint.list_checkpoints(run_dir),
                    "the run wrote no checkpoint", timeout=90)
     assert proc.poll() is None, proc.stdout.read()[-3000:]
     hosts.hosts[1].set_link(up=False)
@@ -166,9 +177,28 @@ def test_cutting_the_link_fails_the_job_in_time_and_keeps_the_checkpoint(hosts, 
     assert job.returncode != 0
     assert took < NETWORK_TIMEOUT_S + 30, f"the job took {took:.0f} s to notice"
     assert LINK_LOST[launcher] in job.output, job.output[-3000:]
+    netns.wait_for(lambda: not [c for c in hosts.hosts[1].command_lines() if "hvd_llama.train" in c],
+                   "rank 1 kept running on the cut-off host", timeout=NETWORK_TIMEOUT_S + 20)
     newest = checkpoint.list_checkpoints(run_dir)[-1]
     checkpoint.verify_checkpoint(newest)  # raises if the cut left it half-written
     assert checkpoint.find_latest_checkpoint(run_dir) == newest
+
+
+def test_hosts_vanish_afterwards_also_after_a_failure(tmp_path):
+    reason = netns.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with pytest.raises(RuntimeError, match="the test failed"):
+        with netns.TwoHosts(tmp_path / "one") as one, netns.TwoHosts(tmp_path / "two") as two:
+            namespaces = [host.namespace for host in one.hosts + two.hosts]
+            assert len(set(namespaces)) == 4  # parallel runs do not share names
+            left_behind = subprocess.Popen(one.hosts[1].command(["sleep", "600"]))
+            netns.wait_for(lambda: "sleep 600" in one.hosts[1].command_lines(), "sleep did not start")
+            raise RuntimeError("the test failed")
+    assert left_behind.wait(timeout=10) < 0  # killed
+    listed = netns.ip("netns", "list").stdout
+    assert not [name for name in namespaces if name in listed]
+    assert not [name for name in namespaces if (netns.ETC_NETNS / name).exists()]
 
 
 def fake_slurm(tmp_path) -> dict:

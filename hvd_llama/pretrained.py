@@ -1,0 +1,59 @@
+"""Model weights from wherever they come: an hvd_llama checkpoint (full, or LoRA adapters over a base), a
+Hugging Face LLaMA folder, or Meta's original layout. One entry point for train --init-from, evaluate,
+generate and convert export."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from hvd_llama import checkpoint
+from hvd_llama.cli import UserError
+from hvd_llama.convert import import_hf, import_meta
+from hvd_llama.model import ModelConfig, Transformer
+
+ADAPTER_FILE = "adapter.pt"
+
+
+def is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / "config.yaml").is_file()
+
+
+def is_foreign_folder(path: Path) -> bool:
+    """A Hugging Face or Meta folder rather than an hvd_llama checkpoint (which has its config.yaml)."""
+    return path.is_dir() and (is_hf_folder(path) or (path / "params.json").is_file())
+
+
+def load_weights(path) -> tuple[dict, ModelConfig, Optional[Path]]:
+    """(full state dict, ModelConfig, tokenizer.model path or None) from any supported source."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist (expected an hvd_llama checkpoint or run folder, or a Hugging "
+                        "Face or Meta LLaMA folder)")
+    if path.is_dir() and (path / "params.json").is_file():
+        return import_meta(path)
+    if path.is_dir() and is_hf_folder(path):
+        return import_hf(path)
+    ckpt = checkpoint.resolve_checkpoint(path)
+    if (ckpt / ADAPTER_FILE).is_file():
+        return merge_adapter_checkpoint(ckpt)
+    return checkpoint.load_model_checkpoint(ckpt)
+
+
+def merge_adapter_checkpoint(ckpt: Path) -> tuple[dict, ModelConfig, Optional[Path]]:
+    """A LoRA checkpoint holds only its adapters: load its base, add them, fold them into the weights."""
+    from hvd_llama.config import split_targets
+    from hvd_llama.lora import apply_lora, load_lora_state_dict, merged_state_dict
+
+    finetune = checkpoint.read_config(ckpt).get("finetune") or {}
+    base = finetune.get("init_from")
+    if not base:
+        raise UserError(f"{ckpt} holds LoRA adapters but its config.yaml names no finetune.init_from base")
+    state, model_cfg, tokenizer = load_weights(base)
+    model = Transformer(model_cfg)
+    model.load_state_dict(state)
+    apply_lora(model, finetune["lora_rank"], finetune["lora_alpha"], targets=split_targets(finetune["lora_targets"]))
+    load_lora_state_dict(model, torch.load(ckpt / ADAPTER_FILE, map_location="cpu", weights_only=True))
+    own_tokenizer = ckpt / "tokenizer.model"
+    return merged_state_dict(model), model_cfg, own_tokenizer if own_tokenizer.is_file() else tokenizer
