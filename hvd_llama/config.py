@@ -45,6 +45,7 @@ class TrainConfig:
     seed: int = 1337  # model init and data order
     eval_every: int = 50  # optimizer steps between validation passes; 0 disables
     eval_windows: int = 64  # validation windows per pass, split over ranks; 0 = the whole split
+    eval_at_start: bool = False  # also evaluate before the first step (logged as step 0), e.g. when fine-tuning
     precision: str = "fp32"  # fp32 | bf16 (autocast, fp32 master weights) | fp16 (autocast + loss scaling)
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
     compile: bool = False  # torch.compile the model

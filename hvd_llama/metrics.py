@@ -94,6 +94,18 @@ class MetricsLogger:
         parts.append(f"eta {format_duration(r['eta_s'])}")
         return " | ".join(parts)
 
+    def log_eval(self, step: int, val_loss: float) -> None:
+        """A validation-only record, e.g. step 0 before any training."""
+        if not self.enabled:
+            return
+        record = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            self.writer.add_scalar(TENSORBOARD_TAGS["val_loss"], val_loss, step)
+            self.writer.add_scalar(TENSORBOARD_TAGS["val_ppl"], record["val_ppl"], step)
+        print(f"step {step} | val {val_loss:.4f} (ppl {record['val_ppl']:.1f})", flush=True)
+
     def message(self, text: str) -> None:
         if self.enabled:
             print(text, flush=True)

@@ -202,7 +202,7 @@ class Trainer:
         self.optimizer = dist.wrap_optimizer(optimizer, self.model, cfg.dist, t.grad_accum)
         self.scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
         self.train_data = open_split(cfg.data.dir, "train", t.seq_len)
-        self.val_data = open_split(cfg.data.dir, "val", t.seq_len) if t.eval_every else None
+        self.val_data = open_split(cfg.data.dir, "val", t.seq_len) if t.eval_every or t.eval_at_start else None
         if cfg.dist.elastic:
             self.sampler = dist.elastic_sampler(self.train_data, seed=t.seed)
         else:
@@ -309,6 +309,8 @@ class Trainer:
         self.tokens_per_step = t.batch_size * t.grad_accum * t.seq_len * dist.size()
         self.flops_per_token, self.peak = self.model.flops_per_token(t.seq_len), self.peak_flops()
         session_start, first_step, record, bad_in_a_row = time.perf_counter(), p.step, {}, 0
+        if t.eval_at_start and p.step == 0 and self.val_data is not None:
+            logger.log_eval(0, self.validation_loss())
         while p.step < t.max_steps:
             step_start = time.perf_counter()
             lr = lr_at(p.step, self.cfg.optim, t.max_steps) * self.lr_scale
@@ -354,10 +356,13 @@ class Trainer:
                   "mfu": self.flops_per_token * tokens_per_s / self.peak, "tokens": p.tokens,
                   "elapsed_s": p.elapsed_s, "skipped": not stepped, "world_size": dist.size()}
         if t.eval_every and (p.step % t.eval_every == 0 or p.step == t.max_steps):
-            record["val_loss"] = evaluate(self.forward_model, self.val_data, t.eval_windows, t.batch_size,
-                                          self.device, t.precision)
+            record["val_loss"] = self.validation_loss()
             record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
         return record
+
+    def validation_loss(self) -> float:
+        t = self.cfg.train
+        return evaluate(self.forward_model, self.val_data, t.eval_windows, t.batch_size, self.device, t.precision)
 
 
 def injected_fault(kind: str, step: int) -> bool:

@@ -28,4 +28,4 @@ def metrics(run_dir: Path) -> list:
 
 
 def losses(run_dir: Path) -> list:
-    return [r["loss"] for r in metrics(run_dir)]
+    return [r["loss"] for r in metrics(run_dir) if "loss" in r]  # step 0 may hold validation only

@@ -1,0 +1,164 @@
+"""Fine-tuning through the training application: --init-from, SFT data, full and LoRA, under Horovod."""
+import hashlib
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import micro_overrides
+from multiproc import REPO, job_env, run_job
+from trainrun import losses, metrics, train_job, train_single
+
+from hvd_llama.generate import generate, load_model
+
+pytestmark = pytest.mark.distributed
+
+
+def run(*args):
+    done = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=job_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def base(data_dir, tmp_path_factory):
+    """A briefly pretrained micro model: the 'pretrained weights' every fine-tune starts from."""
+    run_dir = tmp_path_factory.mktemp("base") / "run"
+    done = train_single(run_dir, micro_overrides(data_dir, **{"train.max_steps": 5}))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
+def reversal_examples(n: int, seed: int) -> list:
+    rng = random.Random(seed)
+    digits = ["".join(rng.choice("0123456789") for _ in range(4)) for _ in range(n)]
+    return [{"prompt": f"{d}=", "response": d[::-1]} for d in digits]
+
+
+@pytest.fixture(scope="module")
+def reversal_data(data_dir, tmp_path_factory):
+    """Prompt/response pairs 'abcd=' -> 'dcba', encoded with the base model's tokenizer."""
+    root = tmp_path_factory.mktemp("sft")
+    (root / "pairs.jsonl").write_text("\n".join(json.dumps(e) for e in reversal_examples(3000, seed=0)))
+    run("hvd_llama.prepare", "--sft", "--input", str(root / "pairs.jsonl"), "--out", str(root / "data"),
+        "--tokenizer", str(data_dir / "tokenizer.model"), "--val-fraction", "0.05")
+    return root / "data"
+
+
+def sft_overrides(data, **extra):
+    values = {"data.dir": str(data), "train.seq_len": 16, "train.batch_size": 32, "train.eval_every": 0,
+              "optim.warmup_steps": 10, "optim.lr": 3e-3, "optim.min_lr": 3e-4, "optim.weight_decay": 0.0,
+              "checkpoint.every": 0, "log.peak_flops": 1e11, "log.every": 50}
+    values.update(extra)
+    return [item for key, value in values.items() for item in ("--set", f"{key}={value}")]
+
+
+def exact_match_accuracy(checkpoint, examples) -> float:
+    model, tokenizer, _ = load_model(checkpoint)
+    prompts = [tokenizer.encode(e["prompt"], bos=True) for e in examples]
+    outputs = generate(model, prompts, max_new_tokens=6, temperature=0.0, eos_id=tokenizer.eos_id)
+    return sum(tokenizer.decode(o) == e["response"] for o, e in zip(outputs, examples)) / len(examples)
+
+
+@pytest.mark.slow
+def test_full_fine_tune_learns_to_reverse(base, reversal_data, tmp_path):
+    run_dir = tmp_path / "ft"
+    done = train_single(run_dir, sft_overrides(reversal_data, **{"train.max_steps": 300}), "--init-from", str(base),
+                        timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    held_out = reversal_examples(100, seed=1)
+    assert exact_match_accuracy(base, held_out) < 0.05
+    assert exact_match_accuracy(run_dir, held_out) > 0.95
+
+
+def test_init_from_hf_export_reproduces_validation_loss(base, data_dir, tmp_path):
+    hf = tmp_path / "hf"
+    run("hvd_llama.convert", "export", "--checkpoint", str(base), "--out", str(hf))
+    source = tmp_path / "source"  # the base model itself, evaluated before any step
+    again = tmp_path / "from_hf"
+    common = {"train.max_steps": 1, "train.eval_at_start": "true", "train.eval_windows": 32}
+    assert train_single(source, micro_overrides(data_dir, **common), "--init-from", str(base)).returncode == 0
+    done = train_single(again, micro_overrides(data_dir, **common), "--init-from", str(hf))
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = metrics(again)[0]
+    assert first["step"] == 0 and "loss" not in first
+    assert first["val_loss"] == pytest.approx(metrics(source)[0]["val_loss"], rel=1e-6)
+
+
+def test_init_from_refuses_data_of_another_tokenizer(base, tmp_path):
+    other = tmp_path / "other"
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(" ".join(f"word{i % 97} and more text {i}" for i in range(4000)))
+    run("hvd_llama.prepare", "--input", str(corpus), "--out", str(other), "--vocab-size", "300")
+    done = train_single(tmp_path / "run", micro_overrides(other, **{"model.vocab_size": 300}), "--init-from",
+                        str(base))
+    assert done.returncode == 2 and "encoded with another tokenizer" in done.stderr
+
+
+LORA_DIGESTS = """
+import hashlib, sys
+from pathlib import Path
+from hvd_llama import dist
+from hvd_llama.config import load_config
+from hvd_llama.metrics import MetricsLogger
+from hvd_llama.train import Trainer, check_data, load_pretrained
+
+def digest(named):
+    return hashlib.sha256(b"".join(p.detach().numpy().tobytes() for _, p in sorted(named))).hexdigest()
+
+run_dir = Path(sys.argv[1])
+cfg = load_config(None, sys.argv[2:])
+device = dist.init(cfg.dist, "cpu")
+trainer = Trainer(cfg, run_dir, device, check_data(cfg), load_pretrained(cfg, check_data(cfg)))
+trainer.resume(None)
+trainer.run(MetricsLogger(run_dir, enabled=False, tensorboard=False, console_every=1))
+params = list(trainer.model.named_parameters())
+print("BASE", digest([(n, p) for n, p in params if "lora_" not in n]))
+print("LORA", digest([(n, p) for n, p in params if "lora_" in n]))
+"""
+
+
+def test_lora_under_horovod(base, reversal_data, tmp_path):
+    lora = {"finetune.lora_rank": 4, "finetune.lora_alpha": 8, "train.max_steps": 5, "train.batch_size": 8}
+    one = tmp_path / "one"
+    single = train_single(one, sft_overrides(reversal_data, **{**lora, "train.batch_size": 16}), "--init-from",
+                          str(base))
+    assert single.returncode == 0, single.stderr[-3000:]
+    two = tmp_path / "two"
+    job = train_job(two, sft_overrides(reversal_data, **lora), "--init-from", str(base))
+    assert job.returncode == 0, job.output[-3000:]
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    assert "replicas identical" in job.output and "allreduce per step" in job.output
+    saved = sorted(p.name for p in (two / "checkpoints" / "step_00000005").iterdir())
+    assert "adapter.pt" in saved and "model.pt" not in saved
+    adapters = torch.load(two / "checkpoints" / "step_00000005" / "adapter.pt")
+    assert all("lora_" in key for key in adapters)
+    # Base weights stay bit-identical on both ranks; the adapters agree across ranks.
+    script = tmp_path / "digests.py"
+    script.write_text(LORA_DIGESTS)
+    values = [v for v in sft_overrides(reversal_data, **lora) if v != "--set"] + [f"finetune.init_from={base}"]
+    job = run_job([str(script), str(tmp_path / "digests"), *values], np=2)
+    assert job.returncode == 0, job.output[-3000:]
+    base_state = torch.load(sorted((base / "checkpoints").iterdir())[-1] / "model.pt")
+    expected = hashlib.sha256(b"".join(base_state[k].numpy().tobytes() for k in sorted(base_state))).hexdigest()
+    for rank in (0, 1):
+        lines = job.lines(rank)
+        assert [l for l in lines if l.startswith("BASE")][-1] == f"BASE {expected}"
+    assert [l for l in job.lines(0) if l.startswith("LORA")] == [l for l in job.lines(1) if l.startswith("LORA")]
+
+
+def test_lora_checkpoint_merges_for_evaluate_and_export(base, reversal_data, tmp_path):
+    lora = {"finetune.lora_rank": 4, "finetune.lora_alpha": 8, "train.max_steps": 3}
+    run_dir = tmp_path / "lora"
+    assert train_single(run_dir, sft_overrides(reversal_data, **lora), "--init-from", str(base)).returncode == 0
+    merged, _, _ = load_model(run_dir)
+    plain, _, _ = load_model(base)
+    tokens = torch.randint(0, 512, (2, 12))
+    assert not torch.allclose(merged(tokens), plain(tokens))  # the adapters changed the model
+    hf = tmp_path / "hf"
+    run("hvd_llama.convert", "export", "--checkpoint", str(run_dir), "--out", str(hf))
+    exported, _, _ = load_model(hf)
+    assert torch.allclose(exported(tokens), merged(tokens), atol=1e-5)
