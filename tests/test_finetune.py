@@ -66,10 +66,11 @@ def exact_match_accuracy(checkpoint, examples) -> float:
 @pytest.mark.slow
 def test_full_fine_tune_learns_to_reverse(base, reversal_data, tmp_path):
     run_dir = tmp_path / "ft"
-    done = train_single(run_dir, sft_overrides(reversal_data, **{"train.max_steps": 300}), "--init-from", str(base),
+    done = train_single(run_dir, sft_overrides(reversal_data, **{"train.max_steps": 600}), "--init-from", str(base),
                         timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    held_out = reversal_examples(100, seed=1)
+    seen = {e["prompt"] for e in reversal_examples(3000, seed=0)}
+    held_out = [e for e in reversal_examples(400, seed=1) if e["prompt"] not in seen][:100]
     assert exact_match_accuracy(base, held_out) < 0.05
     assert exact_match_accuracy(run_dir, held_out) > 0.95
 
@@ -162,3 +163,16 @@ def test_lora_checkpoint_merges_for_evaluate_and_export(base, reversal_data, tmp
     run("hvd_llama.convert", "export", "--checkpoint", str(run_dir), "--out", str(hf))
     exported, _, _ = load_model(hf)
     assert torch.allclose(exported(tokens), merged(tokens), atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["finetune_full", "finetune_lora"])
+def test_shipped_fine_tuning_presets_run(base, reversal_data, tmp_path, preset):
+    run_dir = tmp_path / preset
+    done = train_single(run_dir, ["--config", f"configs/{preset}.yaml", "--init-from", str(base),
+                                  *sft_overrides(reversal_data, **{"train.max_steps": 2, "train.eval_windows": 8})])
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = metrics(run_dir)
+    assert [r["step"] for r in records] == [0, 1, 2]  # eval_at_start from the preset, then two steps
+    assert "val_loss" in records[0] and all(r["loss"] > 0 for r in records[1:])
+    weights = "adapter.pt" if preset == "finetune_lora" else "model.pt"
+    assert (run_dir / "checkpoints" / "step_00000002" / weights).is_file()
