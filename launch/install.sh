@@ -24,16 +24,29 @@ need_tool() {  # need_tool <command> <what to install>
   command -v "$1" >/dev/null 2>&1 || die "'$1' not found; install it first: $2"
 }
 
+apt_install() {  # apt_install <why> <packages...>: as root with apt-get, else print what to install
+  local why=$1; shift
+  if [ "${HVD_LLAMA_NO_APT:-0}" != 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "$why: apt-get install -y $*"
+    (apt-get install -y -q "$@" || (apt-get update -q && apt-get install -y -q "$@")) >"$CACHE/apt.log" 2>&1 \
+      || die "apt-get install $* failed; see $CACHE/apt.log"
+  else
+    return 1
+  fi
+}
+
 ensure_mpi() {
   if command -v mpirun >/dev/null 2>&1 && command -v mpicc >/dev/null 2>&1; then return; fi
-  local pkgs="libopenmpi-dev openmpi-bin"
-  if [ "${HVD_LLAMA_NO_APT:-0}" != 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    say "OpenMPI missing: apt-get install -y $pkgs"
-    (apt-get install -y -q $pkgs || (apt-get update -q && apt-get install -y -q $pkgs)) >"$CACHE/apt.log" 2>&1 \
-      || die "apt-get install $pkgs failed; see $CACHE/apt.log"
-  else
-    die "OpenMPI not found (mpirun/mpicc). Install it: sudo apt-get install $pkgs (or load your cluster's MPI module)"
-  fi
+  apt_install "OpenMPI missing" libopenmpi-dev openmpi-bin || die "OpenMPI not found (mpirun/mpicc). Install it: \
+sudo apt-get install libopenmpi-dev openmpi-bin (or load your cluster's MPI module)"
+}
+
+ensure_test_tools() {
+  # The multi-node tests build two hosts from network namespaces (iproute2) joined by real ssh; they skip
+  # themselves when these are missing, so this is best effort.
+  if command -v ip >/dev/null 2>&1 && command -v ssh >/dev/null 2>&1 && [ -x /usr/sbin/sshd ]; then return; fi
+  apt_install "tools for the multi-node tests" iproute2 openssh-server openssh-client \
+    || say "note: without iproute2 and openssh-server the multi-node tests will be skipped"
 }
 
 ensure_venv() {
@@ -125,6 +138,7 @@ $report
 main() {
   mkdir -p "$CACHE"
   ensure_mpi
+  ensure_test_tools
   ensure_venv
   ensure_torch
   ensure_horovod
