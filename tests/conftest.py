@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from trainrun import train_single
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -50,3 +51,26 @@ def micro_overrides(data_dir: Path, **extra) -> list:
               "optim.lr": 3e-3, "optim.min_lr": 3e-4, "checkpoint.every": 0, "log.peak_flops": 1e11}
     values.update(extra)
     return [item for key, value in values.items() for item in ("--set", f"{key}={value}")]
+
+
+@pytest.fixture(scope="session")
+def small_data(data_dir, tmp_path_factory):
+    """A 40,000-character corpus encoded with data_dir's tokenizer (no tokenizer training: fast), with a
+    validation split of about 2,000 tokens."""
+    from hvd_llama.prepare import main as prepare_main
+    root = tmp_path_factory.mktemp("small")
+    source = root / "small.txt"
+    source.write_text(corpus_file(root).read_text()[:40_000])
+    out = root / "prepared"
+    prepare_main(["--input", str(source), "--out", str(out), "--tokenizer", str(data_dir / "tokenizer.model"),
+                  "--workers", "1"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def micro_run(small_data, tmp_path_factory):
+    """Run dir of a micro model (context 64, vocab 512) trained 3 steps on small_data."""
+    run_dir = tmp_path_factory.mktemp("micro") / "run"
+    result = train_single(run_dir, micro_overrides(small_data, **{"train.max_steps": 3}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from multiproc import REPO, job_env, run_job
-from test_generate import micro_run, small_data  # noqa: F401  (session fixtures shared with test_generate)
 
 from hvd_llama.data import TokenWindows, read_meta
 from hvd_llama.evaluate import token_byte_lengths, window_batches

@@ -23,15 +23,6 @@ def run(*args):
     return done
 
 
-@pytest.fixture(scope="module")
-def base(data_dir, tmp_path_factory):
-    """A briefly pretrained micro model: the 'pretrained weights' every fine-tune starts from."""
-    run_dir = tmp_path_factory.mktemp("base") / "run"
-    done = train_single(run_dir, micro_overrides(data_dir, **{"train.max_steps": 5}))
-    assert done.returncode == 0, done.stderr[-3000:]
-    return run_dir
-
-
 def reversal_examples(n: int, seed: int) -> list:
     rng = random.Random(seed)
     digits = ["".join(rng.choice("0123456789") for _ in range(4)) for _ in range(n)]
@@ -64,24 +55,24 @@ def exact_match_accuracy(checkpoint, examples) -> float:
 
 
 @pytest.mark.slow
-def test_full_fine_tune_learns_to_reverse(base, reversal_data, tmp_path):
+def test_full_fine_tune_learns_to_reverse(micro_run, reversal_data, tmp_path):
     run_dir = tmp_path / "ft"
-    done = train_single(run_dir, sft_overrides(reversal_data, **{"train.max_steps": 600}), "--init-from", str(base),
+    done = train_single(run_dir, sft_overrides(reversal_data, **{"train.max_steps": 600}), "--init-from", str(micro_run),
                         timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     seen = {e["prompt"] for e in reversal_examples(3000, seed=0)}
     held_out = [e for e in reversal_examples(400, seed=1) if e["prompt"] not in seen][:100]
-    assert exact_match_accuracy(base, held_out) < 0.05
+    assert exact_match_accuracy(micro_run, held_out) < 0.05
     assert exact_match_accuracy(run_dir, held_out) > 0.95
 
 
-def test_init_from_hf_export_reproduces_validation_loss(base, data_dir, tmp_path):
+def test_init_from_hf_export_reproduces_validation_loss(micro_run, data_dir, tmp_path):
     hf = tmp_path / "hf"
-    run("hvd_llama.convert", "export", "--checkpoint", str(base), "--out", str(hf))
+    run("hvd_llama.convert", "export", "--checkpoint", str(micro_run), "--out", str(hf))
     source = tmp_path / "source"  # the base model itself, evaluated before any step
     again = tmp_path / "from_hf"
     common = {"train.max_steps": 1, "train.eval_at_start": "true", "train.eval_windows": 32}
-    assert train_single(source, micro_overrides(data_dir, **common), "--init-from", str(base)).returncode == 0
+    assert train_single(source, micro_overrides(data_dir, **common), "--init-from", str(micro_run)).returncode == 0
     done = train_single(again, micro_overrides(data_dir, **common), "--init-from", str(hf))
     assert done.returncode == 0, done.stderr[-3000:]
     first = metrics(again)[0]
@@ -89,13 +80,13 @@ def test_init_from_hf_export_reproduces_validation_loss(base, data_dir, tmp_path
     assert first["val_loss"] == pytest.approx(metrics(source)[0]["val_loss"], rel=1e-6)
 
 
-def test_init_from_refuses_data_of_another_tokenizer(base, tmp_path):
+def test_init_from_refuses_data_of_another_tokenizer(micro_run, tmp_path):
     other = tmp_path / "other"
     corpus = tmp_path / "c.txt"
     corpus.write_text(" ".join(f"word{i % 97} and more text {i}" for i in range(4000)))
     run("hvd_llama.prepare", "--input", str(corpus), "--out", str(other), "--vocab-size", "300")
     done = train_single(tmp_path / "run", micro_overrides(other, **{"model.vocab_size": 300}), "--init-from",
-                        str(base))
+                        str(micro_run))
     assert done.returncode == 2 and "encoded with another tokenizer" in done.stderr
 
 
@@ -122,14 +113,14 @@ print("LORA", digest([(n, p) for n, p in params if "lora_" in n]))
 """
 
 
-def test_lora_under_horovod(base, reversal_data, tmp_path):
+def test_lora_under_horovod(micro_run, reversal_data, tmp_path):
     lora = {"finetune.lora_rank": 4, "finetune.lora_alpha": 8, "train.max_steps": 5, "train.batch_size": 8}
     one = tmp_path / "one"
     single = train_single(one, sft_overrides(reversal_data, **{**lora, "train.batch_size": 16}), "--init-from",
-                          str(base))
+                          str(micro_run))
     assert single.returncode == 0, single.stderr[-3000:]
     two = tmp_path / "two"
-    job = train_job(two, sft_overrides(reversal_data, **lora), "--init-from", str(base))
+    job = train_job(two, sft_overrides(reversal_data, **lora), "--init-from", str(micro_run))
     assert job.returncode == 0, job.output[-3000:]
     assert losses(two) == pytest.approx(losses(one), rel=1e-5)
     assert "replicas identical" in job.output and "allreduce per step" in job.output
@@ -140,10 +131,10 @@ def test_lora_under_horovod(base, reversal_data, tmp_path):
     # Base weights stay bit-identical on both ranks; the adapters agree across ranks.
     script = tmp_path / "digests.py"
     script.write_text(LORA_DIGESTS)
-    values = [v for v in sft_overrides(reversal_data, **lora) if v != "--set"] + [f"finetune.init_from={base}"]
+    values = [v for v in sft_overrides(reversal_data, **lora) if v != "--set"] + [f"finetune.init_from={micro_run}"]
     job = run_job([str(script), str(tmp_path / "digests"), *values], np=2)
     assert job.returncode == 0, job.output[-3000:]
-    base_state = torch.load(sorted((base / "checkpoints").iterdir())[-1] / "model.pt")
+    base_state = torch.load(sorted((micro_run / "checkpoints").iterdir())[-1] / "model.pt")
     expected = hashlib.sha256(b"".join(base_state[k].numpy().tobytes() for k in sorted(base_state))).hexdigest()
     for rank in (0, 1):
         lines = job.lines(rank)
@@ -151,12 +142,12 @@ def test_lora_under_horovod(base, reversal_data, tmp_path):
     assert [l for l in job.lines(0) if l.startswith("LORA")] == [l for l in job.lines(1) if l.startswith("LORA")]
 
 
-def test_lora_checkpoint_merges_for_evaluate_and_export(base, reversal_data, tmp_path):
+def test_lora_checkpoint_merges_for_evaluate_and_export(micro_run, reversal_data, tmp_path):
     lora = {"finetune.lora_rank": 4, "finetune.lora_alpha": 8, "train.max_steps": 3}
     run_dir = tmp_path / "lora"
-    assert train_single(run_dir, sft_overrides(reversal_data, **lora), "--init-from", str(base)).returncode == 0
+    assert train_single(run_dir, sft_overrides(reversal_data, **lora), "--init-from", str(micro_run)).returncode == 0
     merged, _, _ = load_model(run_dir)
-    plain, _, _ = load_model(base)
+    plain, _, _ = load_model(micro_run)
     tokens = torch.randint(0, 512, (2, 12))
     assert not torch.allclose(merged(tokens), plain(tokens))  # the adapters changed the model
     hf = tmp_path / "hf"
@@ -166,9 +157,9 @@ def test_lora_checkpoint_merges_for_evaluate_and_export(base, reversal_data, tmp
 
 
 @pytest.mark.parametrize("preset", ["finetune_full", "finetune_lora"])
-def test_shipped_fine_tuning_presets_run(base, reversal_data, tmp_path, preset):
+def test_shipped_fine_tuning_presets_run(micro_run, reversal_data, tmp_path, preset):
     run_dir = tmp_path / preset
-    done = train_single(run_dir, ["--config", f"configs/{preset}.yaml", "--init-from", str(base),
+    done = train_single(run_dir, ["--config", f"configs/{preset}.yaml", "--init-from", str(micro_run),
                                   *sft_overrides(reversal_data, **{"train.max_steps": 2, "train.eval_windows": 8})])
     assert done.returncode == 0, done.stderr[-3000:]
     records = metrics(run_dir)

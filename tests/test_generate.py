@@ -8,35 +8,10 @@ import sys
 
 import pytest
 import torch
-from conftest import corpus_file, micro_overrides
 from multiproc import REPO, job_env
-from trainrun import train_single
 
 from hvd_llama.checkpoint import load_model_checkpoint, save_checkpoint
 from hvd_llama.generate import filter_top_k, filter_top_p, generate, load_model, sample_next, tokens_per_second
-
-
-@pytest.fixture(scope="session")
-def small_data(data_dir, tmp_path_factory):
-    """A 40,000-character corpus encoded with data_dir's tokenizer (no tokenizer training: fast), with a
-    validation split of about 2,000 tokens."""
-    from hvd_llama.prepare import main as prepare_main
-    root = tmp_path_factory.mktemp("small")
-    source = root / "small.txt"
-    source.write_text(corpus_file(root).read_text()[:40_000])
-    out = root / "prepared"
-    prepare_main(["--input", str(source), "--out", str(out), "--tokenizer", str(data_dir / "tokenizer.model"),
-                  "--workers", "1"])
-    return out
-
-
-@pytest.fixture(scope="session")
-def micro_run(small_data, tmp_path_factory):
-    """Run dir of a micro model (context 64, vocab 512) trained 3 steps on small_data."""
-    run_dir = tmp_path_factory.mktemp("micro") / "run"
-    result = train_single(run_dir, micro_overrides(small_data, **{"train.max_steps": 3}))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
 
 
 @pytest.fixture(scope="module")

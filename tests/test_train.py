@@ -1,11 +1,9 @@
 """The training application in one process: exactness against plain PyTorch, resume, outputs, bad input."""
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import micro_overrides
-from trainrun import losses, metrics, train_single
+from trainrun import losses, metrics, stopped_copy, train_single
 
 from hvd_llama.config import load_config
 from hvd_llama.data import ResumableDistributedSampler, TokenWindows
@@ -63,10 +61,7 @@ def test_resume_continues_bit_for_bit(data_dir, tmp_path):
     overrides = micro_overrides(data_dir, **{"train.max_steps": 8, "checkpoint.every": 4, "checkpoint.keep": 0})
     straight = tmp_path / "straight"
     assert train_single(straight, overrides).returncode == 0
-    # A run that stopped after its step-4 checkpoint: later checkpoints gone, metrics of later steps stale.
-    stopped = tmp_path / "stopped"
-    shutil.copytree(straight, stopped)
-    shutil.rmtree(stopped / "checkpoints" / "step_00000008")
+    stopped = stopped_copy(straight, tmp_path / "stopped", at_step=4)
     resumed = train_single(stopped, overrides, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "step_00000004" in resumed.stdout

@@ -1,11 +1,10 @@
 """Training across real processes: N ranks x batch b must equal 1 rank x batch N*b."""
-import shutil
 import time
 
 import pytest
 from conftest import micro_overrides
-from multiproc import run_snippet
-from trainrun import losses, metrics, train_job, train_single
+from multiproc import run_job
+from trainrun import losses, metrics, stopped_copy, train_job, train_single
 
 pytestmark = pytest.mark.distributed
 
@@ -43,7 +42,7 @@ def test_all_ranks_hold_identical_parameters(data_dir, tmp_path):
     values = [v for v in micro_overrides(data_dir, **{"train.max_steps": 4}) if v != "--set"]
     script = tmp_path / "checksums.py"
     script.write_text(CHECKSUMS)
-    from multiproc import run_job
+
     job = run_job([str(script), str(tmp_path / "run"), *values], np=2)
     assert job.returncode == 0, job.output[-3000:]
     sums = [[l for l in job.lines(r) if l.startswith("CHECKSUM")][-1] for r in (0, 1)]
@@ -55,9 +54,7 @@ def test_two_rank_resume_is_exact(data_dir, tmp_path):
     overrides = micro_overrides(data_dir, **{"train.max_steps": 6, "checkpoint.every": 3, "checkpoint.keep": 0})
     straight = tmp_path / "straight"
     assert train_job(straight, overrides).returncode == 0
-    stopped = tmp_path / "stopped"
-    shutil.copytree(straight, stopped)
-    shutil.rmtree(stopped / "checkpoints" / "step_00000006")
+    stopped = stopped_copy(straight, tmp_path / "stopped", at_step=3)
     job = train_job(stopped, overrides, "--resume", "auto")
     assert job.returncode == 0, job.output[-3000:]
     assert losses(stopped) == losses(straight)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,3 +30,13 @@ def metrics(run_dir: Path) -> list:
 
 def losses(run_dir: Path) -> list:
     return [r["loss"] for r in metrics(run_dir) if "loss" in r]  # step 0 may hold validation only
+
+
+def stopped_copy(run_dir: Path, dest: Path, at_step: int) -> Path:
+    """A copy of a finished run as if it had stopped right after its checkpoint at `at_step`: later
+    checkpoints gone, the metrics of later steps stale (a resume must replace them)."""
+    shutil.copytree(run_dir, dest)
+    for ckpt in (dest / "checkpoints").iterdir():
+        if int(ckpt.name.split("_")[1]) > at_step:
+            shutil.rmtree(ckpt)
+    return dest
