@@ -398,11 +398,12 @@ def load_pretrained(cfg: Config, meta: dict) -> Optional[dict]:
 
 def lora_summary(model: torch.nn.Module, cfg: Config) -> str:
     """What LoRA saves: only the adapters' gradients cross the network."""
-    trainable, total = trainable_param_count(model), model.num_params()
+    trainable = trainable_param_count(model)
+    base = model.num_params() - trainable
     per_value = 2 if cfg.dist.compression == "fp16" else 4
     return (f"LoRA rank {cfg.finetune.lora_rank} on {cfg.finetune.lora_targets}: {trainable:,} trainable parameters "
-            f"({100 * trainable / total:.2f}% of {total:,}); allreduce per step {trainable * per_value / 1e6:.3f} MB "
-            f"instead of {total * per_value / 1e6:.1f} MB for full fine-tuning")
+            f"({100 * trainable / base:.2f}% of the {base:,} frozen ones); allreduce per step "
+            f"{trainable * per_value / 1e6:.3f} MB instead of {base * per_value / 1e6:.1f} MB for full fine-tuning")
 
 
 def default_run_dir(config_path: Optional[str]) -> Path:
