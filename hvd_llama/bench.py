@@ -37,7 +37,7 @@ from hvd_llama.bench_prepare import write_corpus
 from hvd_llama.cli import UserError, atomic_write_text, run_main
 from hvd_llama.config import Config, load_config
 from hvd_llama.data import read_meta
-from hvd_llama.generate import quantize_int8, tokens_per_second
+from hvd_llama.generate import benchmark_generation
 from hvd_llama.model import Transformer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,8 +52,7 @@ REFERENCES = [
 # token of a 1 MB text about 5 times) with a vocabulary that suits a 1 MB text (4096 pieces would leave too
 # few examples of each).
 QUALITY_VOCAB = 1024
-PREPARE_MB = 1024  # the generated corpus of `prepare`
-ALL_PREPARE_MB = 1024  # ... and of `all`, which must finish in 15 minutes on a 2-core machine
+PREPARE_MB = 1024  # the generated corpus (`all` takes ~11 minutes with it on 2 cores)
 KV_SPEEDUP_TARGET = 5.0
 ENCODE_EFFICIENCY_TARGET = 0.9
 
@@ -213,37 +212,58 @@ def bench_scaling(b: Bench) -> dict:
         env["HOROVOD_FUSION_THRESHOLD"] = str(int(a.fusion_threshold_mb * 1024 * 1024))
     if a.cycle_time_ms is not None:
         env["HOROVOD_CYCLE_TIME"] = f"{a.cycle_time_ms:g}"
-    runs = {}
-    for np in (1, 2):
-        ranks = b.horovod_ranks(np, f"scaling_horovod_np{np}", None, sets, env, a.warmup, a.steps)
-        step_s = job_step_s(ranks)
-        runs[f"horovod_np{np}"] = {
-            "framework": "horovod", "np": np, "step_s_median": step_s, "tokens_per_s": np * b.tokens_per_step / step_s,
-            # time waiting in optimizer.synchronize() over step time, averaged over ranks
-            "allreduce_share": statistics.mean(sum(r["allreduce_s"]) / sum(r["step_s"]) for r in ranks),
-            "ranks": ranks}
-    runs["ddp_np2"] = ddp_run(b, 2, sets, env)
-    single = runs["horovod_np1"]["tokens_per_s"]
+    bucket = a.fusion_threshold_mb if a.fusion_threshold_mb is not None else 25.0  # DDP's default
+
+    def ddp_ranks(name: str) -> list[dict]:
+        folder = b.work / name
+        folder.mkdir(parents=True, exist_ok=True)
+        b.run(torchrun(2, "hvd_llama.bench_train", "ddp", *b.config_args(sets=sets), "--warmup", a.warmup,
+                       "--steps", a.steps, "--bucket-cap-mb", bucket, "--json-dir", folder), f"{name}.log", env)
+        return [read_json(folder / f"rank{r}.json") for r in range(2)]
+
+    launches = {"horovod_np1": lambda name: b.horovod_ranks(1, name, None, sets, env, a.warmup, a.steps),
+                "horovod_np2": lambda name: b.horovod_ranks(2, name, None, sets, env, a.warmup, a.steps),
+                "ddp_np2": ddp_ranks}
+    ranks: dict[str, list[dict]] = {}
+    for i in range(a.rounds):  # the jobs take turns, so that a change in the machine's speed hits all alike
+        for run, launch in launches.items():
+            ranks[run] = merge_rounds(ranks.get(run), launch(f"scaling_{run}_round{i}"))
+    runs = {run: horovod_figures(ranks[run], b.tokens_per_step) for run in ("horovod_np1", "horovod_np2")}
+    runs["ddp_np2"] = ddp_figures(ranks["ddp_np2"], b.tokens_per_step, bucket)
+    single = runs["horovod_np1"]
     for run in runs.values():
-        run["efficiency"] = run["tokens_per_s"] / (run["np"] * single)
+        run["efficiency"] = run["tokens_per_s"] / (run["np"] * single["tokens_per_s"])
+    # What the machine allows without any communication: 2 ranks computing side by side (DDP's no_sync steps).
+    runs["ddp_np2"]["compute_only_efficiency"] = single["step_s_median"] / runs["ddp_np2"]["no_sync_step_s_median"]
     return {"params": num_params(b.cfg), "tokens_per_step_per_rank": b.tokens_per_step, "threads_per_rank": 1,
-            "fp16_compression": a.fp16_compression, "horovod_env": {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"},
+            "fp16_compression": a.fp16_compression, "timed_steps": a.steps * a.rounds,
+            "horovod_env": {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"},
             "efficiency_baseline": "horovod_np1", "runs": runs}
 
 
-def ddp_run(b: Bench, np: int, sets: Sequence[str], env: dict) -> dict:
-    a = b.args
-    folder = b.work / f"scaling_ddp_np{np}"
-    folder.mkdir(parents=True, exist_ok=True)
-    bucket = a.fusion_threshold_mb if a.fusion_threshold_mb is not None else 25.0  # DDP's default
-    b.run(torchrun(np, "hvd_llama.bench_train", "ddp", *b.config_args(sets=sets), "--warmup", a.warmup,
-                   "--steps", a.steps, "--bucket-cap-mb", bucket, "--json-dir", folder), f"scaling_ddp_np{np}.log", env)
-    ranks = [read_json(folder / f"rank{r}.json") for r in range(np)]
-    step_s, no_sync_s = job_step_s(ranks), job_step_s(ranks, "no_sync_step_s")
+def merge_rounds(previous: Optional[list[dict]], ranks: list[dict]) -> list[dict]:
+    """Each rank's timings of every round so far, in one list per figure."""
+    for old, new in zip(previous or [], ranks):
+        for key, value in new.items():
+            if key.endswith("_s"):
+                new[key] = old[key] + value
+    return ranks
+
+
+def horovod_figures(ranks: list[dict], tokens_per_step: int) -> dict:
+    np, step_s = len(ranks), job_step_s(ranks)
+    return {"framework": "horovod", "np": np, "step_s_median": step_s, "tokens_per_s": np * tokens_per_step / step_s,
+            # time waiting in optimizer.synchronize() over step time, averaged over ranks
+            "allreduce_share": statistics.mean(sum(r["allreduce_s"]) / sum(r["step_s"]) for r in ranks),
+            "ranks": ranks}
+
+
+def ddp_figures(ranks: list[dict], tokens_per_step: int, bucket_cap_mb: float) -> dict:
+    np, step_s, no_sync_s = len(ranks), job_step_s(ranks), job_step_s(ranks, "no_sync_step_s")
     return {"framework": "ddp", "np": np, "step_s_median": step_s, "no_sync_step_s_median": no_sync_s,
-            "tokens_per_s": np * b.tokens_per_step / step_s,
+            "tokens_per_s": np * tokens_per_step / step_s,
             "allreduce_share": 1 - no_sync_s / step_s,  # the step time that goes when DDP skips the allreduce
-            "bucket_cap_mb": bucket, "ranks": ranks}
+            "bucket_cap_mb": bucket_cap_mb, "ranks": ranks}
 
 
 def show_scaling(r: dict) -> list[str]:
@@ -252,10 +272,13 @@ def show_scaling(r: dict) -> list[str]:
              f"{100 * v['efficiency']:.1f}%", f"{100 * v['allreduce_share']:.1f}%") for v in r["runs"].values()]
     knobs = ", ".join(f"{k}={v}" for k, v in r["horovod_env"].items()) or "Horovod defaults"
     return [f"{r['params'] / 1e6:.1f}M parameters, {r['tokens_per_step_per_rank']} tokens/step per rank, 1 thread "
-            f"per rank, fp16 compression {'on' if r['fp16_compression'] else 'off'}, {knobs}",
+            f"per rank, fp16 compression {'on' if r['fp16_compression'] else 'off'}, {knobs}, median of "
+            f"{r['timed_steps']} steps",
             *table(("run", "np", "step ms", "global tok/s", "efficiency", "allreduce share"), rows),
             "efficiency = tok/s / (np x Horovod np=1 tok/s); allreduce share: Horovod = wait in "
-            "optimizer.synchronize(), DDP = 1 - step(no_sync) / step"]
+            "optimizer.synchronize(), DDP = 1 - step(no_sync) / step",
+            f"ceiling without communication (2 ranks computing side by side, DDP no_sync): "
+            f"{100 * r['runs']['ddp_np2']['compute_only_efficiency']:.1f}% efficiency"]
 
 
 # -------------------------------------------------------------------------------------------------- quality
@@ -276,7 +299,7 @@ def bench_quality(b: Bench) -> dict:
     cfg = load_config(a.quality_config, sets)
     env = {"OMP_NUM_THREADS": "1"}
     # One step's time on 2 ranks first, then as many steps as fit in the budget.
-    calibration = job_step_s(b.horovod_ranks(2, "quality_calibration", a.quality_config, sets, env, 2, 3))
+    calibration = job_step_s(b.horovod_ranks(2, "quality_calibration", a.quality_config, sets, env, 2, 5))
     max_steps = max(1, int(a.budget_s / calibration))
     run_dir = folder / "run"
     train_sets = [*sets, f"train.max_steps={max_steps}", "train.eval_every=0", "checkpoint.every=0",
@@ -325,10 +348,9 @@ def bench_generation(b: Bench) -> dict:
     model_cfg = replace(b.cfg.model, max_seq_len=max(b.cfg.model.max_seq_len, a.prompt_len + a.new_tokens))
     torch.manual_seed(b.cfg.train.seed)
     model = Transformer(model_cfg).eval()
-    common = dict(prompt_len=a.prompt_len, new_tokens=a.new_tokens, batch_size=1)
-    kv = tokens_per_second(model, use_kv_cache=True, repeats=a.gen_repeats, **common)
-    no_kv = tokens_per_second(model, use_kv_cache=False, repeats=1, **common)  # the slow one: one timed run
-    int8 = tokens_per_second(quantize_int8(model), use_kv_cache=True, repeats=a.gen_repeats, **common)
+    speeds = benchmark_generation(model, prompt_len=a.prompt_len, new_tokens=a.new_tokens, batch_size=1,
+                                  repeats=a.gen_repeats)
+    kv, no_kv, int8 = speeds["kv_cache"], speeds["no_kv_cache"], speeds["int8_kv_cache"]
     result = {"params": num_params(b.cfg), "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "batch_size": 1,
               "max_seq_len": model_cfg.max_seq_len, "threads": torch.get_num_threads(),
               "tokens_per_s": {"fp32_kv_cache": kv, "fp32_no_kv_cache": no_kv, "int8_kv_cache": int8},
@@ -511,8 +533,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--timeout-s", type=float, default=900, help="limit for each measurement process")
     g = parser.add_argument_group("throughput and scaling")
     g.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
-    g.add_argument("--steps", type=int, default=5, help="timed steps (per round in throughput)")
-    g.add_argument("--rounds", type=int, default=2, help="throughput: rounds of the interleaved variants")
+    g.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    g.add_argument("--rounds", type=int, default=2, help="rounds: the variants (throughput) or jobs (scaling) "
+                                                         "take turns this many times")
     g.add_argument("--peak-n", type=int, default=2048, help="size of the square fp32 matmul of the measured peak")
     g.add_argument("--fp16-compression", action="store_true", help="scaling: fp16 gradients in the allreduce")
     g.add_argument("--fusion-threshold-mb", type=float, help="scaling: HOROVOD_FUSION_THRESHOLD (and DDP's bucket)")
@@ -529,11 +552,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     g = parser.add_argument_group("generation")
     g.add_argument("--new-tokens", type=int, default=256, help="tokens generated per run")
     g.add_argument("--prompt-len", type=int, default=16, help="random prompt tokens")
-    g.add_argument("--gen-repeats", type=int, default=3, help="timed runs (best kept) with the KV cache")
+    g.add_argument("--gen-repeats", type=int, default=3, help="timed runs of each decoding (the fastest is kept)")
     g.add_argument("--checkpoint", help="checkpoint for the fp32 -> int8 perplexity change (default: quality's)")
     g = parser.add_argument_group("prepare")
-    g.add_argument("--prepare-mb", type=float, default=None,
-                   help=f"size of the generated corpus (default {PREPARE_MB}; {ALL_PREPARE_MB} in `all`)")
+    g.add_argument("--prepare-mb", type=float, default=PREPARE_MB, help="size of the generated corpus")
     g.add_argument("--encode-mb", type=float, default=32, help="text encoded for the single vs parallel comparison")
     return parser.parse_args(argv)
 
@@ -541,8 +563,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     args.config = resolve_config(args.config, "--config")
     args.quality_config = resolve_config(args.quality_config, "--quality-config")
-    if args.prepare_mb is None:
-        args.prepare_mb = ALL_PREPARE_MB if args.mode == "all" else PREPARE_MB
     positive = {"--warmup": args.warmup + 1, "--steps": args.steps, "--rounds": args.rounds, "--peak-n": args.peak_n,
                 "--budget-s": args.budget_s, "--new-tokens": args.new_tokens, "--prompt-len": args.prompt_len,
                 "--gen-repeats": args.gen_repeats, "--prepare-mb": args.prepare_mb, "--encode-mb": args.encode_mb,
