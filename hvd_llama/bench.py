@@ -404,8 +404,9 @@ def measure_prepare(b: Bench, inputs: Sequence[str], out: Path, name: str) -> di
                         *python_module("hvd_llama.prepare", "--input", *inputs, "--out", out)), f"{name}.log")
     usage, meta = read_json(usage_json), read_meta(out)
     n_bytes = meta["inputs"]["bytes"]
-    return {"input": list(inputs), "input_bytes": n_bytes, "documents": sum(s["documents"] for s in meta["splits"].values()),
-            "tokens": sum(s["tokens"] for s in meta["splits"].values()), "seconds": usage["seconds"],
+    splits = meta["splits"].values()
+    return {"input": list(inputs), "input_bytes": n_bytes, "documents": sum(s["documents"] for s in splits),
+            "tokens": sum(s["tokens"] for s in splits), "seconds": usage["seconds"],
             "mb_per_s": n_bytes / MB / usage["seconds"], "prepare_reported_s": meta["seconds"],
             "peak_rss_bytes": usage["max_rss_bytes"], "workers": meta["settings"]["workers"]}
 
@@ -431,7 +432,8 @@ def bench_prepare(b: Bench) -> dict:
                         folder / "stdlib" / "tokenizer.model", "--mb", a.encode_mb, "--workers", workers,
                         "--folder", folder / "encode"), "prepare_encode.log")
     raw = read_json(encode_json)
-    speeds = {k: raw["bytes"] / MB / raw[f"{k}_s"] for k in ("sentencepiece_single", "encode_single", "encode_parallel")}
+    speeds = {k: raw["bytes"] / MB / raw[f"{k}_s"]
+              for k in ("sentencepiece_single", "encode_single", "encode_parallel")}
     efficiency = speeds["encode_parallel"] / (speeds["sentencepiece_single"] * workers)
     return {"stdlib": stdlib, "generated": generated,
             "encode": {"bytes": raw["bytes"], "documents": raw["documents"], "workers": workers,
@@ -449,7 +451,8 @@ def show_prepare(r: dict) -> list[str]:
     speeds = e["mb_per_s"]
     met = "met" if e["target_met"] else "NOT MET"
     return [*table(("prepare", "input MB", "seconds", "MB/s", "peak RSS MB", "tokens"), rows),
-            f"encode {e['bytes'] / MB:.0f} MB: SentencePiece alone 1 process {speeds['sentencepiece_single']:.2f} MB/s | "
+            f"encode {e['bytes'] / MB:.0f} MB: SentencePiece alone 1 process "
+            f"{speeds['sentencepiece_single']:.2f} MB/s | "
             f"encode_batches 1 process {speeds['encode_single']:.2f} MB/s | {e['workers']} workers "
             f"{speeds['encode_parallel']:.2f} MB/s",
             f"parallel encode = {100 * e['parallel_efficiency']:.0f}% of {e['workers']} x SentencePiece alone "

@@ -106,8 +106,9 @@ MEASUREMENTS = {"rusage": measure_rusage, "encode": measure_encode}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hvd_llama.bench_prepare", description=__doc__.split("\n\n")[0],
-                                     epilog="rusage: python -m hvd_llama.bench_prepare rusage --json OUT -- COMMAND ...")
+    parser = argparse.ArgumentParser(
+        prog="python -m hvd_llama.bench_prepare", description=__doc__.split("\n\n")[0],
+        epilog="rusage: python -m hvd_llama.bench_prepare rusage --json OUT -- COMMAND ...")
     parser.add_argument("measurement", choices=MEASUREMENTS)
     parser.add_argument("--json", type=Path, required=True, help="output file")
     parser.add_argument("--tokenizer", type=Path, help="encode: a SentencePiece tokenizer.model")
