@@ -29,7 +29,7 @@ from hvd_llama.compute import AUTOCAST_DTYPES, autocast, cross_entropy, evaluate
 from hvd_llama.config import Config, load_config, split_targets, validate
 from hvd_llama.lora import apply_lora, load_lora_state_dict, lora_state_dict, trainable_param_count
 from hvd_llama.pretrained import ADAPTER_FILE, load_weights
-from hvd_llama.data import ResumableDistributedSampler, TokenWindows, inputs_and_targets, open_split, read_meta
+from hvd_llama.data import ResumableDistributedSampler, inputs_and_targets, open_split, read_meta
 from hvd_llama.metrics import MetricsLogger, format_duration, measure_peak_flops
 from hvd_llama.model import Transformer
 from hvd_llama.optim import build_optimizer, lr_at, set_lr
@@ -48,7 +48,7 @@ class Progress:
 class WindowStream:
     """This rank's training windows in sampler order, continuing across epochs and from a saved position."""
 
-    def __init__(self, dataset: TokenWindows, sampler, progress: Progress):
+    def __init__(self, dataset: torch.utils.data.Dataset, sampler, progress: Progress):
         self.dataset, self.sampler, self.progress = dataset, sampler, progress
         self._indices = None
 
@@ -183,10 +183,9 @@ class StopFlag:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, device: torch.device, meta: dict,
-                 init_state: Optional[dict] = None):
+    def __init__(self, cfg: Config, run_dir: Path, device: torch.device, init_state: Optional[dict] = None):
         """`init_state`: pretrained weights (rank 0 only; the others receive them in resume())."""
-        self.cfg, self.run_dir, self.device, self.meta = cfg, run_dir, device, meta
+        self.cfg, self.run_dir, self.device = cfg, run_dir, device
         t, f = cfg.train, cfg.finetune
         torch.manual_seed(t.seed)  # same init everywhere; rank 0's copy is broadcast anyway
         self.model = Transformer(cfg.model)
@@ -443,7 +442,7 @@ def _main(argv: Optional[Sequence[str]]) -> None:
     device = dist.init(cfg.dist, device_kind)
     dist.run_on_main(lambda: prepare_run_dir(run_dir, args.resume, cfg), name="run_dir")
     init_state = load_pretrained(cfg, meta) if cfg.finetune.init_from else None
-    trainer = Trainer(cfg, run_dir, device, meta, init_state)
+    trainer = Trainer(cfg, run_dir, device, init_state)
     trainer.resume(args.resume)
     before, start = replace(trainer.progress), time.perf_counter()
     logger = MetricsLogger(run_dir, dist.is_main(), cfg.log.tensorboard, cfg.log.every,

@@ -104,7 +104,7 @@ def digest(named):
 run_dir = Path(sys.argv[1])
 cfg = load_config(None, sys.argv[2:])
 device = dist.init(cfg.dist, "cpu")
-trainer = Trainer(cfg, run_dir, device, check_data(cfg), load_pretrained(cfg, check_data(cfg)))
+trainer = Trainer(cfg, run_dir, device, load_pretrained(cfg, check_data(cfg)))
 trainer.resume(None)
 trainer.run(MetricsLogger(run_dir, enabled=False, tensorboard=False, console_every=1))
 params = list(trainer.model.named_parameters())

@@ -30,7 +30,8 @@ from hvd_llama.train import Trainer, check_data
 
 run_dir = Path(sys.argv[1])
 cfg = load_config(None, sys.argv[2:])
-trainer = Trainer(cfg, run_dir, dist.init(cfg.dist, "cpu"), check_data(cfg))
+check_data(cfg)
+trainer = Trainer(cfg, run_dir, dist.init(cfg.dist, "cpu"))
 trainer.resume(None)
 trainer.run(MetricsLogger(run_dir, enabled=False, tensorboard=False, console_every=1))
 digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in trainer.model.parameters()))
