@@ -3,15 +3,18 @@
 The session fixtures here (a small prepared corpus and a micro model trained on it) are shared with
 test_evaluate.py.
 """
+import copy
 import subprocess
 import sys
 
 import pytest
 import torch
+from torch import nn
 from multiproc import REPO, job_env
 
 from hvd_llama.checkpoint import load_model_checkpoint, save_checkpoint
-from hvd_llama.generate import filter_top_k, filter_top_p, generate, load_model, sample_next, tokens_per_second
+from hvd_llama.generate import (filter_top_k, filter_top_p, generate, layout_for_decoding, load_model, sample_next,
+                                tokens_per_second)
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +38,19 @@ def test_kv_cache_greedy_equals_full_forward(loaded):
     full = greedy(model, prompts, 30, use_kv_cache=False)
     assert [len(c) for c in cached] == [30, 30]  # no eos_id given: nothing stops early
     assert cached == full
+
+
+def test_decoding_layout_changes_strides_not_values(loaded):
+    model, tokenizer = loaded
+    relaid = layout_for_decoding(copy.deepcopy(model))
+    linears = {name: m.weight for name, m in relaid.named_modules() if isinstance(m, nn.Linear)}
+    moved = {name for name, w in linears.items() if not w.is_contiguous()}
+    assert moved == {name for name, w in linears.items() if w.shape[0] > w.shape[1]} and moved
+    assert all(linears[name].t().is_contiguous() for name in moved)  # column-major storage
+    for (name, before), after in zip(model.state_dict().items(), relaid.state_dict().values()):
+        assert torch.equal(before, after), name
+    prompts = encode(tokenizer, "ROMEO:\nWhat", "The king")
+    assert greedy(relaid, prompts, 30) == greedy(model, prompts, 30)
 
 
 def test_batched_equals_one_by_one(loaded):
