@@ -136,9 +136,10 @@ def test_meta_and_shard_files(prepared):
     assert not list(out.parent.glob(".data.*"))  # no temporary folder left behind
 
 
-def test_parallel_run_and_existing_tokenizer_give_identical_shards(corpus, prepared, tmp_path):
+def test_parallel_run_and_existing_tokenizer_give_identical_shards(corpus, prepared, tmp_path, monkeypatch):
     root, _ = corpus
     out, meta = prepared
+    monkeypatch.setattr(prepare, "ENCODE_BATCH_BYTES", 2000)  # several batches, so the worker pool encodes them
     again = run_prepare("--input", root, "--out", tmp_path / "again", "--exclude", "skip_*", "--vocab-size", 600,
                         "--shard-tokens", 500, workers=2)
     reuse = run_prepare("--input", root, "--out", tmp_path / "reuse", "--exclude", "skip_*",
