@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import micro_overrides
 from multiproc import REPO, job_env, run_job
-from trainrun import losses, metrics, train_job, train_single
+from trainrun import TRAIN_DIGESTS, losses, metrics, train_job, train_single
 
 from hvd_llama.generate import generate, load_model
 
@@ -90,29 +90,6 @@ def test_init_from_refuses_data_of_another_tokenizer(micro_run, tmp_path):
     assert done.returncode == 2 and "encoded with another tokenizer" in done.stderr
 
 
-LORA_DIGESTS = """
-import hashlib, sys
-from pathlib import Path
-from hvd_llama import dist
-from hvd_llama.config import load_config
-from hvd_llama.metrics import MetricsLogger
-from hvd_llama.train import Trainer, check_data, load_pretrained
-
-def digest(named):
-    return hashlib.sha256(b"".join(p.detach().numpy().tobytes() for _, p in sorted(named))).hexdigest()
-
-run_dir = Path(sys.argv[1])
-cfg = load_config(None, sys.argv[2:])
-device = dist.init(cfg.dist, "cpu")
-trainer = Trainer(cfg, run_dir, device, load_pretrained(cfg, check_data(cfg)))
-trainer.resume(None)
-trainer.run(MetricsLogger(run_dir, enabled=False, tensorboard=False, console_every=1))
-params = list(trainer.model.named_parameters())
-print("BASE", digest([(n, p) for n, p in params if "lora_" not in n]))
-print("LORA", digest([(n, p) for n, p in params if "lora_" in n]))
-"""
-
-
 def test_lora_under_horovod(micro_run, reversal_data, tmp_path):
     lora = {"finetune.lora_rank": 4, "finetune.lora_alpha": 8, "train.max_steps": 5, "train.batch_size": 8}
     one = tmp_path / "one"
@@ -129,10 +106,8 @@ def test_lora_under_horovod(micro_run, reversal_data, tmp_path):
     adapters = torch.load(two / "checkpoints" / "step_00000005" / "adapter.pt")
     assert all("lora_" in key for key in adapters)
     # Base weights stay bit-identical on both ranks; the adapters agree across ranks.
-    script = tmp_path / "digests.py"
-    script.write_text(LORA_DIGESTS)
     values = [v for v in sft_overrides(reversal_data, **lora) if v != "--set"] + [f"finetune.init_from={micro_run}"]
-    job = run_job([str(script), str(tmp_path / "digests"), *values], np=2)
+    job = run_job([str(TRAIN_DIGESTS), str(tmp_path / "digests"), *values], np=2)
     assert job.returncode == 0, job.output[-3000:]
     base_state = torch.load(sorted((micro_run / "checkpoints").iterdir())[-1] / "model.pt")
     expected = hashlib.sha256(b"".join(base_state[k].numpy().tobytes() for k in sorted(base_state))).hexdigest()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from multiproc import REPO, job_env, run_job
 
+TRAIN_DIGESTS = Path(__file__).with_name("train_digests.py")  # trains, then prints parameter digests per rank
+
 
 def train_args(run_dir: Path, overrides: list, *more: str) -> list:
     return ["-m", "hvd_llama.train", "--run-dir", str(run_dir), *overrides, *more]
