@@ -15,17 +15,8 @@ from hvd_llama.cli import UserError
 from hvd_llama.config import DistConfig
 
 
-CPU_CYCLE_TIME_MS = "5"
-
-
 def init(cfg: DistConfig, device: str) -> torch.device:
     """Start Horovod and give this rank its device (a GPU, or a fair share of the CPU cores)."""
-    if device == "cpu":
-        # Horovod's background thread wakes every HOROVOD_CYCLE_TIME ms (default 1) to look for ready
-        # gradients; on CPU ranks that already use every core, those wake-ups slow the backward pass.
-        # `bench scaling` on 2 cores, np=2 efficiency: 0.81-0.82 at 1 ms, 0.85-0.87 at 5 ms (3 runs each).
-        # horovodrun --cycle-time-ms or the variable itself still wins.
-        os.environ.setdefault("HOROVOD_CYCLE_TIME", CPU_CYCLE_TIME_MS)
     hvd.init()
     if device == "cuda":
         # Horovod: pin each process to one GPU (its local rank).
