@@ -127,6 +127,16 @@ def test_cli_int8_stream(micro_run):
     assert "| int8 |" in result.stderr and "Warning" not in result.stderr
 
 
+def test_cli_fp32_greedy_prints_what_generate_returns(loaded, micro_run):
+    model, tokenizer = loaded
+    result = run_cli("hvd_llama.generate", "--checkpoint", micro_run, "--prompt", "ROMEO:", "--max-new-tokens", 16,
+                     "--temperature", 0)
+    assert result.returncode == 0, result.stderr
+    prompt = encode(tokenizer, "ROMEO:")
+    assert result.stdout == tokenizer.decode(prompt[0] + greedy(model, prompt, 16, eos_id=tokenizer.eos_id)[0]) + "\n"
+    assert "| fp32 |" in result.stderr
+
+
 @pytest.fixture(scope="module")
 def incompatible_checkpoint(micro_run, tmp_path_factory):
     """model.pt of the micro model with a config.yaml that claims one more layer."""
