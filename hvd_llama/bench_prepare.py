@@ -20,9 +20,9 @@ import sysconfig
 import time
 from collections import deque
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
-from hvd_llama.cli import UserError, atomic_write_text, run_main
+from hvd_llama.cli import UserError, atomic_write_text, best_seconds, run_main
 from hvd_llama.prepare import (ENCODE_BATCH_BYTES, DocumentStore, batch_docs, encode_batches, read_doc,
                                start_encoding_server, stdlib_files, token_dtype)
 from hvd_llama.tokenizer import Tokenizer
@@ -63,14 +63,14 @@ def measure_rusage(args: argparse.Namespace) -> dict:
     return {"command": command, "returncode": returncode, "seconds": seconds, "max_rss_bytes": max_rss_kib * 1024}
 
 
-def best_seconds(run: Callable[[], object], repeats: int) -> float:
-    """Fastest of `repeats` timed calls: other load on the machine only ever adds time."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
+def sentencepiece_seconds(tokenizer_path: Path, store_path: Path, batches, repeats: int) -> float:
+    """Best time of SentencePiece alone on the batches' texts, read into memory first, with one thread."""
+    import sentencepiece as spm
+
+    with open(store_path, "rb") as f:
+        texts = [[read_doc(f, d) for d in batch] for batch in batches]
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    return best_seconds(lambda: [sp.encode(batch, num_threads=1) for batch in texts], repeats)
 
 
 def measure_encode(args: argparse.Namespace) -> dict:
@@ -78,8 +78,6 @@ def measure_encode(args: argparse.Namespace) -> dict:
     one process (the texts already in memory, one thread), prepare's encode_batches in one process, and
     encode_batches with `workers` processes (pool start-up included, as prepare pays it; the fork server is
     started first, as prepare starts it while reading the corpus)."""
-    import sentencepiece as spm
-
     start_encoding_server(args.workers)
     args.folder.mkdir(parents=True, exist_ok=True)
     store = DocumentStore(args.folder / "documents.tmp")
@@ -94,11 +92,7 @@ def measure_encode(args: argparse.Namespace) -> dict:
         batches = batch_docs(docs, ENCODE_BATCH_BYTES)
         tokenizer = Tokenizer(args.tokenizer)
         dtype = token_dtype(tokenizer.vocab_size)
-        with open(store.path, "rb") as f:
-            texts = [[read_doc(f, d) for d in batch] for batch in batches]
-        sp = spm.SentencePieceProcessor(model_file=str(args.tokenizer))
-        sentencepiece_s = best_seconds(lambda: [sp.encode(batch, num_threads=1) for batch in texts], args.repeats)
-        del texts
+        sentencepiece_s = sentencepiece_seconds(args.tokenizer, store.path, batches, args.repeats)
         seconds = {workers: best_seconds(lambda: deque(encode_batches(batches, tokenizer.path, store.path, dtype,
                                                                       workers), maxlen=0), args.repeats)
                    for workers in (1, args.workers)}

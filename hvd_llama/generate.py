@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from hvd_llama import checkpoint
-from hvd_llama.cli import UserError, run_main
+from hvd_llama.cli import UserError, best_seconds, run_main
 from hvd_llama.convert import check_tensors
 from hvd_llama.pretrained import is_foreign_folder, load_weights
 from hvd_llama.model import Transformer
@@ -225,13 +225,12 @@ def tokens_per_second(model: nn.Module, prompt_len: int = 16, new_tokens: int = 
     of `repeats` runs after one warm-up; no EOS stop, so every run produces batch_size * new_tokens tokens."""
     prompts = torch.randint(3, model.cfg.vocab_size, (batch_size, prompt_len),
                             generator=torch.Generator().manual_seed(0)).tolist()
-    best = float("inf")
-    for run in range(repeats + 1):
-        start = time.perf_counter()
+
+    def run() -> None:
         generate(model, prompts, new_tokens, temperature=0, use_kv_cache=use_kv_cache)
-        if run:
-            best = min(best, time.perf_counter() - start)
-    return batch_size * new_tokens / best
+
+    run()  # warm-up
+    return batch_size * new_tokens / best_seconds(run, repeats)
 
 
 def benchmark_generation(model: nn.Module, prompt_len: int = 16, new_tokens: int = 48, batch_size: int = 1,
