@@ -93,25 +93,51 @@ class SplitTokens(Dataset):
         return {**self.__dict__, "_maps": None}  # reopen the memory maps in the receiving process
 
 
-class TokenWindows(SplitTokens):
-    """Item i is tokens[i * seq_len : i * seq_len + seq_len + 1] of the split's concatenated token stream
-    (inputs are item[:-1], targets item[1:]). Windows do not overlap except for that one shared token, and
-    they pack across document boundaries."""
+class _Windows:
+    """Item i is tokens[i * seq_len : i * seq_len + seq_len + 1] of a token stream (inputs are item[:-1], targets
+    item[1:]). Windows do not overlap except for that one shared token, and they pack across document
+    boundaries. With `partial`, a final shorter window scores the stream's last targets too, so every target
+    is scored exactly once (evaluation); training uses full windows only. Needs tokens(), n_tokens, seq_len."""
 
-    def __init__(self, data_dir: str | os.PathLike, split: str, seq_len: int, verify: bool = True):
-        super().__init__(data_dir, split, seq_len, verify)
-        if self.n_tokens < seq_len + 1:
-            raise UserError(f"the {split} split of {self.data_dir} has {self.n_tokens} tokens, fewer than one window "
-                            f"of seq_len + 1 = {seq_len + 1}; use a smaller seq_len or more data")
+    partial = False
 
     def __len__(self) -> int:
-        return (self.n_tokens - 1) // self.seq_len
+        n_targets = self.n_tokens - 1
+        return -(-n_targets // self.seq_len) if self.partial else n_targets // self.seq_len
+
+    def item_shape(self, index: int) -> tuple[int]:
+        start = index * self.seq_len
+        return (min(start + self.seq_len + 1, self.n_tokens) - start,)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         if not 0 <= index < len(self):
             raise IndexError(f"window {index} out of range for {len(self)} windows")
         start = index * self.seq_len
-        return torch.from_numpy(self.tokens(start, start + self.seq_len + 1).astype(np.int64))
+        return torch.from_numpy(self.tokens(start, start + self.item_shape(index)[0]).astype(np.int64))
+
+
+class TokenWindows(_Windows, SplitTokens):
+    """The windows of a prepared split (see _Windows)."""
+
+    def __init__(self, data_dir: str | os.PathLike, split: str, seq_len: int, verify: bool = True,
+                 partial: bool = False):
+        super().__init__(data_dir, split, seq_len, verify)
+        self.partial = partial
+        if self.n_tokens < (2 if partial else seq_len + 1):
+            raise UserError(f"the {split} split of {self.data_dir} has {self.n_tokens} tokens, fewer than one window "
+                            f"of seq_len + 1 = {seq_len + 1}; use a smaller seq_len or more data")
+
+
+class ArrayWindows(_Windows, Dataset):
+    """The windows (partial last one included) of a token stream held in memory, e.g. an encoded text file."""
+
+    partial = True
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        self.array, self.n_tokens, self.seq_len = tokens, len(tokens), seq_len
+
+    def tokens(self, start: int, stop: int) -> np.ndarray:
+        return self.array[start:stop]
 
 
 class SFTExamples(SplitTokens):
@@ -173,6 +199,9 @@ class SFTExamples(SplitTokens):
     def __len__(self) -> int:
         return len(self.examples)
 
+    def item_shape(self, index: int) -> tuple[int, int]:
+        return (2, self.seq_len)
+
     def __getitem__(self, index: int) -> torch.Tensor:
         if not 0 <= index < len(self):
             raise IndexError(f"example {index} out of range for {len(self)} examples")
@@ -186,11 +215,13 @@ class SFTExamples(SplitTokens):
         return item
 
 
-def open_split(data_dir: str | os.PathLike, split: str, seq_len: int,
-               verify: bool = True) -> Union[TokenWindows, SFTExamples]:
-    """The training items of a split: TokenWindows for a pretraining folder, SFTExamples for a --sft one."""
-    dataset = SFTExamples if read_meta(data_dir)["kind"] == "sft" else TokenWindows
-    return dataset(data_dir, split, seq_len, verify)
+def open_split(data_dir: str | os.PathLike, split: str, seq_len: int, verify: bool = True,
+               scoring: bool = False) -> Union[TokenWindows, SFTExamples]:
+    """The items of a split: TokenWindows for a pretraining folder, SFTExamples for a --sft one. `scoring`:
+    the items validation and `evaluate` score (every target once: a partial last window included)."""
+    if read_meta(data_dir)["kind"] == "sft":
+        return SFTExamples(data_dir, split, seq_len, verify)
+    return TokenWindows(data_dir, split, seq_len, verify, partial=scoring)
 
 
 def inputs_and_targets(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

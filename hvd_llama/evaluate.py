@@ -3,9 +3,10 @@
     python -m hvd_llama.evaluate --checkpoint runs/tiny                  # val split of the run's data folder
     horovodrun -np 4 python -m hvd_llama.evaluate --checkpoint runs/tiny --text book.txt --json eval.json
 
-Every token is scored exactly once. The token stream (documents as [bos] + tokens + [eos], as prepare writes
-them) is cut into non-overlapping windows of seq_len predictions plus a final partial window, and each window
-predicts its tokens from the ones before them in the same window. So the figures are sums over the whole text:
+Every token is scored exactly once, by compute.score, the function behind training's validation. The token
+stream (documents as [bos] + tokens + [eos], as prepare writes them) is cut into non-overlapping windows of
+seq_len predictions plus a final partial window, and each window predicts its tokens from the ones before
+them in the same window. A fine-tuning data folder is scored as training validates it: the responses only. So the figures are sums over the whole text:
 nats/char = total loss / characters, bits/byte = total loss / ln 2 / UTF-8 bytes (the loss of the EOS and BOS
 tokens between documents is included: it is part of modelling the text).
 
@@ -21,29 +22,27 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
+from torch.utils.data import Dataset
 
 from hvd_llama import dist
 from hvd_llama.cli import UserError, atomic_write_text, run_main
-from hvd_llama.config import DistConfig
-from hvd_llama.data import SPLITS, TokenWindows, read_meta
+from hvd_llama.compute import score
+from hvd_llama.config import PRECISIONS, DistConfig
+from hvd_llama.data import SPLITS, ArrayWindows, open_split, read_meta
 from hvd_llama.generate import QUANTIZE_CHOICES, load_model, require_tokenizer, resolve_device
 from hvd_llama.prepare import read_documents
 from hvd_llama.tokenizer import Tokenizer
 
 
 @dataclass
-class TokenText:
-    """A token stream to score and the size of the text it encodes."""
+class Scored:
+    """What to score: items (windows of a token stream, or fine-tuning rows) and the size of their text."""
     name: str
-    n_tokens: int
-    read: Callable[[int, int], np.ndarray]  # tokens[start:stop]
-    characters: int
+    items: Dataset
+    characters: Optional[int]  # None: not known (fine-tuning rows score responses only)
     utf8_bytes: Optional[int]  # None: counted from the scored tokens with byte_lengths
     byte_lengths: Optional[np.ndarray] = None
 
@@ -66,68 +65,38 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     return lengths
 
 
-def text_file_tokens(path: Path, tokenizer: Tokenizer) -> TokenText:
+def text_file_items(path: Path, tokenizer: Tokenizer, seq_len: int) -> Scored:
     """A text file (one document), or JSON lines (one document per line's "text"), optionally gzipped."""
     docs = [text for text, _, _ in read_documents(path, "text")]
     characters = sum(len(d) for d in docs)
     if characters == 0:
         raise UserError(f"--text {path} holds no text to score")
     tokens = np.array([t for d in docs for t in tokenizer.encode(d, bos=True, eos=True)], dtype=np.int64)
-    return TokenText(str(path), len(tokens), lambda start, stop: tokens[start:stop], characters,
-                     sum(len(d.encode("utf-8")) for d in docs))
+    return Scored(str(path), ArrayWindows(tokens, seq_len), characters, sum(len(d.encode("utf-8")) for d in docs))
 
 
-def data_split_tokens(data_dir: Path, split: str, tokenizer: Optional[Tokenizer]) -> TokenText:
-    """A split of a prepared data folder. Characters come from meta.json; bytes are counted from the tokens
-    (see token_byte_lengths), since meta.json does not record them."""
+def data_split_items(data_dir: Path, split: str, tokenizer: Optional[Tokenizer], seq_len: int) -> Scored:
+    """A split of a prepared data folder, scored as training's validation scores it. Characters come from
+    meta.json; bytes are counted from the tokens (see token_byte_lengths), since meta.json does not record
+    them. A fine-tuning folder scores the responses only (no character count)."""
     meta = read_meta(data_dir)
     if tokenizer is not None and meta.get("tokenizer_sha256") != tokenizer.sha256:
         raise UserError(f"{data_dir} was encoded with a different tokenizer than the checkpoint's "
                         f"{tokenizer.path}; evaluate on data prepared with --tokenizer {tokenizer.path}")
     if meta["splits"][split]["tokens"] < 2:
         raise UserError(f"the {split} split of {data_dir} holds no text to score (prepare it with --val-fraction > 0)")
-    reader = TokenWindows(data_dir, split, seq_len=1)  # used only to read the token stream
-    return TokenText(f"{data_dir} ({split})", reader.n_tokens, reader.tokens, meta["splits"][split]["chars"], None,
-                     token_byte_lengths(Tokenizer(data_dir / meta["tokenizer"])))
+    items = open_split(data_dir, split, seq_len, scoring=True)
+    characters = None if meta["kind"] == "sft" else meta["splits"][split]["chars"]
+    return Scored(f"{data_dir} ({split})", items, characters, None,
+                  token_byte_lengths(Tokenizer(data_dir / meta["tokenizer"])))
 
 
-def window_batches(n_tokens: int, seq_len: int, batch_size: int) -> list[list[tuple[int, int]]]:
-    """Windows (start, stop) covering the stream: inputs tokens[start:stop-1], targets tokens[start+1:stop].
-    Full windows go batch_size at a time; the final partial window, if any, is a batch of its own."""
-    windows = [(start, min(start + seq_len + 1, n_tokens)) for start in range(0, n_tokens - 1, seq_len)]
-    full = [w for w in windows if w[1] - w[0] == seq_len + 1]
-    batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
-    return batches + ([windows[len(full):]] if len(full) < len(windows) else [])
-
-
-@torch.no_grad()
-def score(model, text: TokenText, seq_len: int, batch_size: int, device: torch.device) -> dict:
-    """Total loss (nats), predicted tokens and bytes over the whole stream, summed over all ranks."""
-    model.eval()
-    batches = window_batches(text.n_tokens, seq_len, batch_size)
-    loss_sum, n_targets, n_bytes = 0.0, 0, 0
-    mine = batches[dist.rank()::dist.size()]  # the same batches whatever the world size: identical per-window sums
-    show_progress = dist.is_main() and sys.stderr.isatty()
-    for batch in tqdm(mine, desc="evaluate", unit="batch", disable=not show_progress, file=sys.stderr,
-                      mininterval=1, leave=False):
-        rows = np.stack([text.read(start, stop) for start, stop in batch]).astype(np.int64)
-        tokens = torch.from_numpy(rows).to(device)
-        targets = tokens[:, 1:]
-        logits = model(tokens[:, :-1])
-        losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-        loss_sum += losses.double().sum().item()
-        n_targets += targets.numel()
-        if text.byte_lengths is not None:
-            n_bytes += int(text.byte_lengths[rows[:, 1:]].sum())
-    sums = dist.allreduce_sum(torch.tensor([loss_sum, n_targets, n_bytes], dtype=torch.float64),
-                              name="evaluate.sums").tolist()
-    return {"loss_sum": sums[0], "tokens": int(sums[1]), "counted_bytes": int(sums[2])}
-
-
-def figures(loss_sum: float, tokens: int, characters: int, utf8_bytes: int) -> dict:
+def figures(loss_sum: float, tokens: int, characters: Optional[int], utf8_bytes: int) -> dict:
+    """The README's definitions: loss per token, its exp, and the total loss per character and per byte."""
     loss = loss_sum / tokens
     return {"loss_per_token": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
-            "nats_per_char": loss_sum / characters, "bits_per_byte": loss_sum / math.log(2) / utf8_bytes}
+            "nats_per_char": loss_sum / characters if characters else None,
+            "bits_per_byte": loss_sum / math.log(2) / utf8_bytes if utf8_bytes else None}
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -145,6 +114,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=None,
                         help="window length (default: the checkpoint's train.seq_len, else model.max_seq_len)")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="dynamic int8 Linear layers (CPU)")
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="autocast as in training (default: the checkpoint's train.precision, else fp32)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per rank; 0 = cores / ranks on this node")
     parser.add_argument("--json", metavar="OUT", help="also write the figures to this JSON file (atomically)")
@@ -178,27 +149,32 @@ def _main(argv: Optional[Sequence[str]]) -> dict:
     model, tokenizer, config = load_model(args.checkpoint, device, args.quantize)
     seq_len = pick_seq_len(args.seq_len, config, model.cfg.max_seq_len)
     if args.text:
-        text = text_file_tokens(Path(args.text), require_tokenizer(tokenizer, args.checkpoint))
+        text = text_file_items(Path(args.text), require_tokenizer(tokenizer, args.checkpoint), seq_len)
     else:
-        text = data_split_tokens(Path(args.data) if args.data else default_data_dir(config), args.split, tokenizer)
+        data_dir = Path(args.data) if args.data else default_data_dir(config)
+        text = data_split_items(data_dir, args.split, tokenizer, seq_len)
+    precision = args.precision or (config.get("train") or {}).get("precision") or "fp32"
     start = time.perf_counter()
-    sums = score(model, text, seq_len, args.batch_size, device)
+    sums = score(model, text.items, range(len(text.items)), args.batch_size, device, precision, text.byte_lengths,
+                 progress=dist.is_main() and sys.stderr.isatty())
     seconds = time.perf_counter() - start
-    utf8_bytes = text.utf8_bytes if text.utf8_bytes is not None else sums["counted_bytes"]
+    utf8_bytes = text.utf8_bytes if text.utf8_bytes is not None else sums["bytes"]
     result = {"checkpoint": str(args.checkpoint), "source": text.name, "tokens": sums["tokens"],
-              "characters": text.characters, "bytes": utf8_bytes,
+              "windows": sums["items"], "characters": text.characters, "bytes": utf8_bytes,
               **figures(sums["loss_sum"], sums["tokens"], text.characters, utf8_bytes),
-              "loss_sum_nats": sums["loss_sum"], "seq_len": seq_len, "quantize": args.quantize or "none",
-              "ranks": dist.size(), "device": device.type, "seconds": seconds}
+              "loss_sum_nats": sums["loss_sum"], "seq_len": seq_len, "precision": precision,
+              "quantize": args.quantize or "none", "ranks": dist.size(), "device": device.type, "seconds": seconds}
     dist.run_on_main(lambda: report(result, args.json), name="evaluate.report")
     return result
 
 
 def report(result: dict, json_path: Optional[str]) -> None:
-    print(f"eval {result['source']}: {result['tokens']:,} tokens, {result['characters']:,} chars | "
-          f"loss {result['loss_per_token']:.4f} | ppl {result['perplexity']:.2f} | "
-          f"{result['nats_per_char']:.4f} nats/char | {result['bits_per_byte']:.4f} bits/byte | "
-          f"{'int8' if result['quantize'] == 'int8' else 'fp32'} | {result['ranks']} rank(s) | "
+    chars = f"{result['characters']:,} chars" if result["characters"] else "responses only"
+    per_char = f" | {result['nats_per_char']:.4f} nats/char" if result["nats_per_char"] is not None else ""
+    print(f"eval {result['source']}: {result['tokens']:,} tokens in {result['windows']:,} windows, {chars} | "
+          f"loss {result['loss_per_token']:.4f} | ppl {result['perplexity']:.2f}{per_char} | "
+          f"{result['bits_per_byte']:.4f} bits/byte | "
+          f"{'int8' if result['quantize'] == 'int8' else result['precision']} | {result['ranks']} rank(s) | "
           f"{result['tokens'] / max(result['seconds'], 1e-9):,.0f} tok/s", flush=True)
     if json_path:
         path = Path(json_path)

@@ -14,6 +14,7 @@ from hvd_llama.cli import atomic_write_text
 TENSORBOARD_TAGS = {  # metrics.jsonl key -> TensorBoard tag
     "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
     "tokens_per_s": "perf/tokens_per_s", "mfu": "perf/mfu", "val_loss": "val/loss", "val_ppl": "val/ppl",
+    "val_windows": "val/windows", "val_tokens": "val/tokens",
 }
 
 
@@ -75,36 +76,38 @@ class MetricsLogger:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        self._write_scalars(record)
+        step = record["step"]
+        if step % self.console_every == 0 or step == max_steps or "val_loss" in record:
+            print(self.console_line(record, max_steps), flush=True)
+
+    def _write_scalars(self, record: dict) -> None:
         if self.writer is not None:
             for key, tag in TENSORBOARD_TAGS.items():
                 if key in record and record[key] is not None and math.isfinite(record[key]):
                     self.writer.add_scalar(tag, record[key], record["step"])
-        step = record["step"]
-        if step % self.console_every == 0 or step == max_steps or "val_loss" in record:
-            print(self.console_line(record, max_steps), flush=True)
 
     @staticmethod
     def console_line(r: dict, max_steps: int) -> str:
         parts = [f"step {r['step']}/{max_steps}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}",
                  f"grad {r['grad_norm']:.3f}", f"{r['tokens_per_s']:,.0f} tok/s", f"mfu {100 * r['mfu']:.1f}%"]
         if "val_loss" in r:
-            parts.append(f"val {r['val_loss']:.4f} (ppl {r['val_ppl']:.1f})")
+            parts.append(f"val {r['val_loss']:.4f} (ppl {r['val_ppl']:.1f}, {r['val_windows']} windows)")
         if r.get("skipped"):
             parts.append("SKIPPED (non-finite)")
         parts.append(f"eta {format_duration(r['eta_s'])}")
         return " | ".join(parts)
 
-    def log_eval(self, step: int, val_loss: float) -> None:
+    def log_eval(self, step: int, validation: dict) -> None:
         """A validation-only record, e.g. step 0 before any training."""
         if not self.enabled:
             return
-        record = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        record = {"step": step, **validation}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.writer is not None:
-            self.writer.add_scalar(TENSORBOARD_TAGS["val_loss"], val_loss, step)
-            self.writer.add_scalar(TENSORBOARD_TAGS["val_ppl"], record["val_ppl"], step)
-        print(f"step {step} | val {val_loss:.4f} (ppl {record['val_ppl']:.1f})", flush=True)
+        self._write_scalars(record)
+        print(f"step {step} | val {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f}, "
+              f"{record['val_windows']} windows)", flush=True)
 
     def message(self, text: str) -> None:
         if self.enabled:

@@ -25,7 +25,7 @@ import yaml
 
 from hvd_llama import checkpoint, dist
 from hvd_llama.cli import UserError, atomic_write_text, run_main
-from hvd_llama.compute import AUTOCAST_DTYPES, autocast, cross_entropy, evaluate
+from hvd_llama.compute import AUTOCAST_DTYPES, autocast, count_targets, score, spread_selection, token_losses
 from hvd_llama.config import Config, load_config, split_targets, validate
 from hvd_llama.lora import apply_lora, load_lora_state_dict, lora_state_dict, trainable_param_count
 from hvd_llama.pretrained import ADAPTER_FILE, load_weights
@@ -124,23 +124,28 @@ def check_data(cfg: Config) -> dict:
 
 
 def train_step(model, optimizer, micro_batches, device, precision, grad_clip, scaler=None, poison=False):
-    """One optimizer step over `grad_accum` micro-batches; returns (this rank's mean loss, grad norm, stepped).
+    """One optimizer step over `grad_accum` micro-batches; returns (this rank's summed token loss, the step's
+    target count over all ranks, grad norm, stepped).
 
-    Horovod: gradients are allreduced once the last micro-batch's backward is done (backward_passes_per_step).
-    The norm is taken on the averaged gradients, identical on every rank, so a non-finite norm makes every
-    rank skip the same step together. `poison` turns this rank's loss into NaN (fault injection).
+    The step's loss is the sum of its token losses over the global number of targets (all ranks, all
+    micro-batches; the count is allreduced before backward), so however the batch is split across ranks and
+    micro-steps the gradient is the same: fine-tuning rows have different numbers of targets, and a mean of
+    per-micro-batch means would weight short responses' tokens more. Horovod averages gradients over ranks,
+    hence the factor size() / count. The norm is taken on the averaged gradients, identical on every rank, so
+    a non-finite norm makes every rank skip the same step together. `poison` turns this rank's loss into NaN.
     """
-    losses = []
-    for batch in micro_batches:
-        batch = batch.to(device, non_blocking=True)
+    batches = [inputs_and_targets(batch.to(device, non_blocking=True)) for batch in micro_batches]
+    local_targets = sum(count_targets(targets) for _, targets in batches)
+    n_targets = int(dist.allreduce_sum(torch.tensor([local_targets]), name="step.targets").item())
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for inputs, targets in batches:
         with autocast(device, precision):
-            inputs, targets = inputs_and_targets(batch)
-            loss = cross_entropy(model(inputs), targets)
+            loss = token_losses(model(inputs), targets).sum()
         if poison:
             loss = loss * float("nan")
-        scaled = loss / len(micro_batches)
+        scaled = loss * (dist.size() / max(n_targets, 1))
         (scaler.scale(scaled) if scaler else scaled).backward()
-        losses.append(loss.detach())
+        loss_sum += loss.detach()
     optimizer.synchronize()
     if scaler:
         scaler.unscale_(optimizer)
@@ -154,7 +159,7 @@ def train_step(model, optimizer, micro_batches, device, precision, grad_clip, sc
         elif stepped:
             optimizer.step()
     optimizer.zero_grad()
-    return torch.stack(losses).mean().item(), grad_norm.item(), stepped
+    return loss_sum.item(), n_targets, grad_norm.item(), stepped
 
 
 def rng_state() -> dict:
@@ -201,7 +206,8 @@ class Trainer:
         self.optimizer = dist.wrap_optimizer(optimizer, self.model, cfg.dist, t.grad_accum)
         self.scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
         self.train_data = open_split(cfg.data.dir, "train", t.seq_len)
-        self.val_data = open_split(cfg.data.dir, "val", t.seq_len) if t.eval_every or t.eval_at_start else None
+        self.val_data = open_split(cfg.data.dir, "val", t.seq_len, scoring=True) \
+            if t.eval_every or t.eval_at_start else None
         if cfg.dist.elastic:
             self.sampler = dist.elastic_sampler(self.train_data, seed=t.seed)
         else:
@@ -309,22 +315,22 @@ class Trainer:
         self.flops_per_token, self.peak = self.model.flops_per_token(t.seq_len), self.peak_flops()
         session_start, first_step, record, bad_in_a_row = time.perf_counter(), p.step, {}, 0
         if t.eval_at_start and p.step == 0 and self.val_data is not None:
-            logger.log_eval(0, self.validation_loss())
+            logger.log_eval(0, self.validation(whole=False))
         while p.step < t.max_steps:
             step_start = time.perf_counter()
             lr = lr_at(p.step, self.cfg.optim, t.max_steps) * self.lr_scale
             set_lr(self.optimizer, lr)
             batches = [stream.next_batch(t.batch_size) for _ in range(t.grad_accum)]
-            loss, grad_norm, stepped = train_step(self.forward_model, self.optimizer, batches, self.device,
-                                                  t.precision, self.cfg.optim.grad_clip, self.scaler,
-                                                  poison=injected_fault("nan", p.step + 1))
+            loss_sum, n_targets, grad_norm, stepped = train_step(
+                self.forward_model, self.optimizer, batches, self.device, t.precision, self.cfg.optim.grad_clip,
+                self.scaler, poison=injected_fault("nan", p.step + 1))
             # Horovod: one small allreduce per step carries the loss and the preemption vote together.
             loss_sum, stop_votes = dist.allreduce_sum(
-                torch.tensor([loss, float(self.stop_flag.requested)]), name="step.stats").tolist()
+                torch.tensor([loss_sum, float(self.stop_flag.requested)]), name="step.stats").tolist()
             p.step += 1
             p.tokens += self.tokens_per_step
             p.elapsed_s += time.perf_counter() - step_start
-            record = self.step_record(loss_sum / dist.size(), lr, grad_norm, stepped, step_start)
+            record = self.step_record(loss_sum / max(n_targets, 1), lr, grad_norm, stepped, step_start)
             record["eta_s"] = (t.max_steps - p.step) * (time.perf_counter() - session_start) / (p.step - first_step)
             logger.log_step(record, t.max_steps)
             bad_in_a_row = 0 if stepped else bad_in_a_row + 1
@@ -355,13 +361,18 @@ class Trainer:
                   "mfu": self.flops_per_token * tokens_per_s / self.peak, "tokens": p.tokens,
                   "elapsed_s": p.elapsed_s, "skipped": not stepped, "world_size": dist.size()}
         if t.eval_every and (p.step % t.eval_every == 0 or p.step == t.max_steps):
-            record["val_loss"] = self.validation_loss()
-            record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
+            record.update(self.validation(whole=p.step == t.max_steps))
         return record
 
-    def validation_loss(self) -> float:
+    def validation(self, whole: bool) -> dict:
+        """val_loss per target token over `train.eval_windows` items spread over the val split, or over the
+        whole split (`whole`, at the last step: the figure `evaluate` reports for the final checkpoint)."""
         t = self.cfg.train
-        return evaluate(self.forward_model, self.val_data, t.eval_windows, t.batch_size, self.device, t.precision)
+        indices = spread_selection(len(self.val_data), 0 if whole else t.eval_windows, seed=t.seed)
+        sums = score(self.forward_model, self.val_data, indices, t.batch_size, self.device, t.precision)
+        loss = sums["loss_sum"] / sums["tokens"]
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_windows": sums["items"],
+                "val_tokens": sums["tokens"]}
 
 
 def injected_fault(kind: str, step: int) -> bool:
@@ -421,7 +432,8 @@ def prepare_run_dir(run_dir: Path, resume: Optional[str], cfg: Config) -> None:
 def summary_line(record: dict, before: Progress, after: Progress, seconds: float, run_dir: Path,
                  replicas_identical: bool) -> str:
     """The last line a person reads: where the run ended, how good, how fast (this session's average)."""
-    val = f" | val loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f})" if "val_loss" in record else ""
+    val = f" | val loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f}, {record['val_tokens']:,} tokens)" \
+        if "val_loss" in record else ""
     replicas = "replicas identical" if replicas_identical else "WARNING: replicas differ"
     tokens_per_s = (after.tokens - before.tokens) / max(after.elapsed_s - before.elapsed_s, 1e-9)
     return (f"done: {after.step} steps ({after.step - before.step} this session) in {format_duration(seconds)}"

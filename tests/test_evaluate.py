@@ -4,13 +4,16 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from multiproc import REPO, job_env, run_job
 
 from hvd_llama.data import TokenWindows, read_meta
-from hvd_llama.evaluate import token_byte_lengths, window_batches
+from hvd_llama.compute import item_batches
+from hvd_llama.data import ArrayWindows
+from hvd_llama.evaluate import token_byte_lengths
 from hvd_llama.generate import load_model
 
 FIGURES = ("loss_sum_nats", "loss_per_token", "perplexity", "nats_per_char", "bits_per_byte")
@@ -39,12 +42,13 @@ def fp32_default(micro_run, tmp_path_factory):  # noqa: F811
     return evaluate_cli(tmp_path_factory.mktemp("eval"), "fp32", "--checkpoint", micro_run)
 
 
-def test_window_batches_cover_every_target_once():
+def test_scored_windows_cover_every_target_once():
     for n_tokens, seq_len, batch_size in [(2, 4, 3), (65, 32, 2), (66, 32, 2), (100, 7, 4)]:
-        batches = window_batches(n_tokens, seq_len, batch_size)
-        targets = [t for batch in batches for start, stop in batch for t in range(start + 1, stop)]
+        windows = ArrayWindows(np.arange(n_tokens), seq_len)
+        batches = item_batches(windows, range(len(windows)), batch_size)
+        targets = [int(t) for batch in batches for i in batch for t in windows[i][1:]]
         assert targets == list(range(1, n_tokens))
-        assert all(len(b) <= batch_size and len({stop - start for start, stop in b}) == 1 for b in batches)
+        assert all(len(b) <= batch_size and len({len(windows[i]) for i in b}) == 1 for b in batches)
 
 
 def test_byte_lengths_sum_to_utf8_length(loaded):

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from hvd_llama import prepare
 from hvd_llama.cli import UserError, sha256_file
-from hvd_llama.compute import cross_entropy
+from hvd_llama.compute import count_targets, token_losses
 from hvd_llama.data import (ResumableDistributedSampler, SFTExamples, TokenWindows, inputs_and_targets, open_split,
                             read_meta)
 from hvd_llama.model import ModelConfig, Transformer
@@ -263,6 +263,11 @@ def model_and_batch(sft):
     rows = by_length[:4] + by_length[-2:]  # short examples with padding, long ones truncated
     batch = torch.stack([data[i] for i in rows])
     return model, data.examples[rows], batch
+
+
+def cross_entropy(logits, targets):
+    """The training loss of one micro-batch alone: summed token losses over its target count."""
+    return token_losses(logits, targets).sum() / count_targets(targets)
 
 
 def hand_masked_cross_entropy(logits, targets):

@@ -1,0 +1,113 @@
+"""Exact losses (issue 14): a step's loss is its token losses summed over the step's global target count, so
+fine-tuning rows of different lengths give the same step however the batch is split across ranks and
+micro-steps; validation covers the split evenly, and the last figure is `evaluate`'s on the final checkpoint."""
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import micro_overrides
+from multiproc import REPO, job_env
+from trainrun import losses, metrics, train_job, train_single
+
+from hvd_llama.compute import count_targets, spread_selection, token_losses
+from hvd_llama.data import SFTExamples, inputs_and_targets
+from hvd_llama.model import ModelConfig, Transformer
+from hvd_llama.tokenizer import Tokenizer
+
+WORDS = ("the king and queen of england shall speak to thee my lord good night sweet prince what light through "
+         "yonder window breaks it is the east and juliet is the sun").split()
+
+
+@pytest.fixture(scope="module")
+def varied_sft(data_dir, tmp_path_factory):
+    """Fine-tuning examples whose responses have 1 to ~40 tokens, encoded with data_dir's tokenizer."""
+    rng = random.Random(0)
+    examples = [{"prompt": f"say {rng.choice(WORDS)} {i}:", "response": " ".join(rng.choices(WORDS, k=rng.randint(1, 16)))}
+                for i in range(300)]
+    root = tmp_path_factory.mktemp("varied")
+    (root / "pairs.jsonl").write_text("\n".join(json.dumps(e) for e in examples))
+    done = subprocess.run([sys.executable, "-m", "hvd_llama.prepare", "--sft", "--input", str(root / "pairs.jsonl"),
+                           "--out", str(root / "data"), "--tokenizer", str(data_dir / "tokenizer.model"),
+                           "--val-fraction", "0.1", "--workers", "1"], cwd=REPO, env=job_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    tokenizer = Tokenizer(data_dir / "tokenizer.model")
+    lengths = [len(tokenizer.encode(e["response"])) for e in examples]
+    assert min(lengths) <= 2 and max(lengths) >= 35  # the spread the test is about
+    return root / "data"
+
+
+def sft_values(data, **extra) -> list:
+    return micro_overrides(data, **{"train.seq_len": 56, "optim.weight_decay": 0.1, "optim.grad_clip": 0.5, **extra})
+
+
+def final_weights(run_dir):
+    return torch.load(sorted((run_dir / "checkpoints").iterdir())[-1] / "model.pt")
+
+
+def test_the_data_can_expose_a_mean_of_means(varied_sft):
+    """Two micro-batches of 3 rows: their mean of means is not the per-token mean of the 6 rows."""
+    rows = SFTExamples(varied_sft, "train", 56)
+    batch = torch.stack([rows[i] for i in range(6)])
+    model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=64))
+    with torch.no_grad():
+        model.output.weight.mul_(30)  # confident predictions: token losses differ (at init they are all ~ln V)
+        inputs, targets = inputs_and_targets(batch)
+        per_token = token_losses(model(inputs), targets).view(6, -1)
+    counts = [count_targets(targets[:3]), count_targets(targets[3:])]
+    assert counts[0] != counts[1]
+    mean_of_means = (per_token[:3].sum() / counts[0] + per_token[3:].sum() / counts[1]) / 2
+    assert abs(mean_of_means / (per_token.sum() / sum(counts)) - 1) > 1e-3
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ranks_and_micro_steps_do_not_change_a_fine_tuning_step(varied_sft, tmp_path):
+    one = train_single(tmp_path / "one", sft_values(varied_sft, **{"train.batch_size": 6}))
+    accum = train_single(tmp_path / "accum", sft_values(varied_sft, **{"train.batch_size": 3, "train.grad_accum": 2}))
+    two = train_job(tmp_path / "two", sft_values(varied_sft, **{"train.batch_size": 3}))
+    assert one.returncode == 0 and accum.returncode == 0, one.stderr[-2000:] + accum.stderr[-2000:]
+    assert two.returncode == 0, two.output[-3000:]
+    reference = losses(tmp_path / "one")
+    assert len(reference) == 5 and len(set(reference)) == 5
+    for other in ("accum", "two"):
+        assert losses(tmp_path / other) == pytest.approx(reference, rel=1e-5), other
+        weights, expected = final_weights(tmp_path / other), final_weights(tmp_path / "one")
+        for key in expected:  # relative to each tensor's norm: Adam magnifies rounding in its tiniest elements
+            assert (weights[key] - expected[key]).norm() <= 1e-5 * expected[key].norm(), (other, key)
+
+
+def evaluate_json(run_dir, tmp_path) -> dict:
+    out = tmp_path / "eval.json"
+    done = subprocess.run([sys.executable, "-m", "hvd_llama.evaluate", "--checkpoint", str(run_dir), "--json", str(out)],
+                          cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+def test_last_validation_is_what_evaluate_reports(kind, small_data, varied_sft, tmp_path):
+    data, eval_windows = (small_data, 5) if kind == "pretrain" else (varied_sft, 4)
+    run_dir = tmp_path / kind
+    done = train_single(run_dir, sft_values(data, **{"train.max_steps": 4, "train.eval_every": 2,
+                                                     "train.eval_windows": eval_windows}))
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [r for r in metrics(run_dir) if "val_loss" in r]
+    figures = evaluate_json(run_dir, tmp_path)
+    assert [r["val_windows"] for r in records] == [eval_windows, figures["windows"]]
+    assert figures["windows"] > 3 * eval_windows
+    assert records[-1]["val_tokens"] == figures["tokens"]
+    assert records[-1]["val_loss"] == pytest.approx(figures["loss_per_token"], rel=1e-6)
+    assert f"val loss {records[-1]['val_loss']:.4f}" in done.stdout.strip().splitlines()[-1]
+    if kind == "finetune":  # responses only: fewer targets than tokens in the split, no characters
+        assert figures["nats_per_char"] is None and figures["characters"] is None
+
+
+def test_spread_selection_covers_the_split_evenly():
+    picked = spread_selection(1000, 10, seed=3)
+    assert picked == spread_selection(1000, 10, seed=3) != spread_selection(1000, 10, seed=4)
+    assert [p // 100 for p in picked] == list(range(10))  # one per tenth of the split
+    assert spread_selection(7, 0, seed=1) == spread_selection(7, 9, seed=1) == list(range(7))
