@@ -8,8 +8,12 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-import horovod.torch as hvd
 import torch
+
+try:
+    import horovod.torch as hvd
+except ImportError as err:  # pip cannot build Horovod 0.28.1 for torch >= 2.1 unpatched; the installer can
+    raise ImportError(f"Horovod is missing or not built for this torch ({err}); run launch/install.sh") from None
 
 from hvd_llama.cli import UserError
 from hvd_llama.config import DistConfig
