@@ -1,0 +1,51 @@
+"""The launch scripts' commands, read from their DRY_RUN output with stand-ins for nvidia-smi, torch, srun."""
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NVIDIA_SMI_8 = "#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: NVIDIA H100 80GB HBM3 (UUID: GPU-$i)\"; done\n"
+
+
+def executable(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def run_script(script: str, *args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([str(REPO / "launch" / script), *args], env=env, capture_output=True, text=True,
+                          timeout=60, check=True)
+
+
+def single_node_env(tmp_path, torch_gpus: int | None) -> dict:
+    """nvidia-smi lists 8 GPUs (as on an 8-GPU node split by CUDA_VISIBLE_DEVICES or MIG); torch, if stubbed,
+    sees `torch_gpus`; None keeps the real (CPU) torch."""
+    bin_dir = tmp_path / "bin"
+    executable(bin_dir / "nvidia-smi", NVIDIA_SMI_8)
+    env = dict(os.environ, DRY_RUN="1", PATH=os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent),
+                                                               os.environ["PATH"]]))
+    if torch_gpus is not None:
+        torch = tmp_path / "stub" / "torch"
+        torch.mkdir(parents=True)
+        (torch / "__init__.py").write_text(f"class cuda:\n    device_count = staticmethod(lambda: {torch_gpus})\n")
+        env["PYTHONPATH"] = str(torch.parent)
+    return env
+
+
+@pytest.mark.parametrize("torch_gpus, np", [(3, 3), (None, 2)])  # None: this CPU machine's torch, 0 GPUs
+def test_single_node_starts_one_rank_per_gpu_torch_sees_not_per_nvidia_smi_line(tmp_path, torch_gpus, np):
+    out = run_script("train_single_node.sh", "--", "--config", "my config.yaml",
+                     env=single_node_env(tmp_path, torch_gpus)).stdout
+    assert out == f"+ horovodrun -np {np} -H localhost:{np} python -m hvd_llama.train --config 'my config.yaml'\n"
+
+
+def test_single_node_np_flag_wins(tmp_path):
+    out = run_script("train_single_node.sh", "-n", "5", "--timeline", "t.json", env=single_node_env(tmp_path, 3))
+    assert shlex.split(out.stdout)[1:] == ["horovodrun", "-np", "5", "-H", "localhost:5", "--timeline-filename",
+                                           "t.json", "python", "-m", "hvd_llama.train"]
