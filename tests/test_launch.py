@@ -49,3 +49,17 @@ def test_single_node_np_flag_wins(tmp_path):
     out = run_script("train_single_node.sh", "-n", "5", "--timeline", "t.json", env=single_node_env(tmp_path, 3))
     assert shlex.split(out.stdout)[1:] == ["horovodrun", "-np", "5", "-H", "localhost:5", "--timeline-filename",
                                            "t.json", "python", "-m", "hvd_llama.train"]
+
+
+@pytest.mark.parametrize("cpus_per_task", ["12", None])
+def test_slurm_passes_cpus_per_task_to_srun(tmp_path, cpus_per_task):
+    """Slurm >= 22.05: srun does not inherit the job's --cpus-per-task. A stub srun prints what it was given."""
+    executable(tmp_path / "bin" / "srun", "#!/bin/sh\nprintf '%s\\n' \"$@\"\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}", SLURM_NTASKS="16", SLURM_JOB_ID="42")
+    if cpus_per_task:
+        env["SLURM_CPUS_PER_TASK"] = cpus_per_task
+    args = run_script("train_slurm.sbatch", "--config", "my config.yaml", env=env).stdout.splitlines()
+    expected = [f"--cpus-per-task={cpus_per_task}"] if cpus_per_task else []
+    assert args == ["--mpi=pmix", "--kill-on-bad-exit=1", *expected, "python", "-m", "hvd_llama.train",
+                    "--resume", "auto", "--config", "my config.yaml"]
