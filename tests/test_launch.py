@@ -63,3 +63,25 @@ def test_slurm_passes_cpus_per_task_to_srun(tmp_path, cpus_per_task):
     expected = [f"--cpus-per-task={cpus_per_task}"] if cpus_per_task else []
     assert args == ["--mpi=pmix", "--kill-on-bad-exit=1", *expected, "python", "-m", "hvd_llama.train",
                     "--resume", "auto", "--config", "my config.yaml"]
+
+
+FORWARDED = {"PATH": "/usr/bin:/bin", "PYTHONPATH": "/repo", "LD_LIBRARY_PATH": "/opt/nccl/lib",
+             "LD_PRELOAD": "/opt/aws-ofi-nccl/lib/libnccl-net.so", "OMP_NUM_THREADS": "8",
+             "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+             "CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_IB_HCA": "mlx5", "NCCL_DEBUG": "INFO", "UCX_TLS": "rc,sm",
+             "FI_PROVIDER": "efa", "HOROVOD_FUSION_THRESHOLD": "0", "HVD_LLAMA_FAULT": "none"}
+NOT_FORWARDED = {"HOME": "/root", "LANG": "C.UTF-8", "NCCLX": "1", "MY_NCCL_X": "1", "TORCHELASTIC_RUN_ID": "1",
+                 "PATHS": "x", "FIX": "1"}
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({**FORWARDED, **NOT_FORWARDED}, set(FORWARDED)),
+    ({"PATH": "/usr/bin:/bin", "HOME": "/root"}, {"PATH", "NCCL_DEBUG"}),  # NCCL_DEBUG: the script's default
+])
+def test_mpirun_forwards_each_set_variable_once_and_nothing_unset(env, expected):
+    out = run_script("train_mpirun.sh", "-H", "node1:2,node2:2", "--", "--config", "c.yaml",
+                     env={**env, "PATH": f"{env['PATH']}:{os.environ['PATH']}", "DRY_RUN": "1"}).stdout
+    words = shlex.split(out)
+    names = [words[i + 1] for i, word in enumerate(words) if word == "-x"]
+    assert sorted(names) == sorted(expected)  # each exactly once, none that is unset or unrelated
+    assert words[-4:] == ["-m", "hvd_llama.train", "--config", "c.yaml"]
