@@ -69,7 +69,8 @@ ensure_venv() {
 
 probe_torch() {  # sets TORCH_FOUND (version), TORCH_CUDA (CUDA version it is built for, or "") and PY_VERSION
   local out
-  out=$("$PY" -c "import sys, torch; print(torch.__version__, torch.version.cuda or '-', '%d.%d' % sys.version_info[:2])"     2>/dev/null) || return 1
+  local code="import sys, torch; print(torch.__version__, torch.version.cuda or '-', '%d.%d' % sys.version_info[:2])"
+  out=$("$PY" -c "$code" 2>/dev/null) || return 1
   read -r TORCH_FOUND TORCH_CUDA PY_VERSION <<<"$out"
   [ "$TORCH_CUDA" != - ] || TORCH_CUDA=""
 }
@@ -111,7 +112,10 @@ check_nccl() {  # before a CUDA build: NCCL's header and library, where Horovod'
   for dir in "${inc[@]}"; do [ -f "$dir/nccl.h" ] && break; dir=""; done
   [ -n "$dir" ] || die "NCCL not found (no nccl.h in ${inc[*]}): install NVIDIA's libnccl-dev, or set HOROVOD_NCCL_HOME"
   for dir in "${lib[@]}"; do compgen -G "$dir/libnccl[._]*" >/dev/null && break; dir=""; done
-  [ -n "$dir" ] || die "NCCL not found (no libnccl in ${lib[*]}): install NVIDIA's libnccl-dev, or set HOROVOD_NCCL_HOME"
+  [ -n "$dir" ] \
+    || die "NCCL not found (no libnccl in ${lib[*]}): install NVIDIA's libnccl-dev, or set HOROVOD_NCCL_HOME"
+  # Horovod links NCCL statically unless told otherwise; pip, conda and module installs often ship only the .so.
+  if [ -z "${HOROVOD_NCCL_LINK:-}" ] && ! [ -f "$dir/libnccl_static.a" ]; then export HOROVOD_NCCL_LINK=SHARED; fi
 }
 
 choose_build() {
@@ -130,7 +134,8 @@ choose_build() {
   fi
   if [ "$DEVICE" = cuda ]; then
     [ "$toolkit" = 1 ] || die "--cuda: no CUDA toolkit found; set CUDA_HOME or put nvcc on PATH"
-    [ -n "$TORCH_CUDA" ] || die "--cuda: torch $TORCH_FOUND in $VENV is a CPU build; install a CUDA build of torch first"
+    [ -n "$TORCH_CUDA" ] \
+      || die "--cuda: torch $TORCH_FOUND in $VENV is a CPU build; install a CUDA build of torch first"
   fi
   for name in $(compgen -e); do
     case "$name" in HOROVOD_GPU*|HOROVOD_WITH_*|HOROVOD_WITHOUT_*) unset "$name" ;; esac
@@ -205,7 +210,8 @@ ensure_horovod() {
   else
     build_horovod_wheel "$wheel_dir"
   fi
-  "$PY" -m pip install -q --no-deps --force-reinstall "$wheel_dir"/horovod-*.whl || die "pip install of the Horovod wheel failed"
+  "$PY" -m pip install -q --no-deps --force-reinstall "$wheel_dir"/horovod-*.whl \
+    || die "pip install of the Horovod wheel failed"
   "$PY" -m pip install -q psutil pyyaml cloudpickle cffi packaging || die "pip install of Horovod's dependencies failed"
 }
 

@@ -164,15 +164,16 @@ def fake_venv(tmp_path, torch_cuda: str | None, nccl_in_build: bool = True, torc
     (torch / "__init__.py").write_text(f"__version__ = '2.13.0+{'cu130' if torch_cuda else 'cpu'}'\n"
                                        f"class version:\n    cuda = {torch_cuda!r}\n")
     script = FAKE_PYTHON
-    for name, value in dict(log=tmp_path / "pip.log", sdist=sdist.parent, build_env=tmp_path / "build_env.txt",
-                            built_cmake=tmp_path / "built_cmake.txt", torch=torch.parent, python=sys.executable).items():
+    values = dict(log=tmp_path / "pip.log", sdist=sdist.parent, build_env=tmp_path / "build_env.txt",
+                  built_cmake=tmp_path / "built_cmake.txt", torch=torch.parent, python=sys.executable)
+    for name, value in values.items():
         script = script.replace(f"@{name}@", str(value))
     executable(venv / "bin" / "python", script)
     executable(venv / "bin" / "horovodrun", CHECK_BUILD.format(nccl="X" if nccl_in_build else " "))
     return venv
 
 
-def fake_cuda_toolkit(tmp_path, nccl: bool = True) -> Path:
+def fake_cuda_toolkit(tmp_path, nccl: bool = True, nccl_lib: str = "libnccl_static.a") -> Path:
     root = tmp_path / "cuda"
     executable(root / "bin" / "nvcc", "#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.88'\n")
     (root / "include").mkdir()
@@ -180,7 +181,7 @@ def fake_cuda_toolkit(tmp_path, nccl: bool = True) -> Path:
     (root / "include" / "cuda.h").write_text("")
     if nccl:
         (root / "include" / "nccl.h").write_text("#define NCCL_MAJOR 2\n")
-        (root / "lib64" / "libnccl_static.a").write_text("")
+        (root / "lib64" / nccl_lib).write_text("")
     return root
 
 
@@ -217,6 +218,14 @@ def test_dry_run_with_a_cuda_toolkit_and_cuda_torch_builds_with_nccl(tmp_path, f
     assert env == BASE_FLAGS | {"HOROVOD_GPU_OPERATIONS=NCCL", f"HOROVOD_CUDA_HOME={cuda}"}
     assert key == "horovod-0.28.1-torch-2.13.0+cu130-py%d.%d-pytorch-gloo-mpi-nccl" % sys.version_info[:2]
     assert pip_log(tmp_path) == ""  # nothing installed or downloaded
+
+
+def test_nccl_without_its_static_library_is_linked_shared(tmp_path):
+    cuda, venv = fake_cuda_toolkit(tmp_path, nccl_lib="libnccl.so.2"), fake_venv(tmp_path, torch_cuda="13.0")
+    done = install(tmp_path, {"nvcc"}, "--dry-run", venv=venv, extra_path=cuda / "bin")
+    assert done.returncode == 0, done.stderr
+    assert printed_build(done.stdout)[1] == BASE_FLAGS | {"HOROVOD_GPU_OPERATIONS=NCCL", f"HOROVOD_CUDA_HOME={cuda}",
+                                                          "HOROVOD_NCCL_LINK=SHARED"}
 
 
 @pytest.mark.parametrize("args, torch_cuda, toolkit, nccl_expected", [
