@@ -59,15 +59,20 @@ def build_optimizer(model, stage, bucket_elements=SMALL_BUCKETS, compression="no
 
 
 def micro_batch(step: int, micro: int) -> torch.Tensor:
-    """This rank's rows of the global batch of (step, micro)."""
+    """This rank's rows of the global batch of (step, micro): learnable (token i+1 = 5 * token i + 3 mod VOCAB
+    from a random start, with one random token per row), so losses fall and runs that differ diverge."""
     generator = torch.Generator().manual_seed(1000 * step + micro)
-    batch = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=generator)
+    batch = torch.randint(0, VOCAB, (GLOBAL_BATCH, 1), generator=generator).repeat(1, SEQ + 1)
+    for i in range(1, SEQ + 1):
+        batch[:, i] = (5 * batch[:, i - 1] + 3) % VOCAB
+    noise = torch.randint(0, SEQ + 1, (GLOBAL_BATCH,), generator=generator)
+    batch[torch.arange(GLOBAL_BATCH), noise] = torch.randint(0, VOCAB, (GLOBAL_BATCH,), generator=generator)
     share = GLOBAL_BATCH // dist.size()
     return batch[dist.rank() * share:(dist.rank() + 1) * share]
 
 
 def lr_at(step: int) -> float:
-    return 1e-2 * (step + 1) / 5  # changes every step: param_groups' lr must reach the sharded AdamW
+    return 1e-2 * (1 + step % 5) / 5  # changes every step: param_groups' lr must reach the sharded AdamW
 
 
 def train_step(model, opt, step: int, dtype=torch.float32) -> dict:
@@ -127,12 +132,14 @@ def equivalence() -> None:
         ref_model, ref_opt = reference[lora]
         result = {"name": name, "stage": stage, "lora": lora, "records": records, "digest": digest(model),
                   "param_diff": max_diff(model, ref_model), "P": trainable_count(model), "world": dist.size(),
-                  "bytes": opt.state_bytes(), "trainable_names": [n for n, p in model.named_parameters()
-                                                                  if p.requires_grad]}
-        # the peak gradient bytes: right after reduce_gradients (stage 1 keeps param.grad until zero_grad)
-        batch = micro_batch(99, 0)
+                  "bytes": opt.state_bytes()}
+        # Gradient bytes at their peak, right after reduce_gradients (stage 1 keeps param.grad until zero_grad);
+        # stage 2 launches nothing on the first micro-step and every bucket during the last one's backward.
+        batch, launched = micro_batch(99, 0), []
         for _ in range(GRAD_ACCUM):
             F.cross_entropy(model(batch[:, :-1]).reshape(-1, VOCAB), batch[:, 1:].reshape(-1)).backward()
+            launched.append(getattr(opt, "launched", None))
+        result["launched_in_backward"] = launched
         opt.reduce_gradients()
         result["bytes_after_reduce"] = opt.state_bytes()
         opt.zero_grad()
