@@ -51,11 +51,11 @@ def build_model(lora: bool = False) -> nn.Module:
     return model
 
 
-def build_optimizer(model, stage, bucket_elements=SMALL_BUCKETS, compression="none"):
+def build_optimizer(model, stage, bucket_elements=SMALL_BUCKETS, compression="none", predivide=1.0):
     groups = param_groups(model, weight_decay=0.1)
-    return dist.build_data_parallel_optimizer(model, groups, dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8),
-                                              DistConfig(compression=compression), stage, GRAD_ACCUM,
-                                              bucket_elements=bucket_elements)
+    cfg = DistConfig(compression=compression, gradient_predivide_factor=predivide)
+    return dist.build_data_parallel_optimizer(model, groups, dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8), cfg,
+                                              stage, GRAD_ACCUM, bucket_elements=bucket_elements)
 
 
 def micro_batch(step: int, micro: int) -> torch.Tensor:
@@ -107,9 +107,9 @@ def emit(**values) -> None:
     print("RESULT " + json.dumps(values), flush=True)
 
 
-def run(stage: int, steps: range, lora=False, bucket_elements=SMALL_BUCKETS, model=None, opt=None, **kwargs):
+def run(stage: int, steps: range, model=None, opt=None, lora=False, **options):
     model = model or build_model(lora)
-    opt = opt or build_optimizer(model, stage, bucket_elements, **kwargs)
+    opt = opt or build_optimizer(model, stage, **options)
     records = [train_step(model, opt, step) for step in steps]
     return model, opt, records
 
@@ -119,17 +119,24 @@ def max_diff(a: nn.Module, b: nn.Module) -> float:
                for x, y in zip(a.parameters(), b.parameters()))
 
 
+EQUIVALENCE = {  # name: (the stage-0 run it must match, stage, options)
+    "s0": ("s0", 0, {}), "s1": ("s0", 1, {}), "s2": ("s0", 2, {}),
+    "s1_one_bucket": ("s0", 1, {"bucket_elements": 10**9}), "s2_one_bucket": ("s0", 2, {"bucket_elements": 10**9}),
+    "fp16_s0": ("fp16_s0", 0, {"compression": "fp16", "predivide": 2.0}),
+    "fp16_s2": ("fp16_s0", 2, {"compression": "fp16", "predivide": 2.0}),
+    "lora_s0": ("lora_s0", 0, {"lora": True}), "lora_s2": ("lora_s0", 2, {"lora": True, "bucket_elements": 10**9}),
+}
+
+
 def equivalence() -> None:
-    """Stages 0/1/2 (small buckets, one bucket), and LoRA at stages 0/2: losses, parameters, state sizes."""
-    configs = {"s0": (0, False, SMALL_BUCKETS), "s1": (1, False, SMALL_BUCKETS), "s2": (2, False, SMALL_BUCKETS),
-               "s1_one_bucket": (1, False, 10**9), "s2_one_bucket": (2, False, 10**9),
-               "lora_s0": (0, True, SMALL_BUCKETS), "lora_s2": (2, True, 10**9)}
-    reference = {}
-    for name, (stage, lora, bucket_elements) in configs.items():
-        model, opt, records = run(stage, range(5), lora, bucket_elements)
-        if stage == 0:
-            reference[lora] = model, opt
-        ref_model, ref_opt = reference[lora]
+    """Stages 1/2 against stage 0 (small buckets, one bucket, fp16 compression with predivision, LoRA):
+    losses, parameters, moments, state sizes."""
+    finished = {}
+    for name, (reference, stage, options) in EQUIVALENCE.items():
+        model, opt, records = run(stage, range(5), **options)
+        finished[name] = model, opt
+        ref_model, ref_opt = finished[reference]
+        lora = options.get("lora", False)
         result = {"name": name, "stage": stage, "lora": lora, "records": records, "digest": digest(model),
                   "param_diff": max_diff(model, ref_model), "P": trainable_count(model), "world": dist.size(),
                   "bytes": opt.state_bytes()}
@@ -164,29 +171,44 @@ def moment_diff(merged: dict, ref_model, ref_opt) -> float:
     return max(diffs)
 
 
+def save(model, opt, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(opt.state_dict(), directory / f"slice{dist.rank()}.pt")
+    if dist.is_main():
+        torch.save(model.state_dict(), directory / "model.pt")
+    dist.allreduce_sum(torch.zeros(1), name="saved")  # every file written before anyone reads
+
+
+def resumed(stage: int, directory: Path, load_optimizer: bool = True):
+    """A model and optimizer from the saved weights and all ranks' slices (at whatever world size saved them)."""
+    model = build_model()
+    model.load_state_dict(torch.load(directory / "model.pt"))
+    opt = build_optimizer(model, stage)
+    if load_optimizer:
+        opt.load_state_dict([torch.load(f) for f in sorted(directory.glob("slice*.pt"))])
+    return model, opt
+
+
 def reshard_save(directory: Path) -> None:
-    """10 straight steps per stage; the state after step 5 saved as every rank's slice plus the weights."""
+    """10 straight steps per stage, the state after step 5 saved (every rank's slice plus the weights); and
+    steps 6-10 again from that state at this world size."""
     for stage in (1, 2):
         model, opt, first = run(stage, range(5))
-        out = directory / f"stage{stage}"
-        out.mkdir(parents=True, exist_ok=True)
-        torch.save(opt.state_dict(), out / f"slice{dist.rank()}.pt")
-        if dist.is_main():
-            torch.save(model.state_dict(), out / "model.pt")
-        _, _, rest = run(stage, range(5, 10), model=model, opt=opt)
-        emit(stage=stage, losses=[r["loss"] for r in first + rest], world=dist.size())
+        save(model, opt, directory / f"stage{stage}")
+        _, _, rest = run(stage, range(5, 10), model, opt)
+        again_model, again_opt = resumed(stage, directory / f"stage{stage}")
+        _, _, again = run(stage, range(5, 10), again_model, again_opt)
+        emit(stage=stage, losses=[r["loss"] for r in first + rest], resumed=[r["loss"] for r in again],
+             digests=[digest(model), digest(again_model)], world=dist.size())
 
 
 def reshard_load(directory: Path) -> None:
-    """Steps 6-10 from the saved weights and all saved slices, at this world size."""
+    """Steps 6-10 from the saved weights and all saved slices at this world size; and, as a control, from the
+    weights alone with a fresh optimizer."""
     for stage in (1, 2):
-        saved = directory / f"stage{stage}"
-        model = build_model()
-        model.load_state_dict(torch.load(saved / "model.pt"))
-        opt = build_optimizer(model, stage)
-        opt.load_state_dict([torch.load(f) for f in sorted(saved.glob("slice*.pt"))])
-        _, _, rest = run(stage, range(5, 10), model=model, opt=opt)
-        emit(stage=stage, losses=[r["loss"] for r in rest], world=dist.size(), digest=digest(model))
+        _, _, rest = run(stage, range(5, 10), *resumed(stage, directory / f"stage{stage}"))
+        _, _, fresh = run(stage, range(5, 10), *resumed(stage, directory / f"stage{stage}", load_optimizer=False))
+        emit(stage=stage, losses=[r["loss"] for r in rest], fresh=[r["loss"] for r in fresh], world=dist.size())
 
 
 def bf16() -> None:
@@ -199,12 +221,13 @@ def bf16() -> None:
     for stage in (1, 2):
         _, _, fp32 = run(stage, range(20))
         model = build_model().to(torch.bfloat16)
-        _, opt, low = run(stage, range(20), model=model, opt=build_optimizer(model, stage))
+        _, opt, low = run(stage, range(20), model, build_optimizer(model, stage))
         views_match = all(torch.equal(v.view(torch.int16), t.to(torch.bfloat16).view(torch.int16))
                           for v, t in zip(opt._param_views, opt._targets))
         emit(kind="train", stage=stage, fp32=[r["loss"] for r in fp32], bf16=[r["loss"] for r in low],
              digest=digest(model), master_dtype=str(opt.master.dtype), own_slice_is_master=views_match,
-             bytes=opt.state_bytes(), shard=opt.exp_avg.numel(), P=trainable_count(model),
+             bytes=opt.state_bytes(), shard=opt.exp_avg.numel(), buckets=len(opt.layout.buckets),
+             P=trainable_count(model),
              has_master="master" in opt.state_dict())
 
 
