@@ -104,7 +104,9 @@ def trainable_count(model) -> int:
 
 
 def emit(**values) -> None:
-    print("RESULT " + json.dumps(values), flush=True)
+    # one write per line: mpirun --tag-output tags every chunk it reads, even a lone newline
+    sys.stdout.write(f"RESULT {json.dumps(values)}\n")
+    sys.stdout.flush()
 
 
 def run(stage: int, steps: range, model=None, opt=None, lora=False, **options):
