@@ -27,6 +27,7 @@ from hvd_llama.optim import param_groups
 VOCAB, SEQ, GLOBAL_BATCH, GRAD_ACCUM, MAX_NORM = 37, 8, 6, 2, 0.05
 MODEL = ModelConfig(dim=24, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=VOCAB, multiple_of=8, max_seq_len=16)
 SMALL_BUCKETS = 1000  # elements: many buckets, several with padding
+POISON_STEP = 2  # equivalence: the last rank's gradients are NaN at this step; every rank must skip it
 
 
 class BiasedTransformer(nn.Module):
@@ -75,15 +76,18 @@ def lr_at(step: int) -> float:
     return 1e-2 * (1 + step % 5) / 5  # changes every step: param_groups' lr must reach the sharded AdamW
 
 
-def train_step(model, opt, step: int, dtype=torch.float32) -> dict:
+def train_step(model, opt, step: int, poison: bool = False) -> dict:
+    """One optimizer step as train.py takes it; `poison` makes the last rank's gradients NaN."""
     for group in opt.param_groups:
         group["lr"] = lr_at(step)
     losses = []
     for micro in range(GRAD_ACCUM):
         batch = micro_batch(step, micro)
         loss = F.cross_entropy(model(batch[:, :-1]).float().reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
-        (loss / GRAD_ACCUM).backward()
         losses.append(loss.item())
+        if poison and dist.rank() == dist.size() - 1:
+            loss = loss * float("nan")
+        (loss / GRAD_ACCUM).backward()
     opt.reduce_gradients()
     grads_left = sum(p.grad is not None for p in model.parameters())
     norm = opt.clip_grad_norm_(MAX_NORM)
@@ -91,7 +95,7 @@ def train_step(model, opt, step: int, dtype=torch.float32) -> dict:
         opt.step()
     opt.zero_grad()
     mean_loss = dist.allreduce_sum(torch.tensor([sum(losses) / len(losses)]), name="loss").item() / dist.size()
-    return {"loss": mean_loss, "norm": norm.item(), "grads_left": grads_left}
+    return {"loss": mean_loss, "norm": norm.item(), "grads_left": grads_left, "digest": digest(model)}
 
 
 def digest(model) -> str:
@@ -109,10 +113,10 @@ def emit(**values) -> None:
     sys.stdout.flush()
 
 
-def run(stage: int, steps: range, model=None, opt=None, lora=False, **options):
+def run(stage: int, steps: range, model=None, opt=None, lora=False, poison_step=None, **options):
     model = model or build_model(lora)
     opt = opt or build_optimizer(model, stage, **options)
-    records = [train_step(model, opt, step) for step in steps]
+    records = [train_step(model, opt, step, poison=step == poison_step) for step in steps]
     return model, opt, records
 
 
@@ -132,14 +136,14 @@ EQUIVALENCE = {  # name: (the stage-0 run it must match, stage, options)
 
 def equivalence() -> None:
     """Stages 1/2 against stage 0 (small buckets, one bucket, fp16 compression with predivision, LoRA):
-    losses, parameters, moments, state sizes."""
+    losses, parameters, moments, state sizes, and a NaN on one rank skipping a step on all."""
     finished = {}
     for name, (reference, stage, options) in EQUIVALENCE.items():
-        model, opt, records = run(stage, range(5), **options)
+        model, opt, records = run(stage, range(5), poison_step=POISON_STEP, **options)
         finished[name] = model, opt
         ref_model, ref_opt = finished[reference]
         lora = options.get("lora", False)
-        result = {"name": name, "stage": stage, "lora": lora, "records": records, "digest": digest(model),
+        result = {"name": name, "stage": stage, "lora": lora, "records": records,
                   "param_diff": max_diff(model, ref_model), "P": trainable_count(model), "world": dist.size(),
                   "bytes": opt.state_bytes()}
         # Gradient bytes at their peak, right after reduce_gradients (stage 1 keeps param.grad until zero_grad);
