@@ -10,7 +10,6 @@ world sizes see the same data and ranks see different data.
 """
 import hashlib
 import json
-import math
 import sys
 from pathlib import Path
 

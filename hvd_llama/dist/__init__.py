@@ -2,6 +2,7 @@
 
 Follows Horovod's PyTorch examples (examples/pytorch/pytorch_imagenet_resnet50.py): init, pin the device,
 wrap the optimizer, broadcast the initial state from rank 0, and average metrics across ranks.
+zero.py holds the data-parallel optimizers: replicated (stage 0) and ZeRO-sharded (stages 1 and 2).
 """
 from __future__ import annotations
 
