@@ -266,7 +266,8 @@ def plan(cfg: Config, world_size: int, device_memory: int, device: str = "cuda")
 
 def check_fits(cfg: Config, world_size: int, device_memory_bytes: int, device: str = "cuda") -> None:
     """Raise UserError, in one line naming the fixes, when the run cannot fit device_memory_bytes per rank."""
-    p = plan_at(cfg, world_size, device_memory_bytes, device)
+    counts = count_params(cfg)
+    p = plan_at(cfg, world_size, device_memory_bytes, device, counts)
     if p.fits:
         return
     fixes = []
@@ -274,12 +275,19 @@ def check_fits(cfg: Config, world_size: int, device_memory_bytes: int, device: s
         fixes.append("--set dist.zero_stage=2")
     if not cfg.train.activation_checkpointing:
         fixes.append("--set train.activation_checkpointing=true")
-    largest = max_batch_size(cfg, world_size, device_memory_bytes, device)
+    largest = max_batch_size(cfg, world_size, device_memory_bytes, device, counts)
     if largest:
         fixes.append(f"--set train.batch_size={largest} (the largest that fits)")
     fixes.append("more ranks" + (" (with dist.zero_stage >= 1)" if cfg.dist.zero_stage == 0 else ""))
-    raise UserError(f"this run needs {gib(p.total)} per rank ({breakdown(p)}), more than the {gib(device_memory_bytes)} "
-                    f"of the device; try {', '.join(fixes)} (python -m hvd_llama.plan shows the arithmetic)")
+    message = (f"this run needs {gib(p.total)} per rank ({breakdown(p)}), more than the "
+               f"{gib(device_memory_bytes)} of the device; try {', '.join(fixes)}")
+    leanest = plan_at(with_train(with_dist(cfg, zero_stage=2), activation_checkpointing=True, batch_size=1),
+                      world_size, device_memory_bytes, device, counts)
+    if not leanest.fits:
+        message += (f"; even dist.zero_stage=2 with activation checkpointing at train.batch_size=1 needs "
+                     f"{gib(leanest.total)}, and the weights alone {gib(leanest.weights)} on every rank "
+                     "(sizes beyond that need parameter sharding, ZeRO stage 3)")
+    raise UserError(message + " (python -m hvd_llama.plan shows the arithmetic)")
 
 
 def gib(n: int) -> str:

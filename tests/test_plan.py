@@ -181,6 +181,8 @@ def test_check_fits_names_the_fixes():
     fitting = load_config("configs/llama2-7b.yaml", ["dist.zero_stage=2", "train.activation_checkpointing=true",
                                                      "train.batch_size=1"])
     check_fits(fitting, 8, 80 * 10**9)  # no error
+    with pytest.raises(UserError, match="ZeRO stage 3"):  # 70B's bf16 weights alone exceed 80 GB
+        check_fits(load_config("configs/llama2-70b.yaml"), 64, 80 * 10**9)
 
 
 # ~100M parameters (97.5M): 12 layers of width 768, vocabulary 8192; two steps of 2 x 256 tokens.
