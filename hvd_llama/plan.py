@@ -6,7 +6,8 @@
 Model state (weights, gradients, AdamW state) is exact tensor arithmetic for each ZeRO stage (model_state_bytes).
 Activations are the tensors autograd saves in this model's forward (model.py, compute.py's loss), counted
 tensor by tensor for fp32, for bf16/fp16 autocast over fp32 weights and for bf16 weights (activation_bytes), plus
-what lives only around the peak. tests/test_plan.py checks both against measured tensors and peak RSS.
+the loss's gradients at the start of backward. The total is the sum of every line: tests/test_plan.py checks the
+parts against the tensors PyTorch holds and the total against the peak RSS of real training steps.
 """
 from __future__ import annotations
 
@@ -109,21 +110,24 @@ def layer_saved_bytes_per_token(m: ModelConfig, regime: str) -> int:
     fp32: everything 4 bytes. autocast: the residual stream and RMSNorm stay fp32, every linear saves its own
     half copy of its input (autocast caches only weight casts).
     half: bf16 residual stream; RMSNorm saves its fp32 upcast; the norm output is shared by its linears.
+    LoRA is not modelled: its adapters add a [tokens, rank] tensor per adapted linear, while frozen linears skip
+    saving inputs nothing else needs, so full fine-tuning's figure is a close upper bound.
     """
     d, kv, H = m.dim, m.kv_heads * m.head_dim, m.ffn_hidden_dim
     # SDPA's key/value inputs: rotated k and v, or repeat_kv's copies of them (width d each) under grouped-query
     # attention (with one key/value head, or none repeated, repeat_kv returns views: no copy)
     sdpa_kv = 2 * (kv if m.kv_heads in (1, m.n_heads) else d)
     a = 2 if regime in ("autocast", "half") else 4  # bytes of a matmul output
+    n = 2 if regime == "half" else 4  # bytes of a normalised input: fp32, or bf16 after type_as(x)
     tensors = [
         (d, 4),  # attention_norm: its fp32 input (the block input, or the upcast of a bf16 one)
-        (d, a if regime == "half" else 4),  # the normalised input, before the gain (bf16 after type_as in half)
+        (d, n),  # the normalised input, before the gain
         (3 * d if regime == "autocast" else d, a),  # norm output saved by wq, wk, wv (one copy each under autocast)
         (d, a),  # rotated q (the rotation saves nothing else: cos and sin need no gradient)
         (sdpa_kv, a),  # SDPA's key and value inputs
         (d, a),  # attention output (wo's input is a view of it)
         (d, 4),  # ffn_norm: its fp32 input (h, or its upcast)
-        (d, a if regime == "half" else 4),  # the normalised input
+        (d, n),  # the normalised input
         (2 * d if regime == "autocast" else d, a),  # norm output saved by w1 and w3
         (4 * H, a),  # SwiGLU: w1 out, w3 out, silu(w1 out), their product (w2's input)
         (m.n_heads, 4),  # SDPA's log-sum-exp per head (flash / memory-efficient kernels)
@@ -135,8 +139,8 @@ def layer_saved_bytes_per_token(m: ModelConfig, regime: str) -> int:
 def head_saved_bytes_per_token(m: ModelConfig, regime: str) -> int:
     """The final RMSNorm, the output head and the loss: compute.py's cross_entropy upcasts the logits to fp32 and
     log_softmax saves its fp32 output (4 V); the logits themselves are not kept."""
-    d, a = m.dim, 2 if regime != "fp32" else 4
-    norm = 4 * d + (a if regime == "half" else 4) * d + a * d + 4  # input (fp32), normalised, output, rsqrt
+    d, a, n = m.dim, 2 if regime != "fp32" else 4, 2 if regime == "half" else 4
+    norm = 4 * d + n * d + a * d + 4  # input (fp32), normalised, output (as the output head saves it), rsqrt
     return norm + 4 * m.vocab_size
 
 
@@ -187,6 +191,7 @@ class Plan:
     zero_stage: int
     precision: str
     batch_size: int
+    grad_accum: int
     seq_len: int
     activation_checkpointing: bool
     device: str
@@ -223,7 +228,7 @@ def plan_at(cfg: Config, world_size: int, device_memory: int, device: str = "cud
     overhead = fixed + int(fragmentation * tensors)
     total = tensors + overhead
     return Plan(parameters=counts.total, trainable=counts.trainable, world_size=world_size, zero_stage=stage,
-                precision=t.precision, batch_size=t.batch_size, seq_len=t.seq_len,
+                precision=t.precision, batch_size=t.batch_size, grad_accum=t.grad_accum, seq_len=t.seq_len,
                 activation_checkpointing=t.activation_checkpointing, device=device, **state,
                 activations=activations, activations_full=acts[False], activations_checkpointed=acts[True],
                 weight_copies=copies, buffers=buffers, overhead=overhead, total=total,
@@ -331,7 +336,9 @@ def report(p: Plan, name: str) -> list[str]:
              f"dist.zero_stage={p.zero_stage}, {p.precision}, train.batch_size={p.batch_size} x {p.seq_len} "
              f"tokens, activation checkpointing {'on' if p.activation_checkpointing else 'off'}, {p.device}",
              f"  weights                    {gib(p.weights):>12}",
-             f"  gradients                  {gib(p.gradients):>12}",
+             f"  gradients                  {gib(p.gradients):>12}" + (
+                 "  (this rank's slice, plus the whole gradients accumulated over the micro-steps)"
+                 if p.zero_stage == 2 and p.grad_accum > 1 else ""),
              f"  optimizer state            {gib(p.optimizer):>12}",
              f"  activations / micro-batch  {gib(p.activations):>12}  ({gib(other_bytes)} {other} checkpointing)"]
     if p.weight_copies:
