@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # Sets up hvd_llama: a virtual environment, PyTorch, OpenMPI, Horovod 0.28.1 built from source, and hvd_llama.
 # Idempotent: re-running with the Horovod wheel cached takes seconds.
-#
+# Usage: launch/install.sh [--cuda | --cpu] [--dry-run] [--with-test-tools]
+#   --cuda / --cpu      build Horovod with / without NCCL, whatever is detected. Default: with NCCL when a CUDA
+#                       toolkit is found (CUDA_HOME, or nvcc on PATH) and the venv's torch is a CUDA build
+#   --dry-run           print the Horovod build's environment, command and cache key; change nothing
+#   --with-test-tools   also install iproute2 and openssh (the multi-node tests; they skip themselves without)
 # Environment knobs:
 #   HVD_LLAMA_VENV     virtual environment to create/use   (default: <repo>/.venv)
 #   HVD_LLAMA_CACHE    where built Horovod wheels are kept (default: ~/.cache/hvd_llama)
 #   PYTHON             interpreter for a new venv          (default: python3)
 #   TORCH_VERSION      torch to install when none is there (default: 2.13.0)
 #   HVD_LLAMA_NO_APT=1 never run apt-get; print what to install instead
+#   HVD_LLAMA_DRY_RUN=1, HVD_LLAMA_TEST_TOOLS=1: as --dry-run, --with-test-tools
+#   HOROVOD_NCCL_HOME (or HOROVOD_NCCL_INCLUDE + HOROVOD_NCCL_LIB): where NCCL is, if not in the CUDA toolkit or /usr
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -16,6 +22,10 @@ CACHE=${HVD_LLAMA_CACHE:-$HOME/.cache/hvd_llama}
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 HOROVOD_VERSION=0.28.1
+DRY_RUN=${HVD_LLAMA_DRY_RUN:-0}
+TEST_TOOLS=${HVD_LLAMA_TEST_TOOLS:-0}
+DEVICE=auto      # --cuda / --cpu
+CUDA_HOME_FOUND=""  # the toolkit's root, when known
 
 say() { echo "[install] $*"; }
 die() { echo "[install] error: $*" >&2; exit 1; }
@@ -50,97 +60,205 @@ ensure_test_tools() {
 }
 
 ensure_venv() {
-  if [ ! -x "$VENV/bin/python" ]; then
-    say "creating virtual environment $VENV"
-    "$PYTHON" -m venv "$VENV" || die "'$PYTHON -m venv $VENV' failed (Debian: apt-get install python3-venv)"
-  fi
   PY="$VENV/bin/python"
+  [ ! -x "$PY" ] || return 0
+  say "creating virtual environment $VENV"
+  "$PYTHON" -m venv "$VENV" || die "'$PYTHON -m venv $VENV' failed (Debian: apt-get install python3-venv)"
   "$PY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+}
+
+probe_torch() {  # sets TORCH_FOUND (version), TORCH_CUDA (CUDA version it is built for, or "") and PY_VERSION
+  local out
+  local code="import sys, torch; print(torch.__version__, torch.version.cuda or '-', '%d.%d' % sys.version_info[:2])"
+  out=$("$PY" -c "$code" 2>/dev/null) || return 1
+  read -r TORCH_FOUND TORCH_CUDA PY_VERSION <<<"$out"
+  [ "$TORCH_CUDA" != - ] || TORCH_CUDA=""
 }
 
 ensure_torch() {
   # A torch already in the venv (e.g. a CUDA build a GPU user installed) is respected, as long as it is >= 2.1.
-  if "$PY" -c "import torch" >/dev/null 2>&1; then
-    say "using installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
+  if probe_torch; then
+    say "using installed torch $TORCH_FOUND"
   else
     say "installing torch==$TORCH_VERSION"
     "$PY" -m pip install -q "torch==$TORCH_VERSION" || die "pip install torch==$TORCH_VERSION failed"
+    probe_torch || die "'import torch' fails in $PY after installing torch==$TORCH_VERSION"
   fi
-  "$PY" - <<'PYEOF' || die "torch does not match: hvd_llama needs torch >= 2.1 (found $("$PY" -c 'import torch; print(torch.__version__)'))"
-import torch, sys
-major, minor = (int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
-sys.exit(0 if (major, minor) >= (2, 1) else 1)
-PYEOF
+  local major minor
+  IFS=. read -r major minor _ <<<"${TORCH_FOUND%%+*}"
+  [ "$major" -gt 2 ] || { [ "$major" = 2 ] && [ "$minor" -ge 1 ]; } \
+    || die "torch does not match: hvd_llama needs torch >= 2.1 (found $TORCH_FOUND)"
 }
 
-build_flags() {
-  # Horovod reads these at build time; they are part of the wheel cache key.
+find_cuda_toolkit() {  # sets CUDA_HOME_FOUND; succeeds when a toolkit is found (CUDA_HOME, else nvcc on PATH)
+  local nvcc root
+  if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then CUDA_HOME_FOUND=$CUDA_HOME; return 0; fi
+  nvcc=$(command -v nvcc 2>/dev/null) || return 1
+  root=$(dirname "$(dirname "$(readlink -f "$nvcc")")")
+  [ -f "$root/include/cuda.h" ] && CUDA_HOME_FOUND=$root  # else a wrapper script: CMake finds the toolkit itself
+  return 0
+}
+
+check_nccl() {  # before a CUDA build: NCCL's header and library, where Horovod's CMake will look for them
+  local inc lib dir
+  if [ -n "${HOROVOD_NCCL_HOME:-}${HOROVOD_NCCL_INCLUDE:-}${HOROVOD_NCCL_LIB:-}" ]; then  # the user said where
+    inc=(${HOROVOD_NCCL_INCLUDE:-${HOROVOD_NCCL_HOME:-}/include})
+    lib=(${HOROVOD_NCCL_LIB:-${HOROVOD_NCCL_HOME:-}/lib} ${HOROVOD_NCCL_HOME:+$HOROVOD_NCCL_HOME/lib64})
+  else
+    inc=(${CUDA_HOME_FOUND:+$CUDA_HOME_FOUND/include} /usr/local/cuda/include /usr/include /usr/local/include)
+    lib=(${CUDA_HOME_FOUND:+$CUDA_HOME_FOUND/lib64 $CUDA_HOME_FOUND/lib} /usr/local/cuda/lib64 /usr/lib/*-linux-gnu
+         /usr/lib64 /usr/lib /usr/local/lib)
+  fi
+  for dir in "${inc[@]}"; do [ -f "$dir/nccl.h" ] && break; dir=""; done
+  [ -n "$dir" ] || die "NCCL not found (no nccl.h in ${inc[*]}): install NVIDIA's libnccl-dev, or set HOROVOD_NCCL_HOME"
+  for dir in "${lib[@]}"; do compgen -G "$dir/libnccl[._]*" >/dev/null && break; dir=""; done
+  [ -n "$dir" ] \
+    || die "NCCL not found (no libnccl in ${lib[*]}): install NVIDIA's libnccl-dev, or set HOROVOD_NCCL_HOME"
+  # Horovod links NCCL statically unless told otherwise; pip, conda and module installs often ship only the .so.
+  if [ -z "${HOROVOD_NCCL_LINK:-}" ] && ! [ -f "$dir/libnccl_static.a" ]; then export HOROVOD_NCCL_LINK=SHARED; fi
+}
+
+choose_build() {
+  # Exports what Horovod's build reads, in this shell (a $(...) subshell would lose them), and sets KEY, the
+  # wheel cache key, from what was exported. Inherited HOROVOD_GPU*/WITH*/WITHOUT* flags are dropped: the
+  # flags below are the whole build, so the key describes the wheel.
+  local name toolkit=0
+  find_cuda_toolkit && toolkit=1
+  if [ "$DEVICE" = auto ]; then
+    DEVICE=cpu
+    if [ "$toolkit" = 1 ] && [ -n "$TORCH_CUDA" ]; then DEVICE=cuda
+    elif [ -n "$TORCH_CUDA" ]; then
+      say "note: torch is built for CUDA $TORCH_CUDA but no CUDA toolkit was found (CUDA_HOME, nvcc): building" \
+          "Horovod without NCCL; load the toolkit, then re-run (or pass --cuda)"
+    fi
+  fi
+  if [ "$DEVICE" = cuda ]; then
+    [ "$toolkit" = 1 ] || die "--cuda: no CUDA toolkit found; set CUDA_HOME or put nvcc on PATH"
+    [ -n "$TORCH_CUDA" ] \
+      || die "--cuda: torch $TORCH_FOUND in $VENV is a CPU build; install a CUDA build of torch first"
+  fi
+  for name in $(compgen -e); do
+    case "$name" in HOROVOD_GPU*|HOROVOD_WITH_*|HOROVOD_WITHOUT_*) unset "$name" ;; esac
+  done
   export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1
   export HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
-  if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  if [ "$DEVICE" = cuda ]; then
     export HOROVOD_GPU_OPERATIONS=NCCL
-  else
-    unset HOROVOD_GPU_OPERATIONS
+    [ -z "$CUDA_HOME_FOUND" ] || export HOROVOD_CUDA_HOME=${HOROVOD_CUDA_HOME:-$CUDA_HOME_FOUND}
+    say "CUDA build: toolkit ${CUDA_HOME_FOUND:-$(command -v nvcc)}, torch for CUDA $TORCH_CUDA: Horovod with NCCL"
   fi
-  echo "pytorch-gloo-mpi${HOROVOD_GPU_OPERATIONS:+-nccl}"
+  KEY="horovod-$HOROVOD_VERSION-torch-$TORCH_FOUND-py$PY_VERSION-pytorch-gloo-mpi${HOROVOD_GPU_OPERATIONS:+-nccl}"
+}
+
+build_command() {  # build_command <wheel dir> <horovod source dir>: sets BUILD_CMD, run with this shell's environment
+  BUILD_CMD=("$PY" -m pip wheel -v --no-build-isolation --no-deps -w "$1" "$2")
+  export MAKEFLAGS="-j$(nproc)"
+}
+
+check_build_tools() {
+  need_tool g++ "sudo apt-get install g++ (a C++17 compiler is needed to build Horovod)"
+  need_tool cmake "sudo apt-get install cmake (or: $PY -m pip install cmake)"
+  [ "$DEVICE" != cuda ] || check_nccl
+}
+
+patch_cxx17() {  # patch_cxx17 <horovod source dir>
+  # torch >= 2.1 needs C++17; the 0.28.1 sdist pins C++14 (horovod issue #3996, fixed by PR #3998, unreleased).
+  local file
+  for file in "$1/CMakeLists.txt" "$1/horovod/torch/CMakeLists.txt"; do
+    sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' "$file"
+    grep -q 'set(CMAKE_CXX_STANDARD 17)' "$file" \
+      || die "the C++17 patch did not apply to $file (no 'set(CMAKE_CXX_STANDARD 14)' there: Horovod's source changed)"
+  done
 }
 
 build_horovod_wheel() {  # build_horovod_wheel <wheel dir>
   local out=$1 src log
-  need_tool g++ "sudo apt-get install g++ (a C++17 compiler is needed to build Horovod)"
-  need_tool cmake "sudo apt-get install cmake (or: $PY -m pip install cmake)"
+  check_build_tools
   "$PY" -m pip install -q packaging wheel psutil pyyaml cloudpickle cffi || die "pip install of build helpers failed"
   src=$(mktemp -d)
+  BUILD_SRC=$src && trap 'rm -rf "$BUILD_SRC"' EXIT  # also when the build stops half-way
   log="$CACHE/horovod-build.log"
   say "downloading horovod==$HOROVOD_VERSION source"
   "$PY" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$src" >"$log" 2>&1 \
     || die "could not download the horovod sdist; see $log"
   tar xzf "$src/horovod-$HOROVOD_VERSION.tar.gz" -C "$src"
-  # torch >= 2.1 needs C++17; the 0.28.1 sdist pins C++14 (horovod issue #3996, fixed by PR #3998, unreleased).
-  sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' \
-    "$src/horovod-$HOROVOD_VERSION/CMakeLists.txt" "$src/horovod-$HOROVOD_VERSION/horovod/torch/CMakeLists.txt"
+  patch_cxx17 "$src/horovod-$HOROVOD_VERSION"
   say "building Horovod (about 4 minutes on 2 cores); log: $log"
-  mkdir -p "$out.tmp"
-  MAKEFLAGS="-j$(nproc)" "$PY" -m pip wheel -v --no-build-isolation --no-deps -w "$out.tmp" \
-    "$src/horovod-$HOROVOD_VERSION" >>"$log" 2>&1 || die "Horovod build failed; the reason is at the end of $log"
+  rm -rf "$out.tmp" && mkdir -p "$out.tmp"
+  build_command "$out.tmp" "$src/horovod-$HOROVOD_VERSION"
+  "${BUILD_CMD[@]}" >>"$log" 2>&1 || die "Horovod build failed; the reason is at the end of $log"
   mv "$out.tmp" "$out"
-  rm -rf "$src"
+}
+
+dry_run() {  # what the build would get, exactly as build_horovod_wheel would run it
+  local wheel_dir="$CACHE/wheels/$KEY"
+  if [ -d "$wheel_dir" ]; then
+    say "dry run: cache key $KEY: cached, nothing to build; a build would get this environment and command:"
+  else
+    check_build_tools
+    say "dry run: cache key $KEY: not cached, would build with this environment and command:"
+  fi
+  build_command "$wheel_dir.tmp" "<unpacked horovod-$HOROVOD_VERSION sdist>"
+  env | grep -E '^(HOROVOD_[A-Z0-9_]*|MAKEFLAGS)=' | sort
+  echo "+ ${BUILD_CMD[*]}"
 }
 
 ensure_horovod() {
-  local flags key wheel_dir
-  flags=$(build_flags)
-  key="horovod-$HOROVOD_VERSION-torch-$("$PY" -c 'import torch; print(torch.__version__)')-py$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')-$flags"
-  wheel_dir="$CACHE/wheels/$key"
+  local wheel_dir="$CACHE/wheels/$KEY"
   if [ -d "$wheel_dir" ]; then
-    say "using cached Horovod wheel ($key)"
+    say "using cached Horovod wheel ($KEY)"
   else
     build_horovod_wheel "$wheel_dir"
   fi
-  "$PY" -m pip install -q --no-deps --force-reinstall "$wheel_dir"/horovod-*.whl || die "pip install of the Horovod wheel failed"
+  "$PY" -m pip install -q --no-deps --force-reinstall "$wheel_dir"/horovod-*.whl \
+    || die "pip install of the Horovod wheel failed"
   "$PY" -m pip install -q psutil pyyaml cloudpickle cffi packaging || die "pip install of Horovod's dependencies failed"
 }
 
 verify_horovod() {
-  local report
+  local report part parts=(PyTorch Gloo MPI)
+  [ "$DEVICE" != cuda ] || parts+=(NCCL)
   report=$(PATH="$VENV/bin:$PATH" "$VENV/bin/horovodrun" --check-build 2>&1) \
     || die "'horovodrun --check-build' failed: $report"
-  for part in PyTorch Gloo MPI; do
-    grep -q "\[X\] $part" <<<"$report" || die "Horovod was built without $part:
-$report
-(the build log is $CACHE/horovod-build.log; remove $CACHE/wheels to rebuild)"
+  for part in "${parts[@]}"; do
+    grep -q "\[X\] $part" <<<"$report" || die "Horovod was built without $part ('horovodrun --check-build'\
+ shows no [X] $part); the build log is $CACHE/horovod-build.log; remove $CACHE/wheels/$KEY to rebuild"
   done
   "$PY" -c "import horovod.torch" 2>"$CACHE/import.log" \
     || die "horovod.torch does not load with this torch (rebuild: rm -r $CACHE/wheels): $(tail -1 "$CACHE/import.log")"
-  say "Horovod OK: PyTorch, Gloo and MPI available"
+  say "Horovod OK: ${parts[*]} available"
+}
+
+parse_args() {
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --cuda) DEVICE=cuda ;;
+      --cpu) DEVICE=cpu ;;
+      --dry-run) DRY_RUN=1 ;;
+      --with-test-tools) TEST_TOOLS=1 ;;
+      -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+      *) echo "[install] error: unknown argument '$1' (expected --cuda, --cpu, --dry-run, --with-test-tools)" >&2
+         exit 2 ;;
+    esac
+    shift
+  done
 }
 
 main() {
+  parse_args "$@"
+  if [ "$DRY_RUN" = 1 ]; then  # nothing installed, nothing written: the venv and its torch must be there
+    PY="$VENV/bin/python"
+    probe_torch || die "dry run: no torch in $VENV yet (run launch/install.sh once first)"
+    choose_build
+    dry_run
+    return
+  fi
   mkdir -p "$CACHE"
   ensure_mpi
-  ensure_test_tools
+  [ "$TEST_TOOLS" != 1 ] || ensure_test_tools
   ensure_venv
   ensure_torch
+  choose_build
   ensure_horovod
   verify_horovod
   say "installing hvd_llama (editable, with test extras)"

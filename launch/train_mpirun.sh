@@ -31,10 +31,12 @@ hosts_args "$hosts" "$hostfile" "$slots"
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 [ -z "$iface" ] || export NCCL_SOCKET_IFNAME=$iface
 cmd=(mpirun -np "${np:-$SLOTS}" "${HOST_ARGS[@]}" -bind-to none -map-by slot -mca pml ob1 -mca btl ^openib)
-# ssh does not carry the environment: name what the ranks need (Horovod and NCCL knobs included).
+# ssh does not carry the environment: name what the ranks need, whichever is set here: the interpreter's paths,
+# LD_PRELOAD (NCCL network plugins), and the knobs of Horovod, NCCL, CUDA, PyTorch, UCX and libfabric (FI_).
 for name in $(compgen -e | sort); do
   case "$name" in
-    PATH|PYTHONPATH|LD_LIBRARY_PATH|OMP_NUM_THREADS|HOROVOD_*|NCCL_*|HVD_LLAMA_*) cmd+=(-x "$name") ;;
+    PATH|PYTHONPATH|LD_LIBRARY_PATH|LD_PRELOAD|OMP_NUM_THREADS|PYTORCH_*|TORCH_*|CUDA_*|NCCL_*|UCX_*|FI_*|HOROVOD_*|\
+    HVD_LLAMA_*) cmd+=(-x "$name") ;;
   esac
 done
 [ -z "$iface" ] || cmd+=(-mca btl_tcp_if_include "$iface" -mca oob_tcp_if_include "$iface")

@@ -1,10 +1,18 @@
-"""launch/install.sh refuses a bad environment with a message saying what to install."""
+"""Packaging (pyproject, wheel, LICENSE, test extra) and launch/install.sh: a bad environment is refused with a
+message saying what to install."""
+import configparser
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tomllib
+import zipfile
+from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,10 +31,16 @@ def path_without(tmp_path, missing: set) -> str:
     return str(bin_dir)
 
 
-def install(tmp_path, missing: set) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=path_without(tmp_path, missing), HVD_LLAMA_NO_APT="1",
-               HVD_LLAMA_CACHE=str(tmp_path / "cache"), HVD_LLAMA_VENV=str(Path(sys.executable).parents[1]))
-    return subprocess.run([str(REPO / "launch" / "install.sh")], env=env, capture_output=True, text=True,
+def install(tmp_path, missing: set, *args: str, venv: Path = Path(sys.executable).parents[1],
+            extra_path: Path | None = None, **env_vars: str) -> subprocess.CompletedProcess:
+    """launch/install.sh with this machine's tools minus `missing` (plus `extra_path` first), no apt-get, a fresh
+    cache, and no CUDA or Horovod build settings inherited from the machine unless given in `env_vars`."""
+    if not (tmp_path / "bin").exists():
+        path_without(tmp_path, missing)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HOROVOD_", "CUDA_HOME", "HVD_LLAMA_"))}
+    env.update(PATH=os.pathsep.join(([str(extra_path)] if extra_path else []) + [str(tmp_path / "bin")]),
+               HVD_LLAMA_NO_APT="1", HVD_LLAMA_CACHE=str(tmp_path / "cache"), HVD_LLAMA_VENV=str(venv), **env_vars)
+    return subprocess.run([str(REPO / "launch" / "install.sh"), *args], env=env, capture_output=True, text=True,
                           timeout=120)
 
 
@@ -40,3 +54,266 @@ def test_missing_tool_is_named_with_its_fix(tmp_path, missing, message):
     assert done.returncode == 1
     assert message in done.stderr
     assert not list((tmp_path / "cache").glob("wheels/*"))  # nothing half-built left in the cache
+
+
+def test_wheel_builds_from_pyproject_with_the_package_and_license(tmp_path):
+    """pyproject.toml's build backend turns a copy of the sources into a wheel holding hvd_llama and LICENSE."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ["pyproject.toml", "setup.cfg", "setup.py", "README.md", "LICENSE"]:
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "hvd_llama", src / "hvd_llama", ignore=shutil.ignore_patterns("__pycache__"))
+    # No build isolation: an isolated build would download setuptools; the backend named in pyproject is used.
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "out")], check=True, capture_output=True, timeout=120)
+    wheel, = (tmp_path / "out").glob("hvd_llama-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        metadata = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    packaged = {n for n in names if n.startswith("hvd_llama/") and n.endswith(".py")}
+    in_tree = {p.relative_to(src).as_posix() for p in (src / "hvd_llama").rglob("*.py")}
+    assert packaged == in_tree and "hvd_llama/dist/__init__.py" in packaged
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    assert "Requires-Python: >=3.10" in metadata
+    assert 'Requires-Dist: transformers>=5.0; extra == "test"' in metadata
+    build_system = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]
+    assert build_system["build-backend"] == "setuptools.build_meta"
+    assert {r.split(">")[0] for r in build_system["requires"]} == {"setuptools", "wheel"}
+
+
+def test_license_is_the_apache_2_text_setup_cfg_declares():
+    text = (REPO / "LICENSE").read_text()
+    assert "license = Apache-2.0" in (REPO / "setup.cfg").read_text()
+    assert "Apache License\n                           Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text and len(text.splitlines()) > 190
+
+
+def test_the_environment_running_the_tests_meets_the_test_extra():
+    """The test extra's pins are what this suite runs with (transformers 5.x: the API test_convert calls)."""
+    parser = configparser.ConfigParser()
+    parser.read(REPO / "setup.cfg")
+    pins = [Requirement(line) for line in parser["options.extras_require"]["test"].split("\n") if line.strip()]
+    assert {pin.name for pin in pins} >= {"pytest", "pytest-timeout", "transformers"}
+    for pin in pins:
+        assert pin.specifier.contains(metadata.version(pin.name)), (pin, metadata.version(pin.name))
+
+
+HIDE_HOROVOD = """
+import sys
+class HideHorovod:  # as if Horovod were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "horovod":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, HideHorovod())
+import hvd_llama.train
+"""
+
+
+def test_train_without_horovod_says_in_one_line_to_run_the_installer():
+    done = subprocess.run([sys.executable, "-c", HIDE_HOROVOD], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == ("ImportError: Horovod is missing or not built for this torch (No module named 'horovod'); "
+                    "run launch/install.sh")
+    assert "During handling" not in done.stderr  # one error, not two chained tracebacks
+
+
+# The installer's Horovod build, exercised without compiling: a stand-in venv whose python is the real one except
+# that pip only logs (faking Horovod's sdist download and recording the environment `pip wheel` is started with),
+# torch is a two-line module reporting a chosen CUDA version, and horovodrun --check-build lists NCCL or not.
+CMAKE_CXX14 = "cmake_minimum_required(VERSION 3.13)\nset(CMAKE_CXX_STANDARD 14)\n"
+BASE_FLAGS = {"HOROVOD_WITH_PYTORCH=1", "HOROVOD_WITH_GLOO=1", "HOROVOD_WITH_MPI=1", "HOROVOD_WITHOUT_TENSORFLOW=1",
+              "HOROVOD_WITHOUT_MXNET=1", f"MAKEFLAGS=-j{os.cpu_count()}"}
+FAKE_PYTHON = """#!/usr/bin/env bash
+if [ "$1 $2" = "-m pip" ]; then
+  echo "pip ${*:3}" >> @log@
+  case "$3" in
+    download) tar czf "${@: -1}/horovod-0.28.1.tar.gz" -C @sdist@ horovod-0.28.1 ;;
+    wheel) while [ "$1" != -w ]; do shift; done
+           env | grep -E '^(HOROVOD_[A-Z0-9_]*|MAKEFLAGS)=' | sort > @build_env@
+           cat "$3/CMakeLists.txt" "$3/horovod/torch/CMakeLists.txt" > @built_cmake@
+           touch "$2/horovod-0.28.1-cp311-cp311-linux_x86_64.whl" ;;
+  esac
+  exit 0
+fi
+[[ "$*" != *"import horovod.torch"* ]] || exit 0
+PYTHONPATH=@torch@ exec @python@ "$@"
+"""
+CHECK_BUILD = """#!/usr/bin/env bash
+printf 'Horovod v0.28.1:\\n\\nAvailable Frameworks:\\n    [ ] TensorFlow\\n    [X] PyTorch\\n    [ ] MXNet\\n\\n'
+printf 'Available Controllers:\\n    [X] MPI\\n    [X] Gloo\\n\\n'
+printf 'Available Tensor Operations:\\n    [{nccl}] NCCL\\n    [ ] DDL\\n    [ ] CCL\\n    [X] MPI\\n    [X] Gloo\\n'
+"""
+
+
+def executable(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def fake_venv(tmp_path, torch_cuda: str | None, nccl_in_build: bool = True, torch_cmake: str = CMAKE_CXX14) -> Path:
+    venv, sdist = tmp_path / "venv", tmp_path / "sdist" / "horovod-0.28.1"
+    (sdist / "horovod" / "torch").mkdir(parents=True)
+    (sdist / "CMakeLists.txt").write_text(CMAKE_CXX14)
+    (sdist / "horovod" / "torch" / "CMakeLists.txt").write_text(torch_cmake)
+    torch = tmp_path / "faketorch" / "torch"
+    torch.mkdir(parents=True)
+    (torch / "__init__.py").write_text(f"__version__ = '2.13.0+{'cu130' if torch_cuda else 'cpu'}'\n"
+                                       f"class version:\n    cuda = {torch_cuda!r}\n")
+    script = FAKE_PYTHON
+    values = dict(log=tmp_path / "pip.log", sdist=sdist.parent, build_env=tmp_path / "build_env.txt",
+                  built_cmake=tmp_path / "built_cmake.txt", torch=torch.parent, python=sys.executable)
+    for name, value in values.items():
+        script = script.replace(f"@{name}@", str(value))
+    executable(venv / "bin" / "python", script)
+    executable(venv / "bin" / "horovodrun", CHECK_BUILD.format(nccl="X" if nccl_in_build else " "))
+    return venv
+
+
+def fake_cuda_toolkit(tmp_path, nccl: bool = True, nccl_lib: str = "libnccl_static.a") -> Path:
+    root = tmp_path / "cuda"
+    executable(root / "bin" / "nvcc", "#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.88'\n")
+    (root / "include").mkdir()
+    (root / "lib64").mkdir()
+    (root / "include" / "cuda.h").write_text("")
+    if nccl:
+        (root / "include" / "nccl.h").write_text("#define NCCL_MAJOR 2\n")
+        (root / "lib64" / nccl_lib).write_text("")
+    return root
+
+
+def pip_log(tmp_path) -> str:
+    """The pip commands the installer ran in a fake venv."""
+    log = tmp_path / "pip.log"
+    return log.read_text() if log.exists() else ""
+
+
+def printed_build(out: str) -> tuple[str, set]:
+    """The cache key and the environment lines a dry run printed."""
+    key = re.search(r"cache key (\S+):", out).group(1)
+    return key, {line for line in out.splitlines() if re.match(r"(HOROVOD_\w+|MAKEFLAGS)=", line)}
+
+
+def test_dry_run_on_a_cpu_machine_builds_without_nccl_whatever_the_shell_had(tmp_path):
+    import torch
+    done = install(tmp_path, {"nvcc"}, "--dry-run", HOROVOD_GPU_OPERATIONS="NCCL", HOROVOD_WITH_TENSORFLOW="1")
+    assert done.returncode == 0, done.stderr
+    key, env = printed_build(done.stdout)
+    assert env == BASE_FLAGS  # the inherited NCCL and TensorFlow flags are gone: the key says what is built
+    assert key == f"horovod-0.28.1-torch-{torch.__version__}-py%d.%d-pytorch-gloo-mpi" % sys.version_info[:2]
+    assert f"+ {sys.executable} -m pip wheel -v --no-build-isolation --no-deps -w " in done.stdout
+    assert not (tmp_path / "cache").exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("found_by", ["nvcc on PATH", "CUDA_HOME"])
+def test_dry_run_with_a_cuda_toolkit_and_cuda_torch_builds_with_nccl(tmp_path, found_by):
+    cuda, venv = fake_cuda_toolkit(tmp_path), fake_venv(tmp_path, torch_cuda="13.0")
+    where = {"extra_path": cuda / "bin"} if found_by == "nvcc on PATH" else {"CUDA_HOME": str(cuda)}
+    done = install(tmp_path, {"nvcc"}, "--dry-run", venv=venv, **where)
+    assert done.returncode == 0, done.stderr
+    key, env = printed_build(done.stdout)
+    assert env == BASE_FLAGS | {"HOROVOD_GPU_OPERATIONS=NCCL", f"HOROVOD_CUDA_HOME={cuda}"}
+    assert key == "horovod-0.28.1-torch-2.13.0+cu130-py%d.%d-pytorch-gloo-mpi-nccl" % sys.version_info[:2]
+    assert pip_log(tmp_path) == ""  # nothing installed or downloaded
+
+
+def test_nccl_without_its_static_library_is_linked_shared(tmp_path):
+    cuda, venv = fake_cuda_toolkit(tmp_path, nccl_lib="libnccl.so.2"), fake_venv(tmp_path, torch_cuda="13.0")
+    done = install(tmp_path, {"nvcc"}, "--dry-run", venv=venv, extra_path=cuda / "bin")
+    assert done.returncode == 0, done.stderr
+    assert printed_build(done.stdout)[1] == BASE_FLAGS | {"HOROVOD_GPU_OPERATIONS=NCCL", f"HOROVOD_CUDA_HOME={cuda}",
+                                                          "HOROVOD_NCCL_LINK=SHARED"}
+
+
+@pytest.mark.parametrize("args, torch_cuda, toolkit, nccl_expected", [
+    ((), None, True, False),          # this machine's case: a CUDA toolkit, but torch is a CPU build
+    ((), "13.0", False, False),       # a CUDA torch without a toolkit cannot build NCCL's operations
+    (("--cpu",), "13.0", True, False),  # the switch wins over detection
+    (("--cuda",), "13.0", True, True),
+])
+def test_detection_and_the_explicit_switch(tmp_path, args, torch_cuda, toolkit, nccl_expected):
+    venv = fake_venv(tmp_path, torch_cuda=torch_cuda)
+    extra = {"extra_path": fake_cuda_toolkit(tmp_path) / "bin"} if toolkit else {}
+    done = install(tmp_path, {"nvcc"}, "--dry-run", *args, venv=venv, **extra)
+    assert done.returncode == 0, done.stderr
+    key, env = printed_build(done.stdout)
+    assert ("HOROVOD_GPU_OPERATIONS=NCCL" in env) == nccl_expected == key.endswith("-nccl")
+
+
+@pytest.mark.parametrize("torch_cuda, toolkit, message", [
+    ("13.0", False, "--cuda: no CUDA toolkit found; set CUDA_HOME or put nvcc on PATH"),
+    (None, True, "--cuda: torch 2.13.0+cpu in {venv} is a CPU build; install a CUDA build of torch first"),
+])
+def test_cuda_switch_refuses_what_cannot_build_nccl(tmp_path, torch_cuda, toolkit, message):
+    venv = fake_venv(tmp_path, torch_cuda=torch_cuda)
+    extra = {"extra_path": fake_cuda_toolkit(tmp_path) / "bin"} if toolkit else {}
+    done = install(tmp_path, {"nvcc"}, "--cuda", venv=venv, **extra)
+    assert (done.returncode, done.stderr) == (1, f"[install] error: {message.format(venv=venv)}\n")
+    assert "download" not in pip_log(tmp_path)
+
+
+def test_missing_nccl_stops_before_the_build_in_one_line(tmp_path):
+    venv, cuda = fake_venv(tmp_path, torch_cuda="13.0"), fake_cuda_toolkit(tmp_path, nccl=False)
+    (tmp_path / "nccl").mkdir()
+    done = install(tmp_path, {"nvcc"}, venv=venv, extra_path=cuda / "bin", HOROVOD_NCCL_HOME=str(tmp_path / "nccl"))
+    assert done.returncode == 1
+    assert done.stderr == (f"[install] error: NCCL not found (no nccl.h in {tmp_path}/nccl/include): install "
+                           "NVIDIA's libnccl-dev, or set HOROVOD_NCCL_HOME\n")
+    assert "download" not in pip_log(tmp_path)
+
+
+def test_the_build_gets_the_flags_the_dry_run_printed_then_the_cache_is_reused(tmp_path):
+    """The bug this guards: flags exported in a $(...) subshell never reached `pip wheel`."""
+    venv, cuda = fake_venv(tmp_path, torch_cuda="13.0"), fake_cuda_toolkit(tmp_path)
+    dry = install(tmp_path, {"nvcc"}, "--dry-run", venv=venv, extra_path=cuda / "bin")
+    key, printed_env = printed_build(dry.stdout)
+    done = install(tmp_path, {"nvcc"}, venv=venv, extra_path=cuda / "bin")
+    assert done.returncode == 0, done.stderr
+    assert set((tmp_path / "build_env.txt").read_text().splitlines()) == printed_env
+    assert "HOROVOD_GPU_OPERATIONS=NCCL" in printed_env and key.endswith("-nccl")
+    built = (tmp_path / "built_cmake.txt").read_text()
+    assert built.count("set(CMAKE_CXX_STANDARD 17)") == 2 and "STANDARD 14" not in built
+    assert list((tmp_path / "cache" / "wheels" / key).glob("horovod-*.whl"))
+    assert "[install] Horovod OK: PyTorch Gloo MPI NCCL available" in done.stdout
+    (tmp_path / "pip.log").unlink()
+    again = install(tmp_path, {"nvcc"}, venv=venv, extra_path=cuda / "bin")
+    assert again.returncode == 0, again.stderr
+    assert f"using cached Horovod wheel ({key})" in again.stdout
+    assert not re.search(r"^pip (download|wheel)", pip_log(tmp_path), re.M)
+
+
+def test_a_cuda_install_fails_in_one_line_unless_check_build_shows_nccl(tmp_path):
+    venv, cuda = fake_venv(tmp_path, torch_cuda="13.0", nccl_in_build=False), fake_cuda_toolkit(tmp_path)
+    done = install(tmp_path, {"nvcc"}, venv=venv, extra_path=cuda / "bin")
+    assert done.returncode == 1
+    line, = done.stderr.splitlines()
+    assert line.startswith("[install] error: Horovod was built without NCCL ('horovodrun --check-build' shows no")
+    assert "pip install -q -e" not in pip_log(tmp_path)  # hvd_llama not installed over it
+
+
+def test_the_cxx17_patch_must_take_effect(tmp_path):
+    venv = fake_venv(tmp_path, torch_cuda=None, torch_cmake="set(CMAKE_CXX_STANDARD 20)\n")
+    done = install(tmp_path, {"nvcc"}, venv=venv)
+    assert done.returncode == 1
+    line, = done.stderr.splitlines()
+    assert line.startswith("[install] error: the C++17 patch did not apply to ")
+    assert line.split(" to ")[1].split(" (")[0].endswith("/horovod-0.28.1/horovod/torch/CMakeLists.txt")
+    assert not (tmp_path / "build_env.txt").exists() and not list((tmp_path / "cache").glob("wheels/*"))
+
+
+@pytest.mark.parametrize("ask", [False, True])
+def test_multinode_test_tools_only_when_asked(tmp_path, ask):
+    venv = fake_venv(tmp_path, torch_cuda=None)
+    done = install(tmp_path, {"nvcc", "ip"}, *(["--with-test-tools"] if ask else []), venv=venv)
+    assert done.returncode == 0, done.stderr
+    assert ("without iproute2 and openssh-server the multi-node tests will be skipped" in done.stdout) == ask
+
+
+def test_ci_runs_readme_command_2_verbatim():
+    readme = (REPO / "README.md").read_text()
+    command = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert command == "./launch/install.sh --with-test-tools && .venv/bin/python -m pytest"
+    assert "# 2. set up everything" in readme and f"\n{command}\n```" in readme

@@ -2,17 +2,26 @@
 
 Follows Horovod's PyTorch examples (examples/pytorch/pytorch_imagenet_resnet50.py): init, pin the device,
 wrap the optimizer, broadcast the initial state from rank 0, and average metrics across ranks.
+zero.py holds the data-parallel optimizers: replicated (stage 0) and ZeRO-sharded (stages 1 and 2).
 """
 from __future__ import annotations
 
 import os
 from typing import Any, Callable
 
-import horovod.torch as hvd
 import torch
+
+try:
+    import horovod.torch as hvd
+except ImportError as err:  # pip cannot build Horovod 0.28.1 for torch >= 2.1 unpatched; the installer can
+    raise ImportError(f"Horovod is missing or not built for this torch ({err}); run launch/install.sh") from None
 
 from hvd_llama.cli import UserError
 from hvd_llama.config import DistConfig
+from hvd_llama.dist.zero import (DEFAULT_BUCKET_ELEMENTS, ReplicatedOptimizer, ShardedOptimizer, allgather_tensor,
+                                 merge_slices)
+
+ZERO_STAGES = (0, 1, 2)
 
 
 def init(cfg: DistConfig, device: str) -> torch.device:
@@ -40,19 +49,43 @@ def is_main() -> bool:
     return hvd.rank() == 0
 
 
+def _compression(cfg: DistConfig):
+    return hvd.Compression.fp16 if cfg.compression == "fp16" else hvd.Compression.none
+
+
 def wrap_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, cfg: DistConfig,
                    grad_accum: int) -> torch.optim.Optimizer:
     """Horovod: allreduce gradients during backward; accumulate `grad_accum` passes locally first."""
-    compression = hvd.Compression.fp16 if cfg.compression == "fp16" else hvd.Compression.none
     op = hvd.Adasum if cfg.op == "adasum" else hvd.Average
     return hvd.DistributedOptimizer(
         optimizer,
         named_parameters=[(n, p) for n, p in model.named_parameters() if p.requires_grad],
-        compression=compression,
+        compression=_compression(cfg),
         backward_passes_per_step=grad_accum,
         op=op,
         gradient_predivide_factor=cfg.gradient_predivide_factor,
     )
+
+
+def build_data_parallel_optimizer(model: torch.nn.Module, param_groups: list[dict], optim_kwargs: dict,
+                                  cfg: DistConfig, stage: int, grad_accum: int, fused: bool = False,
+                                  bucket_elements: int = DEFAULT_BUCKET_ELEMENTS):
+    """AdamW over `param_groups` (optim.param_groups) with `optim_kwargs` (lr, betas, eps), data parallel:
+    stage 0 replicated (hvd.DistributedOptimizer), 1 optimizer state sharded, 2 gradients sharded too.
+    Every stage has the interface of dist/zero.py: param_groups, reduce_gradients, scale_gradients,
+    clip_grad_norm_, step, zero_grad, state_dict, load_state_dict, state_bytes.
+    """
+    if stage not in ZERO_STAGES:
+        raise ValueError(f"ZeRO stage must be one of {ZERO_STAGES}, got {stage!r}")
+    if stage == 0:
+        optimizer = torch.optim.AdamW(param_groups, **optim_kwargs, fused=fused or None)
+        return ReplicatedOptimizer(wrap_optimizer(optimizer, model, cfg, grad_accum), model)
+    if cfg.op != "average":
+        raise ValueError(f"dist.op={cfg.op} needs whole gradients on every rank; sharding (stage {stage}) "
+                         "reduce-scatters them with op=average")
+    return ShardedOptimizer(model, param_groups, optim_kwargs, stage, grad_accum, compression=_compression(cfg),
+                            gradient_predivide_factor=cfg.gradient_predivide_factor, fused=fused,
+                            bucket_elements=bucket_elements)
 
 
 def broadcast_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, has_optimizer_state: bool) -> None:

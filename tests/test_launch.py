@@ -1,0 +1,87 @@
+"""The launch scripts' commands, read from their DRY_RUN output with stand-ins for nvidia-smi, torch, srun."""
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NVIDIA_SMI_8 = "#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: NVIDIA H100 80GB HBM3 (UUID: GPU-$i)\"; done\n"
+
+
+def executable(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def run_script(script: str, *args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([str(REPO / "launch" / script), *args], env=env, capture_output=True, text=True,
+                          timeout=60, check=True)
+
+
+def single_node_env(tmp_path, torch_gpus: int | None) -> dict:
+    """nvidia-smi lists 8 GPUs (as on an 8-GPU node split by CUDA_VISIBLE_DEVICES or MIG); torch, if stubbed,
+    sees `torch_gpus`; None keeps the real (CPU) torch."""
+    bin_dir = tmp_path / "bin"
+    executable(bin_dir / "nvidia-smi", NVIDIA_SMI_8)
+    env = dict(os.environ, DRY_RUN="1", PATH=os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent),
+                                                               os.environ["PATH"]]))
+    if torch_gpus is not None:
+        torch = tmp_path / "stub" / "torch"
+        torch.mkdir(parents=True)
+        (torch / "__init__.py").write_text(f"class cuda:\n    device_count = staticmethod(lambda: {torch_gpus})\n")
+        env["PYTHONPATH"] = str(torch.parent)
+    return env
+
+
+@pytest.mark.parametrize("torch_gpus, np", [(3, 3), (None, 2)])  # None: this CPU machine's torch, 0 GPUs
+def test_single_node_starts_one_rank_per_gpu_torch_sees_not_per_nvidia_smi_line(tmp_path, torch_gpus, np):
+    out = run_script("train_single_node.sh", "--", "--config", "my config.yaml",
+                     env=single_node_env(tmp_path, torch_gpus)).stdout
+    assert out == f"+ horovodrun -np {np} -H localhost:{np} python -m hvd_llama.train --config 'my config.yaml'\n"
+
+
+def test_single_node_np_flag_wins(tmp_path):
+    out = run_script("train_single_node.sh", "-n", "5", "--timeline", "t.json", env=single_node_env(tmp_path, 3))
+    assert shlex.split(out.stdout)[1:] == ["horovodrun", "-np", "5", "-H", "localhost:5", "--timeline-filename",
+                                           "t.json", "python", "-m", "hvd_llama.train"]
+
+
+@pytest.mark.parametrize("cpus_per_task", ["12", None])
+def test_slurm_passes_cpus_per_task_to_srun(tmp_path, cpus_per_task):
+    """Slurm >= 22.05: srun does not inherit the job's --cpus-per-task. A stub srun prints what it was given."""
+    executable(tmp_path / "bin" / "srun", "#!/bin/sh\nprintf '%s\\n' \"$@\"\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}", SLURM_NTASKS="16", SLURM_JOB_ID="42")
+    if cpus_per_task:
+        env["SLURM_CPUS_PER_TASK"] = cpus_per_task
+    args = run_script("train_slurm.sbatch", "--config", "my config.yaml", env=env).stdout.splitlines()
+    expected = [f"--cpus-per-task={cpus_per_task}"] if cpus_per_task else []
+    assert args == ["--mpi=pmix", "--kill-on-bad-exit=1", *expected, "python", "-m", "hvd_llama.train",
+                    "--resume", "auto", "--config", "my config.yaml"]
+
+
+FORWARDED = {"PATH": "/usr/bin:/bin", "PYTHONPATH": "/repo", "LD_LIBRARY_PATH": "/opt/nccl/lib",
+             "LD_PRELOAD": "/opt/aws-ofi-nccl/lib/libnccl-net.so", "OMP_NUM_THREADS": "8",
+             "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+             "CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_IB_HCA": "mlx5", "NCCL_DEBUG": "INFO", "UCX_TLS": "rc,sm",
+             "FI_PROVIDER": "efa", "HOROVOD_FUSION_THRESHOLD": "0", "HVD_LLAMA_FAULT": "none"}
+NOT_FORWARDED = {"HOME": "/root", "LANG": "C.UTF-8", "NCCLX": "1", "MY_NCCL_X": "1", "TORCHELASTIC_RUN_ID": "1",
+                 "PATHS": "x", "FIX": "1"}
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({**FORWARDED, **NOT_FORWARDED}, set(FORWARDED)),
+    ({"PATH": "/usr/bin:/bin", "HOME": "/root"}, {"PATH", "NCCL_DEBUG"}),  # NCCL_DEBUG: the script's default
+])
+def test_mpirun_forwards_each_set_variable_once_and_nothing_unset(env, expected):
+    out = run_script("train_mpirun.sh", "-H", "node1:2,node2:2", "--", "--config", "c.yaml",
+                     env={**env, "PATH": f"{env['PATH']}:{os.environ['PATH']}", "DRY_RUN": "1"}).stdout
+    words = shlex.split(out)
+    names = [words[i + 1] for i, word in enumerate(words) if word == "-x"]
+    assert sorted(names) == sorted(expected)  # each exactly once, none that is unset or unrelated
+    assert words[-4:] == ["-m", "hvd_llama.train", "--config", "c.yaml"]

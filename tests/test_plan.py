@@ -1,0 +1,204 @@
+"""The memory planner against what PyTorch actually holds: saved tensors, model-state tensors, peak RSS."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from multiproc import REPO, job_env, run_job
+
+from hvd_llama.cli import UserError
+from hvd_llama.compute import autocast, cross_entropy
+from hvd_llama.config import load_config
+from hvd_llama.lora import apply_lora
+from hvd_llama.model import ModelConfig, Transformer
+from hvd_llama.optim import build_optimizer
+from hvd_llama.plan import (GiB, activation_bytes, check_fits, count_params, main, model_state_bytes, parse_size,
+                            plan, shard_elements, weight_copy_bytes)
+
+# Odd sizes on purpose: vocabulary, sequence and batch that are not powers of two, head_dim 16.
+SHAPES = {"mha": dict(n_heads=6, n_kv_heads=None), "gqa": dict(n_heads=6, n_kv_heads=2),
+          "mqa": dict(n_heads=6, n_kv_heads=1)}
+
+
+def small_model(kind: str) -> ModelConfig:
+    return ModelConfig(dim=96, n_layers=3, vocab_size=301, multiple_of=32, max_seq_len=64, **SHAPES[kind])
+
+
+def measured_saved_bytes(m: ModelConfig, batch: int, seq_len: int, regime: str, checkpointing: bool) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one forward + loss, parameters excluded."""
+    torch.manual_seed(0)
+    model = Transformer(m)
+    if regime == "half":
+        model.to(torch.bfloat16)
+    model.set_activation_checkpointing(checkpointing)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    tokens = torch.randint(0, m.vocab_size, (batch, seq_len + 1))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with autocast(torch.device("cpu"), "fp32" if regime == "fp32" else "bf16"):
+            cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("kind", sorted(SHAPES))
+@pytest.mark.parametrize("regime,checkpointing", [("fp32", False), ("fp32", True), ("autocast", False),
+                                                  ("half", False), ("half", True)])
+def test_activation_bytes_match_saved_tensors(kind, regime, checkpointing):
+    m, batch, seq_len = small_model(kind), 3, 37
+    measured = measured_saved_bytes(m, batch, seq_len, regime, checkpointing)
+    planned = activation_bytes(m, batch, seq_len, regime, checkpointing, saved_only=True)
+    if regime == "autocast":  # the half-precision weight copies are saved too
+        planned += weight_copy_bytes(count_params(config_of(m)), regime)
+    assert planned == pytest.approx(measured, rel=0.03), (measured, planned)
+
+
+def test_checkpointing_saves_a_fraction():
+    m = small_model("gqa")
+    full, ckpt = (activation_bytes(m, 4, 64, "fp32", c) for c in (False, True))
+    assert ckpt < full / 2
+
+
+def config_of(model: ModelConfig, *extra: str):
+    values = [f"model.{k}={'null' if v is None else v}" for k, v in vars(model).items()]
+    return load_config(None, values + ["train.seq_len=32"] + list(extra))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_stage0_model_state_equals_the_tensors(lora):
+    """Parameters, gradients after backward and AdamW state after a step, byte for byte."""
+    m = small_model("gqa")
+    extra = ["finetune.lora_rank=4", "finetune.init_from=x", "finetune.lora_targets=wq,wv,w2"] if lora else []
+    cfg = config_of(m, *extra)
+    model = Transformer(m)
+    if lora:
+        apply_lora(model, 4, 8.0, targets=("wq", "wv", "w2"))
+    optimizer = build_optimizer(model, cfg.optim)
+    tokens = torch.randint(0, m.vocab_size, (2, 17))
+    cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+    optimizer.step()
+    measured = {
+        "weights": sum(p.nbytes for p in model.parameters()),
+        "gradients": sum(p.grad.nbytes for p in model.parameters() if p.grad is not None),
+        "optimizer": sum(t.nbytes for state in optimizer.state.values() for t in state.values()),
+    }
+    assert model_state_bytes(count_params(cfg), 0, 1, False, 1) == measured
+    if lora:
+        assert measured["gradients"] < measured["weights"] / 10
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 25_000_000, 25_000_001, 60_000_003])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_shard_is_ceil_plus_less_than_one_element_per_bucket(n, world_size):
+    buckets = -(-n // 25_000_000)
+    shard = shard_elements(n, world_size)
+    assert -(-n // world_size) <= shard < -(-n // world_size) + buckets
+
+
+def test_sharding_shrinks_the_state_and_bf16_halves_the_weights():
+    cfg = load_config("configs/llama2-7b.yaml")
+    counts = count_params(cfg)
+    s0 = model_state_bytes(counts, 0, 8, False, 1)
+    s1 = model_state_bytes(counts, 1, 8, True, 1)
+    s2 = model_state_bytes(counts, 2, 8, True, 1)
+    assert s1["weights"] == s2["weights"] == s0["weights"] // 2
+    assert s1["optimizer"] == s2["optimizer"] < s0["optimizer"] / 8 * 1.5 + 1
+    assert s2["gradients"] < s1["gradients"] / 2
+    # with accumulation the whole bf16 gradients exist next to the slice
+    assert model_state_bytes(counts, 2, 8, True, 4)["gradients"] == s2["gradients"] + 2 * counts.trainable
+
+
+def run_plan(capsys, *args):
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+TINY = ("--config", "configs/tiny.yaml", "--device", "cpu")
+
+
+def test_json_has_the_figures_and_exit_status(capsys):
+    code, out, _ = run_plan(capsys, *TINY, "--world-size", "2", "--device-memory", "8GiB", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["fits"] is True
+    for key in ("weights", "gradients", "optimizer", "activations", "total", "max_batch_size"):
+        assert isinstance(result[key], int) and result[key] > 0, key
+    assert result["total"] > result["weights"] + result["gradients"] + result["optimizer"] + result["activations"]
+    code, out, _ = run_plan(capsys, *TINY, "--device-memory", "100MiB", "--json")
+    assert code == 1 and json.loads(out)["fits"] is False
+
+
+def test_fits_boundary(capsys):
+    """The suggested micro-batch fits and one more does not."""
+    memory = "1GiB"
+    _, out, _ = run_plan(capsys, *TINY, "--device-memory", memory, "--json")
+    largest = json.loads(out)["max_batch_size"]
+    assert largest > 1
+    code, out, _ = run_plan(capsys, *TINY, "--device-memory", memory, "--set", f"train.batch_size={largest}")
+    assert code == 0 and "fits" in out.splitlines()[-1]
+    code, out, _ = run_plan(capsys, *TINY, "--device-memory", memory, "--set", f"train.batch_size={largest + 1}")
+    assert code == 1 and "does NOT fit" in out
+
+
+@pytest.mark.parametrize("args", [("--device-memory", "80 parsecs"), ("--device-memory", "0GB"),
+                                  ("--device-memory", "8GiB", "--world-size", "0"),
+                                  ("--device-memory", "8GiB", "--set", "dist.zero_stage=3")])
+def test_bad_values_exit_2_in_one_line(capsys, args):
+    code, out, err = run_plan(capsys, *TINY, *args)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+
+
+def test_command_line_bad_size():
+    result = subprocess.run([sys.executable, "-m", "hvd_llama.plan", "--device-memory", "lots"], cwd=REPO,
+                            env=job_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == ("error: --device-memory 'lots': expected a size such as 80GiB, 80GB, 512MiB "
+                                     "or a number of bytes")
+
+
+@pytest.mark.parametrize("text,expected", [("80GiB", 80 * GiB), ("80GB", 80 * 10**9), ("512MiB", 512 << 20),
+                                           ("4096", 4096), ("1.5 GiB", 3 * GiB // 2), ("2gib", 2 * GiB)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+def test_check_fits_names_the_fixes():
+    cfg = load_config("configs/llama2-7b.yaml", ["train.batch_size=4"])
+    with pytest.raises(UserError) as err:
+        check_fits(cfg, 8, 80 * 10**9)
+    message = str(err.value)
+    assert "\n" not in message
+    for fix in ("dist.zero_stage=2", "train.activation_checkpointing=true", "more ranks"):
+        assert fix in message
+    fitting = load_config("configs/llama2-7b.yaml", ["dist.zero_stage=2", "train.activation_checkpointing=true",
+                                                     "train.batch_size=1"])
+    check_fits(fitting, 8, 80 * 10**9)  # no error
+    with pytest.raises(UserError, match="ZeRO stage 3"):  # 70B's bf16 weights alone exceed 80 GB
+        check_fits(load_config("configs/llama2-70b.yaml"), 64, 80 * 10**9)
+
+
+# ~100M parameters (97.5M): 12 layers of width 768, vocabulary 8192; two steps of 2 x 256 tokens.
+MODEL_100M = ["model.dim=768", "model.n_layers=12", "model.n_heads=12", "model.vocab_size=8192",
+              "model.multiple_of=256", "model.max_seq_len=256", "train.seq_len=256", "train.batch_size=2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("np", [0, 2])
+def test_peak_rss_within_15_percent_of_the_plan(np):
+    """Stage 0, fp32: one plain process (np=0), then 2 ranks under horovodrun (each rank measures itself)."""
+    result = run_job([str(REPO / "tests" / "memory_step.py"), *MODEL_100M], np=np, timeout=900)
+    assert result.returncode == 0, result.output[-3000:]
+    peaks = [json.loads(line.split(">:", 1)[-1])["peak_rss"] for line in result.output.splitlines()
+             if "peak_rss" in line]
+    assert len(peaks) == max(np, 1)
+    planned = plan(load_config(None, MODEL_100M), max(np, 1), 24 * GiB, device="cpu").total
+    for peak in peaks:
+        assert abs(peak - planned) / planned < 0.15, (peak, planned)
