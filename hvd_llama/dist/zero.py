@@ -1,0 +1,485 @@
+"""Data-parallel optimizers behind one interface: replicated (stage 0) and ZeRO-sharded (stages 1 and 2).
+
+Stage 0 is hvd.DistributedOptimizer: every rank holds all gradients and the whole AdamW state. Stages 1 and 2
+follow ZeRO (Rajbhandari et al. 2020) in the layout of Megatron-LM's distributed optimizer and DeepSpeed's
+stage_1_and_2.py: the trainable parameters, in model order, form one flat index space cut into buckets (whole
+parameters, about `bucket_elements` each); every bucket is padded to a multiple of the world size N and rank r
+owns its r-th contiguous 1/N. A rank keeps fp32 gradients, AdamW moments (and, for bf16/fp16 weights, the fp32
+master weights) for its slices only: ceil(P/N) elements plus under N of padding per bucket.
+
+    stage 1: backward fills param.grad as usual; reduce_gradients() reduce-scatters each bucket (op=Average).
+    stage 2: a post-accumulate-grad hook per parameter; on the last of `grad_accum` backward passes (counted
+             per parameter, as hvd.DistributedOptimizer's backward_passes_per_step does) a bucket whose
+             parameters are all done is copied into a flat fp32 buffer, its param.grad freed, and its
+             reduce-scatter launched while backward goes on. reduce_gradients() waits for them.
+
+Then clip_grad_norm_ takes the global norm (squared slice norms summed over ranks; padding is zero), step() runs
+torch.optim.AdamW on per-parameter views of the owned slices (the same math as stage 0, weight decay on the
+decay group's pieces only) and all-gathers every bucket's updated slices back into the parameters.
+
+One training step, the same code at every stage (no Horovod calls in the loop):
+
+    for batch in micro_batches: loss(batch).backward()
+    opt.reduce_gradients(); opt.scale_gradients(1 / loss_scale)   # the latter for fp16 only
+    norm = opt.clip_grad_norm_(max_norm)                          # identical on every rank
+    if torch.isfinite(norm): opt.step()
+    opt.zero_grad()
+
+Horovod 0.28.1 has no bfloat16 in any op: gradients travel as fp32 (or fp16 compression) and bf16 weights are
+all-gathered bit-exactly as int16. Every rank must run the same steps (hvd.join covers allreduce only).
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import horovod.torch as hvd
+import torch
+
+DEFAULT_BUCKET_ELEMENTS = 25_000_000
+MAX_IN_FLIGHT = 2  # reduce-scatters outstanding at once: bounds the flat buffers alive during backward
+STATE_FORMAT = "hvd_llama.zero_slice/1"
+SLICE_TENSORS = ("exp_avg", "exp_avg_sq", "master")
+
+
+def allgather_tensor(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """hvd.allgather that also takes bfloat16 (which no Horovod op has): it travels bit-exactly as int16."""
+    if tensor.dtype != torch.bfloat16:
+        return hvd.allgather(tensor, name=name)
+    return hvd.allgather(tensor.view(torch.int16), name=name).view(torch.bfloat16)
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class ReplicatedOptimizer:
+    """Stage 0: hvd.DistributedOptimizer (allreduce during backward, full AdamW state on every rank)."""
+
+    stage = 0
+
+    def __init__(self, optimizer, model: torch.nn.Module):
+        self.optimizer, self.model = optimizer, model  # optimizer: an hvd.DistributedOptimizer
+
+    @property
+    def param_groups(self) -> list:
+        return self.optimizer.param_groups
+
+    def _params(self) -> list:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def reduce_gradients(self) -> None:
+        self.optimizer.synchronize()
+
+    @torch.no_grad()
+    def scale_gradients(self, factor: float) -> None:
+        for p in self._params():
+            if p.grad is not None:
+                p.grad.mul_(factor)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        limit = max_norm if max_norm > 0 and math.isfinite(max_norm) else math.inf
+        return torch.nn.utils.clip_grad_norm_(self._params(), limit)
+
+    def step(self) -> None:
+        with self.optimizer.skip_synchronize():  # reduce_gradients() already did
+            self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def state_bytes(self) -> dict:
+        """Bytes this rank holds now: all weights, the gradients allocated, the AdamW moments."""
+        moments = [t for s in self.optimizer.state.values() for k, t in s.items() if k != "step"]
+        return {"weights": _tensor_bytes(self.model.parameters()),
+                "gradients": _tensor_bytes(p.grad for p in self._params() if p.grad is not None),
+                "optimizer": _tensor_bytes(moments)}
+
+
+# ---- the flat layout (pure arithmetic; no Horovod) ------------------------------------------------------------
+@dataclass
+class Piece:
+    """The part [start, end) of parameter `index` (flattened) that one rank owns."""
+    index: int
+    start: int
+    end: int
+    global_start: int  # position in the flat unpadded index space
+    shard_offset: int  # position in the rank's flat shard
+
+    @property
+    def numel(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class Bucket:
+    """Consecutive whole parameters [first, last) padded to a multiple of the world size."""
+    first: int
+    last: int
+    global_start: int
+    numel: int
+    shard_numel: int  # padded numel / world size: every rank's slice of this bucket
+    shard_offset: int  # where this rank's slice sits in its flat shard
+    pieces: list  # this rank's Pieces, in index order
+
+
+class FlatLayout:
+    """Buckets over parameters of sizes `numels` (model order) and what rank `rank` of `world` owns.
+
+    Buckets are formed from the last parameter backwards (backward produces gradients in that order, so
+    bucket 0 is ready first); bucket order is also the order every rank launches their reduce-scatters in.
+    """
+
+    def __init__(self, numels: Sequence[int], world: int, rank: int, bucket_elements: int):
+        if bucket_elements <= 0:
+            raise ValueError(f"bucket_elements must be positive, got {bucket_elements}")
+        self.numels, self.world, self.rank = list(numels), world, rank
+        self.starts = [0]
+        for n in self.numels:
+            self.starts.append(self.starts[-1] + n)
+        self.numel = self.starts[-1]
+        self.buckets: list[Bucket] = []
+        last, shard_offset = len(self.numels), 0
+        while last > 0:
+            first, size = last, 0
+            while first > 0 and (size == 0 or size + self.numels[first - 1] <= bucket_elements):
+                first -= 1
+                size += self.numels[first]
+            bucket = self._bucket(first, last, shard_offset)
+            self.buckets.append(bucket)
+            last, shard_offset = first, shard_offset + bucket.shard_numel
+        self.shard_numel = shard_offset
+        self.pieces = sorted((p for b in self.buckets for p in b.pieces), key=lambda p: p.global_start)
+        self.bucket_of = {i: b for b, bucket in enumerate(self.buckets) for i in range(bucket.first, bucket.last)}
+
+    def _bucket(self, first: int, last: int, shard_offset: int) -> Bucket:
+        base = self.starts[first]
+        numel = self.starts[last] - base
+        shard_numel = -(-numel // self.world)
+        own_start = base + self.rank * shard_numel  # in global coordinates; may run past the bucket (padding)
+        own_end = own_start + shard_numel
+        pieces = []
+        for i in range(first, last):
+            lo, hi = max(own_start, self.starts[i]), min(own_end, self.starts[i + 1])
+            if lo < hi:
+                pieces.append(Piece(i, lo - self.starts[i], hi - self.starts[i], lo, shard_offset + lo - own_start))
+        return Bucket(first, last, base, numel, shard_numel, shard_offset, pieces)
+
+    def own_runs(self) -> list[tuple[int, int, int]]:
+        """(global_start, global_end, shard_offset) of every stretch this rank owns, by global position."""
+        runs: list[list[int]] = []
+        for p in self.pieces:
+            last = runs[-1] if runs else None
+            if last and last[1] == p.global_start and last[2] + last[1] - last[0] == p.shard_offset:
+                last[1] = p.global_start + p.numel
+            else:
+                runs.append([p.global_start, p.global_start + p.numel, p.shard_offset])
+        return [tuple(r) for r in runs]
+
+
+def merge_ranges(ranges) -> list[tuple[int, int]]:
+    """Sorted (start, end) ranges with touching neighbours joined."""
+    merged: list[list[int]] = []
+    for start, end in ranges:
+        if merged and merged[-1][1] == start:
+            merged[-1][1] = end
+        else:
+            merged.append([start, end])
+    return [tuple(r) for r in merged]
+
+
+# ---- stages 1 and 2 -------------------------------------------------------------------------------------------
+class ShardedOptimizer:
+    """ZeRO stage 1 (optimizer state sharded) or 2 (gradients too); see the module docstring.
+
+    Build it after the model has its final dtype and device (it keeps views into the parameters' storage).
+    With bf16/fp16 weights the fp32 master copy of the own slices is taken from the parameters at the first
+    step() (after any broadcast or weight loading), unless load_state_dict() supplied one.
+    """
+
+    def __init__(self, model: torch.nn.Module, param_groups: list[dict], optim_kwargs: dict, stage: int,
+                 grad_accum: int, compression=hvd.Compression.none, gradient_predivide_factor: float = 1.0,
+                 fused: bool = False, bucket_elements: int = DEFAULT_BUCKET_ELEMENTS):
+        if stage not in (1, 2):
+            raise ValueError(f"ShardedOptimizer is for ZeRO stages 1 and 2, got {stage}")
+        if grad_accum < 1:
+            raise ValueError(f"grad_accum must be at least 1, got {grad_accum}")
+        self.stage, self.model, self.grad_accum = stage, model, grad_accum
+        self.compression, self.predivide = compression, gradient_predivide_factor
+        grouped = {id(p) for group in param_groups for p in group["params"]}
+        named = [(n, p) for n, p in model.named_parameters() if id(p) in grouped]
+        if len(named) != len(grouped):
+            raise ValueError("param_groups hold tensors that are not parameters of the model")
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        dtypes = {p.dtype for p in self.params}
+        if len(dtypes) > 1:
+            raise ValueError(f"trainable parameters of one dtype expected, got {sorted(map(str, dtypes))}")
+        self.dtype = self.params[0].dtype if self.params else torch.float32
+        device = self.params[0].device if self.params else torch.device("cpu")
+        self.layout = FlatLayout([p.numel() for p in self.params], hvd.size(), hvd.rank(), bucket_elements)
+        fp32 = dict(dtype=torch.float32, device=device)
+        n = self.layout.shard_numel
+        self.grad_shard, self.exp_avg, self.exp_avg_sq = (torch.zeros(n, **fp32) for _ in range(3))
+        self.master = torch.zeros(n, **fp32) if self.dtype != torch.float32 else None
+        self._master_ready = False
+        # What AdamW updates: the own part of each parameter, in its storage (fp32) or in the master copy.
+        self._param_views = [self.params[pc.index].detach().view(-1)[pc.start:pc.end]
+                             for pc in self.layout.pieces]
+        targets = self._param_views if self.master is None else \
+            [self.master[pc.shard_offset:pc.shard_offset + pc.numel] for pc in self.layout.pieces]
+        self.optimizer = torch.optim.AdamW(self._inner_groups(param_groups, targets), **optim_kwargs,
+                                           fused=fused or None)
+        for view, pc in zip(targets, self.layout.pieces):
+            view.grad = self.grad_shard[pc.shard_offset:pc.shard_offset + pc.numel]
+            self.optimizer.state[view] = self._fresh_state(view, pc, fused)
+        self._targets = targets
+        self._in_flight: list = []  # (bucket index, handle, compression context)
+        self._reset_backward()
+        self._hook_handles = [p.register_post_accumulate_grad_hook(self._make_hook(i))
+                              for i, p in enumerate(self.params)] if stage == 2 else []
+
+    def _inner_groups(self, param_groups: list[dict], targets: list) -> list[dict]:
+        """The caller's groups (weight decay, lr) holding the views of their parameters' pieces."""
+        index = {id(p): i for i, p in enumerate(self.params)}
+        groups = []
+        for group in param_groups:
+            members = {index[id(p)] for p in group["params"]}
+            views = [v for v, pc in zip(targets, self.layout.pieces) if pc.index in members]
+            groups.append({**group, "params": views})
+        return groups
+
+    def _fresh_state(self, view: torch.Tensor, piece: Piece, fused: bool) -> dict:
+        """AdamW's state for one piece, allocated up front as views of the flat moment shards (so state_bytes is
+        exact before the first step and state_dict is a slice); step on the CPU unless fused, as torch does."""
+        span = slice(piece.shard_offset, piece.shard_offset + piece.numel)
+        step = torch.zeros((), device=view.device) if fused else torch.tensor(0.0)
+        return {"step": step, "exp_avg": self.exp_avg[span], "exp_avg_sq": self.exp_avg_sq[span]}
+
+    @property
+    def param_groups(self) -> list:
+        return self.optimizer.param_groups
+
+    # ---- gradients: reduce-scatter bucket by bucket --------------------------------------------------------
+    def _reset_backward(self) -> None:
+        """Before a step's first backward pass: nothing counted, no bucket launched (`launched`: how many)."""
+        self._passes = [0] * len(self.params)
+        self._waiting = [b.last - b.first for b in self.layout.buckets]
+        self.launched = 0
+
+    def _make_hook(self, index: int):
+        def hook(param: torch.Tensor) -> None:
+            self._passes[index] += 1
+            if self._passes[index] < self.grad_accum:
+                return  # accumulate locally, like backward_passes_per_step
+            if self._passes[index] > self.grad_accum:
+                raise RuntimeError(f"more than grad_accum={self.grad_accum} backward passes before "
+                                   "reduce_gradients()")
+            bucket = self.layout.bucket_of[index]
+            self._waiting[bucket] -= 1
+            # Launch in bucket order only: every rank then submits the same sequence, so waiting on the
+            # oldest in-flight bucket can never deadlock against another rank.
+            while self.launched < len(self._waiting) and self._waiting[self.launched] == 0:
+                self._launch(self.launched)
+        return hook
+
+    @torch.no_grad()
+    def _launch(self, b: int) -> None:
+        bucket = self.layout.buckets[b]
+        flat = torch.zeros(bucket.shard_numel * self.layout.world, dtype=torch.float32,
+                           device=self.grad_shard.device)
+        for i in range(bucket.first, bucket.last):
+            p, offset = self.params[i], self.layout.starts[i] - bucket.global_start
+            if p.grad is not None:  # no gradient (an unused parameter) counts as zero
+                flat[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
+            if self.stage == 2:
+                p.grad = None  # the bucket buffer holds it now; after the scatter only our slice stays
+        if self.predivide != 1.0:  # never prescale_factor: it fails above HOROVOD_FUSION_THRESHOLD
+            flat.mul_(1.0 / self.predivide)
+        wire, ctx = self.compression.compress(flat)
+        handle = hvd.reducescatter_async(wire, name=f"zero.grad.{b}", op=hvd.Average,
+                                         postscale_factor=self.predivide)
+        self._in_flight.append((b, handle, ctx))
+        self.launched = b + 1
+        while len(self._in_flight) > MAX_IN_FLIGHT:
+            self._finish_oldest()
+
+    @torch.no_grad()
+    def _finish_oldest(self) -> None:
+        b, handle, ctx = self._in_flight.pop(0)
+        bucket = self.layout.buckets[b]
+        reduced = self.compression.decompress(hvd.synchronize(handle), ctx)
+        assert reduced.numel() == bucket.shard_numel, (reduced.shape, bucket.shard_numel)
+        self.grad_shard[bucket.shard_offset:bucket.shard_offset + bucket.shard_numel].copy_(reduced)
+
+    def reduce_gradients(self) -> None:
+        """After the last micro-batch's backward: this rank's slice of the averaged gradients is ready."""
+        while self.launched < len(self.layout.buckets):
+            self._launch(self.launched)  # stage 1: all of them; stage 2: buckets with unused parameters
+        while self._in_flight:
+            self._finish_oldest()
+        self._reset_backward()
+
+    @torch.no_grad()
+    def scale_gradients(self, factor: float) -> None:
+        self.grad_shard.mul_(factor)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """The global norm of the averaged gradients (inf/nan on every rank if any is); clip to max_norm as
+        torch.nn.utils.clip_grad_norm_ does when max_norm is positive and finite."""
+        local = torch.linalg.vector_norm(self.grad_shard).double().square().cpu()
+        total = hvd.allreduce(local.reshape(1), op=hvd.Sum, name="zero.grad_norm").sqrt()
+        norm = total.to(torch.float32).reshape(())
+        if max_norm > 0 and math.isfinite(max_norm) and torch.isfinite(norm):
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            self.grad_shard.mul_(coef.to(self.grad_shard.device))
+        return norm
+
+    # ---- the update ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> None:
+        if self.master is not None and not self._master_ready:
+            for master, param in zip(self._targets, self._param_views):
+                master.copy_(param)
+            self._master_ready = True
+        self.optimizer.step()
+        if self.master is not None:
+            for param, master in zip(self._param_views, self._targets):
+                param.copy_(master)  # rounded to the model's dtype
+        self._allgather_params()
+
+    @torch.no_grad()
+    def _allgather_params(self) -> None:
+        """Every rank's updated slices into every rank's parameters, one bucket at a time (hvd.allgather
+        allocates the whole bucket)."""
+        for b, bucket in enumerate(self.layout.buckets):
+            send = torch.zeros(bucket.shard_numel, dtype=self.dtype, device=self.grad_shard.device)
+            for pc in bucket.pieces:
+                at = pc.shard_offset - bucket.shard_offset
+                send[at:at + pc.numel].copy_(self.params[pc.index].detach().view(-1)[pc.start:pc.end])
+            full = allgather_tensor(send, name=f"zero.param.{b}")
+            for i in range(bucket.first, bucket.last):
+                offset = self.layout.starts[i] - bucket.global_start
+                self.params[i].detach().view(-1).copy_(full[offset:offset + self.params[i].numel()])
+
+    def zero_grad(self) -> None:
+        if self._in_flight:
+            raise RuntimeError("zero_grad() while gradient reduce-scatters are in flight: call "
+                               "reduce_gradients() after the last backward pass first")
+        for p in self.params:
+            p.grad = None
+
+    # ---- state ---------------------------------------------------------------------------------------------
+    def _step_count(self) -> int:
+        steps = {int(s["step"].item()) for s in self.optimizer.state.values()}
+        return steps.pop() if steps else 0  # one value: every piece steps together
+
+    def state_dict(self) -> dict:
+        """This rank's slice, independent of world size and bucket size: the owned runs of the flat unpadded
+        index space (trainable parameters in model order) as (global_start, global_end), each tensor the
+        concatenation of those runs, and the AdamW step count. `params` (names, shapes) defines the space."""
+        runs = self.layout.own_runs()
+
+        def take(flat: torch.Tensor) -> torch.Tensor:
+            parts = [flat[offset:offset + end - start] for start, end, offset in runs]
+            return torch.cat(parts).cpu() if parts else flat.new_zeros(0).cpu()
+
+        state = {"format": STATE_FORMAT, "params": [(n, tuple(p.shape)) for n, p in zip(self.names, self.params)],
+                 "ranges": merge_ranges((start, end) for start, end, _ in runs), "step": self._step_count(),
+                 "exp_avg": take(self.exp_avg), "exp_avg_sq": take(self.exp_avg_sq)}
+        if self.master is not None and self._master_ready:
+            state["master"] = take(self.master)
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, slices) -> None:
+        """Load this rank's slice from the slice dicts of ALL ranks of a checkpoint saved at any world size (a
+        single dict is taken as a list of one). Without master weights in them, they come from the parameters."""
+        slices = _check_slices(slices if isinstance(slices, (list, tuple)) else [slices], self._layout_key())
+        index = _SliceIndex(slices)
+        names = ["exp_avg", "exp_avg_sq"] + (["master"] if self.master is not None and index.has_master else [])
+        for start, end, offset in self.layout.own_runs():
+            for name in names:
+                getattr(self, name)[offset:offset + end - start].copy_(index.read(name, start, end))
+        for s in self.optimizer.state.values():
+            s["step"].fill_(index.step)
+        self._master_ready = "master" in names
+
+    def _layout_key(self) -> list:
+        return [(n, tuple(p.shape)) for n, p in zip(self.names, self.params)]
+
+    def state_bytes(self) -> dict:
+        """Bytes this rank holds now: all weights; gradients (this rank's fp32 slice plus any param.grad
+        allocated: stage 1 keeps them until zero_grad(), stage 2 frees them as their bucket is reduced);
+        optimizer (moments and master weights of the slice)."""
+        optimizer = [self.exp_avg, self.exp_avg_sq] + ([self.master] if self.master is not None else [])
+        return {"weights": _tensor_bytes(self.model.parameters()),
+                "gradients": _tensor_bytes([self.grad_shard] + [p.grad for p in self.params if p.grad is not None]),
+                "optimizer": _tensor_bytes(optimizer)}
+
+
+# ---- slice dicts: checking, reading ranges, merging ---------------------------------------------------------
+def _check_slices(slices: list, layout_key: Optional[list] = None) -> list:
+    if not slices:
+        raise ValueError("no optimizer slices given")
+    for s in slices:
+        if not isinstance(s, dict) or s.get("format") != STATE_FORMAT:
+            raise ValueError("not a sharded optimizer slice (saved at dist.zero_stage=0?); sharded optimizers "
+                             "load only the slices saved by sharded optimizers")
+    if layout_key is not None and [(n, tuple(shape)) for n, shape in slices[0]["params"]] != layout_key:
+        raise ValueError("the optimizer slices were saved for other trainable parameters (names or shapes differ)")
+    if len({s["step"] for s in slices}) > 1:
+        raise ValueError(f"optimizer slices from different steps: {sorted({s['step'] for s in slices})}")
+    return slices
+
+
+class _SliceIndex:
+    """Reads any range of the flat index space from a set of slices (as many ranks as saved them)."""
+
+    def __init__(self, slices: list):
+        runs = []
+        for s in slices:
+            offset = 0  # where each run sits in the slice's tensors
+            for start, end in s["ranges"]:
+                runs.append((start, end, s, offset))
+                offset += end - start
+        runs.sort(key=lambda run: run[0])
+        self.runs, self.starts = runs, [r[0] for r in runs]
+        self.step = slices[0]["step"]
+        self.has_master = all("master" in s for s in slices)
+
+    def read(self, name: str, start: int, end: int) -> torch.Tensor:
+        parts, at = [], start
+        k = max(0, bisect.bisect_right(self.starts, start) - 1)
+        while at < end:
+            if k >= len(self.runs) or self.runs[k][0] > at or self.runs[k][1] <= at:
+                raise ValueError(f"the optimizer slices do not cover elements [{at}, {end}) of the flat index "
+                                 "space; are all ranks' slice files there?")
+            run_start, run_end, s, offset = self.runs[k]
+            stop = min(end, run_end)
+            parts.append(s[name][offset + at - run_start:offset + stop - run_start])
+            at, k = stop, k + 1
+        return torch.cat(parts)
+
+
+def merge_slices(slices: list) -> dict:
+    """All ranks' slices into full per-parameter state: {"step", "state": {name: {"exp_avg", "exp_avg_sq"[,
+    "master"]} shaped like the parameter}} (for export, or inspecting a checkpoint)."""
+    slices = _check_slices(list(slices))
+    index = _SliceIndex(slices)
+    names = [n for n in SLICE_TENSORS if n != "master" or index.has_master]
+    state, start = {}, 0
+    for name, shape in slices[0]["params"]:
+        end = start + math.prod(shape)
+        state[name] = {t: index.read(t, start, end).reshape(shape) for t in names}
+        start = end
+    return {"step": index.step, "state": state}
