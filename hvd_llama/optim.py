@@ -35,3 +35,37 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 (torch.amp.GradScaler's rule and state_dict keys) driven by the global
+    gradient norm, so every rank decides alike at every ZeRO stage: GradScaler checks each rank's own
+    gradients, which at stages 1 and 2 are slices, and ranks could disagree.
+
+    Scale the loss before backward; unscale the reduced gradients by `1 / scale`; a non-finite global norm means
+    an overflow: the step is skipped and the scale halves; `growth_interval` good steps in a row double it.
+    """
+
+    def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
+                 growth_interval: int = 2000):
+        self.scale, self.growth_factor, self.backoff_factor = init_scale, growth_factor, backoff_factor
+        self.growth_interval, self.good_steps = growth_interval, 0
+
+    def update(self, overflow: bool) -> None:
+        if overflow:
+            self.scale *= self.backoff_factor
+            self.good_steps = 0
+            return
+        self.good_steps += 1
+        if self.good_steps == self.growth_interval:
+            self.scale *= self.growth_factor
+            self.good_steps = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "growth_factor": self.growth_factor, "backoff_factor": self.backoff_factor,
+                "growth_interval": self.growth_interval, "_growth_tracker": self.good_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.growth_factor = float(state["scale"]), float(state["growth_factor"])
+        self.backoff_factor, self.growth_interval = float(state["backoff_factor"]), int(state["growth_interval"])
+        self.good_steps = int(state["_growth_tracker"])
