@@ -132,7 +132,10 @@ def measure_peaks(torch, device, gpu_name: Optional[str], horovod) -> dict:
         if horovod:
             horovod.dist.allreduce_sum(torch.zeros(1), name=f"doctor.peak.{label}.barrier")
         own = measure_peak_flops(device, dtype)
-        total = horovod.dist.allreduce_sum(torch.tensor([own]), name=f"doctor.peak.{label}").item() if horovod else own
+        total = own
+        if horovod:
+            total = horovod.dist.allreduce_sum(torch.tensor([own], dtype=torch.float64), name=f"doctor.peak.{label}")
+            total = total.item()
         known = datasheet_peak(gpu_name, dtype) if gpu_name else None
         peaks[label] = {"measured_flops": own, "all_ranks_flops": total, "matmul_n": matmul_size(device, dtype),
                         "datasheet": {"gpu": known[0], "flops": known[1]} if known else None,
