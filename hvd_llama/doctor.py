@@ -230,8 +230,9 @@ def diagnose(r: dict) -> tuple[list, list]:
     cores, ranks_here = r["cores"]["usable"], r["local_size"]
     threads = r["threads_per_rank"]["intra_op"]
     if ranks_here * threads > cores:
+        fair = max(1, cores // ranks_here)
         warnings.append(f"{ranks_here} rank(s) on this node x {threads} threads = {ranks_here * threads} > {cores} "
-                        f"usable cores: every rank slows down; set dist.threads_per_rank <= {max(1, cores // ranks_here)}")
+                        f"usable cores: every rank slows down; set dist.threads_per_rank <= {fair}")
     omp = r["omp_num_threads"]
     if omp and omp.isdigit() and ranks_here * int(omp) > cores:
         warnings.append(f"OMP_NUM_THREADS={omp} x {ranks_here} rank(s) on this node > {cores} usable cores: OpenMP "
