@@ -21,6 +21,16 @@ from typing import Optional, Sequence
 
 from hvd_llama.cli import UserError, atomic_write_text, run_main
 
+try:
+    import torch
+
+    from hvd_llama.config import DistConfig, load_config
+    from hvd_llama.metrics import datasheet_peak, format_flops, matmul_size, measure_peak_flops
+except ImportError as err:  # no torch: doctor says so in one line rather than a traceback
+    TORCH_MISSING: Optional[ImportError] = err
+else:
+    TORCH_MISSING = None
+
 MIB = 1 << 20
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 (AVX-512 BF16, AMX) and Arm (FEAT_BF16) names
 WIDTH = 22  # label column
@@ -69,16 +79,16 @@ def mpi_version() -> Optional[str]:
     return f"Open MPI {match.group(1)}" if match else (out.strip().splitlines() or [None])[0]
 
 
-def versions(torch) -> dict:
+def versions() -> dict:
     cuda = torch.cuda.is_available()
     return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if cuda else None,
-            "nccl_torch": nccl_torch(torch) if cuda else None,
+            "nccl_torch": nccl_torch() if cuda else None,
             "horovod": package_version("horovod"), "mpi": mpi_version(),
             "sentencepiece": package_version("sentencepiece")}
 
 
-def nccl_torch(torch) -> str:
+def nccl_torch() -> str:
     version = torch.cuda.nccl.version()  # a tuple in recent torch, an int code in older ones
     return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
 
@@ -101,7 +111,7 @@ def read_cpuinfo() -> str:
         return ""
 
 
-def gpus(torch) -> list:
+def gpus() -> list:
     if not torch.cuda.is_available():
         return []
     return [{"index": i, "name": torch.cuda.get_device_name(i),
@@ -112,8 +122,6 @@ def gpus(torch) -> list:
 
 def requested(args: argparse.Namespace):
     """(precision, device kind, threads per rank or 0) to check, from the flags and the --config."""
-    import torch
-    from hvd_llama.config import load_config
     cfg = load_config(args.config) if args.config else None
     precision = args.precision or (cfg.train.precision if cfg else "fp32")
     device = cfg.train.device if cfg else "auto"
@@ -123,9 +131,8 @@ def requested(args: argparse.Namespace):
     return precision, device, threads
 
 
-def measure_peaks(torch, device, gpu_name: Optional[str], horovod) -> dict:
+def measure_peaks(device, gpu_name: Optional[str], horovod) -> dict:
     """Matmul peaks of this rank with every rank measuring at once (as train measures MFU's denominator)."""
-    from hvd_llama.metrics import datasheet_peak, matmul_size, measure_peak_flops
     dtypes = {"fp32": torch.float32, **({"bf16": torch.bfloat16} if device.type == "cuda" else {})}
     peaks = {}
     for label, dtype in dtypes.items():
@@ -162,54 +169,52 @@ class Horovod:
 
 # ---- the report ----------------------------------------------------------------------------------------------
 def collect(args: argparse.Namespace) -> dict:
-    import torch
     precision, device_kind, threads = requested(args)
-    hvd = Horovod()
+    horovod = Horovod()
     report = {"host": socket.gethostname(), "precision": precision, "device": device_kind,
               "cores": {"usable": len(os.sched_getaffinity(0)), "cpu_count": os.cpu_count()},
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
               "torch_threads_at_start": {"intra_op": torch.get_num_threads(),
                                          "inter_op": torch.get_num_interop_threads()},
-              "cpu_bf16_flags": cpu_bf16_flags(read_cpuinfo()), "gpus": gpus(torch),
-              "horovod": {"error": hvd.error}, "problems": [] if hvd.dist else [hvd.error]}
-    from hvd_llama.config import DistConfig
-    if hvd.dist:
-        report["horovod"].update(hvd.report.build())
+              "cpu_bf16_flags": cpu_bf16_flags(read_cpuinfo()), "gpus": gpus(),
+              "horovod": {"error": horovod.error}, "problems": [] if horovod.dist else [horovod.error]}
+    if horovod.dist:
+        report["horovod"].update(horovod.report.build())
         if not (report["horovod"]["mpi_built"] or report["horovod"]["gloo_built"]):
             report["problems"].append("Horovod was built with neither MPI nor Gloo: no controller can start it; "
                                       "rerun launch/install.sh")
-            hvd.dist = None
-    if hvd.dist:
-        device = hvd.report.init(DistConfig(threads_per_rank=threads), device_kind)
-        rank, size, local_size = hvd.dist.rank(), hvd.dist.size(), hvd.report.local_size()
+            horovod.dist = None
+    if horovod.dist:
+        device = horovod.report.init(DistConfig(threads_per_rank=threads), device_kind)
+        rank, size, local_size = horovod.dist.rank(), horovod.dist.size(), horovod.report.local_size()
     else:
-        device, rank, size = torch.device(device_kind), int(os.environ.get("OMPI_COMM_WORLD_RANK", 0)), 1
+        rank = int(os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))  # print once
+        device, size = torch.device(device_kind), 1
         local_size = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", os.environ.get("HOROVOD_LOCAL_SIZE", 1)))
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_size))  # as dist.init does
+    source = ("--threads" if args.threads else "config dist.threads_per_rank" if threads else
+              "train's default: cores / ranks on this node")
     report.update(rank=rank, size=size, local_size=local_size,
-                  threads_per_rank={"intra_op": torch.get_num_threads(),
-                                    "source": "--threads" if args.threads else "config dist.threads_per_rank"
-                                    if threads else "train's default: cores / ranks on this node"})
+                  threads_per_rank={"intra_op": torch.get_num_threads(), "source": source})
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    report["peak"] = measure_peaks(torch, device, gpu_name, hvd if hvd.dist else None)
-    if hvd.dist:
-        collect_horovod(report, hvd, device, args)
+    report["peak"] = measure_peaks(device, gpu_name, horovod if horovod.dist else None)
+    if horovod.dist:
+        collect_horovod(report, horovod, device, args)
     if rank == 0:
-        report["versions"] = versions(torch)
+        report["versions"] = versions()
     return report
 
 
-def collect_horovod(report: dict, hvd: Horovod, device, args: argparse.Namespace) -> None:
+def collect_horovod(report: dict, horovod: Horovod, device, args: argparse.Namespace) -> None:
     """The collectives part: every rank runs each of them in the same order."""
-    import torch
     h = report["horovod"]
-    h["controllers"] = hvd.report.controllers()
+    h["controllers"] = horovod.report.controllers()
     devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
-    h["backends"] = hvd.report.collective_backends(devices)
-    h["bfloat16_error"] = hvd.report.allreduces_bfloat16()
-    hosts = hvd.dist.allgather_object({"host": report["host"], "rank": report["rank"], "torch": torch.__version__,
-                                       "horovod": h["version"], "cores": report["cores"]["usable"],
-                                       "gpus": len(report["gpus"])}, name="doctor.hosts")
+    h["backends"] = horovod.report.collective_backends(devices)
+    h["bfloat16_error"] = horovod.report.allreduces_bfloat16()
+    mine = {"host": report["host"], "rank": report["rank"], "torch": torch.__version__, "horovod": h["version"],
+            "cores": report["cores"]["usable"], "gpus": len(report["gpus"])}
+    hosts = horovod.dist.allgather_object(mine, name="doctor.hosts")
     report["hosts"] = {}
     for r in hosts:
         same = {key: r[key] for key in ("torch", "horovod", "cores", "gpus")}
@@ -219,7 +224,7 @@ def collect_horovod(report: dict, hvd: Horovod, device, args: argparse.Namespace
     elif report["size"] < 2:
         report["bandwidth"], report["bandwidth_note"] = None, "not applicable: 1 rank (run under horovodrun -np N)"
     else:
-        report["bandwidth"] = hvd.report.allreduce_bandwidth(device, args.sizes, args.iterations)
+        report["bandwidth"] = horovod.report.allreduce_bandwidth(device, args.sizes, args.iterations)
         report["bandwidth_note"] = f"{device.type} tensors, {report['size']} ranks, median of {args.iterations}"
 
 
@@ -272,7 +277,6 @@ def gib(n: float) -> str:
 
 
 def format_report(r: dict) -> list:
-    from hvd_llama.metrics import format_flops
     v, h = r["versions"], r["horovod"]
     lines = [f"hvd_llama doctor: {r['host']}, rank 0 of {r['size']}, {r['local_size']} rank(s) on this node",
              "versions", row("python", v["python"]),
@@ -333,10 +337,8 @@ def summary_line(r: dict) -> str:
 
 def _main(argv: Optional[Sequence[str]]) -> None:
     args = parse_args(argv)
-    try:
-        import torch  # noqa: F401  (everything below needs it)
-    except ImportError as err:
-        print(f"problem: torch cannot be imported ({err}); run launch/install.sh\n"
+    if TORCH_MISSING:
+        print(f"problem: torch cannot be imported ({TORCH_MISSING}); run launch/install.sh\n"
               "doctor: 0 warnings, 1 problem", flush=True)
         sys.exit(1)
     report = collect(args)

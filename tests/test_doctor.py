@@ -98,7 +98,9 @@ def test_peak_is_at_least_the_per_matmul_sync_measurement():
 
     # Interleaved, so that a change in the shared machine's load hits both alike.
     old, new = zip(*[(naive(), measure_peak_flops(torch.device("cpu"), n=512)) for _ in range(3)])
-    assert 0.8 * max(old) <= max(new) < 10 * max(old), (old, new)
+    # No upper bound: on a shared machine the best batch may catch an idle moment the averaged loop never sees
+    # (the fake-clock test above pins the arithmetic).
+    assert all(math.isfinite(f) and f > 0 for f in new) and max(new) >= 0.8 * max(old), (old, new)
 
 
 @pytest.mark.parametrize("name, dtype, expected", [
@@ -260,6 +262,15 @@ def test_unimportable_horovod_is_one_problem_and_exit_1(tmp_path):
     report = json.loads(out.read_text())
     assert report["problems"] == [problems[0][len("problem: "):]] and SUMMARY.match(lines[-1])[2] == "1"
     assert report["peak"]["fp32"]["measured_flops"] > 0 and "bandwidth" not in report  # the rest still reported
+
+
+def test_unimportable_torch_is_one_problem_and_exit_1():
+    code = "import sys; sys.modules['torch'] = None\nfrom hvd_llama.doctor import main\nmain([])"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=job_env(), capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    assert result.stdout.splitlines()[0].startswith("problem: torch cannot be imported")
+    assert result.stdout.splitlines()[-1] == "doctor: 0 warnings, 1 problem"
 
 
 def test_bad_sizes_are_a_one_line_error(capsys):
