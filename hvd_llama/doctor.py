@@ -131,9 +131,11 @@ def requested(args: argparse.Namespace):
     return precision, device, threads
 
 
-def measure_peaks(device, gpu_name: Optional[str], horovod) -> dict:
-    """Matmul peaks of this rank with every rank measuring at once (as train measures MFU's denominator)."""
-    dtypes = {"fp32": torch.float32, **({"bf16": torch.bfloat16} if device.type == "cuda" else {})}
+def measure_peaks(device, precision: str, gpu_name: Optional[str], horovod) -> dict:
+    """Matmul peaks of this rank with every rank measuring at once (as train measures MFU's denominator):
+    fp32, bf16 on a GPU, and the precision asked for."""
+    wanted = ["fp32"] + (["bf16"] if device.type == "cuda" else []) + [precision]
+    dtypes = {label: {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[label] for label in wanted}
     peaks = {}
     for label, dtype in dtypes.items():
         if horovod:
@@ -197,7 +199,7 @@ def collect(args: argparse.Namespace) -> dict:
     report.update(rank=rank, size=size, local_size=local_size,
                   threads_per_rank={"intra_op": torch.get_num_threads(), "source": source})
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    report["peak"] = measure_peaks(device, gpu_name, horovod if horovod.dist else None)
+    report["peak"] = measure_peaks(device, precision, gpu_name, horovod if horovod.dist else None)
     if horovod.dist:
         collect_horovod(report, horovod, device, args)
     if rank == 0:
@@ -209,9 +211,6 @@ def collect_horovod(report: dict, horovod: Horovod, device, args: argparse.Names
     """The collectives part: every rank runs each of them in the same order."""
     h = report["horovod"]
     h["controllers"] = horovod.report.controllers()
-    devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
-    h["backends"] = horovod.report.collective_backends(devices)
-    h["bfloat16_error"] = horovod.report.allreduces_bfloat16()
     mine = {"host": report["host"], "rank": report["rank"], "torch": torch.__version__, "horovod": h["version"],
             "cores": report["cores"]["usable"], "gpus": len(report["gpus"])}
     hosts = horovod.dist.allgather_object(mine, name="doctor.hosts")
@@ -226,6 +225,11 @@ def collect_horovod(report: dict, horovod: Horovod, device, args: argparse.Names
     else:
         report["bandwidth"] = horovod.report.allreduce_bandwidth(device, args.sizes, args.iterations)
         report["bandwidth_note"] = f"{device.type} tensors, {report['size']} ranks, median of {args.iterations}"
+    # The backend probe runs after the bandwidth: under Gloo, one reducescatter makes later MiB-sized allreduces
+    # ~30x slower (measured with Horovod 0.28.1 on 2 ranks), and would spoil the figures above.
+    devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
+    h["backends"] = horovod.report.collective_backends(devices)
+    h["bfloat16_error"] = horovod.report.allreduces_bfloat16()
 
 
 def diagnose(r: dict) -> tuple[list, list]:
@@ -270,6 +274,10 @@ def diagnose(r: dict) -> tuple[list, list]:
 # ---- printing ------------------------------------------------------------------------------------------------
 def row(label: str, value) -> str:
     return f"  {label:<{WIDTH}}{value}".rstrip()
+
+
+def rate(bytes_per_s: float) -> str:
+    return f"{bytes_per_s / 1e9:>9.2f} GB/s" if bytes_per_s >= 1e9 else f"{bytes_per_s / 1e6:>9.1f} MB/s"
 
 
 def gib(n: float) -> str:
@@ -317,10 +325,8 @@ def format_report(r: dict) -> list:
         lines.append(f"allreduce bandwidth ({r['bandwidth_note']})")
         if r["bandwidth"]:
             lines.append(row("size", f"{'time':>10}{'algbw':>14}{'busbw':>14}"))
-            lines += [row(f"{b['bytes'] / MIB:g} MiB", f"{b['seconds'] * 1e3:>8.2f}ms"
-                                                       f"{b['algbw_bytes_per_s'] / 1e9:>9.2f} GB/s"
-                                                       f"{b['busbw_bytes_per_s'] / 1e9:>9.2f} GB/s")
-                      for b in r["bandwidth"]]
+            lines += [row(f"{b['bytes'] / MIB:g} MiB", f"{b['seconds'] * 1e3:>8.2f}ms{rate(b['algbw_bytes_per_s'])}"
+                                                       f"{rate(b['busbw_bytes_per_s'])}") for b in r["bandwidth"]]
     lines += [f"warning: {w}" for w in r["warnings"]] + [f"note: {n}" for n in r["notes"]]
     lines += [f"problem: {p}" for p in r["problems"]]
     lines.append(summary_line(r))

@@ -210,7 +210,8 @@ def test_one_process_reports_consistent_figures(one_rank):
     assert report["torch_threads_at_start"]["intra_op"] == 1  # OMP_NUM_THREADS=1
     # bf16 was asked for on this CPU: the warning fires exactly when the CPU lacks native bf16.
     assert any("without native bf16" in w for w in report["warnings"]) == (not cpu_has_native_bf16())
-    assert report["peak"]["fp32"]["mfu_uses"] == "measured" and report["peak"]["fp32"]["datasheet"] is None
+    assert list(report["peak"]) == ["fp32", "bf16"]  # fp32 and the precision asked for, both measured on a CPU
+    assert all(p["mfu_uses"] == "measured" and p["datasheet"] is None for p in report["peak"].values())
     assert (report["horovod"]["bfloat16_error"] is None) == (not any(n.startswith("Horovod cannot allreduce "
                                                                                  "bfloat16") for n in report["notes"]))
 
