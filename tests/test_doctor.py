@@ -226,7 +226,6 @@ def test_horovodrun_one_rank_warns_of_threads_over_cores(tmp_path):
     assert f"1 rank(s) on this node x {CORES + 1} threads = {CORES + 1} > {CORES} usable cores" in warning
 
 
-@pytest.mark.slow
 def test_two_ranks_measure_bandwidth_and_only_rank_0_prints(tmp_path, launcher):
     sizes = (0.25, 1.5)  # MiB; uneven, so a wrong byte count shows
     job, lines, report = run_doctor(tmp_path, "--sizes-mib", ",".join(map(str, sizes)), "--iterations", "3",
