@@ -30,7 +30,7 @@ from hvd_llama.config import Config, load_config, split_targets, validate
 from hvd_llama.lora import apply_lora, load_lora_state_dict, lora_state_dict, trainable_param_count
 from hvd_llama.pretrained import ADAPTER_FILE, load_weights
 from hvd_llama.data import ResumableDistributedSampler, inputs_and_targets, open_split, read_meta
-from hvd_llama.metrics import MetricsLogger, format_duration, measure_peak_flops
+from hvd_llama.metrics import MetricsLogger, device_peak_flops, format_duration, format_flops
 from hvd_llama.model import Transformer
 from hvd_llama.optim import build_optimizer, lr_at, set_lr
 from hvd_llama.tokenizer import Tokenizer
@@ -271,14 +271,15 @@ class Trainer:
         return path
 
     # ---- the loop ----------------------------------------------------------------------------------------
-    def peak_flops(self) -> float:
-        """The job's peak: per-rank peaks measured at the same moment and summed (ranks may share a CPU)."""
+    def peak_flops(self) -> tuple[float, str]:
+        """The job's peak and its source: per-rank peaks measured at the same moment and summed (ranks may
+        share a CPU), or a known GPU's datasheet figure."""
         if self.cfg.log.peak_flops > 0:
-            return self.cfg.log.peak_flops * dist.size()
+            return self.cfg.log.peak_flops * dist.size(), "log.peak_flops"
         dtype = AUTOCAST_DTYPES.get(self.cfg.train.precision, torch.float32)
         dist.allreduce_sum(torch.zeros(1), name="peak.barrier")
-        own = measure_peak_flops(self.device, dtype)
-        return dist.allreduce_sum(torch.tensor([own]), name="peak.sum").item()
+        own, source = device_peak_flops(self.device, dtype)
+        return dist.allreduce_sum(torch.tensor([own]), name="peak.sum").item(), source
 
     def run_elastic(self, logger: MetricsLogger) -> dict:
         """Horovod Elastic: train inside hvd.elastic.run; a lost or added worker rolls back to the last commit."""
@@ -312,7 +313,8 @@ class Trainer:
         t, p = self.cfg.train, self.progress
         stream = (ElasticWindowStream if commit else WindowStream)(self.train_data, self.sampler, p)
         self.tokens_per_step = t.batch_size * t.grad_accum * t.seq_len * dist.size()
-        self.flops_per_token, self.peak = self.model.flops_per_token(t.seq_len), self.peak_flops()
+        self.flops_per_token, (self.peak, peak_source) = self.model.flops_per_token(t.seq_len), self.peak_flops()
+        logger.message(f"MFU peak: {format_flops(self.peak)} over {dist.size()} rank(s) ({peak_source})")
         session_start, first_step, record, bad_in_a_row = time.perf_counter(), p.step, {}, 0
         if t.eval_at_start and p.step == 0 and self.val_data is not None:
             logger.log_eval(0, self.validation(whole=False))
