@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from hvd_llama.cli import UserError, atomic_write_text, best_seconds, run_main
-from hvd_llama.prepare import (ENCODE_BATCH_BYTES, DocumentStore, batch_docs, encode_batches, read_doc,
-                               start_encoding_server, stdlib_files, token_dtype)
+from hvd_llama.corpus import DocumentStore, read_doc, stdlib_files
+from hvd_llama.encode import ENCODE_BATCH_BYTES, batch_docs, encode_batches, start_encoding_server
+from hvd_llama.shards import token_dtype
 from hvd_llama.tokenizer import Tokenizer
 
 

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 from hvd_llama.cli import UserError, sha256_file
-from hvd_llama.prepare import HEADER_BYTES, META_FORMAT, META_VERSION, RERUN_HINT, read_shard_header
+from hvd_llama.shards import HEADER_BYTES, META_FORMAT, META_VERSION, RERUN_HINT, read_shard_header
 
 SPLITS = ("train", "val")
 KINDS = ("pretrain", "sft")

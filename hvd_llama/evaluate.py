@@ -33,7 +33,7 @@ from hvd_llama.cli import UserError, atomic_write_text, run_main
 from hvd_llama.config import DistConfig
 from hvd_llama.data import SPLITS, TokenWindows, read_meta
 from hvd_llama.generate import QUANTIZE_CHOICES, load_model, require_tokenizer, resolve_device
-from hvd_llama.prepare import read_documents
+from hvd_llama.corpus import read_documents
 from hvd_llama.tokenizer import Tokenizer
 
 

@@ -6,15 +6,17 @@ import re
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from hvd_llama import prepare
+from hvd_llama import encode, prepare
 from hvd_llama.cli import UserError, sha256_file
-from hvd_llama.prepare import HEADER_BYTES, ShardWriter, read_shard_header, token_dtype
+from hvd_llama.corpus import stdlib_files
+from hvd_llama.shards import HEADER_BYTES, ShardWriter, read_shard_header, token_dtype
 from hvd_llama.text import Cleaner, document_hash
 from hvd_llama.tokenizer import Tokenizer
 
@@ -139,7 +141,7 @@ def test_meta_and_shard_files(prepared):
 def test_parallel_run_and_existing_tokenizer_give_identical_shards(corpus, prepared, tmp_path, monkeypatch):
     root, _ = corpus
     out, meta = prepared
-    monkeypatch.setattr(prepare, "ENCODE_BATCH_BYTES", 2000)  # several batches, so the worker pool encodes them
+    monkeypatch.setattr(encode, "ENCODE_BATCH_BYTES", 2000)  # several batches, so the worker pool encodes them
     again = run_prepare("--input", root, "--out", tmp_path / "again", "--exclude", "skip_*", "--vocab-size", 600,
                         "--shard-tokens", 500, workers=2)
     reuse = run_prepare("--input", root, "--out", tmp_path / "reuse", "--exclude", "skip_*",
@@ -206,8 +208,8 @@ def test_stdlib_defaults_are_fast(tmp_path):
 
 
 def test_stdlib_files_skip_tests_and_installed_packages():
-    root = Path(prepare.sysconfig.get_paths()["stdlib"])
-    files = prepare.stdlib_files()
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = stdlib_files()
     assert root / "os.py" in files and root / "json/decoder.py" in files
     assert not [p for p in files if {"site-packages", "test", "tests"} & set(p.relative_to(root).parts)]
     assert files == sorted(files, key=lambda p: p.relative_to(root).as_posix())
@@ -361,7 +363,7 @@ def test_ctrl_c_during_encoding_leaves_nothing(tmp_path, corpus, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ShardWriter, "write", interrupted_write)
-    monkeypatch.setattr(prepare, "ENCODE_BATCH_BYTES", 2000)  # several batches, so the pool is used
+    monkeypatch.setattr(encode, "ENCODE_BATCH_BYTES", 2000)  # several batches, so the pool is used
     with pytest.raises(SystemExit) as exit_info:
         prepare.main(["--input", str(corpus[0]), "--out", str(tmp_path / "out"), "--vocab-size", "600",
                       "--workers", "2"])
