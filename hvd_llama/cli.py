@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -87,6 +88,17 @@ def staging_dir(out: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict:
+    """A JSON file's content; UserError when it is missing ("`path.parent` is not a `what` folder") or invalid."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path.parent} is not a {what} folder: it has no {path.name}")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise UserError(f"{path} is not valid JSON ({err})") from None
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

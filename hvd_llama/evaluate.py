@@ -9,14 +9,16 @@ predicts its tokens from the ones before them in the same window. So the figures
 nats/char = total loss / characters, bits/byte = total loss / ln 2 / UTF-8 bytes (the loss of the EOS and BOS
 tokens between documents is included: it is part of modelling the text).
 
-Under horovodrun, batches of windows go to the ranks by stride and the sums travel in float64, so any number
-of ranks gives the figures of one process (to rounding of the final sum). Each rank loads the checkpoint.
+Under horovodrun or mpirun, batches of windows go to the ranks by stride and the sums travel in float64, so any
+number of ranks gives the figures of one process (to rounding of the final sum). Each rank loads the
+checkpoint. Started without a launcher, it is one process and Horovod is not even imported.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -28,13 +30,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hvd_llama import dist
 from hvd_llama.cli import UserError, atomic_write_text, run_main
 from hvd_llama.config import DistConfig
-from hvd_llama.data import SPLITS, TokenWindows, read_meta
-from hvd_llama.generate import QUANTIZE_CHOICES, load_model, require_tokenizer, resolve_device
 from hvd_llama.corpus import read_documents
+from hvd_llama.data import SPLITS, TokenWindows, read_meta
+from hvd_llama.device import resolve_device
+from hvd_llama.inference import QUANTIZE_CHOICES, load_model, require_tokenizer
 from hvd_llama.tokenizer import Tokenizer
+
+LAUNCHER_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")  # horovodrun, Open MPI, MPICH/Slurm
 
 
 @dataclass
@@ -100,14 +104,48 @@ def window_batches(n_tokens: int, seq_len: int, batch_size: int) -> list[list[tu
     return batches + ([windows[len(full):]] if len(full) < len(windows) else [])
 
 
+class OneProcess:
+    """The part of hvd_llama.dist that evaluate uses, for a single process started without a launcher."""
+
+    @staticmethod
+    def rank() -> int:
+        return 0
+
+    @staticmethod
+    def size() -> int:
+        return 1
+
+    @staticmethod
+    def is_main() -> bool:
+        return True
+
+    @staticmethod
+    def allreduce_sum(values: torch.Tensor, name: str) -> torch.Tensor:
+        return values.double().cpu()
+
+    @staticmethod
+    def run_on_main(fn, name: str):
+        return fn()
+
+
+def start_ranks(device_kind: str, threads: int):
+    """(ranks, device): hvd_llama.dist under horovodrun or mpirun, else OneProcess without Horovod."""
+    if not any(name in os.environ for name in LAUNCHER_VARIABLES):
+        if threads:
+            torch.set_num_threads(threads)
+        return OneProcess, torch.device(device_kind)
+    from hvd_llama import dist  # imported only under a launcher, so that one process never loads Horovod
+    return dist, dist.init(DistConfig(threads_per_rank=threads), device_kind)
+
+
 @torch.no_grad()
-def score(model, text: TokenText, seq_len: int, batch_size: int, device: torch.device) -> dict:
-    """Total loss (nats), predicted tokens and bytes over the whole stream, summed over all ranks."""
+def score(model, text: TokenText, seq_len: int, batch_size: int, device: torch.device, ranks=OneProcess) -> dict:
+    """Total loss (nats), predicted tokens and bytes over the whole stream, summed over all `ranks`."""
     model.eval()
     batches = window_batches(text.n_tokens, seq_len, batch_size)
     loss_sum, n_targets, n_bytes = 0.0, 0, 0
-    mine = batches[dist.rank()::dist.size()]  # the same batches whatever the world size: identical per-window sums
-    show_progress = dist.is_main() and sys.stderr.isatty()
+    mine = batches[ranks.rank()::ranks.size()]  # the same batches whatever the world size: identical sums
+    show_progress = ranks.is_main() and sys.stderr.isatty()
     for batch in tqdm(mine, desc="evaluate", unit="batch", disable=not show_progress, file=sys.stderr,
                       mininterval=1, leave=False):
         rows = np.stack([text.read(start, stop) for start, stop in batch]).astype(np.int64)
@@ -119,8 +157,8 @@ def score(model, text: TokenText, seq_len: int, batch_size: int, device: torch.d
         n_targets += targets.numel()
         if text.byte_lengths is not None:
             n_bytes += int(text.byte_lengths[rows[:, 1:]].sum())
-    sums = dist.allreduce_sum(torch.tensor([loss_sum, n_targets, n_bytes], dtype=torch.float64),
-                              name="evaluate.sums").tolist()
+    sums = ranks.allreduce_sum(torch.tensor([loss_sum, n_targets, n_bytes], dtype=torch.float64),
+                               name="evaluate.sums").tolist()
     return {"loss_sum": sums[0], "tokens": int(sums[1]), "counted_bytes": int(sums[2])}
 
 
@@ -174,7 +212,7 @@ def _main(argv: Optional[Sequence[str]]) -> dict:
         raise UserError(f"--threads {args.threads} must be >= 0")
     if args.text and not Path(args.text).is_file():
         raise UserError(f"--text {args.text} does not exist")
-    device = dist.init(DistConfig(threads_per_rank=args.threads), resolve_device(args.device, args.quantize).type)
+    ranks, device = start_ranks(resolve_device(args.device, "--device", args.quantize).type, args.threads)
     model, tokenizer, config = load_model(args.checkpoint, device, args.quantize)
     seq_len = pick_seq_len(args.seq_len, config, model.cfg.max_seq_len)
     if args.text:
@@ -182,15 +220,15 @@ def _main(argv: Optional[Sequence[str]]) -> dict:
     else:
         text = data_split_tokens(Path(args.data) if args.data else default_data_dir(config), args.split, tokenizer)
     start = time.perf_counter()
-    sums = score(model, text, seq_len, args.batch_size, device)
+    sums = score(model, text, seq_len, args.batch_size, device, ranks)
     seconds = time.perf_counter() - start
     utf8_bytes = text.utf8_bytes if text.utf8_bytes is not None else sums["counted_bytes"]
     result = {"checkpoint": str(args.checkpoint), "source": text.name, "tokens": sums["tokens"],
               "characters": text.characters, "bytes": utf8_bytes,
               **figures(sums["loss_sum"], sums["tokens"], text.characters, utf8_bytes),
               "loss_sum_nats": sums["loss_sum"], "seq_len": seq_len, "quantize": args.quantize or "none",
-              "ranks": dist.size(), "device": device.type, "seconds": seconds}
-    dist.run_on_main(lambda: report(result, args.json), name="evaluate.report")
+              "ranks": ranks.size(), "device": device.type, "seconds": seconds}
+    ranks.run_on_main(lambda: report(result, args.json), name="evaluate.report")
     return result
 
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from hvd_llama.bench.common import job_env as bench_job_env
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # horovodrun tags lines "[1]<stdout>:", mpirun --tag-output "[1,1]<stdout>:" (job, rank).
@@ -38,12 +40,9 @@ def launcher_command(launcher: str, np: int, extra: Sequence[str] = ()) -> list:
 
 
 def job_env(extra: Optional[dict] = None) -> dict:
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.update(extra or {})
-    return env
+    """hvd_llama's job environment (this Python's scripts on PATH, this hvd_llama importable), with one
+    OpenMP thread per process unless the caller's environment or `extra` says otherwise."""
+    return bench_job_env({"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(extra or {})})
 
 
 def start_job(args: Sequence[str], np: int = 2, launcher: str = "horovodrun", cwd=None,

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from conftest import corpus_file
-from hvd_llama import bench, bench_prepare, bench_train
+from hvd_llama.bench import prepare_steps, train_steps
+from hvd_llama.bench.run import main as bench_main
 
 MICRO = ["--config", "configs/tiny.yaml", "--set", "model.dim=64", "--set", "model.n_layers=2",
          "--set", "model.vocab_size=512", "--set", "train.seq_len=32", "--set", "train.batch_size=4"]
@@ -19,7 +20,7 @@ TOKENS_PER_STEP = 4 * 32
 
 def run_bench(tmp_path: Path, *argv: str) -> dict:
     out = tmp_path / "results.json"
-    bench.main([*argv, "--out", str(out)])
+    bench_main([*argv, "--out", str(out)])
     report = json.loads(out.read_text())
     assert report["machine"]["cores"] >= 1 and report["machine"]["memory_bytes"] > 0 and report["machine"]["cpu"]
     assert {"python", "torch", "horovod"} <= set(report["versions"])
@@ -37,17 +38,17 @@ def close(a: float, b: float) -> bool:
 
 
 def test_help_and_user_errors(capsys):
-    for main in (bench.main, bench_train.main, bench_prepare.main):
+    for main in (bench_main, train_steps.main, prepare_steps.main):
         with pytest.raises(SystemExit) as exit_info:
             main(["--help"])
         assert exit_info.value.code == 0
     assert "throughput" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["quality", "--out", "unused.json"])
+        bench_main(["quality", "--out", "unused.json"])
     assert exit_info.value.code == 2
     assert "quality needs --text" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["throughput", "--steps", "0"])
+        bench_main(["throughput", "--steps", "0"])
     assert exit_info.value.code == 2
 
 

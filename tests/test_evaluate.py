@@ -11,7 +11,7 @@ from multiproc import REPO, job_env, run_job
 
 from hvd_llama.data import TokenWindows, read_meta
 from hvd_llama.evaluate import token_byte_lengths, window_batches
-from hvd_llama.generate import load_model
+from hvd_llama.inference import load_model
 
 FIGURES = ("loss_sum_nats", "loss_per_token", "perplexity", "nats_per_char", "bits_per_byte")
 SAMPLE = "ROMEO:\nBut soft, what light through yonder window breaks?\nCafé, naïve — façade ✓ ½\n"

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 from multiproc import REPO, job_env
 
+from hvd_llama.bench.generation import tokens_per_second
 from hvd_llama.checkpoint import load_model_checkpoint, save_checkpoint
-from hvd_llama.generate import (filter_top_k, filter_top_p, generate, layout_for_decoding, load_model, sample_next,
-                                tokens_per_second)
+from hvd_llama.decoding import filter_top_k, filter_top_p, generate, sample_next
+from hvd_llama.inference import layout_for_decoding, load_model
 
 
 @pytest.fixture(scope="module")

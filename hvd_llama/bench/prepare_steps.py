@@ -1,7 +1,7 @@
 """Data-preparation measurements for hvd_llama.bench, run as processes of their own.
 
-    python -m hvd_llama.bench_prepare rusage --json OUT -- COMMAND ...   # wall time and peak memory of COMMAND
-    python -m hvd_llama.bench_prepare encode --json OUT --tokenizer MODEL --mb 32 --folder DIR
+    python -m hvd_llama.bench.prepare_steps rusage --json OUT -- COMMAND ...   # wall time and peak memory of COMMAND
+    python -m hvd_llama.bench.prepare_steps encode --json OUT --tokenizer MODEL --mb 32 --folder DIR
 
 `rusage` is a fresh parent, so getrusage(RUSAGE_CHILDREN) sees only COMMAND and its own children (ru_maxrss
 is the largest single process among them). `encode` compares SentencePiece's own single-process encoding with
@@ -109,8 +109,8 @@ MEASUREMENTS = {"rusage": measure_rusage, "encode": measure_encode}
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m hvd_llama.bench_prepare", description=__doc__.split("\n\n")[0],
-        epilog="rusage: python -m hvd_llama.bench_prepare rusage --json OUT -- COMMAND ...")
+        prog="python -m hvd_llama.bench.prepare_steps", description=__doc__.split("\n\n")[0],
+        epilog="rusage: python -m hvd_llama.bench.prepare_steps rusage --json OUT -- COMMAND ...")
     parser.add_argument("measurement", choices=MEASUREMENTS)
     parser.add_argument("--json", type=Path, required=True, help="output file")
     parser.add_argument("--tokenizer", type=Path, help="encode: a SentencePiece tokenizer.model")
