@@ -20,7 +20,6 @@ from hvd_llama.shards import HEADER_BYTES, ShardWriter, read_shard_header, token
 from hvd_llama.text import Cleaner, document_hash
 from hvd_llama.tokenizer import Tokenizer
 
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega caf\u00e9 na\u00efve \u00fcber \u65e5\u672c").split()
 
@@ -171,14 +170,24 @@ def test_few_documents_are_split_by_characters(tmp_path):
     assert again["splits"] == meta["splits"] and again["tokenizer_sha256"] == meta["tokenizer_sha256"]
 
 
-@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="tiny Shakespeare is not available")
-def test_tiny_shakespeare_last_tenth_is_validation(tmp_path):
-    meta = run_prepare("--input", SHAKESPEARE, "--out", tmp_path / "out", "--vocab-size", 512, workers=2)
-    text = Cleaner()(SHAKESPEARE.read_text(encoding="utf-8"))
+def test_tiny_shakespeare_last_tenth_is_validation(tmp_path, shakespeare_path):
+    meta = run_prepare("--input", shakespeare_path, "--out", tmp_path / "out", "--vocab-size", 512, workers=2)
+    text = Cleaner()(shakespeare_path.read_text(encoding="utf-8"))
     cut = int(len(text) * 0.9)
     assert meta["split_method"] == "characters"
     assert decode_documents(tmp_path / "out", "train") == [text[:cut]]
     assert decode_documents(tmp_path / "out", "val") == [text[cut:]]
+
+
+def test_worker_pool_prints_no_warning(tmp_path):
+    """The fork server preloads hvd_llama.encode, not the command run as __main__: no runpy RuntimeWarning."""
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "hvd_llama.prepare", "--input", "stdlib", "--out", str(out),
+                             "--max-chars", "3000000", "--vocab-size", "400", "--workers", "2"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "meta.json").read_text())["inputs"]["bytes"] > 2 * encode.ENCODE_BATCH_BYTES  # pooled
+    assert "Warning" not in result.stderr, result.stderr
 
 
 def test_stdlib_end_to_end_with_caps(tmp_path):

@@ -78,7 +78,8 @@ class _ElasticState(hvd.elastic.TorchState):
     def sync(self):
         has_state = broadcast_object(len(self.optimizer.state) > 0, name="elastic.has_state")
         broadcast_state(self.model, self.optimizer, has_optimizer_state=has_state)
-        self._handlers["sampler"].sync()
+        # What Horovod's sampler handler does, through the sampler's own API: every rank takes rank 0's position.
+        self.sampler.load_state_dict(broadcast_object(self.sampler.state_dict(), name="elastic.sampler"))
         super(hvd.elastic.TorchState, self).sync()  # the plain Python values (ObjectState)
 
 
@@ -104,10 +105,6 @@ def allgather_object(obj: Any, name: str) -> list:
 def allreduce_sum(values: torch.Tensor, name: str) -> torch.Tensor:
     """Sum a small float64 tensor of statistics over ranks (exact for counts, order-stable for sums)."""
     return hvd.allreduce(values.double().cpu(), op=hvd.Sum, name=name)
-
-
-def allreduce_max(values: torch.Tensor, name: str) -> torch.Tensor:
-    return hvd.allreduce(values.double().cpu(), op=hvd.Max, name=name)
 
 
 def run_on_main(fn: Callable[[], Any], name: str) -> Any:
