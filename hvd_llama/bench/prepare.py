@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from hvd_llama.bench.common import MB, Bench, python_module, read_measurement, table
-from hvd_llama.bench.prepare_steps import write_corpus
+from hvd_llama.bench.synthetic import write_corpus
 from hvd_llama.data import read_meta
 
 PREPARE_MB = 1024  # the default size of the generated corpus
