@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -21,7 +20,7 @@ from typing import Optional
 import torch
 import yaml
 
-from hvd_llama.cli import UserError, atomic_write_text, sha256_file
+from hvd_llama.cli import UserError, atomic_write_text, sha256_file, staging_dir
 from hvd_llama.model import ModelConfig
 
 MANIFEST = "manifest.json"
@@ -30,14 +29,6 @@ STEP_PREFIX = "step_"
 
 def checkpoint_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _torch_save(obj, path: Path) -> None:
@@ -55,9 +46,7 @@ def save_checkpoint(ckpt_dir, model_state: dict, config: dict, tokenizer_path=No
     removed on failure and the error propagates so the caller can report it.
     """
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_dir.parent, prefix=f".{ckpt_dir.name}.tmp-"))
-    try:
+    with staging_dir(ckpt_dir) as tmp:  # re-saving a step swaps folders, so a valid copy exists at every instant
         _torch_save(model_state, tmp / weights_file)
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         if tokenizer_path is not None:
@@ -66,19 +55,6 @@ def save_checkpoint(ckpt_dir, model_state: dict, config: dict, tokenizer_path=No
             _torch_save(train_state, tmp / "train_state.pt")
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
-        _fsync_dir(tmp)
-        if ckpt_dir.exists():  # re-saving a step: swap, so a valid copy exists at every instant
-            old = ckpt_dir.with_name(f".{ckpt_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(ckpt_dir, old)
-            os.replace(tmp, ckpt_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, ckpt_dir)
-        _fsync_dir(ckpt_dir.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ckpt_dir
 
 
@@ -142,7 +118,11 @@ def read_config(ckpt_dir) -> dict:
 
 def load_model_checkpoint(path):
     """Return (state_dict, ModelConfig, tokenizer path or None) from a checkpoint, run or checkpoints folder."""
-    ckpt = resolve_checkpoint(path)
+    return read_model_checkpoint(resolve_checkpoint(path))
+
+
+def read_model_checkpoint(ckpt: Path):
+    """load_model_checkpoint for a checkpoint folder already verified (resolve_checkpoint, find_latest_checkpoint)."""
     model_fields = read_config(ckpt).get("model")
     if not isinstance(model_fields, dict):
         raise UserError(f"{ckpt}/config.yaml has no `model:` section")

@@ -1,13 +1,16 @@
-"""Small helpers every command shares: user errors, atomic writes, checksums, timing."""
+"""Small helpers every command shares: user errors, atomic writes of files and folders, checksums, timing."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 
 class UserError(Exception):
@@ -49,6 +52,53 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside `path` durable (the folder's entry list reaches the disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def staging_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder next to `out`, renamed to `out` when the block succeeds and removed if it fails.
+
+    Readers see the old `out` or the complete new one, never a mix: an existing `out` (the caller decides
+    whether replacing it is allowed) is swapped out only after the new folder is complete, then deleted.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; give the folder the usual permissions
+        yield tmp
+        fsync_dir(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict:
+    """A JSON file's content; UserError when it is missing ("`path.parent` is not a `what` folder") or invalid."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path.parent} is not a {what} folder: it has no {path.name}")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise UserError(f"{path} is not valid JSON ({err})") from None
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

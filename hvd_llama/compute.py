@@ -1,9 +1,11 @@
-"""What a step computes, shared by training and evaluation: precision contexts, the next-token loss, and the one
-scoring function behind training's validation and the `evaluate` command."""
+"""What a step computes, shared by training, evaluation and the benchmarks: precision contexts, the next-token
+loss, one training step, and the one scoring function behind training's validation and `evaluate`."""
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -11,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hvd_llama import dist
 from hvd_llama.data import IGNORE_INDEX, inputs_and_targets
+from hvd_llama.optim import LossScaler
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -31,6 +33,31 @@ def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+class OneProcess:
+    """The ranks of a job of one process started without a launcher (no Horovod): what the functions here
+    need of hvd_llama.dist, which training passes instead."""
+
+    @staticmethod
+    def rank() -> int:
+        return 0
+
+    @staticmethod
+    def size() -> int:
+        return 1
+
+    @staticmethod
+    def is_main() -> bool:
+        return True
+
+    @staticmethod
+    def allreduce_sum(values: torch.Tensor, name: str) -> torch.Tensor:
+        return values.double().cpu()
+
+    @staticmethod
+    def run_on_main(fn, name: str):
+        return fn()
 
 
 def spread_selection(n_items: int, n_selected: int, seed: int) -> list[int]:
@@ -60,19 +87,19 @@ def item_batches(dataset, indices: Sequence[int], batch_size: int) -> list[list[
 
 @torch.no_grad()
 def score(model, dataset, indices: Sequence[int], batch_size: int, device: torch.device, precision: str,
-          byte_lengths: Optional[np.ndarray] = None, progress: bool = False) -> dict:
+          byte_lengths: Optional[np.ndarray] = None, ranks=OneProcess, progress: bool = False) -> dict:
     """Total loss (nats), scored targets and their UTF-8 bytes over `dataset[indices]`, summed over all ranks.
 
-    The one scoring function of training's validation and `evaluate`. Batches go to the ranks by stride and
-    do not depend on the world size, and the sums travel in float64, so any number of ranks gives the figures
-    of one process. `byte_lengths[token]` (optional) counts the bytes each target token stands for;
+    The one scoring function of training's validation and `evaluate`. Batches go to the `ranks` (hvd_llama.dist,
+    or OneProcess) by stride and do not depend on the world size, and the sums travel in float64, so any number
+    of ranks gives the figures of one process. `byte_lengths[token]` (optional) counts the bytes each target token stands for;
     `progress` shows a bar (rank 0 of `evaluate` on a terminal).
     """
     was_training = model.training
     model.eval()
     batches = item_batches(dataset, indices, batch_size)
     loss_sum, n_targets, n_bytes = 0.0, 0, 0
-    mine = batches[dist.rank()::dist.size()]
+    mine = batches[ranks.rank()::ranks.size()]
     for batch in tqdm(mine, desc="score", unit="batch", disable=not progress, file=sys.stderr, leave=False):
         inputs, targets = inputs_and_targets(torch.stack([dataset[i] for i in batch]))
         with autocast(device, precision):
@@ -82,6 +109,54 @@ def score(model, dataset, indices: Sequence[int], batch_size: int, device: torch
         if byte_lengths is not None:
             n_bytes += int(byte_lengths[targets[targets != IGNORE_INDEX].numpy()].sum())
     model.train(was_training)
-    sums = dist.allreduce_sum(torch.tensor([loss_sum, n_targets, n_bytes], dtype=torch.float64),
-                              name="score.sums").tolist()
+    sums = ranks.allreduce_sum(torch.tensor([loss_sum, n_targets, n_bytes], dtype=torch.float64),
+                               name="score.sums").tolist()
     return {"loss_sum": sums[0], "tokens": int(sums[1]), "bytes": int(sums[2]), "items": len(indices)}
+
+
+@dataclass
+class StepResult:
+    loss_sum: float  # this rank's summed token losses (nats)
+    n_targets: int  # the step's targets over all ranks and micro-batches
+    grad_norm: float  # global norm of the averaged gradients, before clipping
+    stepped: bool  # False: skipped on every rank (non-finite gradients)
+    overflow: bool  # skipped because fp16 loss scaling overflowed while the loss itself was finite
+
+
+def train_step(model, optimizer, micro_batches, device, precision: str, grad_clip: float,
+               scaler: Optional[LossScaler] = None, poison: bool = False, ranks=OneProcess) -> StepResult:
+    """One optimizer step over `grad_accum` micro-batches with a data-parallel optimizer (hvd_llama.dist's, any
+    ZeRO stage, with `ranks` = hvd_llama.dist; or a plain one with OneProcess).
+
+    The step's loss is the sum of its token losses over the global number of targets (all ranks, all
+    micro-batches; the count is allreduced before backward), so however the batch is split across ranks and
+    micro-steps the gradient is the same: fine-tuning rows have different numbers of targets, and a mean of
+    per-micro-batch means would weight short responses' tokens more. The optimizer averages gradients over
+    ranks, hence the factor size() / count. The global norm is the same on every rank, so a non-finite norm
+    makes every rank skip the same step together. `poison` turns this rank's loss into NaN (fault injection).
+    """
+    batches = [inputs_and_targets(batch.to(device, non_blocking=True)) for batch in micro_batches]
+    local_targets = sum(count_targets(targets) for _, targets in batches)
+    n_targets = int(ranks.allreduce_sum(torch.tensor([local_targets]), name="step.targets").item())
+    loss_scale = scaler.scale if scaler else 1.0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for inputs, targets in batches:
+        with autocast(device, precision):
+            loss = token_losses(model(inputs), targets).sum()
+        if poison:
+            loss = loss * float("nan")
+        (loss * (loss_scale * ranks.size() / max(n_targets, 1))).backward()
+        loss_sum += loss.detach()
+    optimizer.reduce_gradients()
+    if scaler:
+        optimizer.scale_gradients(1.0 / loss_scale)
+    grad_norm = optimizer.clip_grad_norm_(grad_clip)
+    stepped = bool(torch.isfinite(grad_norm))
+    if stepped:
+        optimizer.step()
+    optimizer.zero_grad()
+    loss_sum = loss_sum.item()
+    overflow = scaler is not None and not stepped and math.isfinite(loss_sum)
+    if scaler:
+        scaler.update(overflow=not stepped)
+    return StepResult(loss_sum, n_targets, float(grad_norm), stepped, overflow)

@@ -1,5 +1,5 @@
 """Reading prepared token shards: meta.json, fixed-length training windows (pretraining), one padded row per
-example (supervised fine-tuning), and a resumable sampler."""
+example (supervised fine-tuning), a resumable sampler, and the stream of a rank's training batches."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 from hvd_llama.cli import UserError, sha256_file
-from hvd_llama.prepare import HEADER_BYTES, META_FORMAT, META_VERSION, RERUN_HINT, read_shard_header
+from hvd_llama.shards import HEADER_BYTES, META_FORMAT, META_VERSION, RERUN_HINT, read_shard_header
 
 SPLITS = ("train", "val")
 KINDS = ("pretrain", "sft")
@@ -258,3 +258,45 @@ class ResumableDistributedSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.offset
+
+
+class WindowStream:
+    """This rank's training windows in sampler order, continuing across epochs and from a saved position."""
+
+    def __init__(self, dataset: Dataset, sampler, progress):
+        """`progress`: where training stands (train.Progress): its epoch and offset move as windows are read."""
+        self.dataset, self.sampler, self.progress = dataset, sampler, progress
+        self._indices = None
+
+    def next_batch(self, n: int) -> torch.Tensor:
+        rows = []
+        while len(rows) < n:
+            if self._indices is None:
+                self._indices = self._begin()
+            index = next(self._indices, None)
+            if index is None:  # epoch done: every rank gets there at the same step (equal shares)
+                self.progress.epoch, self.progress.offset, self._indices = self.progress.epoch + 1, 0, None
+                continue
+            rows.append(self.dataset[index])
+            self._consumed_one()
+        return torch.stack(rows)
+
+    def _begin(self):
+        self.sampler.set_position(self.progress.epoch, self.progress.offset)
+        return iter(self.sampler)
+
+    def _consumed_one(self) -> None:
+        self.progress.offset += 1  # this rank's windows
+
+
+class ElasticWindowStream(WindowStream):
+    """The same over Horovod's ElasticSampler, which re-splits the epoch's remaining windows on a resize."""
+
+    def _begin(self):
+        if self.sampler.epoch != self.progress.epoch:
+            self.sampler.set_epoch(self.progress.epoch)
+        return iter(self.sampler)
+
+    def _consumed_one(self) -> None:
+        self.sampler.record_batch(0, 1)
+        self.progress.offset = self.sampler.processed_num  # all ranks' windows: survives a resize

@@ -10,14 +10,16 @@ them in the same window. A fine-tuning data folder is scored as training validat
 nats/char = total loss / characters, bits/byte = total loss / ln 2 / UTF-8 bytes (the loss of the EOS and BOS
 tokens between documents is included: it is part of modelling the text).
 
-Under horovodrun, batches of windows go to the ranks by stride and the sums travel in float64, so any number
-of ranks gives the figures of one process (to rounding of the final sum). Each rank loads the checkpoint.
+Under horovodrun or mpirun, batches of windows go to the ranks by stride and the sums travel in float64, so any
+number of ranks gives the figures of one process (to rounding of the final sum). Each rank loads the
+checkpoint. Started without a launcher, it is one process and Horovod is not even imported.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -25,16 +27,19 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
-from hvd_llama import dist
 from hvd_llama.cli import UserError, atomic_write_text, run_main
-from hvd_llama.compute import score
+from hvd_llama.compute import OneProcess, score
 from hvd_llama.config import PRECISIONS, DistConfig
+from hvd_llama.corpus import read_documents
 from hvd_llama.data import SPLITS, ArrayWindows, open_split, read_meta
-from hvd_llama.generate import QUANTIZE_CHOICES, load_model, require_tokenizer, resolve_device
-from hvd_llama.prepare import read_documents
+from hvd_llama.device import resolve_device
+from hvd_llama.inference import QUANTIZE_CHOICES, load_model, require_tokenizer
 from hvd_llama.tokenizer import Tokenizer
+
+LAUNCHER_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")  # horovodrun, Open MPI, MPICH/Slurm
 
 
 @dataclass
@@ -91,6 +96,16 @@ def data_split_items(data_dir: Path, split: str, tokenizer: Optional[Tokenizer],
                   token_byte_lengths(Tokenizer(data_dir / meta["tokenizer"])))
 
 
+def start_ranks(device_kind: str, threads: int):
+    """(ranks, device): hvd_llama.dist under horovodrun or mpirun, else OneProcess without Horovod."""
+    if not any(name in os.environ for name in LAUNCHER_VARIABLES):
+        if threads:
+            torch.set_num_threads(threads)
+        return OneProcess, torch.device(device_kind)
+    from hvd_llama import dist  # imported only under a launcher, so that one process never loads Horovod
+    return dist, dist.init(DistConfig(threads_per_rank=threads), device_kind)
+
+
 def figures(loss_sum: float, tokens: int, characters: Optional[int], utf8_bytes: int) -> dict:
     """The README's definitions: loss per token, its exp, and the total loss per character and per byte."""
     loss = loss_sum / tokens
@@ -145,7 +160,7 @@ def _main(argv: Optional[Sequence[str]]) -> dict:
         raise UserError(f"--threads {args.threads} must be >= 0")
     if args.text and not Path(args.text).is_file():
         raise UserError(f"--text {args.text} does not exist")
-    device = dist.init(DistConfig(threads_per_rank=args.threads), resolve_device(args.device, args.quantize).type)
+    ranks, device = start_ranks(resolve_device(args.device, "--device", args.quantize).type, args.threads)
     model, tokenizer, config = load_model(args.checkpoint, device, args.quantize)
     seq_len = pick_seq_len(args.seq_len, config, model.cfg.max_seq_len)
     if args.text:
@@ -156,15 +171,15 @@ def _main(argv: Optional[Sequence[str]]) -> dict:
     precision = args.precision or (config.get("train") or {}).get("precision") or "fp32"
     start = time.perf_counter()
     sums = score(model, text.items, range(len(text.items)), args.batch_size, device, precision, text.byte_lengths,
-                 progress=dist.is_main() and sys.stderr.isatty())
+                 ranks=ranks, progress=ranks.is_main() and sys.stderr.isatty())
     seconds = time.perf_counter() - start
     utf8_bytes = text.utf8_bytes if text.utf8_bytes is not None else sums["bytes"]
     result = {"checkpoint": str(args.checkpoint), "source": text.name, "tokens": sums["tokens"],
               "windows": sums["items"], "characters": text.characters, "bytes": utf8_bytes,
               **figures(sums["loss_sum"], sums["tokens"], text.characters, utf8_bytes),
               "loss_sum_nats": sums["loss_sum"], "seq_len": seq_len, "precision": precision,
-              "quantize": args.quantize or "none", "ranks": dist.size(), "device": device.type, "seconds": seconds}
-    dist.run_on_main(lambda: report(result, args.json), name="evaluate.report")
+              "quantize": args.quantize or "none", "ranks": ranks.size(), "device": device.type, "seconds": seconds}
+    ranks.run_on_main(lambda: report(result, args.json), name="evaluate.report")
     return result
 
 

@@ -17,9 +17,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def adamw_kwargs(cfg: OptimConfig) -> dict:
+    return dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps, fused=fused or None)
+    """A plain (one-process) AdamW; training builds its data-parallel one with hvd_llama.dist."""
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **adamw_kwargs(cfg), fused=fused or None)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -10,7 +10,9 @@ import torch
 
 from hvd_llama import checkpoint
 from hvd_llama.cli import UserError
-from hvd_llama.convert import import_hf, import_meta
+from hvd_llama.config import split_targets
+from hvd_llama.formats import import_hf, import_meta
+from hvd_llama.lora import apply_lora, load_lora_state_dict, merged_state_dict
 from hvd_llama.model import ModelConfig, Transformer
 
 ADAPTER_FILE = "adapter.pt"
@@ -25,27 +27,34 @@ def is_foreign_folder(path: Path) -> bool:
     return path.is_dir() and (is_hf_folder(path) or (path / "params.json").is_file())
 
 
-def load_weights(path) -> tuple[dict, ModelConfig, Optional[Path]]:
-    """(full state dict, ModelConfig, tokenizer.model path or None) from any supported source."""
+def resolve_weights(path) -> Path:
+    """The folder to read weights from: a Hugging Face or Meta folder as given, else the hvd_llama checkpoint
+    `path` names (a run folder: its newest good one), verified against its manifest: the one check per load."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist (expected an hvd_llama checkpoint or run folder, or a Hugging "
                         "Face or Meta LLaMA folder)")
-    if path.is_dir() and (path / "params.json").is_file():
-        return import_meta(path)
-    if path.is_dir() and is_hf_folder(path):
-        return import_hf(path)
-    ckpt = checkpoint.resolve_checkpoint(path)
-    if (ckpt / ADAPTER_FILE).is_file():
-        return merge_adapter_checkpoint(ckpt)
-    return checkpoint.load_model_checkpoint(ckpt)
+    return path if is_foreign_folder(path) else checkpoint.resolve_checkpoint(path)
+
+
+def read_weights(folder: Path) -> tuple[dict, ModelConfig, Optional[Path]]:
+    """(full state dict, ModelConfig, tokenizer.model path or None) of a folder resolve_weights returned."""
+    if (folder / "params.json").is_file():
+        return import_meta(folder)
+    if is_hf_folder(folder):
+        return import_hf(folder)
+    if (folder / ADAPTER_FILE).is_file():
+        return merge_adapter_checkpoint(folder)
+    return checkpoint.read_model_checkpoint(folder)
+
+
+def load_weights(path) -> tuple[dict, ModelConfig, Optional[Path]]:
+    """(full state dict, ModelConfig, tokenizer.model path or None) from any supported source."""
+    return read_weights(resolve_weights(path))
 
 
 def merge_adapter_checkpoint(ckpt: Path) -> tuple[dict, ModelConfig, Optional[Path]]:
     """A LoRA checkpoint holds only its adapters: load its base, add them, fold them into the weights."""
-    from hvd_llama.config import split_targets
-    from hvd_llama.lora import apply_lora, load_lora_state_dict, merged_state_dict
-
     finetune = checkpoint.read_config(ckpt).get("finetune") or {}
     base = finetune.get("init_from")
     if not base:

@@ -25,15 +25,17 @@ import yaml
 
 from hvd_llama import checkpoint, dist
 from hvd_llama.cli import UserError, atomic_write_text, run_main
-from hvd_llama.compute import AUTOCAST_DTYPES, autocast, count_targets, score, spread_selection, token_losses
+from hvd_llama.compute import AUTOCAST_DTYPES, score, spread_selection, train_step
 from hvd_llama.config import Config, load_config, split_targets, validate
+from hvd_llama.data import ElasticWindowStream, ResumableDistributedSampler, WindowStream, open_split, read_meta
+from hvd_llama.device import resolve_device
 from hvd_llama.lora import apply_lora, load_lora_state_dict, lora_state_dict, trainable_param_count
-from hvd_llama.pretrained import ADAPTER_FILE, load_weights
-from hvd_llama.data import ResumableDistributedSampler, inputs_and_targets, open_split, read_meta
 from hvd_llama.metrics import MetricsLogger, device_peak_flops, format_duration, format_flops
+from hvd_llama.pretrained import ADAPTER_FILE, load_weights
 from hvd_llama.model import Transformer
-from hvd_llama.optim import build_optimizer, lr_at, set_lr
+from hvd_llama.optim import LossScaler, adamw_kwargs, lr_at, param_groups, set_lr
 from hvd_llama.tokenizer import Tokenizer
+
 
 @dataclass
 class Progress:
@@ -43,47 +45,6 @@ class Progress:
     offset: int = 0  # windows of that epoch this rank has already consumed
     tokens: int = 0  # tokens trained on, all ranks together
     elapsed_s: float = 0.0  # training wall time, summed over resumed sessions
-
-
-class WindowStream:
-    """This rank's training windows in sampler order, continuing across epochs and from a saved position."""
-
-    def __init__(self, dataset: torch.utils.data.Dataset, sampler, progress: Progress):
-        self.dataset, self.sampler, self.progress = dataset, sampler, progress
-        self._indices = None
-
-    def next_batch(self, n: int) -> torch.Tensor:
-        rows = []
-        while len(rows) < n:
-            if self._indices is None:
-                self._indices = self._begin()
-            index = next(self._indices, None)
-            if index is None:  # epoch done: every rank gets there at the same step (equal shares)
-                self.progress.epoch, self.progress.offset, self._indices = self.progress.epoch + 1, 0, None
-                continue
-            rows.append(self.dataset[index])
-            self._consumed_one()
-        return torch.stack(rows)
-
-    def _begin(self):
-        self.sampler.set_position(self.progress.epoch, self.progress.offset)
-        return iter(self.sampler)
-
-    def _consumed_one(self) -> None:
-        self.progress.offset += 1  # this rank's windows
-
-
-class ElasticWindowStream(WindowStream):
-    """The same over Horovod's ElasticSampler, which re-splits the epoch's remaining windows on a resize."""
-
-    def _begin(self):
-        if self.sampler.epoch != self.progress.epoch:
-            self.sampler.set_epoch(self.progress.epoch)
-        return iter(self.sampler)
-
-    def _consumed_one(self) -> None:
-        self.sampler.record_batch(0, 1)
-        self.progress.offset = self.sampler.processed_num  # all ranks' windows: survives a resize
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -106,14 +67,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but torch sees no CUDA device (use train.device=cpu or auto)")
-    return name
-
-
 def check_data(cfg: Config) -> dict:
     """Fail before training if the data does not fit the model (checked on every rank: no collective)."""
     meta = read_meta(cfg.data.dir)
@@ -121,45 +74,6 @@ def check_data(cfg: Config) -> dict:
         raise UserError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer of {cfg.data.dir} has "
                         f"{meta['vocab_size']} tokens; set --set model.vocab_size={meta['vocab_size']}")
     return meta
-
-
-def train_step(model, optimizer, micro_batches, device, precision, grad_clip, scaler=None, poison=False):
-    """One optimizer step over `grad_accum` micro-batches; returns (this rank's summed token loss, the step's
-    target count over all ranks, grad norm, stepped).
-
-    The step's loss is the sum of its token losses over the global number of targets (all ranks, all
-    micro-batches; the count is allreduced before backward), so however the batch is split across ranks and
-    micro-steps the gradient is the same: fine-tuning rows have different numbers of targets, and a mean of
-    per-micro-batch means would weight short responses' tokens more. Horovod averages gradients over ranks,
-    hence the factor size() / count. The norm is taken on the averaged gradients, identical on every rank, so
-    a non-finite norm makes every rank skip the same step together. `poison` turns this rank's loss into NaN.
-    """
-    batches = [inputs_and_targets(batch.to(device, non_blocking=True)) for batch in micro_batches]
-    local_targets = sum(count_targets(targets) for _, targets in batches)
-    n_targets = int(dist.allreduce_sum(torch.tensor([local_targets]), name="step.targets").item())
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for inputs, targets in batches:
-        with autocast(device, precision):
-            loss = token_losses(model(inputs), targets).sum()
-        if poison:
-            loss = loss * float("nan")
-        scaled = loss * (dist.size() / max(n_targets, 1))
-        (scaler.scale(scaled) if scaler else scaled).backward()
-        loss_sum += loss.detach()
-    optimizer.synchronize()
-    if scaler:
-        scaler.unscale_(optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
-    stepped = bool(torch.isfinite(grad_norm))
-    with optimizer.skip_synchronize():
-        if scaler:
-            scaler.step(optimizer)  # skips by itself on inf/nan and lowers the scale
-            scaler.update()
-        elif stepped:
-            optimizer.step()
-    optimizer.zero_grad()
-    return loss_sum.item(), n_targets, grad_norm.item(), stepped
 
 
 def rng_state() -> dict:
@@ -175,6 +89,32 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@dataclass(frozen=True)
+class Fault:
+    """Fault injection for tests and drills: HVD_LLAMA_FAULT=KIND:STEP:RANK, read once at start-up."""
+    kind: str = ""  # nan | raise | exit | diskfull; "" injects nothing
+    step: int = 0
+    rank: int = 0
+
+    KINDS = ("nan", "raise", "exit", "diskfull")
+
+    @classmethod
+    def from_env(cls) -> "Fault":
+        spec = os.environ.get("HVD_LLAMA_FAULT", "")
+        if not spec:
+            return cls()
+        kind, _, rest = spec.partition(":")
+        step, _, rank = rest.partition(":")
+        if kind not in cls.KINDS or not step.isdigit() or not rank.isdigit():
+            raise UserError(f"HVD_LLAMA_FAULT={spec}: expected KIND:STEP:RANK with KIND one of "
+                            f"{', '.join(cls.KINDS)} and STEP, RANK whole numbers")
+        return cls(kind, int(step), int(rank))
+
+    def at(self, kind: str, step: int) -> bool:
+        """Whether this rank injects `kind` at `step` (the rank is read now: elastic runs renumber ranks)."""
+        return self.kind == kind and self.step == step and self.rank == dist.rank()
+
+
 class StopFlag:
     """Set by SIGTERM/SIGUSR1 (what SLURM sends before a kill); ranks agree on it at each step boundary."""
 
@@ -188,9 +128,10 @@ class StopFlag:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, device: torch.device, init_state: Optional[dict] = None):
+    def __init__(self, cfg: Config, run_dir: Path, device: torch.device, init_state: Optional[dict] = None,
+                 fault: Fault = Fault()):
         """`init_state`: pretrained weights (rank 0 only; the others receive them in resume())."""
-        self.cfg, self.run_dir, self.device = cfg, run_dir, device
+        self.cfg, self.run_dir, self.device, self.fault = cfg, run_dir, device, fault
         t, f = cfg.train, cfg.finetune
         torch.manual_seed(t.seed)  # same init everywhere; rank 0's copy is broadcast anyway
         self.model = Transformer(cfg.model)
@@ -202,9 +143,10 @@ class Trainer:
         if t.activation_checkpointing:
             self.model.set_activation_checkpointing(True)
         self.forward_model = torch.compile(self.model) if t.compile else self.model
-        optimizer = build_optimizer(self.model, cfg.optim, fused=device.type == "cuda")
-        self.optimizer = dist.wrap_optimizer(optimizer, self.model, cfg.dist, t.grad_accum)
-        self.scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
+        self.optimizer = dist.build_data_parallel_optimizer(
+            self.model, param_groups(self.model, cfg.optim.weight_decay), adamw_kwargs(cfg.optim), cfg.dist,
+            stage=cfg.dist.zero_stage, grad_accum=t.grad_accum, fused=device.type == "cuda")
+        self.scaler = LossScaler() if t.precision == "fp16" else None
         self.train_data = open_split(cfg.data.dir, "train", t.seq_len)
         self.val_data = open_split(cfg.data.dir, "val", t.seq_len, scoring=True) \
             if t.eval_every or t.eval_at_start else None
@@ -239,7 +181,7 @@ class Trainer:
         if self.cfg.finetune.lora_rank:  # the base weights came from finetune.init_from
             load_lora_state_dict(self.model, torch.load(path / ADAPTER_FILE, map_location="cpu", weights_only=True))
         else:
-            self.model.load_state_dict(checkpoint.load_model_checkpoint(path)[0])
+            self.model.load_state_dict(checkpoint.read_model_checkpoint(path)[0])  # verified when found
         state = checkpoint.load_train_state(path)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and state.get("scaler"):
@@ -256,7 +198,7 @@ class Trainer:
                        "scaler": self.scaler.state_dict() if self.scaler else None}
         path = self.run_dir / "checkpoints" / checkpoint.checkpoint_name(self.progress.step)
         try:
-            if injected_fault("diskfull", self.progress.step):
+            if self.fault.at("diskfull", self.progress.step):
                 raise OSError(errno.ENOSPC, "No space left on device (injected)")
             lora = self.cfg.finetune.lora_rank > 0  # LoRA checkpoints hold the small adapters alone
             checkpoint.save_checkpoint(path, lora_state_dict(self.model) if lora else self.model.state_dict(),
@@ -323,26 +265,27 @@ class Trainer:
             lr = lr_at(p.step, self.cfg.optim, t.max_steps) * self.lr_scale
             set_lr(self.optimizer, lr)
             batches = [stream.next_batch(t.batch_size) for _ in range(t.grad_accum)]
-            loss_sum, n_targets, grad_norm, stepped = train_step(
-                self.forward_model, self.optimizer, batches, self.device, t.precision, self.cfg.optim.grad_clip,
-                self.scaler, poison=injected_fault("nan", p.step + 1))
+            result = train_step(self.forward_model, self.optimizer, batches, self.device, t.precision,
+                                self.cfg.optim.grad_clip, self.scaler, poison=self.fault.at("nan", p.step + 1),
+                                ranks=dist)
             # Horovod: one small allreduce per step carries the loss and the preemption vote together.
             loss_sum, stop_votes = dist.allreduce_sum(
-                torch.tensor([loss_sum, float(self.stop_flag.requested)]), name="step.stats").tolist()
+                torch.tensor([result.loss_sum, float(self.stop_flag.requested)]), name="step.stats").tolist()
             p.step += 1
             p.tokens += self.tokens_per_step
             p.elapsed_s += time.perf_counter() - step_start
-            record = self.step_record(loss_sum / max(n_targets, 1), lr, grad_norm, stepped, step_start)
+            record = self.step_record(loss_sum / max(result.n_targets, 1), lr, result, step_start)
             record["eta_s"] = (t.max_steps - p.step) * (time.perf_counter() - session_start) / (p.step - first_step)
             logger.log_step(record, t.max_steps)
-            bad_in_a_row = 0 if stepped else bad_in_a_row + 1
+            # fp16 overflows are the loss scaler's business (normal early in training), not bad steps
+            bad_in_a_row = 0 if result.stepped or result.overflow else bad_in_a_row + 1
             if bad_in_a_row > t.max_bad_steps:  # the same on every rank: decided by allreduced numbers
                 raise UserError(f"{bad_in_a_row} non-finite steps in a row at step {p.step} (limit "
                                 f"train.max_bad_steps={t.max_bad_steps}); lower optim.lr or resume from "
                                 "an earlier checkpoint with --resume PATH")
-            if injected_fault("raise", p.step):
+            if self.fault.at("raise", p.step):
                 raise RuntimeError(f"injected fault at step {p.step} (HVD_LLAMA_FAULT)")
-            if injected_fault("exit", p.step):
+            if self.fault.at("exit", p.step):
                 os._exit(1)  # a worker that vanishes (killed, lost host)
             if commit and p.step % self.cfg.dist.commit_every == 0:
                 commit()
@@ -355,13 +298,15 @@ class Trainer:
                     break
         return record
 
-    def step_record(self, loss: float, lr: float, grad_norm: float, stepped: bool, step_start: float) -> dict:
+    def step_record(self, loss: float, lr: float, result, step_start: float) -> dict:
         """One line of metrics.jsonl (validation figures added on evaluation steps)."""
         t, p = self.cfg.train, self.progress
         tokens_per_s = self.tokens_per_step / (time.perf_counter() - step_start)
-        record = {"step": p.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+        record = {"step": p.step, "loss": loss, "lr": lr, "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s,
                   "mfu": self.flops_per_token * tokens_per_s / self.peak, "tokens": p.tokens,
-                  "elapsed_s": p.elapsed_s, "skipped": not stepped, "world_size": dist.size()}
+                  "elapsed_s": p.elapsed_s, "skipped": not result.stepped, "world_size": dist.size()}
+        if self.scaler:
+            record["loss_scale"] = self.scaler.scale
         if t.eval_every and (p.step % t.eval_every == 0 or p.step == t.max_steps):
             record.update(self.validation(whole=p.step == t.max_steps))
         return record
@@ -375,12 +320,6 @@ class Trainer:
         loss = sums["loss_sum"] / sums["tokens"]
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_windows": sums["items"],
                 "val_tokens": sums["tokens"]}
-
-
-def injected_fault(kind: str, step: int) -> bool:
-    """Fault injection for tests and drills: HVD_LLAMA_FAULT=KIND:STEP:RANK (nan | raise | exit | diskfull)."""
-    spec = os.environ.get("HVD_LLAMA_FAULT", "")
-    return spec.count(":") == 2 and spec.split(":") == [kind, str(step), str(dist.rank())]
 
 
 def replicas_identical(model: torch.nn.Module) -> bool:
@@ -448,7 +387,8 @@ def _main(argv: Optional[Sequence[str]]) -> None:
     overrides = args.set + (["dist.elastic=true"] if args.elastic else []) + \
         ([f"finetune.init_from={args.init_from}"] if args.init_from else [])
     cfg = load_config(args.config, overrides)
-    device_kind = resolve_device(cfg.train.device)
+    device_kind = resolve_device(cfg.train.device, "train.device").type
+    fault = Fault.from_env()
     meta = check_data(cfg)  # every rank fails alike, before any collective, on bad config or data
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
     if args.resume and args.resume != "auto" and not Path(args.resume).exists():
@@ -456,7 +396,7 @@ def _main(argv: Optional[Sequence[str]]) -> None:
     device = dist.init(cfg.dist, device_kind)
     dist.run_on_main(lambda: prepare_run_dir(run_dir, args.resume, cfg), name="run_dir")
     init_state = load_pretrained(cfg, meta) if cfg.finetune.init_from else None
-    trainer = Trainer(cfg, run_dir, device, init_state)
+    trainer = Trainer(cfg, run_dir, device, init_state, fault)
     trainer.resume(args.resume)
     before, start = replace(trainer.progress), time.perf_counter()
     logger = MetricsLogger(run_dir, dist.is_main(), cfg.log.tensorboard, cfg.log.every,

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 ./launch/install.sh
 source .venv/bin/activate
 RUN=runs/quickstart
-[ -f data/stdlib/meta.json ] || python -m hvd_llama.prepare --input stdlib --out data/stdlib
+python -m hvd_llama.prepare --input stdlib --out data/stdlib --overwrite  # a few seconds; matches this Python
 rm -rf "$RUN" && mkdir -p runs
 horovodrun --gloo -np 2 -H localhost:2 python -m hvd_llama.train --config configs/tiny.yaml --run-dir "$RUN" \
   | tee "$RUN.log"

@@ -1,7 +1,10 @@
 from pathlib import Path
 
 import pytest
+from strict_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401 (hooks)
 from trainrun import train_single
+
+from hvd_llama.prepare import main as prepare_main
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -19,27 +22,11 @@ def shakespeare_path():
     return SHAKESPEARE
 
 
-def corpus_file(directory: Path) -> Path:
-    """Real text for tests: tiny Shakespeare when ../shared has it, else some of Python's own stdlib source."""
-    if SHAKESPEARE.is_file():
-        return SHAKESPEARE
-    import argparse
-    import collections
-    import inspect
-    import json
-    import textwrap
-    path = directory / "corpus.txt"
-    path.write_text("\n\n".join(inspect.getsource(m) for m in (argparse, collections, json.decoder, textwrap)))
-    return path
-
-
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    """A prepared corpus (vocabulary 512) shared by the training tests."""
-    from hvd_llama.prepare import main as prepare_main
-    root = tmp_path_factory.mktemp("data")
-    out = root / "prepared"
-    prepare_main(["--input", str(corpus_file(root)), "--out", str(out), "--vocab-size", "512"])
+def data_dir(shakespeare_path, tmp_path_factory):
+    """Tiny Shakespeare prepared (vocabulary 512), shared by the training tests."""
+    out = tmp_path_factory.mktemp("data") / "prepared"
+    prepare_main(["--input", str(shakespeare_path), "--out", str(out), "--vocab-size", "512"])
     return out
 
 
@@ -54,13 +41,12 @@ def micro_overrides(data_dir: Path, **extra) -> list:
 
 
 @pytest.fixture(scope="session")
-def small_data(data_dir, tmp_path_factory):
-    """A 40,000-character corpus encoded with data_dir's tokenizer (no tokenizer training: fast), with a
-    validation split of about 2,000 tokens."""
-    from hvd_llama.prepare import main as prepare_main
+def small_data(data_dir, shakespeare_path, tmp_path_factory):
+    """The first 40,000 characters of tiny Shakespeare encoded with data_dir's tokenizer (no tokenizer training:
+    fast), with a validation split of about 2,000 tokens."""
     root = tmp_path_factory.mktemp("small")
     source = root / "small.txt"
-    source.write_text(corpus_file(root).read_text()[:40_000])
+    source.write_text(shakespeare_path.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
     out = root / "prepared"
     prepare_main(["--input", str(source), "--out", str(out), "--tokenizer", str(data_dir / "tokenizer.model"),
                   "--workers", "1"])

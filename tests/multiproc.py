@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from hvd_llama.bench.common import job_env as bench_job_env
+from hvd_llama.evaluate import LAUNCHER_VARIABLES
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # horovodrun tags lines "[1]<stdout>:", mpirun --tag-output "[1,1]<stdout>:" (job, rank).
@@ -38,12 +41,26 @@ def launcher_command(launcher: str, np: int, extra: Sequence[str] = ()) -> list:
 
 
 def job_env(extra: Optional[dict] = None) -> dict:
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.update(extra or {})
-    return env
+    """hvd_llama's job environment (this Python's scripts on PATH, this hvd_llama importable), with one
+    OpenMP thread per process unless the caller's environment or `extra` says otherwise."""
+    return bench_job_env({"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(extra or {})})
+
+
+# Runs a command's main() and then reports, as stderr's last line, whether anything imported Horovod.
+ONE_PROCESS = """import sys
+from importlib import import_module
+try:
+    import_module(sys.argv[1]).main(sys.argv[2:])
+finally:
+    print(f"horovod imported: {'horovod' in sys.modules}", file=sys.stderr)
+"""
+
+
+def run_one_process(module: str, *args, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m module args...` as one plain process, outside any launcher (its variables removed)."""
+    env = {k: v for k, v in job_env().items() if k not in LAUNCHER_VARIABLES}
+    return subprocess.run([sys.executable, "-c", ONE_PROCESS, module, *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def start_job(args: Sequence[str], np: int = 2, launcher: str = "horovodrun", cwd=None,

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hvd_llama.checkpoint import load_model_checkpoint, save_checkpoint
-from hvd_llama.convert import ffn_settings, main
+from hvd_llama.convert import main
+from hvd_llama.formats import ffn_settings
 from hvd_llama.model import ModelConfig, Transformer, ffn_hidden_dim
 
 transformers = pytest.importorskip("transformers")

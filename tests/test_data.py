@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from hvd_llama import prepare
 from hvd_llama.cli import UserError
 from hvd_llama.data import ResumableDistributedSampler, TokenWindows, read_meta
-from hvd_llama.prepare import HEADER_BYTES, META_FORMAT, META_VERSION, ShardWriter
+from hvd_llama.shards import HEADER_BYTES, META_FORMAT, META_VERSION, ShardWriter
 from hvd_llama.tokenizer import Tokenizer
 
 

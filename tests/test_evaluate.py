@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from multiproc import REPO, job_env, run_job
+from multiproc import REPO, job_env, run_job, run_one_process
 
-from hvd_llama.data import TokenWindows, read_meta
 from hvd_llama.compute import item_batches
-from hvd_llama.data import ArrayWindows
+from hvd_llama.data import ArrayWindows, TokenWindows, read_meta
 from hvd_llama.evaluate import token_byte_lengths
-from hvd_llama.generate import load_model
+from hvd_llama.inference import load_model
 
 FIGURES = ("loss_sum_nats", "loss_per_token", "perplexity", "nats_per_char", "bits_per_byte")
 SAMPLE = "ROMEO:\nBut soft, what light through yonder window breaks?\nCafé, naïve — façade ✓ ½\n"
@@ -22,10 +21,9 @@ SAMPLE = "ROMEO:\nBut soft, what light through yonder window breaks?\nCafé, na�
 
 def evaluate_cli(tmp_path, name, *args):
     out = tmp_path / f"{name}.json"
-    result = subprocess.run([sys.executable, "-m", "hvd_llama.evaluate", *map(str, args), "--threads", "1",
-                             "--json", str(out)], cwd=REPO, env=job_env(), capture_output=True, text=True,
-                            timeout=120)
+    result = run_one_process("hvd_llama.evaluate", *args, "--threads", 1, "--json", out)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1] == "horovod imported: False"  # one process: Horovod not even loaded
     assert len(result.stdout.splitlines()) == 1 and result.stdout.startswith("eval ")
     return json.loads(out.read_text())
 

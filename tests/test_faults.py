@@ -8,6 +8,9 @@ from conftest import micro_overrides
 from multiproc import finish_job, start_job
 from trainrun import losses, metrics, train_args, train_job, train_single
 
+from hvd_llama.cli import UserError
+from hvd_llama.train import Fault
+
 pytestmark = pytest.mark.distributed
 
 
@@ -105,3 +108,15 @@ def test_crashing_rank_brings_the_job_down_with_its_name(data_dir, tmp_path, lau
     assert job.returncode != 0
     assert time.monotonic() - start < 60
     assert "error: rank 1 failed: RuntimeError: injected fault at step 3" in job.output
+
+
+def test_fault_spec_is_read_once_and_checked(monkeypatch):
+    monkeypatch.setenv("HVD_LLAMA_FAULT", "diskfull:12:1")
+    fault = Fault.from_env()
+    monkeypatch.delenv("HVD_LLAMA_FAULT")  # read at start-up: a later change does not matter
+    assert fault == Fault("diskfull", 12, 1) and not fault.at("nan", 12)
+    assert Fault.from_env() == Fault() and not Fault().at("nan", 0)
+    for bad in ("nan:3", "nan:three:1", "melt:3:1", "nan:3:1:2"):
+        monkeypatch.setenv("HVD_LLAMA_FAULT", bad)
+        with pytest.raises(UserError, match=f"HVD_LLAMA_FAULT={bad}: expected KIND:STEP:RANK"):
+            Fault.from_env()

@@ -11,7 +11,8 @@ from conftest import micro_overrides
 from multiproc import REPO, job_env, run_job
 from trainrun import TRAIN_DIGESTS, losses, metrics, train_job, train_single
 
-from hvd_llama.generate import generate, load_model
+from hvd_llama.decoding import generate
+from hvd_llama.inference import load_model
 
 pytestmark = pytest.mark.distributed
 

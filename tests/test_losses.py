@@ -12,9 +12,8 @@ from conftest import micro_overrides
 from multiproc import REPO, job_env
 from trainrun import losses, metrics, train_job, train_single
 
-from hvd_llama.compute import count_targets, spread_selection, token_losses
+from hvd_llama.compute import count_targets, spread_selection
 from hvd_llama.data import SFTExamples, inputs_and_targets
-from hvd_llama.model import ModelConfig, Transformer
 from hvd_llama.tokenizer import Tokenizer
 
 WORDS = ("the king and queen of england shall speak to thee my lord good night sweet prince what light through "
@@ -48,19 +47,13 @@ def final_weights(run_dir):
     return torch.load(sorted((run_dir / "checkpoints").iterdir())[-1] / "model.pt")
 
 
-def test_the_data_can_expose_a_mean_of_means(varied_sft):
-    """Two micro-batches of 3 rows: their mean of means is not the per-token mean of the 6 rows."""
+def test_micro_batches_have_different_target_counts(varied_sft):
+    """What a mean of per-micro-batch means gets wrong: rows of one step with different numbers of targets
+    (the end-to-end test below fails with that normalisation; checked when it was written)."""
     rows = SFTExamples(varied_sft, "train", 56)
-    batch = torch.stack([rows[i] for i in range(6)])
-    model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=64))
-    with torch.no_grad():
-        model.output.weight.mul_(30)  # confident predictions: token losses differ (at init they are all ~ln V)
-        inputs, targets = inputs_and_targets(batch)
-        per_token = token_losses(model(inputs), targets).view(6, -1)
-    counts = [count_targets(targets[:3]), count_targets(targets[3:])]
-    assert counts[0] != counts[1]
-    mean_of_means = (per_token[:3].sum() / counts[0] + per_token[3:].sum() / counts[1]) / 2
-    assert abs(mean_of_means / (per_token.sum() / sum(counts)) - 1) > 1e-3
+    counts = [count_targets(inputs_and_targets(rows[i][None])[1]) for i in range(len(rows))]
+    assert min(counts) <= 3 and max(counts) >= 30
+    assert sum(counts[:3]) != sum(counts[3:6])
 
 
 @pytest.mark.distributed

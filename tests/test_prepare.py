@@ -6,19 +6,20 @@ import re
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from hvd_llama import prepare
+from hvd_llama import encode, prepare
 from hvd_llama.cli import UserError, sha256_file
-from hvd_llama.prepare import HEADER_BYTES, ShardWriter, read_shard_header, token_dtype
+from hvd_llama.corpus import stdlib_files
+from hvd_llama.shards import HEADER_BYTES, ShardWriter, read_shard_header, token_dtype
 from hvd_llama.text import Cleaner, document_hash
 from hvd_llama.tokenizer import Tokenizer
 
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega caf\u00e9 na\u00efve \u00fcber \u65e5\u672c").split()
 
@@ -139,7 +140,7 @@ def test_meta_and_shard_files(prepared):
 def test_parallel_run_and_existing_tokenizer_give_identical_shards(corpus, prepared, tmp_path, monkeypatch):
     root, _ = corpus
     out, meta = prepared
-    monkeypatch.setattr(prepare, "ENCODE_BATCH_BYTES", 2000)  # several batches, so the worker pool encodes them
+    monkeypatch.setattr(encode, "ENCODE_BATCH_BYTES", 2000)  # several batches, so the worker pool encodes them
     again = run_prepare("--input", root, "--out", tmp_path / "again", "--exclude", "skip_*", "--vocab-size", 600,
                         "--shard-tokens", 500, workers=2)
     reuse = run_prepare("--input", root, "--out", tmp_path / "reuse", "--exclude", "skip_*",
@@ -169,14 +170,24 @@ def test_few_documents_are_split_by_characters(tmp_path):
     assert again["splits"] == meta["splits"] and again["tokenizer_sha256"] == meta["tokenizer_sha256"]
 
 
-@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="tiny Shakespeare is not available")
-def test_tiny_shakespeare_last_tenth_is_validation(tmp_path):
-    meta = run_prepare("--input", SHAKESPEARE, "--out", tmp_path / "out", "--vocab-size", 512, workers=2)
-    text = Cleaner()(SHAKESPEARE.read_text(encoding="utf-8"))
+def test_tiny_shakespeare_last_tenth_is_validation(tmp_path, shakespeare_path):
+    meta = run_prepare("--input", shakespeare_path, "--out", tmp_path / "out", "--vocab-size", 512, workers=2)
+    text = Cleaner()(shakespeare_path.read_text(encoding="utf-8"))
     cut = int(len(text) * 0.9)
     assert meta["split_method"] == "characters"
     assert decode_documents(tmp_path / "out", "train") == [text[:cut]]
     assert decode_documents(tmp_path / "out", "val") == [text[cut:]]
+
+
+def test_worker_pool_prints_no_warning(tmp_path):
+    """The fork server preloads hvd_llama.encode, not the command run as __main__: no runpy RuntimeWarning."""
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "hvd_llama.prepare", "--input", "stdlib", "--out", str(out),
+                             "--max-chars", "3000000", "--vocab-size", "400", "--workers", "2"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "meta.json").read_text())["inputs"]["bytes"] > 2 * encode.ENCODE_BATCH_BYTES  # pooled
+    assert "Warning" not in result.stderr, result.stderr
 
 
 def test_stdlib_end_to_end_with_caps(tmp_path):
@@ -206,8 +217,8 @@ def test_stdlib_defaults_are_fast(tmp_path):
 
 
 def test_stdlib_files_skip_tests_and_installed_packages():
-    root = Path(prepare.sysconfig.get_paths()["stdlib"])
-    files = prepare.stdlib_files()
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = stdlib_files()
     assert root / "os.py" in files and root / "json/decoder.py" in files
     assert not [p for p in files if {"site-packages", "test", "tests"} & set(p.relative_to(root).parts)]
     assert files == sorted(files, key=lambda p: p.relative_to(root).as_posix())
@@ -361,7 +372,7 @@ def test_ctrl_c_during_encoding_leaves_nothing(tmp_path, corpus, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ShardWriter, "write", interrupted_write)
-    monkeypatch.setattr(prepare, "ENCODE_BATCH_BYTES", 2000)  # several batches, so the pool is used
+    monkeypatch.setattr(encode, "ENCODE_BATCH_BYTES", 2000)  # several batches, so the pool is used
     with pytest.raises(SystemExit) as exit_info:
         prepare.main(["--input", str(corpus[0]), "--out", str(tmp_path / "out"), "--vocab-size", "600",
                       "--workers", "2"])

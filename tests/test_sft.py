@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from hvd_llama import prepare
+from hvd_llama import encode, prepare
 from hvd_llama.cli import UserError, sha256_file
 from hvd_llama.compute import count_targets, token_losses
 from hvd_llama.data import (ResumableDistributedSampler, SFTExamples, TokenWindows, inputs_and_targets, open_split,
@@ -122,7 +122,7 @@ def test_prepare_sft_writes_examples_index_and_meta(sft):
 def test_existing_tokenizer_and_parallel_encoding_give_identical_data(sft, tmp_path, monkeypatch):
     out, meta, _ = sft
     write_inputs(tmp_path / "in")
-    monkeypatch.setattr(prepare, "ENCODE_BATCH_BYTES", 200)  # several batches, so the worker pool is used
+    monkeypatch.setattr(encode, "ENCODE_BATCH_BYTES", 200)  # several batches, so the worker pool is used
     again = prepare.prepare(["--sft", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "out"),
                              "--tokenizer", str(out / "tokenizer.model"), "--workers", "2"])
     assert again["splits"] == meta["splits"] and again["tokenizer_trained"] is False

@@ -88,15 +88,20 @@ def build_data_parallel_optimizer(model: torch.nn.Module, param_groups: list[dic
                             bucket_elements=bucket_elements)
 
 
-def broadcast_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, has_optimizer_state: bool) -> None:
-    """Horovod: make every rank start from rank 0's weights (and optimizer state after a resume).
+def broadcast_state(model: torch.nn.Module, optimizer, has_optimizer_state: bool) -> None:
+    """Horovod: make every rank start from rank 0's weights (and, at stage 0, its optimizer state after a
+    resume; a sharded optimizer's ranks each load their own slice).
 
     The optimizer state is broadcast only when rank 0 has some: on an empty AdamW state Horovod runs a dummy
     step (applying weight decay once and starting the step counter at 1), which would make step 1 differ from
     a plain PyTorch loop. That dummy step also touches the other ranks' weights, so the weights go last.
     """
-    if has_optimizer_state:
-        hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+    _broadcast(model, optimizer.optimizer if has_optimizer_state and optimizer.stage == 0 else None)
+
+
+def _broadcast(model: torch.nn.Module, torch_optimizer) -> None:
+    if torch_optimizer is not None:
+        hvd.broadcast_optimizer_state(torch_optimizer, root_rank=0)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
 
@@ -110,13 +115,16 @@ class _ElasticState(hvd.elastic.TorchState):
 
     def sync(self):
         has_state = broadcast_object(len(self.optimizer.state) > 0, name="elastic.has_state")
-        broadcast_state(self.model, self.optimizer, has_optimizer_state=has_state)
-        self._handlers["sampler"].sync()
+        _broadcast(self.model, self.optimizer if has_state else None)
+        # What Horovod's sampler handler does, through the sampler's own API: every rank takes rank 0's position.
+        self.sampler.load_state_dict(broadcast_object(self.sampler.state_dict(), name="elastic.sampler"))
         super(hvd.elastic.TorchState, self).sync()  # the plain Python values (ObjectState)
 
 
 def elastic_state(model, optimizer, sampler, **values) -> hvd.elastic.TorchState:
-    return _ElasticState(model=model, optimizer=optimizer, sampler=sampler, **values)
+    """`optimizer`: a stage-0 data-parallel optimizer (elastic needs replicated state: Horovod re-syncs it by
+    broadcast from rank 0)."""
+    return _ElasticState(model=model, optimizer=optimizer.optimizer, sampler=sampler, **values)
 
 
 def elastic_sampler(dataset, seed: int) -> hvd.elastic.ElasticSampler:
@@ -137,10 +145,6 @@ def allgather_object(obj: Any, name: str) -> list:
 def allreduce_sum(values: torch.Tensor, name: str) -> torch.Tensor:
     """Sum a small float64 tensor of statistics over ranks (exact for counts, order-stable for sums)."""
     return hvd.allreduce(values.double().cpu(), op=hvd.Sum, name=name)
-
-
-def allreduce_max(values: torch.Tensor, name: str) -> torch.Tensor:
-    return hvd.allreduce(values.double().cpu(), op=hvd.Max, name=name)
 
 
 def run_on_main(fn: Callable[[], Any], name: str) -> Any:

@@ -1,8 +1,8 @@
 """Timed training steps, each measurement in processes of its own; started by hvd_llama.bench.
 
-    python -m hvd_llama.bench_train throughput --json OUT          # plain PyTorch vs Horovod with one rank
-    horovodrun --gloo -np N -H localhost:N python -m hvd_llama.bench_train horovod --json-dir DIR
-    python -m torch.distributed.run --standalone --nproc-per-node N -m hvd_llama.bench_train ddp --json-dir DIR
+    python -m hvd_llama.bench.train_steps throughput --json OUT          # plain PyTorch vs Horovod with one rank
+    horovodrun --gloo -np N -H localhost:N python -m hvd_llama.bench.train_steps horovod --json-dir DIR
+    python -m torch.distributed.run --standalone --nproc-per-node N -m hvd_llama.bench.train_steps ddp --json-dir DIR
 
 Every process times whole steps after warm-up and writes the raw seconds as JSON; hvd_llama.bench turns them
 into tokens/s, MFU and scaling figures. The tokens are random: a step costs the same whatever they are.
@@ -24,11 +24,11 @@ import torch.nn.functional as F
 
 from hvd_llama import dist
 from hvd_llama.cli import atomic_write_text, run_main
+from hvd_llama.compute import train_step
 from hvd_llama.config import Config, load_config
 from hvd_llama.metrics import measure_peak_flops
 from hvd_llama.model import Transformer
 from hvd_llama.optim import build_optimizer
-from hvd_llama.train import train_step
 
 PRECISION = "fp32"  # what every benchmarked step computes in (the presets' precision on CPU)
 
@@ -178,7 +178,7 @@ MEASUREMENTS = {"throughput": measure_throughput, "horovod": measure_horovod_ran
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m hvd_llama.bench_train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m hvd_llama.bench.train_steps", description=__doc__.split("\n\n")[0])
     parser.add_argument("measurement", choices=MEASUREMENTS)
     parser.add_argument("--config", help="YAML config (model, batch, optimizer)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")

@@ -1,7 +1,7 @@
 """Data-preparation measurements for hvd_llama.bench, run as processes of their own.
 
-    python -m hvd_llama.bench_prepare rusage --json OUT -- COMMAND ...   # wall time and peak memory of COMMAND
-    python -m hvd_llama.bench_prepare encode --json OUT --tokenizer MODEL --mb 32 --folder DIR
+    python -m hvd_llama.bench.prepare_steps rusage --json OUT -- COMMAND ...   # wall time and peak memory of COMMAND
+    python -m hvd_llama.bench.prepare_steps encode --json OUT --tokenizer MODEL --mb 32 --folder DIR
 
 `rusage` is a fresh parent, so getrusage(RUSAGE_CHILDREN) sees only COMMAND and its own children (ru_maxrss
 is the largest single process among them). `encode` compares SentencePiece's own single-process encoding with
@@ -11,45 +11,21 @@ spawned workers import it again, and should start as fast as prepare's own.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import resource
 import subprocess
 import sys
-import sysconfig
 import time
 from collections import deque
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
+from hvd_llama.bench.synthetic import unique_documents
 from hvd_llama.cli import UserError, atomic_write_text, best_seconds, run_main
-from hvd_llama.prepare import (ENCODE_BATCH_BYTES, DocumentStore, batch_docs, encode_batches, read_doc,
-                               start_encoding_server, stdlib_files, token_dtype)
+from hvd_llama.corpus import DocumentStore, read_doc
+from hvd_llama.encode import ENCODE_BATCH_BYTES, batch_docs, encode_batches, start_encoding_server
+from hvd_llama.shards import token_dtype
 from hvd_llama.tokenizer import Tokenizer
-
-
-def unique_documents() -> Iterator[str]:
-    """Python's standard library sources over and over, each copy under a header line of its own, so that
-    prepare's exact deduplication keeps every copy."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    sources = [(p.relative_to(root).as_posix(), p.read_text(encoding="utf-8", errors="replace"))
-               for p in stdlib_files()]
-    for copy in itertools.count():
-        for name, text in sources:
-            yield f"# copy {copy} of {name}\n{text}"
-
-
-def write_corpus(path: Path, n_bytes: int) -> int:
-    """A JSON-lines corpus of at least n_bytes (one document per line); returns its size in bytes."""
-    written = 0
-    with open(path, "w", encoding="ascii") as f:
-        for text in unique_documents():
-            line = json.dumps({"text": text}) + "\n"  # ASCII only (escaped), so characters == bytes
-            f.write(line)
-            written += len(line)
-            if written >= n_bytes:
-                return written
-    raise AssertionError("unreachable: unique_documents never ends")
 
 
 def measure_rusage(args: argparse.Namespace) -> dict:
@@ -108,8 +84,8 @@ MEASUREMENTS = {"rusage": measure_rusage, "encode": measure_encode}
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m hvd_llama.bench_prepare", description=__doc__.split("\n\n")[0],
-        epilog="rusage: python -m hvd_llama.bench_prepare rusage --json OUT -- COMMAND ...")
+        prog="python -m hvd_llama.bench.prepare_steps", description=__doc__.split("\n\n")[0],
+        epilog="rusage: python -m hvd_llama.bench.prepare_steps rusage --json OUT -- COMMAND ...")
     parser.add_argument("measurement", choices=MEASUREMENTS)
     parser.add_argument("--json", type=Path, required=True, help="output file")
     parser.add_argument("--tokenizer", type=Path, help="encode: a SentencePiece tokenizer.model")

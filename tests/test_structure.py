@@ -1,0 +1,84 @@
+"""The package's shape, read from its source with ast: imports follow the data flow (so there is no cycle),
+Horovod stays behind hvd_llama/dist/, the model needs torch alone, no command imports another, and modules
+stay small."""
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "hvd_llama"
+# Every module, upstream first: each may import only modules listed before it (a topological order of the
+# import graph, which therefore has no cycle). A new module takes its place here.
+FLOW = [
+    # foundations
+    "cli", "text", "model", "config", "tokenizer", "device",
+    # raw text -> token shards
+    "shards", "corpus", "encode", "prepare",
+    # token shards -> training
+    "data", "dist", "optim", "metrics", "lora", "compute", "checkpoint", "formats", "pretrained", "train",
+    # checkpoints -> numbers, text, other formats
+    "inference", "decoding", "evaluate", "generate", "convert",
+    # benchmarks of all of the above
+    "bench", "bench.common", "bench.synthetic", "bench.train_steps", "bench.prepare_steps", "bench.throughput",
+    "bench.scaling", "bench.quality", "bench.generation", "bench.prepare", "bench.run", "bench.__main__",
+]
+MAX_LINES = 450
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py")) if module_name(p)}
+
+
+def imports(name: str) -> set[str]:
+    """Every module `name` imports anywhere in its file (function-level imports included)."""
+    found = set()
+    for node in ast.walk(ast.parse(MODULES[name].read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            # `from hvd_llama import dist` imports the module hvd_llama.dist
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def internal_imports(name: str) -> set[str]:
+    return {m.removeprefix("hvd_llama.") for m in imports(name) if m.startswith("hvd_llama.")} & set(MODULES)
+
+
+def test_flow_lists_every_module_once():
+    assert len(FLOW) == len(set(FLOW)) and set(FLOW) == set(MODULES)
+
+
+@pytest.mark.parametrize("name", FLOW)
+def test_imports_point_down_the_flow(name):
+    upstream = set(FLOW[:FLOW.index(name)])
+    assert internal_imports(name) <= upstream, f"{name} imports {sorted(internal_imports(name) - upstream)}"
+
+
+def test_horovod_only_in_dist_and_the_model_needs_torch_alone():
+    for name in MODULES:
+        if any(m.split(".")[0] == "horovod" for m in imports(name)):
+            assert name.split(".")[0] == "dist", f"{name} imports horovod"
+    third_party = {m.split(".")[0] for m in imports("model")} - set(sys.stdlib_module_names) - {"__future__"}
+    assert third_party == {"torch"}
+
+
+def test_commands_do_not_import_commands():
+    commands = {name for name, path in MODULES.items()
+                if any(isinstance(node, ast.FunctionDef) and node.name == "main"
+                       for node in ast.parse(path.read_text()).body)}
+    assert {"prepare", "train", "evaluate", "generate", "convert", "bench.run"} <= commands
+    for name in MODULES:
+        imported = internal_imports(name) & commands
+        assert imported <= ({"bench.run"} if name == "bench.__main__" else set()), f"{name} imports {imported}"
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_modules_stay_small(name):
+    assert len(MODULES[name].read_text().splitlines()) <= MAX_LINES
