@@ -190,6 +190,13 @@ def validate(cfg: Config) -> None:
         raise UserError("finetune.lora_rank > 0 needs pretrained weights: set finetune.init_from or --init-from")
     if cfg.dist.zero_stage not in (0, 1, 2):
         raise UserError(f"dist.zero_stage={cfg.dist.zero_stage}: expected 0, 1 or 2")
+    if cfg.dist.elastic and cfg.dist.zero_stage:
+        raise UserError(f"dist.elastic=true needs dist.zero_stage=0 (got {cfg.dist.zero_stage}): Horovod Elastic "
+                        "re-syncs optimizer state by broadcast from rank 0, which holds only its slice; to change "
+                        "the number of ranks of a sharded run, stop it and --resume auto at the new size (it reshards)")
+    if cfg.dist.zero_stage and cfg.dist.op != "average":
+        raise UserError(f"dist.op={cfg.dist.op} needs whole gradients on every rank; dist.zero_stage="
+                        f"{cfg.dist.zero_stage} reduce-scatters them (use dist.op=average)")
     if cfg.checkpoint.every < 0 or cfg.train.eval_every < 0 or cfg.log.every <= 0:
         raise UserError("checkpoint.every and train.eval_every must be >= 0, log.every > 0")
 
