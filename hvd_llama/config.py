@@ -74,6 +74,7 @@ class DistConfig:
     threads_per_rank: int = 0  # CPU threads per rank; 0 = cores / ranks on this node
     elastic: bool = False  # run under Horovod Elastic (horovodrun --min-np/--max-np)
     commit_every: int = 10  # elastic: optimizer steps between state commits
+    zero_bucket_elements: int = 25_000_000  # stages 1-2: parameters per reduce-scatter/allgather bucket
     zero_stage: int = 0  # 0 = replicated (hvd.DistributedOptimizer); 1 = optimizer state sharded; 2 = gradients sharded too
 
 
@@ -188,6 +189,8 @@ def validate(cfg: Config) -> None:
                         f"{f.lora_dropout}: expected rank >= 0, alpha > 0, 0 <= dropout < 1")
     if f.lora_rank and not f.init_from:
         raise UserError("finetune.lora_rank > 0 needs pretrained weights: set finetune.init_from or --init-from")
+    if cfg.dist.zero_bucket_elements <= 0:
+        raise UserError(f"dist.zero_bucket_elements={cfg.dist.zero_bucket_elements}: expected > 0")
     if cfg.dist.zero_stage not in (0, 1, 2):
         raise UserError(f"dist.zero_stage={cfg.dist.zero_stage}: expected 0, 1 or 2")
     if cfg.dist.elastic and cfg.dist.zero_stage:

@@ -138,7 +138,8 @@ class Trainer:
         self.forward_model = torch.compile(self.model) if t.compile else self.model
         self.optimizer = dist.build_data_parallel_optimizer(
             self.model, param_groups(self.model, cfg.optim.weight_decay), adamw_kwargs(cfg.optim), cfg.dist,
-            stage=cfg.dist.zero_stage, grad_accum=t.grad_accum, fused=device.type == "cuda")
+            stage=cfg.dist.zero_stage, grad_accum=t.grad_accum, fused=device.type == "cuda",
+            bucket_elements=cfg.dist.zero_bucket_elements)
         self.scaler = LossScaler() if t.precision == "fp16" else None
         self.train_data = open_split(cfg.data.dir, "train", t.seq_len)
         self.val_data = open_split(cfg.data.dir, "val", t.seq_len, scoring=True) \
