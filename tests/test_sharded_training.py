@@ -77,7 +77,9 @@ def test_resume_at_another_world_size_reshards(small_data, tmp_path):
     # A corrupt slice makes the checkpoint bad: the previous one is used.
     last = resharded / "checkpoints" / "step_00000010"
     victim = last / checkpoint.slice_name(1, 3)
-    victim.write_bytes(victim.read_bytes()[:-1] + b"\0")
+    damaged = bytearray(victim.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    victim.write_bytes(bytes(damaged))
     with pytest.warns(UserWarning, match="checksum of optimizer.rank00001-of-00003.pt"):
         assert checkpoint.find_latest_checkpoint(resharded) == resharded / "checkpoints" / "step_00000005"
 
@@ -113,3 +115,15 @@ def test_resume_refuses_a_checkpoint_of_the_other_kind(micro_run, small_data, tm
     done = train_single(run_dir, micro_overrides(small_data, **{"dist.zero_stage": 2}), "--resume", "auto")
     assert done.returncode == 2
     assert "written at dist.zero_stage=0; resume it with --set dist.zero_stage=0" in done.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["dist.elastic=true"], "dist.elastic=true needs dist.zero_stage=0"),
+    (["dist.op=adasum"], "dist.op=adasum needs whole gradients"),
+    (["dist.zero_bucket_elements=0"], "dist.zero_bucket_elements=0: expected > 0"),
+])
+def test_sharding_refuses_what_it_cannot_do(extra, message):
+    from hvd_llama.cli import UserError
+    from hvd_llama.config import load_config
+    with pytest.raises(UserError, match=message):
+        load_config(None, ["dist.zero_stage=2", *extra])
