@@ -11,6 +11,7 @@ import errno
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -206,6 +207,8 @@ class Trainer:
                                                          name="ckpt.begin"), name="ckpt.staging")
         name, digest, error = checkpoint.slice_name(dist.rank(), dist.size()), None, None
         try:
+            if self.fault.at("diskfull", self.progress.step):
+                raise OSError(errno.ENOSPC, "No space left on device (injected)")
             digest = checkpoint.write_torch(Path(staging) / name, self.optimizer.state_dict())
         except OSError as err:
             error = f"rank {dist.rank()}: {err}"
@@ -232,6 +235,8 @@ class Trainer:
                                        staging=slices["staging"] if slices else None,
                                        written={n: d for n, d, _ in slices["files"]} if slices else None)
         except OSError as err:
+            if slices:  # the ranks' slices are staged: nothing of this checkpoint may stay
+                shutil.rmtree(slices["staging"], ignore_errors=True)
             previous = checkpoint.find_latest_checkpoint(self.run_dir)
             raise UserError(f"writing checkpoint {path.name} failed ({err}); the last good checkpoint, "
                             f"{previous or 'none'}, is intact") from None

@@ -1,6 +1,7 @@
 """ZeRO stages 1 and 2 through the training application (issue 15): the same losses as stage 0, sharded
 checkpoints that reshard across world sizes, bf16 master weights, and the memory check at start-up."""
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -100,9 +101,8 @@ def test_bf16_master_weights_track_fp32(small_data, tmp_path):
 
 def test_a_run_that_cannot_fit_is_refused_at_start_up(small_data, tmp_path):
     start = time.monotonic()
-    done = train_single(tmp_path / "run", micro_overrides(small_data) + ["--config", "configs/llama2-70b.yaml",
-                                                                         "--set", "model.vocab_size=512",
-                                                                         "--set", f"data.dir={small_data}"])
+    done = train_single(tmp_path / "run", ["--config", "configs/llama2-70b.yaml", "--set", "model.vocab_size=512",
+                                           "--set", f"data.dir={small_data}"])
     assert done.returncode == 2, done.stderr[-2000:]
     assert time.monotonic() - start < 30
     line = done.stderr.strip().splitlines()
@@ -127,3 +127,33 @@ def test_sharding_refuses_what_it_cannot_do(extra, message):
     from hvd_llama.config import load_config
     with pytest.raises(UserError, match=message):
         load_config(None, ["dist.zero_stage=2", *extra])
+
+
+def test_preemption_and_a_failed_slice_write_at_stage_2(small_data, tmp_path):
+    from test_faults import interrupted_then_resumed
+    overrides = values(small_data, **{"train.max_steps": 300, "checkpoint.every": 0, "dist.zero_stage": 2})
+    stopped, stop_step, resumed_losses = interrupted_then_resumed(overrides, tmp_path, 2, "horovodrun", signal.SIGTERM)
+    assert stopped.returncode == 0 and "stop requested by a signal" in stopped.output, stopped.output[-3000:]
+    assert len(list((tmp_path / "stopped" / "checkpoints" / f"step_{stop_step:08d}").glob("optimizer.rank*"))) == 2
+    straight = tmp_path / "straight"
+    assert train_job(straight, overrides, timeout=300).returncode == 0
+    assert resumed_losses == losses(straight)  # bit for bit through the sharded checkpoint
+    # Rank 1 cannot write its slice: the checkpoint fails on every rank and the previous one stays.
+    run_dir = tmp_path / "diskfull"
+    job = train_job(run_dir, values(small_data, **{"train.max_steps": 4, "checkpoint.every": 2, "checkpoint.keep": 0,
+                                                   "dist.zero_stage": 2}), env={"HVD_LLAMA_FAULT": "diskfull:4:1"})
+    assert job.returncode != 0
+    assert job.output.count("error: writing checkpoint step_00000004 failed") == 2 and "rank 1" in job.output
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000002"]  # no staging folder left
+
+
+def test_lora_shards_only_the_adapters(micro_run, small_data, tmp_path):
+    lora = {"finetune.lora_rank": 4, "finetune.lora_alpha": 8, "finetune.lora_targets": "wq,wv,w2"}
+    for stage in (0, 2):
+        job = train_job(tmp_path / f"s{stage}", values(small_data, **lora, **{"dist.zero_stage": stage}),
+                        "--init-from", str(micro_run))
+        assert job.returncode == 0, job.output[-3000:]
+    assert losses(tmp_path / "s2") == pytest.approx(losses(tmp_path / "s0"), rel=1e-5)
+    slices = checkpoint.read_optimizer_slices(tmp_path / "s2" / "checkpoints" / "step_00000005")
+    names = [name for name, _ in slices[0]["params"]]
+    assert names and all("lora_" in name for name in names)  # the frozen base has no optimizer state

@@ -108,7 +108,9 @@ def broadcast_state(model: torch.nn.Module, optimizer, has_optimizer_state: bool
 def _broadcast(model: torch.nn.Module, torch_optimizer) -> None:
     if torch_optimizer is not None:
         hvd.broadcast_optimizer_state(torch_optimizer, root_rank=0)
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    # Horovod has no bfloat16: bf16 weights (sharded bf16 runs) travel bit-exactly as int16 views of themselves.
+    hvd.broadcast_parameters({name: t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+                              for name, t in model.state_dict().items()}, root_rank=0)
 
 
 class _ElasticState(hvd.elastic.TorchState):
