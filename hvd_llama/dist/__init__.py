@@ -18,22 +18,52 @@ except ImportError as err:  # pip cannot build Horovod 0.28.1 for torch >= 2.1 u
 
 from hvd_llama.cli import UserError
 from hvd_llama.config import DistConfig
+from hvd_llama.device import cuda_device_index
 from hvd_llama.dist.zero import (DEFAULT_BUCKET_ELEMENTS, ReplicatedOptimizer, ShardedOptimizer, allgather_tensor,
                                  merge_slices)
 
 ZERO_STAGES = (0, 1, 2)
 
 
+# What each launcher tells its processes about the world it started, in the order they are trusted: a launcher
+# started inside another (mpirun in a Slurm allocation) sets its own variable. SLURM_STEP_NUM_TASKS, not
+# SLURM_NTASKS: srun sets it for the tasks of its step, while SLURM_NTASKS is also set in the batch script
+# itself, where one process may legitimately run alone or start its own launcher.
+LAUNCHER_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
+
+
+def check_world_size(size: int, env) -> None:
+    """Stop when the launcher started more processes than Horovod's world holds.
+
+    If the MPI wire-up fails (srun without --mpi=pmix, a Horovod without MPI), every task initialises as a
+    world of its own: N "rank 0"s would each train alone and write one run dir. horovodrun (HOROVOD_RANK set)
+    builds the world itself, with its own rendezvous, and is not checked.
+    """
+    if "HOROVOD_RANK" in env:
+        return
+    for name in LAUNCHER_SIZE_VARIABLES:
+        value = env.get(name, "")
+        if value.isdigit():
+            if int(value) > size:
+                raise UserError(f"the launcher started {value} processes ({name}={value}) but Horovod's world has "
+                                f"{size}: MPI did not connect them (srun: --mpi=pmix; is Horovod built with MPI? "
+                                "horovodrun --check-build)")
+            return
+
+
 def init(cfg: DistConfig, device: str) -> torch.device:
     """Start Horovod and give this rank its device (a GPU, or a fair share of the CPU cores)."""
     hvd.init()
+    check_world_size(hvd.size(), os.environ)
+    # Horovod: ranks on one node share its cores; more threads than cores makes every rank slower (on a GPU
+    # node too: each rank's host work, the data loader's included, would otherwise take every core).
+    torch.set_num_threads(cfg.threads_per_rank or max(1, (os.cpu_count() or 1) // hvd.local_size()))
     if device == "cuda":
-        # Horovod: pin each process to one GPU (its local rank).
-        torch.cuda.set_device(hvd.local_rank())
-        return torch.device("cuda", hvd.local_rank())
-    # Horovod: ranks on one node share its cores; more threads than cores makes every rank slower.
-    threads = cfg.threads_per_rank or max(1, (os.cpu_count() or 1) // hvd.local_size())
-    torch.set_num_threads(threads)
+        # Horovod: pin each process to one GPU, its local rank's among those it sees.
+        index = cuda_device_index(hvd.local_rank(), hvd.local_size(), torch.cuda.device_count(),
+                                  os.environ.get("CUDA_VISIBLE_DEVICES"))
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 

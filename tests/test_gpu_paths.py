@@ -1,0 +1,89 @@
+"""The GPU code paths, checked on CPU: torch.cuda stubbed where a device is needed, real processes where the
+launcher matters (issue 18). launch/gpu_check.sh checks the rest on a GPU node."""
+import subprocess
+import sys
+
+import pytest
+from conftest import micro_overrides
+from multiproc import REPO, job_env, run_snippet
+from trainrun import train_args
+
+from hvd_llama.cli import UserError
+from hvd_llama.device import cuda_device_index
+
+
+# ---- 2. device binding ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("local_rank, local_size, count, expected", [
+    (3, 8, 1, 0),  # srun --gpus-per-task=1, Kubernetes, per-rank CUDA_VISIBLE_DEVICES: each rank sees its own GPU
+    (0, 1, 1, 0),
+    (3, 8, 8, 3),  # mpirun / horovodrun: every rank sees the node's GPUs
+    (1, 2, 4, 1),  # fewer ranks than GPUs
+])
+def test_local_rank_maps_to_a_visible_device(local_rank, local_size, count, expected):
+    assert cuda_device_index(local_rank, local_size, count, visible=None) == expected
+
+
+def test_more_local_ranks_than_visible_devices_is_one_line():
+    with pytest.raises(UserError) as err:
+        cuda_device_index(2, 4, 2, visible="0,1")
+    message = str(err.value)
+    assert "4 ranks" in message and "2 CUDA device(s)" in message and "CUDA_VISIBLE_DEVICES=0,1" in message
+    assert "\n" not in message
+
+
+# dist.init on 2 real ranks with torch.cuda stubbed: which device each rank pins, or the error.
+BIND = """import sys, torch
+from hvd_llama import dist
+from hvd_llama.cli import UserError
+from hvd_llama.config import DistConfig
+pinned = []
+torch.cuda.device_count = lambda: int(sys.argv[1])
+torch.cuda.set_device = pinned.append
+try:
+    device = dist.init(DistConfig(), "cuda")
+    print(f"rank {dist.rank()} device {device} pinned {pinned} threads {torch.get_num_threads()}")
+except UserError as err:
+    print(f"rank error: {err}")
+"""
+
+
+@pytest.mark.parametrize("count, expected", [(1, ["cuda:0", "cuda:0"]), (2, ["cuda:0", "cuda:1"])])
+def test_dist_init_pins_the_mapped_device(tmp_path, count, expected):
+    job = run_snippet(BIND, tmp_path, [str(count)], np=2)
+    assert job.returncode == 0, job.output[-3000:]
+    lines = {rank: next(line for line in job.lines(rank) if line.startswith("rank")) for rank in (0, 1)}
+    for rank in (0, 1):
+        index = expected[rank].split(":")[1]
+        assert f"device {expected[rank]} pinned [{index}]" in lines[rank], lines
+        assert "threads" in lines[rank]
+
+
+def test_dist_init_refuses_more_ranks_than_devices(tmp_path):
+    job = run_snippet(BIND, tmp_path, ["2"], np=3, env={"CUDA_VISIBLE_DEVICES": "0,1"})
+    for rank in (0, 1, 2):
+        assert any("rank error: 3 ranks on this node but this process sees 2 CUDA device(s) "
+                   "(CUDA_VISIBLE_DEVICES=0,1)" in line
+                   for line in job.lines(rank)), job.output[-3000:]
+
+
+# ---- 3. a world split by a failed MPI wire-up --------------------------------------------------------------
+def test_world_size_check_reads_the_launchers_variables():
+    from hvd_llama.dist import check_world_size
+    check_world_size(4, {"OMPI_COMM_WORLD_SIZE": "4"})
+    check_world_size(1, {})
+    check_world_size(1, {"SLURM_NTASKS": "16"})  # the batch script itself: one process may run alone
+    check_world_size(1, {"HOROVOD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4"})  # horovodrun builds its own world
+    check_world_size(8, {"OMPI_COMM_WORLD_SIZE": "8", "SLURM_STEP_NUM_TASKS": "1"})  # mpirun inside srun -n1
+    for env in ({"OMPI_COMM_WORLD_SIZE": "4"}, {"PMI_SIZE": "16"}, {"SLURM_STEP_NUM_TASKS": "2"}):
+        with pytest.raises(UserError, match=f"{next(iter(env))}="):
+            check_world_size(1, env)
+
+
+def test_training_as_a_lone_rank_of_a_bigger_world_stops_in_one_line(data_dir, tmp_path):
+    """What each of 4 tasks would see if MPI had not connected them: a world of 1 under a launcher of 4."""
+    run = subprocess.run([sys.executable, *train_args(tmp_path / "run", micro_overrides(data_dir))], cwd=REPO,
+                         env=job_env({"OMPI_COMM_WORLD_SIZE": "4"}), capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the launcher started 4 processes (OMPI_COMM_WORLD_SIZE=4)") and "world has 1" in last
+    assert not (tmp_path / "run").exists()
