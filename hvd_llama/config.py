@@ -69,7 +69,7 @@ class LogConfig:
 @dataclass
 class DistConfig:
     compression: str = "none"  # none | fp16: how gradients travel in the allreduce
-    op: str = "average"  # average | adasum
+    op: str = "average"  # average (the only one: adasum is refused, see validate)
     gradient_predivide_factor: float = 1.0  # split the averaging before/after the sum (fp16 range)
     threads_per_rank: int = 0  # CPU threads per rank; 0 = cores / ranks on this node
     elastic: bool = False  # run under Horovod Elastic (horovodrun --min-np/--max-np)
@@ -173,7 +173,11 @@ def validate(cfg: Config) -> None:
         raise UserError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     choices = {"train.precision": (t.precision, PRECISIONS), "train.device": (t.device, ("auto", "cpu", "cuda")),
                "dist.compression": (cfg.dist.compression, ("none", "fp16")),
-               "dist.op": (cfg.dist.op, ("average", "adasum"))}
+               "dist.op": (cfg.dist.op, ("average",))}
+    if cfg.dist.op == "adasum":
+        raise UserError("dist.op=adasum is not supported: Horovod's Adasum optimizer updates the weights inside "
+                        "the gradient hooks, so gradient clipping and the non-finite step skip cannot apply (and "
+                        "its skip_synchronize raises at step 1); use dist.op=average")
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise UserError(f"{key}={value!r}: expected one of {', '.join(allowed)}")

@@ -87,3 +87,15 @@ def test_training_as_a_lone_rank_of_a_bigger_world_stops_in_one_line(data_dir, t
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the launcher started 4 processes (OMPI_COMM_WORLD_SIZE=4)") and "world has 1" in last
     assert not (tmp_path / "run").exists()
+
+
+# ---- 4. adasum ---------------------------------------------------------------------------------------------
+def test_adasum_is_refused_at_validation_with_the_reason():
+    from hvd_llama.config import load_config
+    with pytest.raises(UserError) as err:
+        load_config(overrides=["dist.op=adasum"])
+    assert "dist.op=adasum is not supported" in str(err.value) and "clipping" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert load_config(overrides=["dist.op=average"]).dist.op == "average"
+    with pytest.raises(UserError, match="dist.op='sum': expected one of average"):
+        load_config(overrides=["dist.op=sum"])

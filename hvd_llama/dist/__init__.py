@@ -86,13 +86,12 @@ def _compression(cfg: DistConfig):
 def wrap_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, cfg: DistConfig,
                    grad_accum: int) -> torch.optim.Optimizer:
     """Horovod: allreduce gradients during backward; accumulate `grad_accum` passes locally first."""
-    op = hvd.Adasum if cfg.op == "adasum" else hvd.Average
     return hvd.DistributedOptimizer(
         optimizer,
         named_parameters=[(n, p) for n, p in model.named_parameters() if p.requires_grad],
         compression=_compression(cfg),
         backward_passes_per_step=grad_accum,
-        op=op,
+        op=hvd.Average,
         gradient_predivide_factor=cfg.gradient_predivide_factor,
     )
 
@@ -110,9 +109,6 @@ def build_data_parallel_optimizer(model: torch.nn.Module, param_groups: list[dic
     if stage == 0:
         optimizer = torch.optim.AdamW(param_groups, **optim_kwargs, fused=fused or None)
         return ReplicatedOptimizer(wrap_optimizer(optimizer, model, cfg, grad_accum), model)
-    if cfg.op != "average":
-        raise ValueError(f"dist.op={cfg.op} needs whole gradients on every rank; sharding (stage {stage}) "
-                         "reduce-scatters them with op=average")
     return ShardedOptimizer(model, param_groups, optim_kwargs, stage, grad_accum, compression=_compression(cfg),
                             gradient_predivide_factor=cfg.gradient_predivide_factor, fused=fused,
                             bucket_elements=bucket_elements)
