@@ -77,16 +77,19 @@ def check_data(cfg: Config) -> dict:
 
 
 def rng_state() -> dict:
+    """This process's RNG states. CUDA: its own device's only (each rank pins one GPU, and the process that
+    resumes may see fewer devices); none when the process does not use CUDA."""
+    cuda = torch.cuda.get_rng_state(torch.cuda.current_device()) if torch.cuda.is_initialized() else None
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": cuda}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
 
 
 @dataclass(frozen=True)

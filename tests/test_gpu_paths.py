@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import micro_overrides
 from multiproc import REPO, job_env, run_snippet
 from trainrun import train_args
@@ -99,3 +100,54 @@ def test_adasum_is_refused_at_validation_with_the_reason():
     assert load_config(overrides=["dist.op=average"]).dist.op == "average"
     with pytest.raises(UserError, match="dist.op='sum': expected one of average"):
         load_config(overrides=["dist.op=sum"])
+
+
+# ---- 6a. CUDA RNG state: the rank's own device --------------------------------------------------------------
+class FakeCudaRng:
+    """torch.cuda's RNG functions for a process that pins `current` among `count` visible devices."""
+
+    def __init__(self, current: int, count: int):
+        self.current, self.count, self.states = current, count, {}
+
+    def get_rng_state(self, device="cuda"):
+        return torch.tensor([100 + self.index(device)], dtype=torch.uint8)
+
+    def set_rng_state(self, state, device="cuda"):
+        self.states[self.index(device)] = int(state[0])
+
+    def index(self, device) -> int:
+        index = device if isinstance(device, int) else torch.device(device).index
+        index = self.current if index is None else index
+        if not 0 <= index < self.count:
+            raise IndexError(f"device {index} of {self.count}")
+        return index
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: self.count)
+        for name in ("get_rng_state", "set_rng_state"):
+            monkeypatch.setattr(torch.cuda, name, getattr(self, name))
+        for name in ("get_rng_state_all", "set_rng_state_all"):  # every device's state: must not be used
+            monkeypatch.setattr(torch.cuda, name, lambda *a: pytest.fail(f"torch.cuda.{name} called"))
+
+
+def test_cuda_rng_state_is_the_ranks_own_device_and_restores_with_fewer_visible(monkeypatch):
+    from hvd_llama.train import rng_state, set_rng_state
+    FakeCudaRng(current=3, count=8).install(monkeypatch)  # rank 3 of a node where every rank sees 8 GPUs
+    state = rng_state()
+    assert int(state["cuda"][0]) == 103
+    resumed = FakeCudaRng(current=0, count=1)  # resumed under srun --gpus-per-task=1: one visible GPU
+    resumed.install(monkeypatch)
+    set_rng_state(state)
+    assert resumed.states == {0: 103}
+
+
+def test_rng_state_without_cuda_in_use_has_no_cuda_part(monkeypatch):
+    from hvd_llama.train import rng_state, set_rng_state
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    state = rng_state()
+    assert state["cuda"] is None
+    before = torch.rand(3)
+    set_rng_state(state)
+    assert torch.equal(torch.rand(3), before)
