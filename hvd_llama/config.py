@@ -49,6 +49,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast, fp32 master weights) | fp16 (autocast + loss scaling)
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
     compile: bool = False  # torch.compile the model
+    tf32: bool = True  # CUDA: fp32 matmuls on TF32 tensor cores (fp32 precision and autocast's fp32 ops)
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
     max_bad_steps: int = 5  # non-finite steps in a row (each skipped on every rank) before training stops
 

@@ -35,3 +35,10 @@ def cuda_device_index(local_rank: int, local_size: int, device_count: int, visib
     raise UserError(f"{local_size} ranks on this node but this process sees {device_count} CUDA device(s) "
                     f"(CUDA_VISIBLE_DEVICES={visible if visible is not None else 'unset'}): start at most one "
                     "rank per visible GPU, or give each rank its own GPU")
+
+
+def allow_tf32(device: torch.device, enabled: bool) -> None:
+    """On CUDA, let fp32 matmuls use TF32 tensor cores (Ampere and later: several times the fp32 rate, with a
+    10-bit mantissa, as bf16 autocast's matmuls have 7). Elsewhere nothing changes."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if enabled else "highest")

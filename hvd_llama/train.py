@@ -28,7 +28,7 @@ from hvd_llama.cli import UserError, atomic_write_text, run_main
 from hvd_llama.compute import AUTOCAST_DTYPES, score, spread_selection, train_step
 from hvd_llama.config import Config, load_config, split_targets, validate
 from hvd_llama.data import ElasticWindowStream, ResumableDistributedSampler, WindowStream, open_split, read_meta
-from hvd_llama.device import resolve_device
+from hvd_llama.device import allow_tf32, resolve_device
 from hvd_llama.lora import apply_lora, load_lora_state_dict, lora_state_dict, trainable_param_count
 from hvd_llama.metrics import MetricsLogger, device_peak_flops, format_duration, format_flops
 from hvd_llama.pretrained import ADAPTER_FILE, load_weights
@@ -397,6 +397,7 @@ def _main(argv: Optional[Sequence[str]]) -> None:
     if args.resume and args.resume != "auto" and not Path(args.resume).exists():
         raise UserError(f"--resume {args.resume}: no such checkpoint (use 'auto' or a checkpoint folder)")
     device = dist.init(cfg.dist, device_kind)
+    allow_tf32(device, cfg.train.tf32)
     dist.run_on_main(lambda: prepare_run_dir(run_dir, args.resume, cfg), name="run_dir")
     init_state = load_pretrained(cfg, meta) if cfg.finetune.init_from else None
     trainer = Trainer(cfg, run_dir, device, init_state, fault)

@@ -151,3 +151,20 @@ def test_rng_state_without_cuda_in_use_has_no_cuda_part(monkeypatch):
     before = torch.rand(3)
     set_rng_state(state)
     assert torch.equal(torch.rand(3), before)
+
+
+# ---- 9b. TF32 -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device, enabled, expected", [("cuda", True, ["high"]), ("cuda", False, ["highest"]),
+                                                       ("cpu", True, [])])
+def test_tf32_switch_sets_the_matmul_precision_on_cuda_only(monkeypatch, device, enabled, expected):
+    from hvd_llama.device import allow_tf32
+    calls = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", calls.append)
+    allow_tf32(torch.device(device), enabled)
+    assert calls == expected
+
+
+def test_tf32_is_a_train_setting_on_by_default():
+    from hvd_llama.config import load_config
+    assert load_config().train.tf32 is True
+    assert load_config(overrides=["train.tf32=false"]).train.tf32 is False
