@@ -49,6 +49,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast, fp32 master weights) | fp16 (autocast + loss scaling)
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
     compile: bool = False  # torch.compile the model
+    loss_chunk: int = 4096  # tokens whose logits exist at once in the loss (see compute.model_token_losses); 0 = all
     tf32: bool = True  # CUDA: fp32 matmuls on TF32 tensor cores (fp32 precision and autocast's fp32 ops)
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
     max_bad_steps: int = 5  # non-finite steps in a row (each skipped on every rank) before training stops
@@ -195,6 +196,8 @@ def validate(cfg: Config) -> None:
         raise UserError("finetune.lora_rank > 0 needs pretrained weights: set finetune.init_from or --init-from")
     if cfg.dist.zero_stage not in (0, 1, 2):
         raise UserError(f"dist.zero_stage={cfg.dist.zero_stage}: expected 0, 1 or 2")
+    if t.loss_chunk < 0:
+        raise UserError(f"train.loss_chunk must be >= 0 (0 = no chunking), got {t.loss_chunk}")
     if cfg.checkpoint.every < 0 or cfg.train.eval_every < 0 or cfg.log.every <= 0:
         raise UserError("checkpoint.every and train.eval_every must be >= 0, log.every > 0")
 

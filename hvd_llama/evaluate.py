@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from hvd_llama.cli import UserError, atomic_write_text, run_main
 from hvd_llama.compute import OneProcess, score
-from hvd_llama.config import PRECISIONS, DistConfig
+from hvd_llama.config import PRECISIONS, DistConfig, TrainConfig
 from hvd_llama.corpus import read_documents
 from hvd_llama.data import SPLITS, ArrayWindows, open_split, read_meta
 from hvd_llama.device import resolve_device
@@ -171,7 +171,7 @@ def _main(argv: Optional[Sequence[str]]) -> dict:
     precision = args.precision or (config.get("train") or {}).get("precision") or "fp32"
     start = time.perf_counter()
     sums = score(model, text.items, range(len(text.items)), args.batch_size, device, precision, text.byte_lengths,
-                 ranks=ranks, progress=ranks.is_main() and sys.stderr.isatty())
+                 ranks=ranks, progress=ranks.is_main() and sys.stderr.isatty(), loss_chunk=TrainConfig.loss_chunk)
     seconds = time.perf_counter() - start
     utf8_bytes = text.utf8_bytes if text.utf8_bytes is not None else sums["bytes"]
     result = {"checkpoint": str(args.checkpoint), "source": text.name, "tokens": sums["tokens"],

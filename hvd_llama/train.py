@@ -270,7 +270,7 @@ class Trainer:
             batches = [stream.next_batch(t.batch_size) for _ in range(t.grad_accum)]
             result = train_step(self.forward_model, self.optimizer, batches, self.device, t.precision,
                                 self.cfg.optim.grad_clip, self.scaler, poison=self.fault.at("nan", p.step + 1),
-                                ranks=dist)
+                                ranks=dist, loss_chunk=t.loss_chunk)
             # Horovod: one small allreduce per step carries the loss and the preemption vote together.
             loss_sum, stop_votes = dist.allreduce_sum(
                 torch.tensor([result.loss_sum, float(self.stop_flag.requested)]), name="step.stats").tolist()
@@ -319,7 +319,8 @@ class Trainer:
         whole split (`whole`, at the last step: the figure `evaluate` reports for the final checkpoint)."""
         t = self.cfg.train
         indices = spread_selection(len(self.val_data), 0 if whole else t.eval_windows, seed=t.seed)
-        sums = score(self.forward_model, self.val_data, indices, t.batch_size, self.device, t.precision)
+        sums = score(self.forward_model, self.val_data, indices, t.batch_size, self.device, t.precision,
+                     loss_chunk=t.loss_chunk)
         loss = sums["loss_sum"] / sums["tokens"]
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_windows": sums["items"],
                 "val_tokens": sums["tokens"]}

@@ -168,3 +168,79 @@ def test_tf32_is_a_train_setting_on_by_default():
     from hvd_llama.config import load_config
     assert load_config().train.tf32 is True
     assert load_config(overrides=["train.tf32=false"]).train.tf32 is False
+
+
+# ---- 7a. the loss a chunk of tokens at a time -----------------------------------------------------------------
+def micro_model():
+    from hvd_llama.model import ModelConfig, Transformer
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=64))
+
+
+def losses_grads_saved(model, inputs, targets, chunk: int, precision: str = "fp32"):
+    """Per-token losses, every gradient, and the bytes autograd saved for backward during the forward."""
+    from hvd_llama.compute import model_token_losses
+    model.zero_grad()
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        losses = model_token_losses(model, inputs, targets, torch.device("cpu"), precision, chunk)
+    losses.sum().backward()
+    return losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, sum(saved)
+
+
+@pytest.mark.parametrize("chunk", [32, 48])  # 128 tokens: 4 equal chunks, or 48 + 48 + 32
+def test_chunked_loss_equals_the_whole_one_and_saves_less(chunk):
+    model = micro_model()
+    batch = torch.randint(0, 512, (4, 33), generator=torch.Generator().manual_seed(1))
+    inputs, targets = batch[:, :-1], batch[:, 1:].clone()
+    targets[0, :5] = -100  # masked targets (a fine-tuning prompt) inside the first chunk
+    whole, whole_grads, whole_saved = losses_grads_saved(model, inputs, targets, chunk=0)
+    chunked, chunked_grads, chunked_saved = losses_grads_saved(model, inputs, targets, chunk)
+    assert chunked.shape == whole.shape == (128,) and bool((chunked[:5] == 0).all())
+    assert (chunked - whole).abs().max().item() <= 1e-6
+    for name, grad in whole_grads.items():  # the output head's gradient is a sum over chunks: fp32 rounding
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+    # The whole loss keeps full-vocabulary tensors (log_softmax's output: 4 bytes x 128 tokens x 512); the
+    # chunked one keeps none: checkpointing holds only each chunk's hidden-state input (a view, 4 x 128 x 64
+    # bytes in all, not seen by the hooks), and recomputes its logits in backward.
+    logits_bytes, hidden_bytes = 4 * 128 * 512, 4 * 128 * 64
+    assert chunked_saved + hidden_bytes <= whole_saved - logits_bytes
+
+
+def relative_error(grads: dict, reference: dict) -> float:
+    return max(((grads[n] - g).norm() / g.norm()).item() for n, g in reference.items())
+
+
+def test_chunked_loss_under_bf16_autocast_is_as_accurate_and_equal_without_grad():
+    from hvd_llama.compute import model_token_losses
+    model = micro_model()
+    batch = torch.randint(0, 512, (2, 65), generator=torch.Generator().manual_seed(2))
+    inputs, targets, cpu = batch[:, :-1], batch[:, 1:], torch.device("cpu")
+    _, reference, _ = losses_grads_saved(model, inputs, targets, 0, "fp32")
+    whole, whole_grads, _ = losses_grads_saved(model, inputs, targets, 0, "bf16")
+    chunked, chunked_grads, _ = losses_grads_saved(model, inputs, targets, 40, "bf16")
+    assert (chunked - whole).abs().max().item() <= 1e-6
+    # bf16 matmul gradients differ from fp32 by bf16 rounding (~1% here); each chunk's head gradient is
+    # rounded on its own, and summed in fp32: no further from fp32 than the whole loss's.
+    whole_error = relative_error(whole_grads, reference)
+    assert whole_error < 0.02 and relative_error(chunked_grads, reference) <= 1.25 * whole_error
+    with torch.no_grad():
+        scored = model_token_losses(model, inputs, targets, cpu, "fp32", 40)
+        assert (scored - model_token_losses(model, inputs, targets, cpu, "fp32", 0)).abs().max().item() <= 1e-6
+
+
+def test_training_with_a_chunked_loss_takes_the_same_steps_on_two_ranks(data_dir, tmp_path):
+    """Under Horovod's gradient hooks: the head's gradient, summed over 5 chunks of 24/8 tokens, is reduced once."""
+    from trainrun import losses, train_job
+    runs = {}
+    for chunk in (0, 24):  # 4 x 32 tokens per rank: chunks of 24, the last one 8
+        run_dir = tmp_path / f"chunk{chunk}"
+        job = train_job(run_dir, micro_overrides(data_dir, **{"train.loss_chunk": chunk, "train.max_steps": 4}))
+        assert job.returncode == 0, job.output[-3000:]
+        runs[chunk] = losses(run_dir)
+    assert len(runs[0]) == 4 and runs[24] == pytest.approx(runs[0], rel=1e-5, abs=1e-6)
