@@ -6,6 +6,7 @@ zero.py holds the data-parallel optimizers: replicated (stage 0) and ZeRO-sharde
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any, Callable
 
@@ -13,6 +14,7 @@ import torch
 
 try:
     import horovod.torch as hvd
+    from horovod.common.elastic import ObjectState
 except ImportError as err:  # pip cannot build Horovod 0.28.1 for torch >= 2.1 unpatched; the installer can
     raise ImportError(f"Horovod is missing or not built for this torch ({err}); run launch/install.sh") from None
 
@@ -131,26 +133,73 @@ def _broadcast(model: torch.nn.Module, torch_optimizer) -> None:
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
 
-class _ElasticState(hvd.elastic.TorchState):
-    """hvd.elastic.TorchState whose sync skips Horovod's dummy optimizer step on an empty state.
+def host_copy(value, previous=None):
+    """A copy of a state_dict tree (dicts, lists, tensors, numbers) in host memory: CUDA tensors go to pinned
+    buffers, copied asynchronously. `previous`, an earlier copy of the same tree, lends its buffers where the
+    shapes match (pinning memory at every commit would cost more than the copy)."""
+    if isinstance(value, torch.Tensor):
+        reuse = isinstance(previous, torch.Tensor) and previous.shape == value.shape and previous.dtype == value.dtype
+        if reuse:
+            return previous.copy_(value, non_blocking=value.is_cuda)
+        if value.is_cuda:
+            return torch.empty(value.shape, dtype=value.dtype, pin_memory=True).copy_(value, non_blocking=True)
+        return value.detach().clone()
+    if isinstance(value, dict):
+        old = previous if isinstance(previous, dict) else {}
+        return {key: host_copy(item, old.get(key)) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        old = previous if isinstance(previous, type(value)) and len(previous) == len(value) else [None] * len(value)
+        return type(value)(host_copy(item, before) for item, before in zip(value, old))
+    return copy.deepcopy(value)
 
-    TorchState syncs the model, then the optimizer with broadcast_optimizer_state: at the first sync (empty
-    AdamW state) that applies weight decay once on every rank, and a worker joining later would have its
-    freshly synced weights moved by it. broadcast_state avoids both.
+
+class _ElasticState(ObjectState):
+    """Horovod Elastic's state of a training run, as hvd.elastic.TorchState keeps it, with two differences.
+
+    Committed copies live in host memory (pinned when CUDA): TorchState deep-copies the model and optimizer
+    state on their device at every commit, +12 bytes per parameter of GPU memory with AdamW.
+    Its sync skips Horovod's dummy optimizer step on an empty state: TorchState syncs the optimizer with
+    broadcast_optimizer_state, which at the first sync (empty AdamW state) applies weight decay once on every
+    rank, and a worker joining later would have its freshly synced weights moved by it. broadcast_state avoids both.
     """
 
+    def __init__(self, model, optimizer, sampler, **values):
+        self._model, self._optimizer, self._sampler, self._committed = model, optimizer, sampler, None
+        super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank, **values)
+        self._save_tensors()
+
+    def _save_tensors(self):
+        old_model, old_optimizer, _ = self._committed or (None, None, None)
+        self._committed = (host_copy(self._model.state_dict(), old_model),
+                           host_copy(self._optimizer.state_dict(), old_optimizer),
+                           copy.deepcopy(self._sampler.state_dict()))
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # the asynchronous copies to pinned memory are complete
+
+    def save(self):
+        self._save_tensors()
+        super().save()
+
+    def restore(self):
+        model_state, optimizer_state, sampler_state = self._committed
+        self._model.load_state_dict(model_state)  # copies into the parameters, on their device
+        # load_state_dict adopts CPU tensors as they are (no copy): training would then update the committed copy
+        self._optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+        self._sampler.load_state_dict(copy.deepcopy(sampler_state))
+        super().restore()
+
     def sync(self):
-        has_state = broadcast_object(len(self.optimizer.state) > 0, name="elastic.has_state")
-        _broadcast(self.model, self.optimizer if has_state else None)
+        has_state = broadcast_object(len(self._optimizer.state) > 0, name="elastic.has_state")
+        _broadcast(self._model, self._optimizer if has_state else None)
         # What Horovod's sampler handler does, through the sampler's own API: every rank takes rank 0's position.
-        self.sampler.load_state_dict(broadcast_object(self.sampler.state_dict(), name="elastic.sampler"))
-        super(hvd.elastic.TorchState, self).sync()  # the plain Python values (ObjectState)
+        self._sampler.load_state_dict(broadcast_object(self._sampler.state_dict(), name="elastic.sampler"))
+        super().sync()  # the plain Python values
 
 
-def elastic_state(model, optimizer, sampler, **values) -> hvd.elastic.TorchState:
+def elastic_state(model, optimizer, sampler, **values) -> ObjectState:
     """`optimizer`: a stage-0 data-parallel optimizer (elastic needs replicated state: Horovod re-syncs it by
     broadcast from rank 0)."""
-    return _ElasticState(model=model, optimizer=optimizer.optimizer, sampler=sampler, **values)
+    return _ElasticState(model, optimizer.optimizer, sampler, **values)
 
 
 def elastic_sampler(dataset, seed: int) -> hvd.elastic.ElasticSampler:
