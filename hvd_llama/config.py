@@ -48,7 +48,7 @@ class TrainConfig:
     eval_at_start: bool = False  # also evaluate before the first step (logged as step 0), e.g. when fine-tuning
     precision: str = "fp32"  # fp32 | bf16 (autocast, fp32 master weights) | fp16 (autocast + loss scaling)
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile each block (Transformer.compile_blocks: gradient hooks keep overlapping)
     loss_chunk: int = 4096  # tokens whose logits exist at once in the loss (see compute.model_token_losses); 0 = all
     tf32: bool = True  # CUDA: fp32 matmuls on TF32 tensor cores (fp32 precision and autocast's fp32 ops)
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory

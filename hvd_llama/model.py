@@ -254,6 +254,18 @@ class Transformer(nn.Module):
         more compute)."""
         self.activation_checkpointing = bool(enabled)
 
+    def compile_blocks(self, **options) -> None:
+        """torch.compile each block on its own (in place: parameter names do not change); `options` go to
+        torch.compile.
+
+        Compiling the whole model would make its backward one fused function that hands every gradient over
+        at its end, so a data-parallel optimizer's per-parameter hooks (Horovod's allreduce) would all fire
+        after backward, with no overlap of communication and compute. Per block, each block's gradients are
+        ready, and sent, while the blocks before it are still in backward.
+        """
+        for layer in self.layers:
+            layer.compile(**options)
+
     def enable_kv_cache(self, batch_size: int, max_seq_len: Optional[int] = None, device=None, dtype=None) -> None:
         """Allocate a fresh KV cache per layer (default: cfg.max_seq_len slots, the weights' device and dtype)."""
         max_seq_len = max_seq_len or self.cfg.max_seq_len

@@ -145,7 +145,8 @@ class Trainer:
         self.model.to(device)
         if t.activation_checkpointing:
             self.model.set_activation_checkpointing(True)
-        self.forward_model = torch.compile(self.model) if t.compile else self.model
+        if t.compile:
+            self.model.compile_blocks()
         self.optimizer = dist.build_data_parallel_optimizer(
             self.model, param_groups(self.model, cfg.optim.weight_decay), adamw_kwargs(cfg.optim), cfg.dist,
             stage=cfg.dist.zero_stage, grad_accum=t.grad_accum, fused=device.type == "cuda")
@@ -268,7 +269,7 @@ class Trainer:
             lr = lr_at(p.step, self.cfg.optim, t.max_steps) * self.lr_scale
             set_lr(self.optimizer, lr)
             batches = [stream.next_batch(t.batch_size) for _ in range(t.grad_accum)]
-            result = train_step(self.forward_model, self.optimizer, batches, self.device, t.precision,
+            result = train_step(self.model, self.optimizer, batches, self.device, t.precision,
                                 self.cfg.optim.grad_clip, self.scaler, poison=self.fault.at("nan", p.step + 1),
                                 ranks=dist, loss_chunk=t.loss_chunk)
             # Horovod: one small allreduce per step carries the loss and the preemption vote together.
@@ -319,7 +320,7 @@ class Trainer:
         whole split (`whole`, at the last step: the figure `evaluate` reports for the final checkpoint)."""
         t = self.cfg.train
         indices = spread_selection(len(self.val_data), 0 if whole else t.eval_windows, seed=t.seed)
-        sums = score(self.forward_model, self.val_data, indices, t.batch_size, self.device, t.precision,
+        sums = score(self.model, self.val_data, indices, t.batch_size, self.device, t.precision,
                      loss_chunk=t.loss_chunk)
         loss = sums["loss_sum"] / sums["tokens"]
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_windows": sums["items"],
