@@ -311,6 +311,8 @@ class Trainer:
                   "elapsed_s": p.elapsed_s, "skipped": not result.stepped, "world_size": dist.size()}
         if self.scaler:
             record["loss_scale"] = self.scaler.scale
+        if self.device.type == "cuda":  # this rank's peak since start-up (what the memory planner predicts)
+            record["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if t.eval_every and (p.step % t.eval_every == 0 or p.step == t.max_steps):
             record.update(self.validation(whole=p.step == t.max_steps))
         return record
