@@ -48,7 +48,9 @@ class TrainConfig:
     eval_at_start: bool = False  # also evaluate before the first step (logged as step 0), e.g. when fine-tuning
     precision: str = "fp32"  # fp32 | bf16 (autocast, fp32 master weights) | fp16 (autocast + loss scaling)
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile each block (Transformer.compile_blocks: gradient hooks keep overlapping)
+    loss_chunk: int = 4096  # tokens whose logits exist at once in the loss (see compute.model_token_losses); 0 = all
+    tf32: bool = True  # CUDA: fp32 matmuls on TF32 tensor cores (fp32 precision and autocast's fp32 ops)
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
     max_bad_steps: int = 5  # non-finite steps in a row (each skipped on every rank) before training stops
 
@@ -69,7 +71,7 @@ class LogConfig:
 @dataclass
 class DistConfig:
     compression: str = "none"  # none | fp16: how gradients travel in the allreduce
-    op: str = "average"  # average | adasum
+    op: str = "average"  # average (the only one: adasum is refused, see validate)
     gradient_predivide_factor: float = 1.0  # split the averaging before/after the sum (fp16 range)
     threads_per_rank: int = 0  # CPU threads per rank; 0 = cores / ranks on this node
     elastic: bool = False  # run under Horovod Elastic (horovodrun --min-np/--max-np)
@@ -174,7 +176,11 @@ def validate(cfg: Config) -> None:
         raise UserError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     choices = {"train.precision": (t.precision, PRECISIONS), "train.device": (t.device, ("auto", "cpu", "cuda")),
                "dist.compression": (cfg.dist.compression, ("none", "fp16")),
-               "dist.op": (cfg.dist.op, ("average", "adasum"))}
+               "dist.op": (cfg.dist.op, ("average",))}
+    if cfg.dist.op == "adasum":
+        raise UserError("dist.op=adasum is not supported: Horovod's Adasum optimizer updates the weights inside "
+                        "the gradient hooks, so gradient clipping and the non-finite step skip cannot apply (and "
+                        "its skip_synchronize raises at step 1); use dist.op=average")
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise UserError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
@@ -197,9 +203,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"dist.elastic=true needs dist.zero_stage=0 (got {cfg.dist.zero_stage}): Horovod Elastic "
                         "re-syncs optimizer state by broadcast from rank 0, which holds only its slice; to change "
                         "the number of ranks of a sharded run, stop it and --resume auto at the new size (it reshards)")
-    if cfg.dist.zero_stage and cfg.dist.op != "average":
-        raise UserError(f"dist.op={cfg.dist.op} needs whole gradients on every rank; dist.zero_stage="
-                        f"{cfg.dist.zero_stage} reduce-scatters them (use dist.op=average)")
+    if t.loss_chunk < 0:
+        raise UserError(f"train.loss_chunk must be >= 0 (0 = no chunking), got {t.loss_chunk}")
     if cfg.checkpoint.every < 0 or cfg.train.eval_every < 0 or cfg.log.every <= 0:
         raise UserError("checkpoint.every and train.eval_every must be >= 0, log.every > 0")
 

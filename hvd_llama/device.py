@@ -18,3 +18,27 @@ def resolve_device(name: str, option: str, quantize: Optional[str] = None) -> to
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() and not quantize else "cpu"
     return torch.device(name)
+
+
+def cuda_device_index(local_rank: int, local_size: int, device_count: int, visible: Optional[str]) -> int:
+    """The CUDA device (an index into what this process sees) for the rank `local_rank` of `local_size` on a node.
+
+    Launchers bind GPUs two ways: every rank sees every GPU of the node (mpirun, horovodrun: take the local
+    rank's), or each rank sees only its own (srun --gpus-per-task=1, --gpu-bind, Kubernetes, a per-rank
+    CUDA_VISIBLE_DEVICES: it is device 0, and local_rank would be an invalid ordinal). `visible` is
+    CUDA_VISIBLE_DEVICES (None: unset), for the error message.
+    """
+    if device_count == 1:
+        return 0
+    if 0 < local_size <= device_count:
+        return local_rank
+    raise UserError(f"{local_size} ranks on this node but this process sees {device_count} CUDA device(s) "
+                    f"(CUDA_VISIBLE_DEVICES={visible if visible is not None else 'unset'}): start at most one "
+                    "rank per visible GPU, or give each rank its own GPU")
+
+
+def allow_tf32(device: torch.device, enabled: bool) -> None:
+    """On CUDA, let fp32 matmuls use TF32 tensor cores (Ampere and later: several times the fp32 rate, with a
+    10-bit mantissa, as bf16 autocast's matmuls have 7). Elsewhere nothing changes."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if enabled else "highest")

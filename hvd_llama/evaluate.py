@@ -32,11 +32,11 @@ from torch.utils.data import Dataset
 
 from hvd_llama.cli import UserError, atomic_write_text, run_main
 from hvd_llama.compute import OneProcess, score
-from hvd_llama.config import PRECISIONS, DistConfig
+from hvd_llama.config import PRECISIONS, DistConfig, TrainConfig
 from hvd_llama.corpus import read_documents
 from hvd_llama.data import SPLITS, ArrayWindows, open_split, read_meta
 from hvd_llama.device import resolve_device
-from hvd_llama.inference import QUANTIZE_CHOICES, load_model, require_tokenizer
+from hvd_llama.inference import DTYPES, QUANTIZE_CHOICES, check_dtype, load_model, require_tokenizer
 from hvd_llama.tokenizer import Tokenizer
 
 LAUNCHER_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")  # horovodrun, Open MPI, MPICH/Slurm
@@ -129,6 +129,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=None,
                         help="window length (default: the checkpoint's train.seq_len, else model.max_seq_len)")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="dynamic int8 Linear layers (CPU)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                        help="the weights' type: bf16 halves their memory (fast on GPUs, slow on most CPUs)")
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="autocast as in training (default: the checkpoint's train.precision, else fp32)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -158,10 +160,11 @@ def _main(argv: Optional[Sequence[str]]) -> dict:
         raise UserError(f"--batch-size {args.batch_size} must be at least 1")
     if args.threads < 0:
         raise UserError(f"--threads {args.threads} must be >= 0")
+    check_dtype(args.dtype, args.quantize)
     if args.text and not Path(args.text).is_file():
         raise UserError(f"--text {args.text} does not exist")
     ranks, device = start_ranks(resolve_device(args.device, "--device", args.quantize).type, args.threads)
-    model, tokenizer, config = load_model(args.checkpoint, device, args.quantize)
+    model, tokenizer, config = load_model(args.checkpoint, device, args.quantize, args.dtype)
     seq_len = pick_seq_len(args.seq_len, config, model.cfg.max_seq_len)
     if args.text:
         text = text_file_items(Path(args.text), require_tokenizer(tokenizer, args.checkpoint), seq_len)
@@ -171,13 +174,13 @@ def _main(argv: Optional[Sequence[str]]) -> dict:
     precision = args.precision or (config.get("train") or {}).get("precision") or "fp32"
     start = time.perf_counter()
     sums = score(model, text.items, range(len(text.items)), args.batch_size, device, precision, text.byte_lengths,
-                 ranks=ranks, progress=ranks.is_main() and sys.stderr.isatty())
+                 ranks=ranks, progress=ranks.is_main() and sys.stderr.isatty(), loss_chunk=TrainConfig.loss_chunk)
     seconds = time.perf_counter() - start
     utf8_bytes = text.utf8_bytes if text.utf8_bytes is not None else sums["bytes"]
     result = {"checkpoint": str(args.checkpoint), "source": text.name, "tokens": sums["tokens"],
               "windows": sums["items"], "characters": text.characters, "bytes": utf8_bytes,
               **figures(sums["loss_sum"], sums["tokens"], text.characters, utf8_bytes),
-              "loss_sum_nats": sums["loss_sum"], "seq_len": seq_len, "precision": precision,
+              "loss_sum_nats": sums["loss_sum"], "seq_len": seq_len, "precision": precision, "dtype": args.dtype,
               "quantize": args.quantize or "none", "ranks": ranks.size(), "device": device.type, "seconds": seconds}
     ranks.run_on_main(lambda: report(result, args.json), name="evaluate.report")
     return result
@@ -189,7 +192,8 @@ def report(result: dict, json_path: Optional[str]) -> None:
     print(f"eval {result['source']}: {result['tokens']:,} tokens in {result['windows']:,} windows, {chars} | "
           f"loss {result['loss_per_token']:.4f} | ppl {result['perplexity']:.2f}{per_char} | "
           f"{result['bits_per_byte']:.4f} bits/byte | "
-          f"{'int8' if result['quantize'] == 'int8' else result['precision']} | {result['ranks']} rank(s) | "
+          f"{'int8' if result['quantize'] == 'int8' else result['precision'] + ', ' + result['dtype'] + ' weights'} | "
+          f"{result['ranks']} rank(s) | "
           f"{result['tokens'] / max(result['seconds'], 1e-9):,.0f} tok/s", flush=True)
     if json_path:
         path = Path(json_path)

@@ -16,7 +16,8 @@ import torch
 from hvd_llama.cli import UserError, run_main
 from hvd_llama.decoding import check_context, check_sampling, generate
 from hvd_llama.device import resolve_device
-from hvd_llama.inference import QUANTIZE_CHOICES, layout_for_decoding, load_model, require_tokenizer
+from hvd_llama.inference import (DTYPES, QUANTIZE_CHOICES, check_dtype, layout_for_decoding, load_model,
+                                 require_tokenizer)
 from hvd_llama.tokenizer import Tokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 200
@@ -59,6 +60,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--stream", action="store_true", help="print tokens as they are generated (one sample)")
     parser.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence for every token")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="dynamic int8 Linear layers (CPU)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                        help="the weights' type: bf16 halves their memory (fast on GPUs, slow on most CPUs)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     return parser.parse_args(argv)
 
@@ -77,6 +80,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def check_args(args: argparse.Namespace) -> None:
     check_sampling(args.temperature, args.top_k, args.top_p)
+    check_dtype(args.dtype, args.quantize)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
     if args.num_samples < 1:
@@ -90,7 +94,7 @@ def _main(argv: Optional[Sequence[str]]) -> None:
     if args.stream and len(texts) * args.num_samples > 1:
         raise UserError("--stream prints one sample: give one prompt and --num-samples 1")
     device = resolve_device(args.device, "--device", args.quantize)
-    model, tokenizer, _ = load_model(args.checkpoint, device, args.quantize)
+    model, tokenizer, _ = load_model(args.checkpoint, device, args.quantize, args.dtype)
     if not args.quantize:
         layout_for_decoding(model)
     tokenizer = require_tokenizer(tokenizer, args.checkpoint)
@@ -117,7 +121,7 @@ def _main(argv: Optional[Sequence[str]]) -> None:
             print(tokenizer.decode(prompt + new), flush=True)
     n_new = sum(len(o) for o in outputs)
     print(f"generated {n_new} tokens in {len(outputs)} sample(s), {seconds:.2f} s ({n_new / seconds:.1f} tok/s) | "
-          f"{'no KV cache' if args.no_kv_cache else 'KV cache'} | {args.quantize or 'fp32'} | {device.type}",
+          f"{'no KV cache' if args.no_kv_cache else 'KV cache'} | {args.quantize or args.dtype} | {device.type}",
           file=sys.stderr, flush=True)
 
 

@@ -254,6 +254,18 @@ class Transformer(nn.Module):
         more compute)."""
         self.activation_checkpointing = bool(enabled)
 
+    def compile_blocks(self, **options) -> None:
+        """torch.compile each block on its own (in place: parameter names do not change); `options` go to
+        torch.compile.
+
+        Compiling the whole model would make its backward one fused function that hands every gradient over
+        at its end, so a data-parallel optimizer's per-parameter hooks (Horovod's allreduce) would all fire
+        after backward, with no overlap of communication and compute. Per block, each block's gradients are
+        ready, and sent, while the blocks before it are still in backward.
+        """
+        for layer in self.layers:
+            layer.compile(**options)
+
     def enable_kv_cache(self, batch_size: int, max_seq_len: Optional[int] = None, device=None, dtype=None) -> None:
         """Allocate a fresh KV cache per layer (default: cfg.max_seq_len slots, the weights' device and dtype)."""
         max_seq_len = max_seq_len or self.cfg.max_seq_len
@@ -274,7 +286,13 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, positions: Optional[torch.Tensor] = None,
                 key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """tokens [B, T] -> fp32 logits [B, T, vocab_size].
+        """tokens [B, T] -> fp32 logits [B, T, vocab_size]: self.output of hidden(); the arguments are hidden()'s."""
+        return self.output(self.hidden(tokens, start_pos, positions, key_padding_mask)).float()
+
+    def hidden(self, tokens: torch.Tensor, start_pos: int = 0, positions: Optional[torch.Tensor] = None,
+               key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens [B, T] -> the final normed hidden states [B, T, dim], what the output head projects to logits
+        (a loss can project them a chunk at a time instead of holding every position's logits at once).
 
         start_pos: slot of tokens[:, 0]. With the KV cache enabled, the tokens are written to cache slots
             [start_pos, start_pos + T) and attend to every cached slot before them (prefill with start_pos=0,
@@ -309,7 +327,7 @@ class Transformer(nn.Module):
                 h = checkpoint(layer, h, rope, mask, start_pos, use_reentrant=False)
             else:
                 h = layer(h, rope, mask, start_pos)
-        return self.output(self.norm(h)).float()
+        return self.norm(h)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Number of parameters (a tied matrix counted once). exclude_embedding leaves out the token-embedding

@@ -29,7 +29,7 @@ from hvd_llama.cli import UserError, atomic_write_text, run_main
 from hvd_llama.compute import AUTOCAST_DTYPES, score, spread_selection, train_step
 from hvd_llama.config import Config, load_config
 from hvd_llama.data import SampleOrder, StepBatches, open_split
-from hvd_llama.device import resolve_device
+from hvd_llama.device import allow_tf32, resolve_device
 from hvd_llama.memory import check_fits
 from hvd_llama.startup import build_model, check_data, device_memory, load_pretrained, lora_summary
 from hvd_llama.lora import load_lora_state_dict, lora_state_dict
@@ -77,16 +77,19 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def rng_state() -> dict:
+    """This process's RNG states. CUDA: its own device's only (each rank pins one GPU, and the process that
+    resumes may see fewer devices); none when the process does not use CUDA."""
+    cuda = torch.cuda.get_rng_state(torch.cuda.current_device()) if torch.cuda.is_initialized() else None
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": cuda}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,8 @@ class Trainer:
         self.model = build_model(cfg, device, init_state)
         if t.activation_checkpointing:
             self.model.set_activation_checkpointing(True)
-        self.forward_model = torch.compile(self.model) if t.compile else self.model
+        if t.compile:
+            self.model.compile_blocks()
         self.optimizer = dist.build_data_parallel_optimizer(
             self.model, param_groups(self.model, cfg.optim.weight_decay), adamw_kwargs(cfg.optim), cfg.dist,
             stage=cfg.dist.zero_stage, grad_accum=t.grad_accum, fused=device.type == "cuda",
@@ -294,9 +298,9 @@ class Trainer:
             lr = lr_at(p.step, self.cfg.optim, t.max_steps) * self.lr_scale
             set_lr(self.optimizer, lr)
             batches = stream.step(p.samples, t.batch_size, t.grad_accum)
-            result = train_step(self.forward_model, self.optimizer, batches, self.device, t.precision,
+            result = train_step(self.model, self.optimizer, batches, self.device, t.precision,
                                 self.cfg.optim.grad_clip, self.scaler, poison=self.fault.at("nan", p.step + 1),
-                                ranks=dist)
+                                ranks=dist, loss_chunk=t.loss_chunk)
             # Horovod: one small allreduce per step carries the loss and the preemption vote together.
             loss_sum, stop_votes = dist.allreduce_sum(
                 torch.tensor([result.loss_sum, float(self.stop_flag.requested)]), name="step.stats").tolist()
@@ -337,6 +341,8 @@ class Trainer:
                   "elapsed_s": p.elapsed_s, "skipped": not result.stepped, "world_size": dist.size()}
         if self.scaler:
             record["loss_scale"] = self.scaler.scale
+        if self.device.type == "cuda":  # this rank's peak since start-up (what the memory planner predicts)
+            record["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if t.eval_every and (p.step % t.eval_every == 0 or p.step == t.max_steps):
             record.update(self.validation(whole=p.step == t.max_steps))
         return record
@@ -346,7 +352,8 @@ class Trainer:
         whole split (`whole`, at the last step: the figure `evaluate` reports for the final checkpoint)."""
         t = self.cfg.train
         indices = spread_selection(len(self.val_data), 0 if whole else t.eval_windows, seed=t.seed)
-        sums = score(self.forward_model, self.val_data, indices, t.batch_size, self.device, t.precision)
+        sums = score(self.model, self.val_data, indices, t.batch_size, self.device, t.precision,
+                     loss_chunk=t.loss_chunk)
         loss = sums["loss_sum"] / sums["tokens"]
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_windows": sums["items"],
                 "val_tokens": sums["tokens"]}
@@ -396,6 +403,7 @@ def _main(argv: Optional[Sequence[str]]) -> None:
     if args.resume and args.resume != "auto" and not Path(args.resume).exists():
         raise UserError(f"--resume {args.resume}: no such checkpoint (use 'auto' or a checkpoint folder)")
     device = dist.init(cfg.dist, device_kind)
+    allow_tf32(device, cfg.train.tf32)
     dist.run_on_main(lambda: prepare_run_dir(run_dir, args.resume, cfg), name="run_dir")
     init_state = load_pretrained(cfg, meta) if cfg.finetune.init_from else None
     check_fits(cfg, dist.size(), device_memory(device), device.type)  # before allocating: every rank alike

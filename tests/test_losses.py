@@ -62,11 +62,12 @@ def test_ranks_and_micro_steps_do_not_change_a_fine_tuning_step(varied_sft, tmp_
     one = train_single(tmp_path / "one", sft_values(varied_sft, **{"train.batch_size": 6}))
     accum = train_single(tmp_path / "accum", sft_values(varied_sft, **{"train.batch_size": 3, "train.grad_accum": 2}))
     two = train_job(tmp_path / "two", sft_values(varied_sft, **{"train.batch_size": 3}))
+    sharded = train_job(tmp_path / "sharded", sft_values(varied_sft, **{"train.batch_size": 3, "dist.zero_stage": 2}))
     assert one.returncode == 0 and accum.returncode == 0, one.stderr[-2000:] + accum.stderr[-2000:]
-    assert two.returncode == 0, two.output[-3000:]
+    assert two.returncode == 0 and sharded.returncode == 0, two.output[-3000:] + sharded.output[-3000:]
     reference = losses(tmp_path / "one")
     assert len(reference) == 5 and len(set(reference)) == 5
-    for other in ("accum", "two"):
+    for other in ("accum", "two", "sharded"):
         assert losses(tmp_path / other) == pytest.approx(reference, rel=1e-5), other
         weights, expected = final_weights(tmp_path / other), final_weights(tmp_path / "one")
         for key in expected:  # relative to each tensor's norm: Adam magnifies rounding in its tiniest elements

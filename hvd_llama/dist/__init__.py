@@ -6,6 +6,7 @@ zero.py holds the data-parallel optimizers: replicated (stage 0) and ZeRO-sharde
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any, Callable
 
@@ -13,11 +14,13 @@ import torch
 
 try:
     import horovod.torch as hvd
+    from horovod.common.elastic import ObjectState
 except ImportError as err:  # pip cannot build Horovod 0.28.1 for torch >= 2.1 unpatched; the installer can
     raise ImportError(f"Horovod is missing or not built for this torch ({err}); run launch/install.sh") from None
 
 from hvd_llama.cli import UserError
 from hvd_llama.config import DistConfig
+from hvd_llama.device import cuda_device_index
 from hvd_llama.dist.layout import merge_slices  # noqa: F401 (public: full optimizer state of a sharded checkpoint)
 from hvd_llama.dist.zero import (DEFAULT_BUCKET_ELEMENTS, ReplicatedOptimizer, ShardedOptimizer,  # noqa: F401
                                  allgather_tensor)
@@ -25,16 +28,45 @@ from hvd_llama.dist.zero import (DEFAULT_BUCKET_ELEMENTS, ReplicatedOptimizer, S
 ZERO_STAGES = (0, 1, 2)
 
 
+# What each launcher tells its processes about the world it started, in the order they are trusted: a launcher
+# started inside another (mpirun in a Slurm allocation) sets its own variable. SLURM_STEP_NUM_TASKS, not
+# SLURM_NTASKS: srun sets it for the tasks of its step, while SLURM_NTASKS is also set in the batch script
+# itself, where one process may legitimately run alone or start its own launcher.
+LAUNCHER_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
+
+
+def check_world_size(size: int, env) -> None:
+    """Stop when the launcher started more processes than Horovod's world holds.
+
+    If the MPI wire-up fails (srun without --mpi=pmix, a Horovod without MPI), every task initialises as a
+    world of its own: N "rank 0"s would each train alone and write one run dir. horovodrun (HOROVOD_RANK set)
+    builds the world itself, with its own rendezvous, and is not checked.
+    """
+    if "HOROVOD_RANK" in env:
+        return
+    for name in LAUNCHER_SIZE_VARIABLES:
+        value = env.get(name, "")
+        if value.isdigit():
+            if int(value) > size:
+                raise UserError(f"the launcher started {value} processes ({name}={value}) but Horovod's world has "
+                                f"{size}: MPI did not connect them (srun: --mpi=pmix; is Horovod built with MPI? "
+                                "horovodrun --check-build)")
+            return
+
+
 def init(cfg: DistConfig, device: str) -> torch.device:
     """Start Horovod and give this rank its device (a GPU, or a fair share of the CPU cores)."""
     hvd.init()
+    check_world_size(hvd.size(), os.environ)
+    # Horovod: ranks on one node share its cores; more threads than cores makes every rank slower (on a GPU
+    # node too: each rank's host work, the data loader's included, would otherwise take every core).
+    torch.set_num_threads(cfg.threads_per_rank or max(1, (os.cpu_count() or 1) // hvd.local_size()))
     if device == "cuda":
-        # Horovod: pin each process to one GPU (its local rank).
-        torch.cuda.set_device(hvd.local_rank())
-        return torch.device("cuda", hvd.local_rank())
-    # Horovod: ranks on one node share its cores; more threads than cores makes every rank slower.
-    threads = cfg.threads_per_rank or max(1, (os.cpu_count() or 1) // hvd.local_size())
-    torch.set_num_threads(threads)
+        # Horovod: pin each process to one GPU, its local rank's among those it sees.
+        index = cuda_device_index(hvd.local_rank(), hvd.local_size(), torch.cuda.device_count(),
+                                  os.environ.get("CUDA_VISIBLE_DEVICES"))
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
@@ -62,13 +94,12 @@ def _compression(cfg: DistConfig):
 def wrap_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, cfg: DistConfig,
                    grad_accum: int) -> torch.optim.Optimizer:
     """Horovod: allreduce gradients during backward; accumulate `grad_accum` passes locally first."""
-    op = hvd.Adasum if cfg.op == "adasum" else hvd.Average
     return hvd.DistributedOptimizer(
         optimizer,
         named_parameters=[(n, p) for n, p in model.named_parameters() if p.requires_grad],
         compression=_compression(cfg),
         backward_passes_per_step=grad_accum,
-        op=op,
+        op=hvd.Average,
         gradient_predivide_factor=cfg.gradient_predivide_factor,
     )
 
@@ -86,9 +117,6 @@ def build_data_parallel_optimizer(model: torch.nn.Module, param_groups: list[dic
     if stage == 0:
         optimizer = torch.optim.AdamW(param_groups, **optim_kwargs, fused=fused or None)
         return ReplicatedOptimizer(wrap_optimizer(optimizer, model, cfg, grad_accum), model)
-    if cfg.op != "average":
-        raise ValueError(f"dist.op={cfg.op} needs whole gradients on every rank; sharding (stage {stage}) "
-                         "reduce-scatters them with op=average")
     return ShardedOptimizer(model, param_groups, optim_kwargs, stage, grad_accum, compression=_compression(cfg),
                             gradient_predivide_factor=cfg.gradient_predivide_factor, fused=fused,
                             bucket_elements=bucket_elements)
@@ -113,24 +141,70 @@ def _broadcast(model: torch.nn.Module, torch_optimizer) -> None:
                               for name, t in model.state_dict().items()}, root_rank=0)
 
 
-class _ElasticState(hvd.elastic.TorchState):
-    """hvd.elastic.TorchState whose sync skips Horovod's dummy optimizer step on an empty state.
+def host_copy(value, previous=None):
+    """A copy of a state_dict tree (dicts, lists, tensors, numbers) in host memory: CUDA tensors go to pinned
+    buffers, copied asynchronously. `previous`, an earlier copy of the same tree, lends its buffers where the
+    shapes match (pinning memory at every commit would cost more than the copy)."""
+    if isinstance(value, torch.Tensor):
+        reuse = isinstance(previous, torch.Tensor) and previous.shape == value.shape and previous.dtype == value.dtype
+        if reuse:
+            return previous.copy_(value, non_blocking=value.is_cuda)
+        if value.is_cuda:
+            return torch.empty(value.shape, dtype=value.dtype, pin_memory=True).copy_(value, non_blocking=True)
+        return value.detach().clone()
+    if isinstance(value, dict):
+        old = previous if isinstance(previous, dict) else {}
+        return {key: host_copy(item, old.get(key)) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        old = previous if isinstance(previous, type(value)) and len(previous) == len(value) else [None] * len(value)
+        return type(value)(host_copy(item, before) for item, before in zip(value, old))
+    return copy.deepcopy(value)
 
-    TorchState syncs the model, then the optimizer with broadcast_optimizer_state: at the first sync (empty
-    AdamW state) that applies weight decay once on every rank, and a worker joining later would have its
-    freshly synced weights moved by it. broadcast_state avoids both.
+
+class _ElasticState(ObjectState):
+    """Horovod Elastic's state of a training run, as hvd.elastic.TorchState keeps it, with two differences.
+
+    Committed copies live in host memory (pinned when CUDA): TorchState deep-copies the model and optimizer
+    state on their device at every commit, +12 bytes per parameter of GPU memory with AdamW.
+    The data position is a plain value (train.Progress), so there is no sampler to keep.
+    Its sync skips Horovod's dummy optimizer step on an empty state: TorchState syncs the optimizer with
+    broadcast_optimizer_state, which at the first sync (empty AdamW state) applies weight decay once on every
+    rank, and a worker joining later would have its freshly synced weights moved by it. broadcast_state avoids both.
     """
 
+    def __init__(self, model, optimizer, **values):
+        self._model, self._optimizer, self._committed = model, optimizer, None
+        super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank, **values)
+        self._save_tensors()
+
+    def _save_tensors(self):
+        old_model, old_optimizer = self._committed or (None, None)
+        self._committed = (host_copy(self._model.state_dict(), old_model),
+                           host_copy(self._optimizer.state_dict(), old_optimizer))
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # the asynchronous copies to pinned memory are complete
+
+    def save(self):
+        self._save_tensors()
+        super().save()
+
+    def restore(self):
+        model_state, optimizer_state = self._committed
+        self._model.load_state_dict(model_state)  # copies into the parameters, on their device
+        # load_state_dict adopts CPU tensors as they are (no copy): training would then update the committed copy
+        self._optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+        super().restore()
+
     def sync(self):
-        has_state = broadcast_object(len(self.optimizer.state) > 0, name="elastic.has_state")
-        _broadcast(self.model, self.optimizer if has_state else None)
-        super(hvd.elastic.TorchState, self).sync()  # the plain Python values (ObjectState)
+        has_state = broadcast_object(len(self._optimizer.state) > 0, name="elastic.has_state")
+        _broadcast(self._model, self._optimizer if has_state else None)
+        super().sync()  # the plain Python values
 
 
-def elastic_state(model, optimizer, **values) -> hvd.elastic.TorchState:
+def elastic_state(model, optimizer, **values) -> ObjectState:
     """`optimizer`: a stage-0 data-parallel optimizer (elastic needs replicated state: Horovod re-syncs it by
     broadcast from rank 0)."""
-    return _ElasticState(model=model, optimizer=optimizer.optimizer, **values)
+    return _ElasticState(model, optimizer.optimizer, **values)
 
 
 elastic_run = hvd.elastic.run
