@@ -109,7 +109,7 @@ def horovod_model(cfg: Config) -> tuple[Transformer, object]:
     model = new_model(cfg)
     optimizer = dist.build_data_parallel_optimizer(model, param_groups(model, cfg.optim.weight_decay),
                                                    adamw_kwargs(cfg.optim), cfg.dist, stage=cfg.dist.zero_stage,
-                                                   grad_accum=1)
+                                                   grad_accum=1, bucket_elements=cfg.dist.zero_bucket_elements)
     dist.broadcast_state(model, optimizer, has_optimizer_state=False)
     return model, optimizer
 
