@@ -254,6 +254,7 @@ def test_stages_step_time_ratios_and_timelines(tmp_path):
         ratio = c["ratios"][f"stage{s}_vs_stage0"]
         assert close(ratio["ratio"], c["stages"][s]["step_s"]["median"] / c["stages"]["0"]["step_s"]["median"])
         assert ratio["met"] == (ratio["ratio"] <= 1.05)
+        assert ratio["rounds_agree"] == (len({x <= 1.05 for x in ratio["per_round"]}) == 1)
         assert [pytest.approx(x) for x in ratio["per_round"]] == [
             a / b for a, b in zip(c["stages"][s]["step_s"]["rounds"], c["stages"]["0"]["step_s"]["rounds"])]
     assert 3 * 2 * steps * min(c["stages"][s]["step_s"]["min"] for s in "012") < r["wall_s"]
@@ -287,9 +288,13 @@ def test_stage_ratios_are_the_medians_ratio():
     c = stages.controller_figures({0: [job(2.0), job(4.0), job(3.0)], 1: [job(3.0), job(3.0), job(6.0)],
                                    2: [job(2.0), job(8.0), job(3.0)]})
     assert c["stages"]["0"]["step_s"] == {"median": 4.0, "min": 3.0, "max": 5.0, "rounds": [3.0, 5.0, 4.0]}
-    assert c["ratios"]["stage1_vs_stage0"] == {"ratio": 1.0, "met": True, "per_round": [4 / 3, 4 / 5, 7 / 4]}
+    assert c["ratios"]["stage1_vs_stage0"] == {"ratio": 1.0, "met": True, "rounds_agree": False,
+                                               "per_round": [4 / 3, 4 / 5, 7 / 4]}
     assert c["ratios"]["stage2_vs_stage0"]["ratio"] == 4 / 4 and c["ratios"]["stage2_vs_stage0"]["per_round"] == [
         1.0, 9 / 5, 1.0]
+    agreeing = stages.controller_figures({0: [job(4.0)] * 3, 1: [job(2.0), job(3.0), job(4.0)], 2: [job(9.0)] * 3})
+    assert agreeing["ratios"]["stage1_vs_stage0"]["rounds_agree"] and agreeing["ratios"]["stage1_vs_stage0"]["met"]
+    assert agreeing["ratios"]["stage2_vs_stage0"]["rounds_agree"] and not agreeing["ratios"]["stage2_vs_stage0"]["met"]
 
 
 def test_controllers_and_memory_options(capsys):
