@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hvd_llama.bench import prepare_steps, train_steps
+from hvd_llama.bench import prepare_steps, stages, train_steps
+from hvd_llama.bench.common import horovodrun
 from hvd_llama.bench.run import main as bench_main
 from hvd_llama.config import load_config
 from hvd_llama.model import Transformer
@@ -158,3 +159,151 @@ def test_prepare(tmp_path):
     assert e["target_met"] == (e["parallel_efficiency"] >= 0.9)
     best_s = [e["bytes"] / 1e6 / speed for speed in e["mb_per_s"].values()]  # each way's fastest of 3 runs
     assert 3 * sum(best_s) < r["wall_s"]
+
+
+# ---- ZeRO stages: memory and step time ----------------------------------------------------------------------
+# A micro model with an odd vocabulary (511 rows of the embedding: its tensor sizes are not round numbers).
+MEMORY_MICRO = ["--memory-config", "configs/tiny.yaml", *(a for s in ("model.dim=64", "model.n_layers=2",
+                "model.vocab_size=511", "train.seq_len=32", "train.batch_size=3") for a in ("--memory-set", s))]
+
+
+@pytest.fixture(scope="module")
+def memory_report(tmp_path_factory):
+    return run_bench(tmp_path_factory.mktemp("memory"), "memory", *MEMORY_MICRO)["results"]["memory"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_memory_state_bytes_per_stage_and_world_size(memory_report):
+    r = memory_report
+    runs, T = r["runs"], r["trainable"]
+    assert set(runs) == {f"stage{s}_np{n}" for s in (0, 1, 2) for n in (1, 2)}
+    half = -(-T // 2)  # ceil(T / 2): the np=2 slice, padding included (one bucket)
+    for run in runs.values():
+        s = run["state_bytes"]
+        assert len(run["ranks"]) == run["np"] and s["weights"] == 4 * r["params"]
+        assert run["model_state"] == sum(s.values())
+        # zero_grad() comes after step(): nothing is freed between the two probes at any stage
+        assert run["state_bytes_after_step"] == s
+        assert all(rank["peak_rss"] > rank["rss_at_init"] > 0 for rank in run["ranks"])
+        assert close(run["peak_rss_vs_plan"], run["peak_rss"] / run["planned_total"] - 1)
+    # stage 2 keeps a slice of the gradients and of the AdamW state: exactly half (plus padding) at np=2
+    assert runs["stage2_np1"]["state_bytes"]["optimizer"] == 8 * T
+    assert runs["stage2_np2"]["state_bytes"]["optimizer"] == 8 * half
+    assert runs["stage2_np2"]["state_bytes"]["gradients"] == 4 * half
+    assert 0 <= 2 * runs["stage2_np2"]["state_bytes"]["optimizer"] - runs["stage2_np1"]["state_bytes"]["optimizer"] <= 8
+    assert runs["stage0_np2"]["state_bytes"]["optimizer"] == runs["stage0_np1"]["state_bytes"]["optimizer"] == 8 * T
+    state = [runs[f"stage{s}_np2"]["model_state"] for s in (0, 1, 2)]
+    assert state[0] > state[1] > state[2]
+    t = r["target"]
+    assert close(t["stage2_vs_stage0_model_state_np2"], state[2] / state[0])
+    assert t["met"] == (t["stage2_vs_stage0_model_state_np2"] <= 0.6)
+    assert close(t["stage2_vs_stage0_peak_rss_np2"], runs["stage2_np2"]["peak_rss"] / runs["stage0_np2"]["peak_rss"])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_memory_planner_matches_stage2_and_reports_its_differences(memory_report):
+    for name, run in memory_report["runs"].items():
+        planned, measured = run["planned_state_bytes"], run["state_bytes"]
+        assert run["state_minus_planned"] == {k: measured[k] - planned[k] for k in planned}
+        assert run["planned_model_state"] == sum(planned.values())
+        if run["stage"] == 2:
+            assert measured == planned, name
+        else:
+            assert measured["weights"] == planned["weights"], name
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.xfail(strict=True, reason="memory.model_state_bytes leaves out stage 1's fp32 gradient slice (4S bytes, "
+                   "dist/zero.py's grad_shard) and counts AdamW's 4-byte step counters at stage 0, which "
+                   "ReplicatedOptimizer.state_bytes() does not: fix one side, then remove this mark")
+def test_memory_planner_equals_state_bytes_at_every_stage(memory_report):
+    for name, run in memory_report["runs"].items():
+        assert run["state_bytes"] == run["planned_state_bytes"], name
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_stages_step_time_ratios_and_timelines(tmp_path):
+    warmup, steps = 1, 2
+    r = run_bench(tmp_path, "stages", *MICRO, "--warmup", str(warmup), "--steps", str(steps), "--stage-rounds", "2",
+                  "--controllers", "gloo")["results"]["stages"]
+    assert r["np"] == 2 and r["rounds"] == 2 and set(r["controllers"]) == {"gloo"}
+    c = r["controllers"]["gloo"]
+    for s, v in c["stages"].items():
+        step = v["step_s"]
+        assert len(step["rounds"]) == 2 and step["min"] <= step["median"] <= step["max"]
+        assert close(step["median"], statistics.median(step["rounds"]))
+        for ranks, value in zip(v["ranks_per_round"], step["rounds"]):
+            assert all(rank["zero_stage"] == int(s) and len(rank["step_s"]) == steps for rank in ranks)
+            assert close(value, max(statistics.median(rank["step_s"]) for rank in ranks))
+            for rank in ranks:  # the optimizer's calls are part of the step
+                assert all(sum(p[i] for p in rank["phase_s"].values()) <= rank["step_s"][i] for i in range(steps))
+        ops = v["timeline"]["ops"]
+        assert Path(v["timeline"]["file"]).is_file() and v["timeline"]["steps"] == warmup + steps
+        # one target count per step, a grad norm per step at stages 1-2; the micro model is one bucket
+        assert ops["small allreduces (target count, grad norm)"]["ops"] == (warmup + steps) * (1 if s == "0" else 2)
+        if s == "0":
+            assert "gradient allreduce" in ops and "gradient reduce-scatter" not in ops
+        else:
+            assert ops["gradient reduce-scatter"]["ops"] == ops["weight all-gather"]["ops"] == warmup + steps
+            assert "gradient allreduce" not in ops
+    for s in ("1", "2"):
+        ratio = c["ratios"][f"stage{s}_vs_stage0"]
+        assert close(ratio["ratio"], c["stages"][s]["step_s"]["median"] / c["stages"]["0"]["step_s"]["median"])
+        assert ratio["met"] == (ratio["ratio"] <= 1.05)
+        assert ratio["rounds_agree"] == (len({x <= 1.05 for x in ratio["per_round"]}) == 1)
+        assert [pytest.approx(x) for x in ratio["per_round"]] == [
+            a / b for a, b in zip(c["stages"][s]["step_s"]["rounds"], c["stages"]["0"]["step_s"]["rounds"])]
+    assert 3 * 2 * steps * min(c["stages"][s]["step_s"]["min"] for s in "012") < r["wall_s"]
+
+
+def test_timeline_summary_merges_fused_ops_and_reads_an_unclosed_file(tmp_path):
+    """Horovod's trace: one pid per tensor; a fused allreduce shows on each of its tensors but runs once."""
+    def op(pid, name, start, end, nested=None):
+        inner = [{"ph": "B", "name": nested, "ts": start + 1, "pid": pid}, {"ph": "E", "ts": end - 1, "pid": pid}]
+        return [{"ph": "B", "name": name, "ts": start, "pid": pid}, *(inner if nested else []),
+                {"ph": "E", "ts": end, "pid": pid}]
+    names = {1: "allreduce.wq", 2: "allreduce.wk", 3: "allreduce.step.targets", 4: "broadcast.wq"}
+    events = [{"name": "process_name", "ph": "M", "pid": p, "args": {"name": n}} for p, n in names.items()]
+    events += op(3, "NEGOTIATE_ALLREDUCE", 0, 50_000) + op(3, "ALLREDUCE", 50_000, 51_000)
+    events += op(4, "BROADCAST", 0, 9_000)
+    events += op(1, "ALLREDUCE", 100_000, 104_000, "GLOO_ALLREDUCE") + op(2, "ALLREDUCE", 100_000, 104_000)
+    events += op(1, "ALLREDUCE", 200_000, 202_000) + op(2, "ALLREDUCE", 201_000, 206_000)
+    path = tmp_path / "timeline.json"
+    path.write_text("[\n" + ",\n".join(json.dumps(e) for e in events) + ",")  # as a job killed mid-run leaves it
+    summary = stages.summarize_timeline(path, steps=2)
+    assert summary == {"steps": 2, "ops": {
+        "gradient allreduce": {"ops": 2, "op_ms_median": 5.0, "op_ms_max": 6.0, "busy_ms_per_step": 5.0},
+        "small allreduces (target count, grad norm)": {"ops": 1, "op_ms_median": 1.0, "op_ms_max": 1.0,
+                                                        "busy_ms_per_step": 0.5}}}
+
+
+def test_stage_ratios_are_the_medians_ratio():
+    def job(step_s):  # two ranks; the job's figure is the slowest rank's median
+        return [{"step_s": [step_s, step_s + 1, 9 * step_s], "phase_s": {p: [0.0] * 3 for p in train_steps.PHASES}},
+                {"step_s": [step_s / 2] * 3, "phase_s": {p: [0.0] * 3 for p in train_steps.PHASES}}]
+    c = stages.controller_figures({0: [job(2.0), job(4.0), job(3.0)], 1: [job(3.0), job(3.0), job(6.0)],
+                                   2: [job(2.0), job(8.0), job(3.0)]})
+    assert c["stages"]["0"]["step_s"] == {"median": 4.0, "min": 3.0, "max": 5.0, "rounds": [3.0, 5.0, 4.0]}
+    assert c["ratios"]["stage1_vs_stage0"] == {"ratio": 1.0, "met": True, "rounds_agree": False,
+                                               "per_round": [4 / 3, 4 / 5, 7 / 4]}
+    assert c["ratios"]["stage2_vs_stage0"]["ratio"] == 4 / 4 and c["ratios"]["stage2_vs_stage0"]["per_round"] == [
+        1.0, 9 / 5, 1.0]
+    agreeing = stages.controller_figures({0: [job(4.0)] * 3, 1: [job(2.0), job(3.0), job(4.0)], 2: [job(9.0)] * 3})
+    assert agreeing["ratios"]["stage1_vs_stage0"]["rounds_agree"] and agreeing["ratios"]["stage1_vs_stage0"]["met"]
+    assert agreeing["ratios"]["stage2_vs_stage0"]["rounds_agree"] and not agreeing["ratios"]["stage2_vs_stage0"]["met"]
+
+
+def test_controllers_and_memory_options(capsys):
+    assert "--gloo" in horovodrun(2, ["python"]) and "--gloo" not in horovodrun(2, ["python"], controller="mpi")
+    assert horovodrun(2, ["python"], options=["--timeline-filename", "t.json"])[-3:] == [
+        "--timeline-filename", "t.json", "python"]
+    for args, message in ((["--memory-steps", "1"], "--memory-steps must be >= 2"),
+                          (["--memory-np", "0", "2"], "--memory-np must be > 0"),
+                          (["--controllers", "nccl"], "invalid choice")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench_main(["memory", *args, "--out", "unused.json"])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -43,9 +43,13 @@ def python_module(module: str, *args) -> list[str]:
     return [sys.executable, "-m", module, *map(str, args)]
 
 
-def horovodrun(np: int, command: Sequence[str]) -> list[str]:
+CONTROLLERS = ("gloo", "mpi")  # horovodrun --gloo, or horovodrun without it (mpirun underneath)
+
+
+def horovodrun(np: int, command: Sequence[str], controller: str = "gloo", options: Sequence[str] = ()) -> list[str]:
     launcher = shutil.which("horovodrun", path=str(Path(sys.executable).parent)) or "horovodrun"
-    return [launcher, "--gloo", "-np", str(np), "-H", f"localhost:{np}", *command]
+    gloo = ["--gloo"] if controller == "gloo" else []
+    return [launcher, *gloo, "-np", str(np), "-H", f"localhost:{np}", *map(str, options), *command]
 
 
 def torchrun(np: int, module: str, *args) -> list[str]:
@@ -104,13 +108,15 @@ class Bench:
         return run_logged(command, self.work / "logs" / log_name, self.args.timeout_s, env)
 
     def horovod_ranks(self, np: int, name: str, config: Optional[str], sets: Sequence[str], env: dict,
-                      warmup: int, steps: int) -> list[dict]:
-        """Run train_steps' horovod measurement on np ranks; returns each rank's figures."""
+                      warmup: int, steps: int, measurement: str = "horovod", controller: str = "gloo",
+                      options: Sequence[str] = ()) -> list[dict]:
+        """Run a train_steps measurement (horovod or memory) on np ranks under horovodrun (with its `options`);
+        returns each rank's figures."""
         folder = self.work / name
         folder.mkdir(parents=True, exist_ok=True)
-        self.run(horovodrun(np, python_module("hvd_llama.bench.train_steps", "horovod", *self.config_args(config, sets),
-                                              "--warmup", warmup, "--steps", steps, "--json-dir", folder)),
-                 f"{name}.log", env)
+        command = python_module("hvd_llama.bench.train_steps", measurement, *self.config_args(config, sets),
+                                "--warmup", warmup, "--steps", steps, "--json-dir", folder)
+        self.run(horovodrun(np, command, controller, options), f"{name}.log", env)
         return [read_measurement(folder / f"rank{r}.json") for r in range(np)]
 
 

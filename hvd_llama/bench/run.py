@@ -1,9 +1,11 @@
 """Benchmarks: training throughput and MFU, Horovod scaling against DDP, quality in a time budget, generation
-speed, and data-preparation speed.
+speed, data-preparation speed, and the ZeRO stages' memory and step time.
 
     python -m hvd_llama.bench all --text tinyshakespeare.txt --out bench_results.json
     python -m hvd_llama.bench throughput --config configs/small.yaml
     python -m hvd_llama.bench scaling --fp16-compression --fusion-threshold-mb 32
+    python -m hvd_llama.bench memory --memory-np 1 2 3
+    python -m hvd_llama.bench stages --controllers gloo --stage-rounds 5
 
 Each measurement runs in processes of its own (hvd_llama.bench.train_steps, hvd_llama.bench.prepare_steps,
 horovodrun, torch.distributed.run, hvd_llama.train/evaluate/prepare); this process launches them, prints a
@@ -29,19 +31,21 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from hvd_llama.bench import generation, prepare, quality, scaling, throughput
-from hvd_llama.bench.common import Bench, BenchFailure
+from hvd_llama.bench import generation, memory, prepare, quality, scaling, stages, throughput
+from hvd_llama.bench.common import CONTROLLERS, Bench, BenchFailure
 from hvd_llama.cli import UserError, atomic_write_text, run_main
 from hvd_llama.config import load_config
 from hvd_llama.data import read_meta
 
-MODES = ("throughput", "scaling", "quality", "generation", "prepare")
+MODES = ("throughput", "scaling", "quality", "generation", "prepare", "memory", "stages")
 BENCHMARKS: dict[str, tuple[Callable[[Bench], dict], Callable[[dict], list[str]]]] = {
     "throughput": (throughput.bench_throughput, throughput.show_throughput),
     "scaling": (scaling.bench_scaling, scaling.show_scaling),
     "quality": (quality.bench_quality, quality.show_quality),
     "generation": (generation.bench_generation, generation.show_generation),
     "prepare": (prepare.bench_prepare, prepare.show_prepare),
+    "memory": (memory.bench_memory, memory.show_memory),
+    "stages": (stages.bench_stages, stages.show_stages),
 }
 
 
@@ -92,7 +96,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                "--out bench_results.json")
     parser.add_argument("mode", choices=(*MODES, "all"), help="which benchmark (all: every one, in this order)")
     parser.add_argument("--config", default="configs/small.yaml",
-                        help="model and batch of throughput, scaling and generation")
+                        help="model and batch of throughput, scaling, generation and stages")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a value of --config (repeatable)")
     parser.add_argument("--out", default="bench_results.json", help="JSON report, rewritten after each benchmark")
@@ -126,19 +130,34 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     g = parser.add_argument_group("prepare")
     g.add_argument("--prepare-mb", type=float, default=prepare.PREPARE_MB, help="size of the generated corpus")
     g.add_argument("--encode-mb", type=float, default=32, help="text encoded for the single vs parallel comparison")
+    g = parser.add_argument_group("memory (ZeRO stages 0/1/2: state bytes and peak RSS per rank)")
+    g.add_argument("--memory-config", default="configs/small.yaml", help="base config of the memory benchmark")
+    g.add_argument("--memory-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a value of --memory-config (repeatable); without any: a ~100M-parameter model, "
+                        "batch 2 x 256 (" + " ".join(memory.MODEL_100M) + ")")
+    g.add_argument("--memory-np", type=int, nargs="+", default=[1, 2], help="world sizes measured")
+    g.add_argument("--memory-steps", type=int, default=2, help="training steps per job (>= 2: AdamW's state exists "
+                                                               "from the first step on)")
+    g = parser.add_argument_group("stages (ZeRO stages 1 and 2 against 0: step time at np=2, --config's model)")
+    g.add_argument("--stage-rounds", type=int, default=3, help="rounds in which the three stages take turns")
+    g.add_argument("--controllers", nargs="+", choices=CONTROLLERS, default=list(CONTROLLERS),
+                   help="Horovod controllers measured: gloo (horovodrun --gloo), mpi (horovodrun over mpirun)")
     return parser.parse_args(argv)
 
 
 def check_args(args: argparse.Namespace) -> None:
     check_config(args.config, "--config")
     check_config(args.quality_config, "--quality-config")
+    check_config(args.memory_config, "--memory-config")
     positive = {"--warmup": args.warmup + 1, "--steps": args.steps, "--rounds": args.rounds, "--peak-n": args.peak_n,
                 "--budget-s": args.budget_s, "--new-tokens": args.new_tokens, "--prompt-len": args.prompt_len,
                 "--gen-repeats": args.gen_repeats, "--prepare-mb": args.prepare_mb, "--encode-mb": args.encode_mb,
-                "--timeout-s": args.timeout_s, "--threads": args.threads + 1}
+                "--timeout-s": args.timeout_s, "--threads": args.threads + 1, "--memory-steps": args.memory_steps - 1,
+                "--memory-np": min(args.memory_np), "--stage-rounds": args.stage_rounds}
     for option, value in positive.items():
         if value <= 0:
-            raise UserError(f"{option} must be {'>= 0' if option in ('--warmup', '--threads') else '> 0'}")
+            floor = {"--warmup": ">= 0", "--threads": ">= 0", "--memory-steps": ">= 2"}.get(option, "> 0")
+            raise UserError(f"{option} must be {floor}, got {getattr(args, option[2:].replace('-', '_'))}")
     if args.mode == "quality" and not args.text and not args.data:
         raise UserError("quality needs --text FILE (e.g. tinyshakespeare.txt) or --data DIR")
     if args.text and not Path(args.text).is_file():
@@ -154,6 +173,7 @@ def _main(argv: Optional[Sequence[str]]) -> dict:
     check_args(args)
     cfg = load_config(args.config, args.set)
     load_config(args.quality_config, args.quality_set)  # fail now on a bad override, not later
+    load_config(args.memory_config, args.memory_set)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"command": shlex.join(["python", "-m", "hvd_llama.bench", *(argv if argv is not None else sys.argv[1:])]),

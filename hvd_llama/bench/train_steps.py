@@ -1,7 +1,7 @@
 """Timed training steps, each measurement in processes of its own; started by hvd_llama.bench.
 
     python -m hvd_llama.bench.train_steps throughput --json OUT          # plain PyTorch vs Horovod with one rank
-    horovodrun --gloo -np N -H localhost:N python -m hvd_llama.bench.train_steps horovod --json-dir DIR
+    horovodrun --gloo -np N -H localhost:N python -m hvd_llama.bench.train_steps horovod|memory --json-dir DIR
     python -m torch.distributed.run --standalone --nproc-per-node N -m hvd_llama.bench.train_steps ddp --json-dir DIR
 
 Every process times whole steps after warm-up and writes the raw seconds as JSON; hvd_llama.bench turns them
@@ -70,20 +70,33 @@ def timed(step: Callable[[], object], warmup: int, steps: int) -> list[float]:
     return seconds
 
 
-class SynchronizeTimer:
-    """Wraps a data-parallel optimizer's reduce_gradients(), which train_step calls after backward: the time
-    the step waits for its gradient allreduces or reduce-scatters (they start during backward, so only the
-    part that backward did not hide is counted)."""
+class MethodTimer:
+    """Replaces one method of a data-parallel optimizer with itself: adds up the seconds of its calls, then runs
+    `then()` (a memory probe) after each. Wrapping reduce_gradients(), which train_step calls after backward,
+    times the wait for the gradient allreduces or reduce-scatters (they start during backward, so only the part
+    that backward did not hide is counted); step() at stages 1-2 includes the all-gather of the weights."""
 
-    def __init__(self, optimizer):
+    def __init__(self, optimizer, method: str, then: Optional[Callable[[], None]] = None):
         self.seconds = 0.0
-        self._synchronize = optimizer.reduce_gradients
-        optimizer.reduce_gradients = self
+        self._call, self._then = getattr(optimizer, method), then
+        setattr(optimizer, method, self)
 
-    def __call__(self) -> None:
+    def __call__(self, *args, **kwargs):
         start = time.perf_counter()
-        self._synchronize()
+        result = self._call(*args, **kwargs)
         self.seconds += time.perf_counter() - start
+        if self._then:
+            self._then()
+        return result
+
+
+PHASES = ("reduce_gradients", "clip_grad_norm_", "step")  # the optimizer's calls in train_step, after backward
+
+
+def peak_rss() -> int:
+    """VmHWM: the most resident memory this process has had so far, in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def new_model(cfg: Config) -> Transformer:
@@ -96,7 +109,7 @@ def horovod_model(cfg: Config) -> tuple[Transformer, object]:
     model = new_model(cfg)
     optimizer = dist.build_data_parallel_optimizer(model, param_groups(model, cfg.optim.weight_decay),
                                                    adamw_kwargs(cfg.optim), cfg.dist, stage=cfg.dist.zero_stage,
-                                                   grad_accum=1)
+                                                   grad_accum=1, bucket_elements=cfg.dist.zero_bucket_elements)
     dist.broadcast_state(model, optimizer, has_optimizer_state=False)
     return model, optimizer
 
@@ -129,21 +142,43 @@ def measure_throughput(cfg: Config, args: argparse.Namespace) -> dict:
 
 
 def measure_horovod_rank(cfg: Config, args: argparse.Namespace) -> dict:
-    """One rank of a horovodrun job: hvd_llama's train_step, with the time spent waiting in synchronize()."""
+    """One rank of a horovodrun job: hvd_llama's train_step at cfg.dist.zero_stage, with the seconds of each
+    optimizer call after backward (allreduce_s: the wait in reduce_gradients)."""
     device = dist.init(cfg.dist, "cpu")
     model, optimizer = horovod_model(cfg)
-    timer = SynchronizeTimer(optimizer)
+    timers = {phase: MethodTimer(optimizer, phase) for phase in PHASES}
     batch = random_batch(cfg, cfg.train.seed + dist.rank())
-    step_s, allreduce_s = [], []
+    step_s, phase_s = [], {phase: [] for phase in PHASES}
     for i in range(args.warmup + args.steps):
-        timer.seconds = 0.0
+        for timer in timers.values():
+            timer.seconds = 0.0
         start = time.perf_counter()
         train_step(model, optimizer, [batch], device, PRECISION, cfg.optim.grad_clip, ranks=dist)
         if i >= args.warmup:
             step_s.append(time.perf_counter() - start)
-            allreduce_s.append(timer.seconds)
-    return {"rank": dist.rank(), "size": dist.size(), "threads": torch.get_num_threads(), "step_s": step_s,
-            "allreduce_s": allreduce_s}
+            for phase, timer in timers.items():
+                phase_s[phase].append(timer.seconds)
+    return {"rank": dist.rank(), "size": dist.size(), "zero_stage": optimizer.stage,
+            "threads": torch.get_num_threads(), "step_s": step_s, "allreduce_s": phase_s["reduce_gradients"],
+            "phase_s": phase_s}
+
+
+def measure_memory_rank(cfg: Config, args: argparse.Namespace) -> dict:
+    """One rank of a horovodrun job: warm-up + timed training steps at cfg.dist.zero_stage, then this process's
+    peak resident memory and the optimizer's state_bytes() right after reduce_gradients() and after step() of
+    the last step (gradients peak at the former; AdamW's state exists from the first step on)."""
+    dist.init(cfg.dist, "cpu")
+    rss_at_init = peak_rss()  # Python, torch, Horovod: what the planner calls the fixed overhead on a CPU
+    model, optimizer = horovod_model(cfg)
+    state: dict[str, dict] = {}
+    for phase in ("reduce_gradients", "step"):
+        MethodTimer(optimizer, phase, then=lambda phase=phase: state.update({phase: optimizer.state_bytes()}))
+    batch = random_batch(cfg, cfg.train.seed + dist.rank())
+    for _ in range(args.warmup + args.steps):
+        train_step(model, optimizer, [batch], torch.device("cpu"), PRECISION, cfg.optim.grad_clip, ranks=dist)
+    return {"rank": dist.rank(), "size": dist.size(), "zero_stage": optimizer.stage,
+            "threads": torch.get_num_threads(), "peak_rss": peak_rss(), "rss_at_init": rss_at_init,
+            "state_bytes_after_reduce_gradients": state["reduce_gradients"], "state_bytes_after_step": state["step"]}
 
 
 def measure_ddp_rank(cfg: Config, args: argparse.Namespace) -> dict:
@@ -176,7 +211,8 @@ def measure_ddp_rank(cfg: Config, args: argparse.Namespace) -> dict:
             "no_sync_step_s": no_sync_step_s, "bucket_cap_mb": args.bucket_cap_mb}
 
 
-MEASUREMENTS = {"throughput": measure_throughput, "horovod": measure_horovod_rank, "ddp": measure_ddp_rank}
+MEASUREMENTS = {"throughput": measure_throughput, "horovod": measure_horovod_rank, "memory": measure_memory_rank,
+                "ddp": measure_ddp_rank}
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -192,7 +228,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--peak-s", type=float, default=1.0, help="throughput: seconds per peak measurement")
     parser.add_argument("--bucket-cap-mb", type=float, default=25.0, help="ddp: gradient bucket size")
     parser.add_argument("--json", type=Path, help="output file (throughput)")
-    parser.add_argument("--json-dir", type=Path, help="output folder, one rank<N>.json per rank (horovod, ddp)")
+    parser.add_argument("--json-dir", type=Path, help="output folder, one rank<N>.json per rank (horovod, memory, ddp)")
     return parser.parse_args(argv)
 
 
