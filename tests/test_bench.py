@@ -216,9 +216,6 @@ def test_memory_planner_matches_stage2_and_reports_its_differences(memory_report
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.xfail(strict=True, reason="memory.model_state_bytes leaves out stage 1's fp32 gradient slice (4S bytes, "
-                   "dist/zero.py's grad_shard) and counts AdamW's 4-byte step counters at stage 0, which "
-                   "ReplicatedOptimizer.state_bytes() does not: fix one side, then remove this mark")
 def test_memory_planner_equals_state_bytes_at_every_stage(memory_report):
     for name, run in memory_report["runs"].items():
         assert run["state_bytes"] == run["planned_state_bytes"], name

@@ -144,6 +144,7 @@ def equivalence() -> None:
         lora = options.get("lora", False)
         result = {"name": name, "stage": stage, "lora": lora, "records": records,
                   "param_diff": max_diff(model, ref_model), "P": trainable_count(model), "world": dist.size(),
+                  "tensors": sum(p.requires_grad for p in model.parameters()),
                   "bytes": opt.state_bytes()}
         # Gradient bytes at their peak, right after reduce_gradients (stage 1 keeps param.grad until zero_grad);
         # stage 2 launches nothing on the first micro-step and every bucket during the last one's backward.

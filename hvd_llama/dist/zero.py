@@ -106,8 +106,9 @@ class ReplicatedOptimizer:
                     self.optimizer.state[p]["step"] = step.to(p.device if on_device else "cpu", torch.float32)
 
     def state_bytes(self) -> dict:
-        """Bytes this rank holds now: all weights, the gradients allocated, the AdamW moments."""
-        moments = [t for s in self.optimizer.state.values() for k, t in s.items() if k != "step"]
+        """Bytes this rank holds now: all weights, the gradients allocated, the AdamW state (moments and the
+        step counters)."""
+        moments = [t for s in self.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
         return {"weights": _tensor_bytes(self.model.parameters()),
                 "gradients": _tensor_bytes(p.grad for p in self._params() if p.grad is not None),
                 "optimizer": _tensor_bytes(moments)}
