@@ -51,6 +51,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
     max_bad_steps: int = 5  # non-finite steps in a row (each skipped on every rank) before training stops
+    stop_grace_s: float = 60.0  # after a stop request (signal, stop file, launcher gone): seconds to checkpoint and
+    # exit before a rank exits anyway (the previous checkpoint stays intact)
 
 
 @dataclass
