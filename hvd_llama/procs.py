@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 # Programs that launch ranks; horovodrun's MPI mode runs `/bin/sh -c "mpirun ..."` in its own place.
 LAUNCHERS = ("horovodrun", "mpirun", "mpiexec", "orterun", "prterun", "srun")
@@ -107,6 +109,26 @@ def kill_tree(root: int, started: int) -> int:
         except ProcessLookupError:
             pass
     return len(victims)
+
+
+@contextmanager
+def reaped(proc: subprocess.Popen) -> Iterator[None]:
+    """Kill `proc` and everything it started if the block raises (a timeout, Ctrl-C) or this process dies in it,
+    however it dies: a reaper process watches a pipe only this process writes to.
+
+    Killing a process group is not enough: launchers start ranks in sessions of their own (horovodrun's
+    helpers, torchrun's workers), and a SIGKILLed parent runs no cleanup at all.
+    """
+    started = start_time(proc.pid)
+    reaper = subprocess.Popen([sys.executable, "-S", __file__, str(proc.pid), str(started)], stdin=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        yield
+    except BaseException:
+        kill_tree(proc.pid, started)
+        raise
+    finally:
+        reaper.communicate("done")
 
 
 def reaper_main(argv: list[str]) -> None:

@@ -13,7 +13,8 @@ from typing import Callable, Optional
 
 from multiproc import BIN, REPO, job_env, launcher_command
 
-from hvd_llama import procs
+from hvd_llama import checkpoint, procs
+from hvd_llama.cli import UserError
 
 # horovodrun without --gloo hands the job to mpirun when Horovod has MPI (it has, here); the scripts are ours.
 LAUNCHERS = ("horovodrun", "horovodrun-gloo", "mpirun", "train_single_node.sh", "train_mpirun.sh",
@@ -59,6 +60,8 @@ def start(launcher: str, train_args: list, tmp_path: Path, env: Optional[dict] =
 
 
 def output(proc: subprocess.Popen) -> str:
+    if not hasattr(proc, "log"):
+        return ""
     proc.log.seek(0)
     return proc.log.read()
 
@@ -129,24 +132,36 @@ class Outcome:
     returncode: int
     output: str
     stop_step: int  # the last step in metrics.jsonl
-    checkpoints: list  # names of complete checkpoints (with a manifest)
+    checkpoints: list  # names of the checkpoints that verify (checksums match their manifest)
+    corrupt: list  # names of those that do not
     left: list  # processes of the job alive 60 s after it ended
     seconds: float  # from the signal to the launcher's exit
 
 
-def checkpoints(run_dir: Path) -> list:
-    folder = run_dir / "checkpoints"
-    return sorted(p.name for p in folder.iterdir() if (p / "manifest.json").is_file()) if folder.is_dir() else []
+def checkpoints(run_dir: Path) -> tuple[list, list]:
+    """(names of the checkpoints that verify, names of those that do not)."""
+    good, bad = [], []
+    for path in checkpoint.list_checkpoints(run_dir):
+        try:
+            checkpoint.verify_checkpoint(path)
+            good.append(path.name)
+        except UserError:
+            bad.append(path.name)
+    return good, bad
 
 
 def signal_job(launcher: str, sig: int, target: str, train_args: list, run_dir: Path, tmp_path: Path,
                at_step: int = 3) -> Outcome:
-    """Run a job, send `sig` to the launcher alone or to its whole process group once `at_step` is logged."""
+    """Run a job; once `at_step` is logged, send `sig` to the launcher alone, to its whole process group, or
+    (target "rank") to one rank."""
     proc = start(launcher, train_args, tmp_path)
     try:
         wait_for(lambda: last_step(run_dir) >= at_step, proc, f"step {at_step}")
         processes = job_processes(proc)
-        (os.kill if target == "launcher" else os.killpg)(proc.pid, sig)
+        if target == "rank":
+            os.kill(ranks_of(processes)[-1], sig)
+        else:
+            (os.kill if target == "launcher" else os.killpg)(proc.pid, sig)
         sent = time.monotonic()
         returncode = finish(proc)
         seconds = time.monotonic() - sent
@@ -155,4 +170,4 @@ def signal_job(launcher: str, sig: int, target: str, train_args: list, run_dir: 
     except BaseException:
         os.killpg(proc.pid, signal.SIGKILL)
         raise
-    return Outcome(returncode, output(proc), last_step(run_dir), checkpoints(run_dir), left, seconds)
+    return Outcome(returncode, output(proc), last_step(run_dir), *checkpoints(run_dir), left, seconds)

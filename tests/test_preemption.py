@@ -4,28 +4,35 @@ README's fault table says so, exit as it says, and leave no process behind."""
 from __future__ import annotations
 
 import itertools
+import os
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import micro_overrides
-from jobkill import (LAUNCHERS, SCRIPTS, checkpoints, finish, job_processes, kill_all, last_step, output, ranks_of,
-                     signal_job, start, survivors, wait_for)
-from multiproc import finish_job, start_job
+from jobkill import LAUNCHERS, SCRIPTS, finish, job_processes, output, signal_job, start, survivors, wait_for
+from multiproc import REPO, finish_job, job_env, start_job
 from trainrun import losses, train_args
+
+from hvd_llama import procs
 
 pytestmark = pytest.mark.distributed
 
-SIGNALS = {"TERM": signal.SIGTERM, "USR1": signal.SIGUSR1, "INT": signal.SIGINT}
-TARGETS = ("launcher", "group")
-CELLS = list(itertools.product(LAUNCHERS, SIGNALS, TARGETS))
+SIGNALS = {"TERM": signal.SIGTERM, "USR1": signal.SIGUSR1, "INT": signal.SIGINT, "KILL": signal.SIGKILL}
+STOP_CELLS = list(itertools.product(LAUNCHERS, ("TERM", "USR1", "INT"), ("launcher", "group")))
+KILL_CELLS = [(launcher, "KILL", "launcher") for launcher in LAUNCHERS] + \
+    [(launcher, "KILL", "rank") for launcher in ("horovodrun", "horovodrun-gloo", "mpirun", "train_single_node.sh")]
 FAST_CELLS = [("train_single_node.sh", "TERM", "group"), ("horovodrun", "TERM", "launcher")]
 MAX_STEPS = 300
 
 
-def expected_exit(launcher: str, sig: str) -> int | None:
-    """The launcher's exit code (None: any failure code): the README's fault table."""
+def expected_exit(launcher: str, sig: str, target: str) -> int | None:
+    """The launcher's exit code (None: some failure code): the README's fault table."""
+    if sig == "KILL":
+        return -signal.SIGKILL if target == "launcher" else None
     if launcher in SCRIPTS:
         return 0  # the script stands between the signal and the launcher
     if launcher == "horovodrun":
@@ -35,29 +42,34 @@ def expected_exit(launcher: str, sig: str) -> int | None:
     return 0 if sig == "USR1" else None  # mpirun forwards SIGUSR1; on SIGTERM/SIGINT it kills the ranks in 2 s
 
 
-def checkpoint_guaranteed(launcher: str, sig: str) -> bool:
-    """Plain mpirun SIGKILLs the ranks 1 s after forwarding SIGTERM/SIGINT: only a small model saves in time."""
-    return not (launcher == "mpirun" and sig != "USR1")
+def checkpoint_guaranteed(launcher: str, sig: str, target: str) -> bool:
+    """A checkpoint at the step the job stopped: not when a rank dies (the job fails; earlier checkpoints stay),
+    nor under plain mpirun's SIGTERM/SIGINT, which SIGKILLs the ranks 1 s after forwarding the signal."""
+    return target != "rank" and not (launcher == "mpirun" and sig in ("TERM", "INT"))
 
 
-def overrides(data_dir):
-    return micro_overrides(data_dir, **{"train.max_steps": MAX_STEPS, "checkpoint.every": 0, "log.tensorboard": False})
+def overrides(data_dir, **extra):
+    return micro_overrides(data_dir, **{"train.max_steps": MAX_STEPS, "checkpoint.every": 0, "log.tensorboard": False,
+                                        "train.stop_grace_s": 30, **extra})
 
 
-def check_cell(outcome, launcher, sig):
-    assert not outcome.left, f"left running: {outcome.left}"
-    expected = expected_exit(launcher, sig)
+def check_cell(outcome, launcher, sig, target):
+    assert not outcome.left, f"left running 60 s after the launcher ended: {outcome.left}"
+    assert outcome.seconds < 60
+    expected = expected_exit(launcher, sig, target)
     if expected is None:
         assert outcome.returncode != 0, outcome.output[-3000:]
     else:
         assert outcome.returncode == expected, outcome.output[-3000:]
-    assert outcome.stop_step < MAX_STEPS
+    assert outcome.stop_step < MAX_STEPS and not outcome.corrupt
     stop_checkpoint = f"step_{outcome.stop_step:08d}"
-    if checkpoint_guaranteed(launcher, sig):
+    if checkpoint_guaranteed(launcher, sig, target):
         assert outcome.checkpoints == [stop_checkpoint], outcome.output[-3000:]  # at the step it stopped
         assert "stop requested by" in outcome.output
+    elif target == "rank":  # checkpoint.every=2: the ones written before the kill are intact
+        assert outcome.checkpoints and outcome.checkpoints[-1] <= stop_checkpoint
     else:
-        assert outcome.checkpoints in ([], [stop_checkpoint])  # complete when there is one
+        assert outcome.checkpoints in ([], [stop_checkpoint])
 
 
 def run_cells(cells, data_dir, root):
@@ -67,7 +79,9 @@ def run_cells(cells, data_dir, root):
         folder = root / "-".join(cell)
         folder.mkdir(parents=True)
         run_dir = folder / "run"
-        outcome = signal_job(launcher, SIGNALS[sig], target, train_args(run_dir, overrides(data_dir)), run_dir, folder)
+        more = {"checkpoint.every": 2} if target == "rank" else {}
+        outcome = signal_job(launcher, SIGNALS[sig], target, train_args(run_dir, overrides(data_dir, **more)),
+                             run_dir, folder, at_step=5 if target == "rank" else 3)
         outcome.folder = folder
         return outcome
 
@@ -86,7 +100,7 @@ def straight_losses(data_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def matrix(data_dir, tmp_path_factory):
-    return run_cells(CELLS, data_dir, tmp_path_factory.mktemp("matrix"))
+    return run_cells(STOP_CELLS + KILL_CELLS, data_dir, tmp_path_factory.mktemp("matrix"))
 
 
 def resumes_exactly(launcher, folder, data_dir, expected_losses):
@@ -99,14 +113,14 @@ def resumes_exactly(launcher, folder, data_dir, expected_losses):
 @pytest.mark.parametrize("cell", FAST_CELLS, ids=["-".join(c) for c in FAST_CELLS])
 def test_stop_signal_checkpoints_and_resumes_exactly(cell, data_dir, tmp_path, straight_losses):
     outcome = run_cells([cell], data_dir, tmp_path)[cell]
-    check_cell(outcome, cell[0], cell[1])
+    check_cell(outcome, *cell)
     resumes_exactly(cell[0], tmp_path / "-".join(cell), data_dir, straight_losses)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cell", CELLS, ids=["-".join(c) for c in CELLS])
-def test_stop_signal_matrix(cell, matrix):
-    check_cell(matrix[cell], cell[0], cell[1])
+@pytest.mark.parametrize("cell", STOP_CELLS + KILL_CELLS, ids=["-".join(c) for c in STOP_CELLS + KILL_CELLS])
+def test_signal_and_kill_matrix(cell, matrix):
+    check_cell(matrix[cell], *cell)
 
 
 @pytest.mark.slow
@@ -116,3 +130,47 @@ def test_every_launcher_resumes_a_stopped_run_exactly(launcher, matrix, data_dir
     cell = (launcher, sig, "group")
     assert matrix[cell].checkpoints
     resumes_exactly(launcher, matrix[cell].folder, data_dir, straight_losses)
+
+
+REAPED_TREE = """
+import subprocess, sys, time
+from hvd_llama import procs
+job = subprocess.Popen(["sh", "-c", "setsid sleep 300 & sleep 300"], start_new_session=True)
+with procs.reaped(job):
+    print(job.pid, flush=True)
+    time.sleep(300)
+"""
+
+
+def test_reaped_tree_dies_with_its_parent_even_by_sigkill():
+    """A grandchild in a session of its own (as horovodrun's helpers and torchrun's workers are) goes too."""
+    parent = subprocess.Popen([sys.executable, "-c", REAPED_TREE], stdout=subprocess.PIPE, text=True, env=job_env())
+    root = int(parent.stdout.readline())
+    wait_for(lambda: len(procs.descendants(root)) >= 2, parent, "the tree's start", timeout=30)
+    tree = [(pid, procs.start_time(pid), "") for pid in [root, *procs.descendants(root)]]
+    assert len({os.getsid(pid) for pid, _, _ in tree}) == 2
+    parent.kill()
+    parent.wait()
+    assert not survivors(tree, timeout=30)
+
+
+def test_bench_killed_leaves_no_process(tmp_path):
+    """SIGKILL of `python -m hvd_llama.bench` while its horovodrun job measures: the job goes too."""
+    argv = [sys.executable, "-m", "hvd_llama.bench", "scaling", "--config", "configs/tiny.yaml", "--set",
+            "model.dim=64", "--set", "model.n_layers=2", "--set", "model.vocab_size=512", "--set", "train.seq_len=32",
+            "--set", "train.batch_size=4", "--steps", "1000000", "--rounds", "1", "--out", str(tmp_path / "r.json")]
+    bench = subprocess.Popen(argv, cwd=REPO, env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    try:
+        wait_for(lambda: any(cmd.startswith(sys.executable) and "horovodrun" not in cmd and "train_steps" in cmd
+                             for _, _, cmd in job_processes(bench)), bench, "a measurement rank", timeout=120)
+        processes = [p for p in job_processes(bench) if p[0] != bench.pid]
+        assert len({os.getsid(pid) for pid, _, _ in processes}) >= 2  # horovodrun's helpers: sessions of their own
+        bench.kill()
+        bench.wait()
+        left = survivors(processes)
+        assert not left, f"left running: {left}"
+        assert "killed" in bench.stderr.read()  # the reaper says what it did
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
