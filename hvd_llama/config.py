@@ -14,10 +14,10 @@ from typing import Optional, Sequence
 import yaml
 
 from hvd_llama.cli import UserError
-from hvd_llama.lora import LORA_TARGETS
 from hvd_llama.model import ModelConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")  # the projections LoRA can adapt
 
 
 @dataclass

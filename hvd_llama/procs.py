@@ -1,5 +1,6 @@
-"""The processes of a job: which launcher started this one, whether it is still there, and reaping a whole
-process tree when the process that started it dies (so that no rank outlives its job).
+"""The processes of a job: stop requests (signals, a stop file, the launcher's death) with a grace period,
+which launcher started this process and whether it is still there, and reaping a whole process tree when the
+process that started it dies (so that no rank outlives its job).
 
 Linux /proc only; elsewhere the launcher is never reported gone and nothing is reaped. Standard library only:
 the reaper (`python -m hvd_llama.procs PID START_TIME`) starts in milliseconds.
@@ -11,6 +12,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -109,6 +112,69 @@ def kill_tree(root: int, started: int) -> int:
         except ProcessLookupError:
             pass
     return len(victims)
+
+
+def rank_name() -> str:
+    """This rank's number from the launcher's variables (usable before, and without, Horovod)."""
+    return os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", "0")))
+
+
+def say(line: str) -> None:
+    """A line on stderr that cannot fail: with the launcher gone, nobody may be reading it any more."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+class StopFlag:
+    """Whether to stop at the next step boundary, checkpointing first: the ranks agree on it there (one vote).
+
+    Asked for by SIGTERM, SIGUSR1 or SIGINT (what schedulers, launchers and Ctrl-C send), by the stop file our
+    launch scripts create on a signal (HVD_LLAMA_STOP_FILE: one rank seeing it is enough), or by the launcher's
+    death (a watchdog thread polls the processes that started this one). From the request on, the rank has
+    `grace_s` seconds to exit; after that it exits anyway (the previous checkpoint is intact: writes are atomic).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self, grace_s: float, poll_s: float = 0.5):
+        self.reason, self.since = "", 0.0
+        self.grace_s, self.poll_s = grace_s, poll_s
+        self.stop_file = os.environ.get("HVD_LLAMA_STOP_FILE", "")
+        self.launchers = launcher_processes()
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+        threading.Thread(target=self._watch, name="stop-watchdog", daemon=True).start()
+
+    @property
+    def requested(self) -> bool:
+        if not self.reason and self.stop_file and os.path.exists(self.stop_file):
+            self.request(f"the stop file {self.stop_file}")
+        return bool(self.reason)
+
+    def request(self, reason: str) -> None:
+        if not self.reason:
+            self.reason, self.since = reason, time.monotonic()
+
+    def _handle(self, signum, frame):
+        self.request(f"a signal ({signal.Signals(signum).name})")  # no I/O in a handler: the watchdog reports
+
+    def _watch(self) -> None:
+        announced = False
+        while True:
+            time.sleep(self.poll_s)
+            gone = [pid for pid, started in self.launchers if not alive(pid, started)]
+            if gone and not self.reason:
+                self.request(f"the loss of the launcher (pid {gone[0]} is gone)")
+            if self.reason and not announced:
+                announced = True
+                say(f"rank {rank_name()}: stop requested by {self.reason}; stopping at the next step boundary "
+                     f"(train.stop_grace_s={self.grace_s:g})")
+            if self.reason and time.monotonic() - self.since > self.grace_s:
+                say(f"error: rank {rank_name()} still running {self.grace_s:g} s after the stop request "
+                     "(train.stop_grace_s): exiting now; the last checkpoint written is intact")
+                os._exit(1)
 
 
 @contextmanager

@@ -11,9 +11,7 @@ import errno
 import math
 import os
 import random
-import signal
 import sys
-import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, replace
@@ -24,7 +22,7 @@ import numpy as np
 import torch
 import yaml
 
-from hvd_llama import checkpoint, dist, procs
+from hvd_llama import checkpoint, dist
 from hvd_llama.cli import UserError, atomic_write_text, run_main
 from hvd_llama.compute import AUTOCAST_DTYPES, score, spread_selection, train_step
 from hvd_llama.config import Config, load_config, split_targets, validate
@@ -35,6 +33,7 @@ from hvd_llama.metrics import MetricsLogger, device_peak_flops, format_duration,
 from hvd_llama.pretrained import ADAPTER_FILE, load_weights
 from hvd_llama.model import Transformer
 from hvd_llama.optim import LossScaler, adamw_kwargs, lr_at, param_groups, set_lr
+from hvd_llama.procs import StopFlag, rank_name
 from hvd_llama.tokenizer import Tokenizer
 
 
@@ -114,56 +113,6 @@ class Fault:
     def at(self, kind: str, step: int) -> bool:
         """Whether this rank injects `kind` at `step` (the rank is read now: elastic runs renumber ranks)."""
         return self.kind == kind and self.step == step and self.rank == dist.rank()
-
-
-class StopFlag:
-    """Whether to stop at the next step boundary, checkpointing first: the ranks agree on it there (one vote).
-
-    Asked for by SIGTERM, SIGUSR1 or SIGINT (what schedulers, launchers and Ctrl-C send), by the stop file our
-    launch scripts create on a signal (HVD_LLAMA_STOP_FILE: one rank seeing it is enough), or by the launcher's
-    death (a watchdog thread polls the processes that started this one). From the request on, the rank has
-    `grace_s` seconds to exit; after that it exits anyway (the previous checkpoint is intact: writes are atomic).
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-    def __init__(self, grace_s: float, poll_s: float = 0.5):
-        self.reason, self.since = "", 0.0
-        self.grace_s, self.poll_s = grace_s, poll_s
-        self.stop_file = os.environ.get("HVD_LLAMA_STOP_FILE", "")
-        self.launchers = procs.launcher_processes()
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handle)
-        threading.Thread(target=self._watch, name="stop-watchdog", daemon=True).start()
-
-    @property
-    def requested(self) -> bool:
-        if not self.reason and self.stop_file and os.path.exists(self.stop_file):
-            self.request(f"the stop file {self.stop_file}")
-        return bool(self.reason)
-
-    def request(self, reason: str) -> None:
-        if not self.reason:
-            self.reason, self.since = reason, time.monotonic()
-
-    def _handle(self, signum, frame):
-        self.request(f"a signal ({signal.Signals(signum).name})")  # no I/O in a handler: the watchdog reports
-
-    def _watch(self) -> None:
-        announced = False
-        while True:
-            time.sleep(self.poll_s)
-            gone = [pid for pid, started in self.launchers if not procs.alive(pid, started)]
-            if gone and not self.reason:
-                self.request(f"the loss of the launcher (pid {gone[0]} is gone)")
-            if self.reason and not announced:
-                announced = True
-                _say(f"rank {_rank_name()}: stop requested by {self.reason}; stopping at the next step boundary "
-                     f"(train.stop_grace_s={self.grace_s:g})")
-            if self.reason and time.monotonic() - self.since > self.grace_s:
-                _say(f"error: rank {_rank_name()} still running {self.grace_s:g} s after the stop request "
-                     "(train.stop_grace_s): exiting now; the last checkpoint written is intact")
-                os._exit(1)
 
 
 class Trainer:
@@ -453,26 +402,12 @@ def _main(argv: Optional[Sequence[str]]) -> None:
     logger.message(summary_line(record, before, trainer.progress, time.perf_counter() - start, run_dir, identical))
 
 
-def _rank_name() -> str:
-    """This rank's number from the launcher's variables (usable before, and without, Horovod)."""
-    return os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", "0")))
-
-
-def _say(line: str) -> None:
-    """A line on stderr that cannot fail: with the launcher gone, nobody may be reading it any more."""
-    try:
-        print(line, file=sys.stderr, flush=True)
-    except OSError:
-        pass
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         run_main(_main, argv)
     except Exception as err:  # a crash: name the rank, so the job's log says which one died first
         traceback.print_exc()
-        print(f"error: rank {_rank_name()} failed: "
-              f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        print(f"error: rank {rank_name()} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         os._exit(1)  # do not wait for Horovod's background thread: the other ranks must see us gone
 
 

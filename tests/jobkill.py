@@ -60,10 +60,8 @@ def start(launcher: str, train_args: list, tmp_path: Path, env: Optional[dict] =
 
 
 def output(proc: subprocess.Popen) -> str:
-    if not hasattr(proc, "log"):
-        return ""
-    proc.log.seek(0)
-    return proc.log.read()
+    """The job's output so far (read through a file of our own: the job shares the log's file offset)."""
+    return Path(proc.log.name).read_text(errors="replace") if hasattr(proc, "log") else ""
 
 
 def last_step(run_dir: Path) -> int:
@@ -151,9 +149,10 @@ def checkpoints(run_dir: Path) -> tuple[list, list]:
 
 
 def signal_job(launcher: str, sig: int, target: str, train_args: list, run_dir: Path, tmp_path: Path,
-               at_step: int = 3) -> Outcome:
+               at_step: int = 3, then: Optional[int] = None) -> Outcome:
     """Run a job; once `at_step` is logged, send `sig` to the launcher alone, to its whole process group, or
-    (target "rank") to one rank."""
+    (target "rank") to one rank. `then`: a signal expected to be ignored: check that training goes on for
+    2 s, say so in the output, and send `then` to the group."""
     proc = start(launcher, train_args, tmp_path)
     try:
         wait_for(lambda: last_step(run_dir) >= at_step, proc, f"step {at_step}")
@@ -163,6 +162,12 @@ def signal_job(launcher: str, sig: int, target: str, train_args: list, run_dir: 
         else:
             (os.kill if target == "launcher" else os.killpg)(proc.pid, sig)
         sent = time.monotonic()
+        if then is not None:
+            step = last_step(run_dir)
+            time.sleep(2)
+            assert proc.poll() is None and last_step(run_dir) > step, output(proc)[-3000:]
+            proc.log.write(f"still running 2 s after signal {sig}: sending {then} to the group\n")
+            os.killpg(proc.pid, then)
         returncode = finish(proc)
         seconds = time.monotonic() - sent
         left = survivors(processes)
