@@ -63,18 +63,26 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def new_staging_dir(out: str | os.PathLike) -> Path:
+    """An empty temporary folder next to `out`, for staging_dir (which renames it to `out`)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; give the folder the usual permissions
+    return tmp
+
+
 @contextmanager
-def staging_dir(out: str | os.PathLike) -> Iterator[Path]:
-    """A temporary folder next to `out`, renamed to `out` when the block succeeds and removed if it fails.
+def staging_dir(out: str | os.PathLike, tmp: Optional[Path] = None) -> Iterator[Path]:
+    """A temporary folder next to `out` (new, or `tmp` from new_staging_dir that others already wrote into),
+    renamed to `out` when the block succeeds and removed if it fails.
 
     Readers see the old `out` or the complete new one, never a mix: an existing `out` (the caller decides
     whether replacing it is allowed) is swapped out only after the new folder is complete, then deleted.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp = tmp or new_staging_dir(out)
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; give the folder the usual permissions
         yield tmp
         fsync_dir(tmp)
         if out.exists():

@@ -77,6 +77,7 @@ class DistConfig:
     threads_per_rank: int = 0  # CPU threads per rank; 0 = cores / ranks on this node
     elastic: bool = False  # run under Horovod Elastic (horovodrun --min-np/--max-np)
     commit_every: int = 10  # elastic: optimizer steps between state commits
+    zero_bucket_elements: int = 25_000_000  # stages 1-2: parameters per reduce-scatter/allgather bucket
     zero_stage: int = 0  # 0 = replicated (hvd.DistributedOptimizer); 1 = optimizer state sharded; 2 = gradients sharded too
 
 
@@ -164,7 +165,7 @@ def apply_overrides(values: dict, overrides: Sequence[str]) -> dict:
 # and tests/test_config.py gives every key a wrong type, a negative, a zero and an unknown choice.
 POSITIVE = ("optim.lr", "optim.eps", "train.seq_len", "train.batch_size", "train.grad_accum", "train.max_steps",
             "train.stop_grace_s", "log.every", "dist.gradient_predivide_factor", "dist.commit_every",
-            "finetune.lora_alpha")
+            "dist.zero_bucket_elements", "finetune.lora_alpha")
 NON_NEGATIVE = ("optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.seed",
                 "train.eval_every", "train.eval_windows", "train.max_bad_steps", "checkpoint.every", "checkpoint.keep",
                 "log.peak_flops", "dist.threads_per_rank", "finetune.lora_rank")
@@ -212,6 +213,13 @@ def validate(cfg: Config) -> None:
         raise UserError(f"optim.lr={o.lr}, optim.min_lr={o.min_lr}: expected min_lr <= lr")
     if f.lora_rank and not f.init_from:
         raise UserError("finetune.lora_rank > 0 needs pretrained weights: set finetune.init_from or --init-from")
+    if cfg.dist.elastic and cfg.dist.zero_stage:
+        raise UserError(f"dist.elastic=true needs dist.zero_stage=0 (got {cfg.dist.zero_stage}): Horovod Elastic "
+                        "re-syncs optimizer state by broadcast from rank 0, which holds only its slice; to change "
+                        "the number of ranks of a sharded run, stop it and --resume auto at the new size (it reshards)")
+    if cfg.dist.zero_stage and cfg.dist.op != "average":
+        raise UserError(f"dist.op={cfg.dist.op} needs whole gradients on every rank; dist.zero_stage="
+                        f"{cfg.dist.zero_stage} reduce-scatters them (use dist.op=average)")
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:

@@ -6,11 +6,11 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from hvd_llama.cli import UserError, sha256_file
 from hvd_llama.shards import HEADER_BYTES, META_FORMAT, META_VERSION, RERUN_HINT, read_shard_header
@@ -232,71 +232,46 @@ def inputs_and_targets(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return batch[:, :-1], batch[:, 1:]
 
 
-class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler with drop_last=True (every rank gets the same number of windows; the epoch's
-    permutation depends only on seed and epoch, not on the number of ranks) and exact mid-epoch resume:
-    set_position(epoch, offset) skips this rank's first `offset` indices of that epoch. It only needs len(),
-    so it serves TokenWindows and SFTExamples alike."""
+class SampleOrder:
+    """The order in which the whole job reads training items: epoch e is a permutation of all items seeded by
+    (seed, e) as torch's DistributedSampler seeds it, and epochs follow each other. A position in this order
+    counts the items all ranks have read together, so it means the same at any world size: a run resumed (or
+    resized by Horovod Elastic) with another number of ranks continues on exactly the items an uninterrupted
+    run would read next."""
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool = True, seed: int = 0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
-        if self.num_samples == 0:
-            raise UserError(f"the dataset has {len(dataset)} windows or examples, fewer than the {num_replicas} ranks")
-        self.offset = 0
+    def __init__(self, n_items: int, seed: int):
+        if n_items < 1:
+            raise UserError("the training split holds no windows or examples")
+        self.n_items, self.seed = n_items, seed
+        self._epoch, self._perm = -1, None
 
-    def set_epoch(self, epoch: int) -> None:
-        self.set_position(epoch, 0)
+    def permutation(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n_items, generator=generator).tolist()
+        return self._perm
 
-    def set_position(self, epoch: int, offset: int) -> None:
-        if not 0 <= offset <= self.num_samples:
-            raise ValueError(f"offset {offset} is outside this epoch's {self.num_samples} indices per rank")
-        self.epoch, self.offset = epoch, offset
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        return iter(indices[self.offset:])
-
-    def __len__(self) -> int:
-        return self.num_samples - self.offset
-
-
-class WindowStream:
-    """This rank's training windows in sampler order, continuing across epochs and from a saved position."""
-
-    def __init__(self, dataset: Dataset, sampler, progress):
-        """`progress`: where training stands (train.Progress): its epoch and offset move as windows are read."""
-        self.dataset, self.sampler, self.progress = dataset, sampler, progress
-        self._indices = None
-
-    def next_batch(self, n: int) -> torch.Tensor:
-        rows = []
-        while len(rows) < n:
-            if self._indices is None:
-                self._indices = self._begin()
-            index = next(self._indices, None)
-            if index is None:  # epoch done: every rank gets there at the same step (equal shares)
-                self.progress.epoch, self.progress.offset, self._indices = self.progress.epoch + 1, 0, None
-                continue
-            rows.append(self.dataset[index])
-            self._consumed_one()
-        return torch.stack(rows)
-
-    def _begin(self):
-        self.sampler.set_position(self.progress.epoch, self.progress.offset)
-        return iter(self.sampler)
-
-    def _consumed_one(self) -> None:
-        self.progress.offset += 1  # this rank's windows
+    def indices(self, position: int, count: int) -> list[int]:
+        """Items position .. position + count - 1 of the order, across epoch boundaries."""
+        out = []
+        while count > 0:
+            epoch, offset = divmod(position, self.n_items)
+            taken = self.permutation(epoch)[offset:offset + count]
+            out += taken
+            position, count = position + len(taken), count - len(taken)
+        return out
 
 
-class ElasticWindowStream(WindowStream):
-    """The same over Horovod's ElasticSampler, which re-splits the epoch's remaining windows on a resize."""
+class StepBatches:
+    """This rank's micro-batches of each optimizer step. A step reads the next size * grad_accum * batch_size
+    items of the SampleOrder; micro-batch j of rank r is its ((j * size + r) * batch_size)-th run of
+    batch_size items. What a step reads does not depend on how it is split over ranks and micro-steps."""
 
-    def _begin(self):
-        if self.sampler.epoch != self.progress.epoch:
-            self.sampler.set_epoch(self.progress.epoch)
-        return iter(self.sampler)
+    def __init__(self, dataset: Dataset, order: SampleOrder, rank: int, size: int):
+        self.dataset, self.order, self.rank, self.size = dataset, order, rank, size
 
-    def _consumed_one(self) -> None:
-        self.sampler.record_batch(0, 1)
-        self.progress.offset = self.sampler.processed_num  # all ranks' windows: survives a resize
+    def step(self, position: int, batch_size: int, grad_accum: int) -> list[torch.Tensor]:
+        items = self.order.indices(position, self.size * grad_accum * batch_size)
+        starts = [(j * self.size + self.rank) * batch_size for j in range(grad_accum)]
+        return [torch.stack([self.dataset[i] for i in items[s:s + batch_size]]) for s in starts]

@@ -11,6 +11,7 @@ import errno
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import traceback
@@ -25,26 +26,34 @@ import yaml
 from hvd_llama import checkpoint, dist
 from hvd_llama.cli import UserError, atomic_write_text, run_main
 from hvd_llama.compute import AUTOCAST_DTYPES, score, spread_selection, train_step
-from hvd_llama.config import Config, load_config, split_targets, validate
-from hvd_llama.data import ElasticWindowStream, ResumableDistributedSampler, WindowStream, open_split, read_meta
+from hvd_llama.config import Config, load_config
+from hvd_llama.data import SampleOrder, StepBatches, open_split
 from hvd_llama.device import resolve_device
-from hvd_llama.lora import apply_lora, load_lora_state_dict, lora_state_dict, trainable_param_count
+from hvd_llama.memory import check_fits
+from hvd_llama.startup import build_model, check_data, device_memory, load_pretrained, lora_summary
+from hvd_llama.lora import load_lora_state_dict, lora_state_dict
 from hvd_llama.metrics import MetricsLogger, device_peak_flops, format_duration, format_flops
-from hvd_llama.pretrained import ADAPTER_FILE, load_weights
-from hvd_llama.model import Transformer
+from hvd_llama.pretrained import ADAPTER_FILE
 from hvd_llama.optim import LossScaler, adamw_kwargs, lr_at, param_groups, set_lr
 from hvd_llama.procs import StopFlag, rank_name
-from hvd_llama.tokenizer import Tokenizer
 
 
 @dataclass
 class Progress:
     """Where training stands; saved in checkpoints so a resumed run continues exactly."""
     step: int = 0  # optimizer steps completed
-    epoch: int = 0  # data epoch of the next window
-    offset: int = 0  # windows of that epoch this rank has already consumed
+    samples: int = 0  # items of the job's SampleOrder read, all ranks together (the data position)
     tokens: int = 0  # tokens trained on, all ranks together
     elapsed_s: float = 0.0  # training wall time, summed over resumed sessions
+    world_size: int = 1  # ranks of the session that saved it
+
+    @classmethod
+    def restore(cls, saved: dict, world_size: int) -> "Progress":
+        """A saved position; checkpoints from before the global order kept each rank's offset in an epoch."""
+        if "samples" not in saved:
+            saved = {"step": saved["step"], "tokens": saved["tokens"], "elapsed_s": saved["elapsed_s"],
+                     "samples": saved["offset"] * world_size, "world_size": world_size}
+        return cls(**saved)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -65,15 +74,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                              "optimizer, step and schedule start fresh (same as finetune.init_from)")
     parser.add_argument("--elastic", action="store_true", help="run under Horovod Elastic (same as dist.elastic=true)")
     return parser.parse_args(argv)
-
-
-def check_data(cfg: Config) -> dict:
-    """Fail before training if the data does not fit the model (checked on every rank: no collective)."""
-    meta = read_meta(cfg.data.dir)
-    if meta["vocab_size"] != cfg.model.vocab_size and not cfg.finetune.init_from:  # else checked on load
-        raise UserError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer of {cfg.data.dir} has "
-                        f"{meta['vocab_size']} tokens; set --set model.vocab_size={meta['vocab_size']}")
-    return meta
 
 
 def rng_state() -> dict:
@@ -120,45 +120,44 @@ class Trainer:
                  fault: Fault = Fault()):
         """`init_state`: pretrained weights (rank 0 only; the others receive them in resume())."""
         self.cfg, self.run_dir, self.device, self.fault = cfg, run_dir, device, fault
-        t, f = cfg.train, cfg.finetune
-        torch.manual_seed(t.seed)  # same init everywhere; rank 0's copy is broadcast anyway
-        self.model = Transformer(cfg.model)
-        if init_state is not None:
-            self.model.load_state_dict(init_state)
-        if f.lora_rank:  # after loading: the adapters start at zero on top of the pretrained weights
-            apply_lora(self.model, f.lora_rank, f.lora_alpha, f.lora_dropout, split_targets(f.lora_targets))
-        self.model.to(device)
+        t = cfg.train
+        self.model = build_model(cfg, device, init_state)
         if t.activation_checkpointing:
             self.model.set_activation_checkpointing(True)
         self.forward_model = torch.compile(self.model) if t.compile else self.model
         self.optimizer = dist.build_data_parallel_optimizer(
             self.model, param_groups(self.model, cfg.optim.weight_decay), adamw_kwargs(cfg.optim), cfg.dist,
-            stage=cfg.dist.zero_stage, grad_accum=t.grad_accum, fused=device.type == "cuda")
+            stage=cfg.dist.zero_stage, grad_accum=t.grad_accum, fused=device.type == "cuda",
+            bucket_elements=cfg.dist.zero_bucket_elements)
         self.scaler = LossScaler() if t.precision == "fp16" else None
         self.train_data = open_split(cfg.data.dir, "train", t.seq_len)
         self.val_data = open_split(cfg.data.dir, "val", t.seq_len, scoring=True) \
             if t.eval_every or t.eval_at_start else None
-        if cfg.dist.elastic:
-            self.sampler = dist.elastic_sampler(self.train_data, seed=t.seed)
-        else:
-            self.sampler = ResumableDistributedSampler(self.train_data, num_replicas=dist.size(),
-                                                       rank=dist.rank(), shuffle=True, seed=t.seed)
-        self.progress = Progress()
+        self.order = SampleOrder(len(self.train_data), seed=t.seed)
+        self.progress = Progress(world_size=dist.size())
         self.lr_scale = 1.0  # elastic: world size / the size the job started with (linear scaling rule)
         self.stop_flag = StopFlag(cfg.train.stop_grace_s)
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def resume(self, resume: Optional[str]) -> None:
-        """Rank 0 reads the checkpoint; every other rank receives it by broadcast."""
+        """Rank 0 reads the weights and the training state and broadcasts them (at stage 0 with the optimizer
+        state); at stages 1 and 2 every rank reads all optimizer slices and keeps its own, resharded when the
+        world size changed."""
         state = dist.run_on_main(lambda: self._load_on_main(resume), name="resume") if resume else None
-        resumed = dist.broadcast_object(state is not None, name="resume.found")
-        dist.broadcast_state(self.model, self.optimizer, has_optimizer_state=resumed)
-        if resumed:
-            shared = dist.broadcast_object({k: state[k] for k in ("progress", "rng")} if state else None,
-                                           name="resume.state")
-            self.progress = Progress(**shared["progress"])
-            rng = shared["rng"]
-            set_rng_state(rng[dist.rank()] if dist.rank() < len(rng) else rng[0])
+        shared = dist.broadcast_object({k: state[k] for k in ("path", "progress", "rng")} if state else None,
+                                       name="resume.state")
+        dist.broadcast_state(self.model, self.optimizer, has_optimizer_state=shared is not None)
+        if shared is None:
+            return
+        if self.optimizer.stage:
+            self.optimizer.load_state_dict(checkpoint.read_optimizer_slices(Path(shared["path"])))
+        self.progress = Progress.restore(shared["progress"], world_size=len(shared["rng"]))
+        if self.progress.world_size != dist.size() and dist.is_main():
+            print(f"resuming a run saved on {self.progress.world_size} rank(s) on {dist.size()}: the data continues "
+                  f"at item {self.progress.samples:,} of the global sample order", flush=True)
+        self.progress.world_size = dist.size()
+        rng = shared["rng"]
+        set_rng_state(rng[dist.rank()] if dist.rank() < len(rng) else rng[0])
 
     def _load_on_main(self, resume: str) -> Optional[dict]:
         path = checkpoint.find_latest_checkpoint(self.run_dir) if resume == "auto" else \
@@ -166,34 +165,66 @@ class Trainer:
         if path is None:
             return None
         print(f"resuming from {path}", flush=True)
+        state = checkpoint.load_train_state(path)
+        saved_stage, stage = state.get("zero_stage", 0), self.optimizer.stage
+        if (saved_stage == 0) != (stage == 0):
+            raise UserError(f"{path} was written at dist.zero_stage={saved_stage}; resume it with --set "
+                            f"dist.zero_stage={saved_stage}{' (or the other sharded stage)' if saved_stage else ''}")
         if self.cfg.finetune.lora_rank:  # the base weights came from finetune.init_from
             load_lora_state_dict(self.model, torch.load(path / ADAPTER_FILE, map_location="cpu", weights_only=True))
         else:
             self.model.load_state_dict(checkpoint.read_model_checkpoint(path)[0])  # verified when found
-        state = checkpoint.load_train_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if stage == 0:
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        return state
+        return {**state, "path": str(path)}
 
     def save(self) -> Optional[Path]:
-        """Every rank calls this (the RNG gather is a collective); rank 0 writes, every rank learns if it failed."""
+        """Every rank calls this (collectives: the RNG gather, the optimizer slices); rank 0 writes the rest,
+        every rank learns if it failed."""
         rngs = dist.allgather_object(rng_state(), name="ckpt.rng")
-        return dist.run_on_main(lambda: self._write_checkpoint(rngs), name="ckpt")
-
-    def _write_checkpoint(self, rngs: list) -> Path:
-        train_state = {"optimizer": self.optimizer.state_dict(), "progress": asdict(self.progress), "rng": rngs,
-                       "scaler": self.scaler.state_dict() if self.scaler else None}
         path = self.run_dir / "checkpoints" / checkpoint.checkpoint_name(self.progress.step)
+        slices = self._write_slices(path) if self.optimizer.stage else None
+        return dist.run_on_main(lambda: self._write_checkpoint(path, rngs, slices), name="ckpt")
+
+    def _write_slices(self, path: Path) -> dict:
+        """Every rank writes its own optimizer slice into the checkpoint's staging folder, so no rank ever holds
+        the whole optimizer state (the run dir must be on a filesystem all ranks share)."""
+        staging = dist.broadcast_object(dist.run_on_main(lambda: str(checkpoint.begin_checkpoint(path)),
+                                                         name="ckpt.begin"), name="ckpt.staging")
+        name, digest, error = checkpoint.slice_name(dist.rank(), dist.size()), None, None
         try:
             if self.fault.at("diskfull", self.progress.step):
                 raise OSError(errno.ENOSPC, "No space left on device (injected)")
-            lora = self.cfg.finetune.lora_rank > 0  # LoRA checkpoints hold the small adapters alone
-            checkpoint.save_checkpoint(path, lora_state_dict(self.model) if lora else self.model.state_dict(),
-                                       self.cfg.to_dict(), tokenizer_path=Path(self.cfg.data.dir) / "tokenizer.model",
-                                       train_state=train_state, step=self.progress.step,
-                                       weights_file=ADAPTER_FILE if lora else "model.pt")
+            digest = checkpoint.write_torch(Path(staging) / name, self.optimizer.state_dict())
         except OSError as err:
+            error = f"rank {dist.rank()}: {err}"
+        return {"staging": Path(staging), "files": dist.allgather_object((name, digest, error), name="ckpt.slices")}
+
+    def _write_checkpoint(self, path: Path, rngs: list, slices: Optional[dict]) -> Path:
+        stage = self.optimizer.stage
+        train_state = {"progress": asdict(self.progress), "rng": rngs, "zero_stage": stage,
+                       "scaler": self.scaler.state_dict() if self.scaler else None}
+        if stage == 0:
+            train_state["optimizer"] = self.optimizer.state_dict()
+        lora = self.cfg.finetune.lora_rank > 0  # LoRA checkpoints hold the small adapters alone
+        weights = lora_state_dict(self.model) if lora else self.model.state_dict()
+        try:
+            if self.fault.at("diskfull", self.progress.step):
+                raise OSError(errno.ENOSPC, "No space left on device (injected)")
+            errors = [error for _, _, error in slices["files"] if error] if slices else []
+            if errors:
+                raise OSError(f"an optimizer slice could not be written ({errors[0]})")
+            checkpoint.save_checkpoint(path, {k: v.float() for k, v in weights.items()}, self.cfg.to_dict(),
+                                       tokenizer_path=Path(self.cfg.data.dir) / "tokenizer.model",
+                                       train_state=train_state, step=self.progress.step,
+                                       weights_file=ADAPTER_FILE if lora else "model.pt",
+                                       staging=slices["staging"] if slices else None,
+                                       written={n: d for n, d, _ in slices["files"]} if slices else None)
+        except OSError as err:
+            if slices:  # the ranks' slices are staged: nothing of this checkpoint may stay
+                shutil.rmtree(slices["staging"], ignore_errors=True)
             previous = checkpoint.find_latest_checkpoint(self.run_dir)
             raise UserError(f"writing checkpoint {path.name} failed ({err}); the last good checkpoint, "
                             f"{previous or 'none'}, is intact") from None
@@ -213,9 +244,7 @@ class Trainer:
 
     def run_elastic(self, logger: MetricsLogger) -> dict:
         """Horovod Elastic: train inside hvd.elastic.run; a lost or added worker rolls back to the last commit."""
-        if self.progress.offset:  # a checkpoint position: ElasticSampler counts windows of all ranks
-            self.sampler.load_state_dict({"epoch": self.progress.epoch, "processed_num": self.progress.offset})
-        state = dist.elastic_state(self.model, self.optimizer, self.sampler, progress=asdict(self.progress),
+        state = dist.elastic_state(self.model, self.optimizer, progress=asdict(self.progress),
                                    initial_size=dist.size())
 
         def on_reset():
@@ -232,7 +261,7 @@ class Trainer:
 
         @dist.elastic_run
         def train(state):
-            self.progress = Progress(**state.progress)
+            self.progress = replace(Progress(**state.progress), world_size=dist.size())
             self.lr_scale = dist.size() / state.initial_size
             logger.truncate_after(self.progress.step)  # steps after the last commit are trained again
             return self.run(logger, commit)
@@ -241,7 +270,7 @@ class Trainer:
 
     def run(self, logger: MetricsLogger, commit=None) -> dict:
         t, p = self.cfg.train, self.progress
-        stream = (ElasticWindowStream if commit else WindowStream)(self.train_data, self.sampler, p)
+        stream = StepBatches(self.train_data, self.order, dist.rank(), dist.size())
         self.tokens_per_step = t.batch_size * t.grad_accum * t.seq_len * dist.size()
         self.flops_per_token, (self.peak, peak_source) = self.model.flops_per_token(t.seq_len), self.peak_flops()
         logger.message(f"MFU peak: {format_flops(self.peak)} over {dist.size()} rank(s) ({peak_source})")
@@ -252,7 +281,7 @@ class Trainer:
             step_start = time.perf_counter()
             lr = lr_at(p.step, self.cfg.optim, t.max_steps) * self.lr_scale
             set_lr(self.optimizer, lr)
-            batches = [stream.next_batch(t.batch_size) for _ in range(t.grad_accum)]
+            batches = stream.step(p.samples, t.batch_size, t.grad_accum)
             result = train_step(self.forward_model, self.optimizer, batches, self.device, t.precision,
                                 self.cfg.optim.grad_clip, self.scaler, poison=self.fault.at("nan", p.step + 1),
                                 ranks=dist)
@@ -260,6 +289,7 @@ class Trainer:
             loss_sum, stop_votes = dist.allreduce_sum(
                 torch.tensor([result.loss_sum, float(self.stop_flag.requested)]), name="step.stats").tolist()
             p.step += 1
+            p.samples += t.batch_size * t.grad_accum * dist.size()
             p.tokens += self.tokens_per_step
             p.elapsed_s += time.perf_counter() - step_start
             record = self.step_record(loss_sum / max(result.n_targets, 1), lr, result, step_start)
@@ -317,34 +347,6 @@ def replicas_identical(model: torch.nn.Module) -> bool:
     return len({repr(f) for f in dist.allgather_object(fingerprint, name="replicas")}) == 1
 
 
-def load_pretrained(cfg: Config, meta: dict) -> Optional[dict]:
-    """Rank 0 reads the pretrained weights; every rank adopts their architecture. Returns rank 0's state."""
-    def read() -> tuple[dict, object]:
-        state, model_cfg, tokenizer = load_weights(cfg.finetune.init_from)
-        if tokenizer is not None and Tokenizer(tokenizer).sha256 != meta.get("tokenizer_sha256"):
-            raise UserError(f"{cfg.data.dir} was encoded with another tokenizer than {cfg.finetune.init_from}'s; "
-                            f"re-run prepare with --tokenizer {tokenizer}")
-        if model_cfg.vocab_size < meta["vocab_size"]:
-            raise UserError(f"{cfg.finetune.init_from} has {model_cfg.vocab_size} token embeddings but "
-                            f"{cfg.data.dir}'s tokenizer has {meta['vocab_size']} tokens")
-        return state, model_cfg
-
-    loaded = dist.run_on_main(read, name="init_from")
-    cfg.model = dist.broadcast_object(loaded[1] if loaded else None, name="init_from.model")
-    validate(cfg)  # e.g. train.seq_len against the pretrained max_seq_len, on every rank alike
-    return loaded[0] if loaded else None
-
-
-def lora_summary(model: torch.nn.Module, cfg: Config) -> str:
-    """What LoRA saves: only the adapters' gradients cross the network."""
-    trainable = trainable_param_count(model)
-    base = model.num_params() - trainable
-    per_value = 2 if cfg.dist.compression == "fp16" else 4
-    return (f"LoRA rank {cfg.finetune.lora_rank} on {cfg.finetune.lora_targets}: {trainable:,} trainable parameters "
-            f"({100 * trainable / base:.2f}% of the {base:,} frozen ones); allreduce per step "
-            f"{trainable * per_value / 1e6:.3f} MB instead of {base * per_value / 1e6:.1f} MB for full fine-tuning")
-
-
 def default_run_dir(config_path: Optional[str]) -> Path:
     return Path("runs") / (Path(config_path).stem if config_path else "default")
 
@@ -384,6 +386,7 @@ def _main(argv: Optional[Sequence[str]]) -> None:
     device = dist.init(cfg.dist, device_kind)
     dist.run_on_main(lambda: prepare_run_dir(run_dir, args.resume, cfg), name="run_dir")
     init_state = load_pretrained(cfg, meta) if cfg.finetune.init_from else None
+    check_fits(cfg, dist.size(), device_memory(device), device.type)  # before allocating: every rank alike
     trainer = Trainer(cfg, run_dir, device, init_state, fault)
     trainer.resume(args.resume)
     before, start = replace(trainer.progress), time.perf_counter()

@@ -5,11 +5,11 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from hvd_llama import prepare
 from hvd_llama.cli import UserError
-from hvd_llama.data import ResumableDistributedSampler, TokenWindows, read_meta
+from hvd_llama.data import SampleOrder, StepBatches, TokenWindows, read_meta
 from hvd_llama.shards import HEADER_BYTES, META_FORMAT, META_VERSION, ShardWriter
 from hvd_llama.tokenizer import Tokenizer
 
@@ -119,55 +119,36 @@ def test_other_user_errors(shard_dir, tmp_path):
         TokenWindows(shard_dir, "test", seq_len=8)
 
 
-# ------------------------------------------------------------------------------------------------- sampler
+# ------------------------------------------------------------------------------------------- sample order
 
-def epoch_indices(n, replicas, rank, epoch=0, seed=0, shuffle=True):
-    sampler = ResumableDistributedSampler(range(n), num_replicas=replicas, rank=rank, shuffle=shuffle, seed=seed)
+def torch_epoch(n, epoch, seed):
+    """torch's own DistributedSampler order of one epoch on one rank: the reference SampleOrder follows."""
+    sampler = DistributedSampler(range(n), num_replicas=1, rank=0, shuffle=True, seed=seed)
     sampler.set_epoch(epoch)
     return list(sampler)
 
 
-@pytest.mark.parametrize("n", [100, 101])
-def test_ranks_partition_the_epoch(n):
-    ranks = [epoch_indices(n, 2, r, epoch=3) for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1]) == n // 2
-    assert not set(ranks[0]) & set(ranks[1])
-    assert len(set(ranks[0]) | set(ranks[1])) == n - n % 2  # drop_last: every window at most once, all but n % 2
-    assert sorted(epoch_indices(n, 1, 0, epoch=3)) == list(range(n))
+@pytest.mark.parametrize("n", [7, 100, 101])
+def test_sample_order_is_torch_epochs_back_to_back(n):
+    order = SampleOrder(n, seed=5)
+    assert order.indices(0, 3 * n) == torch_epoch(n, 0, 5) + torch_epoch(n, 1, 5) + torch_epoch(n, 2, 5)
+    assert order.indices(n - 2, 5) == torch_epoch(n, 0, 5)[-2:] + torch_epoch(n, 1, 5)[:3]  # across a boundary
+    assert SampleOrder(n, seed=6).indices(0, n) != order.indices(0, n)
 
 
-def test_two_ranks_at_step_k_equal_one_rank_with_double_batch():
-    n, batch = 103, 4
-    single = epoch_indices(n, 1, 0, epoch=1)
-    ranks = [epoch_indices(n, 2, r, epoch=1) for r in range(2)]
-    for step in range(n // (2 * batch)):
-        both = ranks[0][step * batch:(step + 1) * batch] + ranks[1][step * batch:(step + 1) * batch]
-        assert sorted(both) == sorted(single[step * 2 * batch:(step + 1) * 2 * batch])
+@pytest.mark.parametrize("size, batch, accum", [(1, 6, 1), (2, 3, 1), (3, 2, 1), (1, 3, 2), (2, 1, 3), (3, 1, 2)])
+def test_a_step_reads_the_same_items_however_it_is_split(size, batch, accum):
+    """Every split of a 6-item global batch over ranks and micro-steps reads the same items at every step,
+    each once, so runs of different world sizes (and resumes across them) see the same data."""
+    order = SampleOrder(17, seed=1)  # 17 items: steps straddle epoch boundaries
+    dataset = torch.arange(17)
+    for position in range(0, 60, 6):
+        parts = [StepBatches(dataset, order, rank, size).step(position, batch, accum) for rank in range(size)]
+        items = sorted(int(i) for rank in parts for micro in rank for i in micro)
+        assert len(parts[0]) == accum and all(len(micro) == batch for rank in parts for micro in rank)
+        assert items == sorted(order.indices(position, 6))
 
 
-def test_epochs_and_seeds_shuffle_differently():
-    assert epoch_indices(50, 1, 0, epoch=0) != epoch_indices(50, 1, 0, epoch=1)
-    assert epoch_indices(50, 1, 0, seed=0) != epoch_indices(50, 1, 0, seed=1)
-    assert epoch_indices(50, 1, 0, epoch=2) == epoch_indices(50, 1, 0, epoch=2)
-    assert epoch_indices(10, 2, 1, shuffle=False) == [1, 3, 5, 7, 9]
-
-
-def test_mid_epoch_resume_yields_exactly_the_remaining_windows(shard_dir):
-    windows = TokenWindows(shard_dir, "train", seq_len=8)
-    full = epoch_indices(len(windows), 2, 1, epoch=5, seed=7)
-    sampler = ResumableDistributedSampler(windows, num_replicas=2, rank=1, seed=7)
-    sampler.set_position(5, 13)
-    assert len(sampler) == len(full) - 13
-    assert list(sampler) == full[13:]
-    assert list(sampler) == full[13:]  # iterating again repeats the same remainder until set_epoch
-    sampler.set_epoch(5)
-    assert len(sampler) == len(full) and list(sampler) == full
-    sampler.set_position(5, len(full))
-    assert list(sampler) == [] and len(sampler) == 0
-    with pytest.raises(ValueError, match="outside this epoch"):
-        sampler.set_position(5, len(full) + 1)
-
-
-def test_sampler_needs_a_window_per_rank():
-    with pytest.raises(UserError, match="fewer than the 4 ranks"):
-        ResumableDistributedSampler(range(3), num_replicas=4, rank=0)
+def test_sample_order_needs_items():
+    with pytest.raises(UserError, match="holds no windows"):
+        SampleOrder(0, seed=0)

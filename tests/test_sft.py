@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from hvd_llama import encode, prepare
 from hvd_llama.cli import UserError, sha256_file
 from hvd_llama.compute import count_targets, token_losses
-from hvd_llama.data import (ResumableDistributedSampler, SFTExamples, TokenWindows, inputs_and_targets, open_split,
+from hvd_llama.data import (SampleOrder, SFTExamples, StepBatches, TokenWindows, inputs_and_targets, open_split,
                             read_meta)
 from hvd_llama.model import ModelConfig, Transformer
 from hvd_llama.tokenizer import Tokenizer
@@ -220,14 +220,12 @@ def test_long_examples_are_truncated_and_prompts_filling_the_window_dropped(sft)
 def test_sampler_dataloader_and_pickling(sft):
     out, _, _ = sft
     data = SFTExamples(out, "train", seq_len=64)
-    ranks = [list(ResumableDistributedSampler(data, num_replicas=2, rank=r, seed=3)) for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1]) == len(data) // 2 and not set(ranks[0]) & set(ranks[1])
-    sampler = ResumableDistributedSampler(data, num_replicas=2, rank=1, seed=3)
-    sampler.set_position(0, 4)
-    assert list(sampler) == ranks[1][4:]
-    batch = next(iter(DataLoader(data, batch_size=4, sampler=sampler)))
+    order = SampleOrder(len(data), seed=3)
+    [batch] = StepBatches(data, order, rank=1, size=2).step(position=8, batch_size=4, grad_accum=1)
     assert batch.shape == (4, 2, 64)
-    assert torch.equal(batch[0], data[ranks[1][4]])
+    assert torch.equal(batch[0], data[order.indices(8 + 4, 1)[0]])  # rank 1 reads the second run of 4
+    loaded = next(iter(DataLoader(data, batch_size=4, sampler=order.indices(12, 4))))
+    assert torch.equal(loaded, batch)
     inputs, targets = inputs_and_targets(batch)
     assert torch.equal(inputs, batch[:, 0]) and torch.equal(targets, batch[:, 1])
     windows = torch.arange(20).view(2, 10)

@@ -16,9 +16,10 @@ FLOW = [
     # raw text -> token shards
     "shards", "corpus", "encode", "prepare",
     # token shards -> training
-    "data", "dist", "optim", "metrics", "lora", "compute", "checkpoint", "formats", "pretrained", "train",
+    "data", "dist.layout", "dist.zero", "dist", "dist.report", "optim", "metrics", "lora", "memory", "compute", "checkpoint",
+    "formats", "pretrained", "startup", "train", "plan",
     # checkpoints -> numbers, text, other formats
-    "inference", "decoding", "evaluate", "generate", "convert",
+    "inference", "decoding", "evaluate", "generate", "convert", "doctor",
     # benchmarks of all of the above
     "bench", "bench.common", "bench.synthetic", "bench.train_steps", "bench.prepare_steps", "bench.throughput",
     "bench.scaling", "bench.quality", "bench.generation", "bench.prepare", "bench.run", "bench.__main__",

@@ -2,11 +2,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
 from conftest import micro_overrides
 from trainrun import losses, metrics, stopped_copy, train_single
 
 from hvd_llama.config import load_config
-from hvd_llama.data import ResumableDistributedSampler, TokenWindows
+from hvd_llama.data import TokenWindows
 from hvd_llama.model import Transformer
 from hvd_llama.optim import lr_at
 
@@ -22,9 +23,7 @@ def plain_pytorch_losses(overrides: list) -> list:
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                             lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     data = TokenWindows(cfg.data.dir, "train", t.seq_len)
-    sampler = ResumableDistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=t.seed)
-    sampler.set_epoch(0)
-    order = list(sampler)
+    order = list(DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=t.seed))  # epoch 0
     result = []
     for step in range(t.max_steps):
         for group in opt.param_groups:

@@ -12,7 +12,8 @@ from pathlib import Path
 from hvd_llama import dist
 from hvd_llama.config import load_config
 from hvd_llama.metrics import MetricsLogger
-from hvd_llama.train import Trainer, check_data, load_pretrained
+from hvd_llama.startup import check_data, load_pretrained
+from hvd_llama.train import Trainer
 
 
 def digest(named) -> str:

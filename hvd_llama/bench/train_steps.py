@@ -28,7 +28,7 @@ from hvd_llama.compute import train_step
 from hvd_llama.config import Config, load_config
 from hvd_llama.metrics import measure_peak_flops
 from hvd_llama.model import Transformer
-from hvd_llama.optim import build_optimizer
+from hvd_llama.optim import adamw_kwargs, build_optimizer, param_groups
 
 PRECISION = "fp32"  # what every benchmarked step computes in (the presets' precision on CPU)
 
@@ -71,14 +71,14 @@ def timed(step: Callable[[], object], warmup: int, steps: int) -> list[float]:
 
 
 class SynchronizeTimer:
-    """Wraps a Horovod optimizer's synchronize(), which train_step calls after backward: the time the step
-    waits for its gradient allreduces (they start during backward, so only the part that backward did not
-    hide is counted)."""
+    """Wraps a data-parallel optimizer's reduce_gradients(), which train_step calls after backward: the time
+    the step waits for its gradient allreduces or reduce-scatters (they start during backward, so only the
+    part that backward did not hide is counted)."""
 
     def __init__(self, optimizer):
         self.seconds = 0.0
-        self._synchronize = optimizer.synchronize
-        optimizer.synchronize = self
+        self._synchronize = optimizer.reduce_gradients
+        optimizer.reduce_gradients = self
 
     def __call__(self) -> None:
         start = time.perf_counter()
@@ -91,10 +91,12 @@ def new_model(cfg: Config) -> Transformer:
     return Transformer(cfg.model)
 
 
-def horovod_model(cfg: Config) -> tuple[Transformer, torch.optim.Optimizer]:
-    """hvd_llama's own set-up, as train.Trainer does it (after dist.init)."""
+def horovod_model(cfg: Config) -> tuple[Transformer, object]:
+    """hvd_llama's own set-up, as train.Trainer does it (after dist.init), at cfg.dist.zero_stage."""
     model = new_model(cfg)
-    optimizer = dist.wrap_optimizer(build_optimizer(model, cfg.optim), model, cfg.dist, grad_accum=1)
+    optimizer = dist.build_data_parallel_optimizer(model, param_groups(model, cfg.optim.weight_decay),
+                                                   adamw_kwargs(cfg.optim), cfg.dist, stage=cfg.dist.zero_stage,
+                                                   grad_accum=1)
     dist.broadcast_state(model, optimizer, has_optimizer_state=False)
     return model, optimizer
 
@@ -115,7 +117,7 @@ def measure_throughput(cfg: Config, args: argparse.Namespace) -> dict:
     model, optimizer = horovod_model(cfg)
     steps = {
         "reference": lambda: reference_step(reference, reference_optimizer, batch, clip),
-        "horovod": lambda: train_step(model, optimizer, [batch], device, PRECISION, clip),
+        "horovod": lambda: train_step(model, optimizer, [batch], device, PRECISION, clip, ranks=dist),
         "forward_backward": lambda: forward_backward(reference, batch),
     }
     seconds: dict[str, list[float]] = {name: [] for name in steps}
@@ -136,7 +138,7 @@ def measure_horovod_rank(cfg: Config, args: argparse.Namespace) -> dict:
     for i in range(args.warmup + args.steps):
         timer.seconds = 0.0
         start = time.perf_counter()
-        train_step(model, optimizer, [batch], device, PRECISION, cfg.optim.grad_clip)
+        train_step(model, optimizer, [batch], device, PRECISION, cfg.optim.grad_clip, ranks=dist)
         if i >= args.warmup:
             step_s.append(time.perf_counter() - start)
             allreduce_s.append(timer.seconds)

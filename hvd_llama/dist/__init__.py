@@ -18,8 +18,9 @@ except ImportError as err:  # pip cannot build Horovod 0.28.1 for torch >= 2.1 u
 
 from hvd_llama.cli import UserError
 from hvd_llama.config import DistConfig
-from hvd_llama.dist.zero import (DEFAULT_BUCKET_ELEMENTS, ReplicatedOptimizer, ShardedOptimizer, allgather_tensor,
-                                 merge_slices)
+from hvd_llama.dist.layout import merge_slices  # noqa: F401 (public: full optimizer state of a sharded checkpoint)
+from hvd_llama.dist.zero import (DEFAULT_BUCKET_ELEMENTS, ReplicatedOptimizer, ShardedOptimizer,  # noqa: F401
+                                 allgather_tensor)
 
 ZERO_STAGES = (0, 1, 2)
 
@@ -43,6 +44,11 @@ def rank() -> int:
 
 def size() -> int:
     return hvd.size()
+
+
+def local_size() -> int:
+    """Ranks on this node."""
+    return hvd.local_size()
 
 
 def is_main() -> bool:
@@ -102,7 +108,9 @@ def broadcast_state(model: torch.nn.Module, optimizer, has_optimizer_state: bool
 def _broadcast(model: torch.nn.Module, torch_optimizer) -> None:
     if torch_optimizer is not None:
         hvd.broadcast_optimizer_state(torch_optimizer, root_rank=0)
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    # Horovod has no bfloat16: bf16 weights (sharded bf16 runs) travel bit-exactly as int16 views of themselves.
+    hvd.broadcast_parameters({name: t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+                              for name, t in model.state_dict().items()}, root_rank=0)
 
 
 class _ElasticState(hvd.elastic.TorchState):
@@ -116,19 +124,13 @@ class _ElasticState(hvd.elastic.TorchState):
     def sync(self):
         has_state = broadcast_object(len(self.optimizer.state) > 0, name="elastic.has_state")
         _broadcast(self.model, self.optimizer if has_state else None)
-        # What Horovod's sampler handler does, through the sampler's own API: every rank takes rank 0's position.
-        self.sampler.load_state_dict(broadcast_object(self.sampler.state_dict(), name="elastic.sampler"))
         super(hvd.elastic.TorchState, self).sync()  # the plain Python values (ObjectState)
 
 
-def elastic_state(model, optimizer, sampler, **values) -> hvd.elastic.TorchState:
+def elastic_state(model, optimizer, **values) -> hvd.elastic.TorchState:
     """`optimizer`: a stage-0 data-parallel optimizer (elastic needs replicated state: Horovod re-syncs it by
     broadcast from rank 0)."""
-    return _ElasticState(model=model, optimizer=optimizer.optimizer, sampler=sampler, **values)
-
-
-def elastic_sampler(dataset, seed: int) -> hvd.elastic.ElasticSampler:
-    return hvd.elastic.ElasticSampler(dataset, shuffle=True, seed=seed)
+    return _ElasticState(model=model, optimizer=optimizer.optimizer, **values)
 
 
 elastic_run = hvd.elastic.run

@@ -30,18 +30,16 @@ all-gathered bit-exactly as int16. Every rank must run the same steps (hvd.join 
 """
 from __future__ import annotations
 
-import bisect
 import math
-from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import horovod.torch as hvd
 import torch
 
+from hvd_llama.dist.layout import STATE_FORMAT, FlatLayout, Piece, SliceIndex, check_slices, merge_ranges
+
 DEFAULT_BUCKET_ELEMENTS = 25_000_000
 MAX_IN_FLIGHT = 2  # reduce-scatters outstanding at once: bounds the flat buffers alive during backward
-STATE_FORMAT = "hvd_llama.zero_slice/1"
-SLICE_TENSORS = ("exp_avg", "exp_avg_sq", "master")
+IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 
 
 def allgather_tensor(tensor: torch.Tensor, name: str) -> torch.Tensor:
@@ -94,7 +92,18 @@ class ReplicatedOptimizer:
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        """Load a saved AdamW state, keeping this optimizer's own implementation flags: torch takes `fused`,
+        `foreach` and `capturable` from the file, so a checkpoint of a CPU (non-fused) run resumed on GPUs would
+        leave CPU `step` tensors beside GPU ones, which one Horovod broadcast cannot carry."""
+        flags = [{k: g[k] for k in IMPLEMENTATION_FLAGS if k in g} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state)
+        for group, own in zip(self.optimizer.param_groups, flags):
+            group.update(own)
+            on_device = group.get("fused") or group.get("capturable")
+            for p in group["params"]:
+                step = self.optimizer.state.get(p, {}).get("step")
+                if step is not None:  # where this implementation keeps it (torch's own rule)
+                    self.optimizer.state[p]["step"] = step.to(p.device if on_device else "cpu", torch.float32)
 
     def state_bytes(self) -> dict:
         """Bytes this rank holds now: all weights, the gradients allocated, the AdamW moments."""
@@ -102,98 +111,6 @@ class ReplicatedOptimizer:
         return {"weights": _tensor_bytes(self.model.parameters()),
                 "gradients": _tensor_bytes(p.grad for p in self._params() if p.grad is not None),
                 "optimizer": _tensor_bytes(moments)}
-
-
-# ---- the flat layout (pure arithmetic; no Horovod) ------------------------------------------------------------
-@dataclass
-class Piece:
-    """The part [start, end) of parameter `index` (flattened) that one rank owns."""
-    index: int
-    start: int
-    end: int
-    global_start: int  # position in the flat unpadded index space
-    shard_offset: int  # position in the rank's flat shard
-
-    @property
-    def numel(self) -> int:
-        return self.end - self.start
-
-
-@dataclass
-class Bucket:
-    """Consecutive whole parameters [first, last) padded to a multiple of the world size."""
-    first: int
-    last: int
-    global_start: int
-    numel: int
-    shard_numel: int  # padded numel / world size: every rank's slice of this bucket
-    shard_offset: int  # where this rank's slice sits in its flat shard
-    pieces: list  # this rank's Pieces, in index order
-
-
-class FlatLayout:
-    """Buckets over parameters of sizes `numels` (model order) and what rank `rank` of `world` owns.
-
-    Buckets are formed from the last parameter backwards (backward produces gradients in that order, so
-    bucket 0 is ready first); bucket order is also the order every rank launches their reduce-scatters in.
-    """
-
-    def __init__(self, numels: Sequence[int], world: int, rank: int, bucket_elements: int):
-        if bucket_elements <= 0:
-            raise ValueError(f"bucket_elements must be positive, got {bucket_elements}")
-        self.numels, self.world, self.rank = list(numels), world, rank
-        self.starts = [0]
-        for n in self.numels:
-            self.starts.append(self.starts[-1] + n)
-        self.numel = self.starts[-1]
-        self.buckets: list[Bucket] = []
-        last, shard_offset = len(self.numels), 0
-        while last > 0:
-            first, size = last, 0
-            while first > 0 and (size == 0 or size + self.numels[first - 1] <= bucket_elements):
-                first -= 1
-                size += self.numels[first]
-            bucket = self._bucket(first, last, shard_offset)
-            self.buckets.append(bucket)
-            last, shard_offset = first, shard_offset + bucket.shard_numel
-        self.shard_numel = shard_offset
-        self.pieces = sorted((p for b in self.buckets for p in b.pieces), key=lambda p: p.global_start)
-        self.bucket_of = {i: b for b, bucket in enumerate(self.buckets) for i in range(bucket.first, bucket.last)}
-
-    def _bucket(self, first: int, last: int, shard_offset: int) -> Bucket:
-        base = self.starts[first]
-        numel = self.starts[last] - base
-        shard_numel = -(-numel // self.world)
-        own_start = base + self.rank * shard_numel  # in global coordinates; may run past the bucket (padding)
-        own_end = own_start + shard_numel
-        pieces = []
-        for i in range(first, last):
-            lo, hi = max(own_start, self.starts[i]), min(own_end, self.starts[i + 1])
-            if lo < hi:
-                pieces.append(Piece(i, lo - self.starts[i], hi - self.starts[i], lo, shard_offset + lo - own_start))
-        return Bucket(first, last, base, numel, shard_numel, shard_offset, pieces)
-
-    def own_runs(self) -> list[tuple[int, int, int]]:
-        """(global_start, global_end, shard_offset) of every stretch this rank owns, by global position."""
-        runs: list[list[int]] = []
-        for p in self.pieces:
-            last = runs[-1] if runs else None
-            if last and last[1] == p.global_start and last[2] + last[1] - last[0] == p.shard_offset:
-                last[1] = p.global_start + p.numel
-            else:
-                runs.append([p.global_start, p.global_start + p.numel, p.shard_offset])
-        return [tuple(r) for r in runs]
-
-
-def merge_ranges(ranges) -> list[tuple[int, int]]:
-    """Sorted (start, end) ranges with touching neighbours joined."""
-    merged: list[list[int]] = []
-    for start, end in ranges:
-        if merged and merged[-1][1] == start:
-            merged[-1][1] = end
-        else:
-            merged.append([start, end])
-    return [tuple(r) for r in merged]
 
 
 # ---- stages 1 and 2 -------------------------------------------------------------------------------------------
@@ -404,8 +321,8 @@ class ShardedOptimizer:
     def load_state_dict(self, slices) -> None:
         """Load this rank's slice from the slice dicts of ALL ranks of a checkpoint saved at any world size (a
         single dict is taken as a list of one). Without master weights in them, they come from the parameters."""
-        slices = _check_slices(slices if isinstance(slices, (list, tuple)) else [slices], self._layout_key())
-        index = _SliceIndex(slices)
+        slices = check_slices(slices if isinstance(slices, (list, tuple)) else [slices], self._layout_key())
+        index = SliceIndex(slices)
         names = ["exp_avg", "exp_avg_sq"] + (["master"] if self.master is not None and index.has_master else [])
         for start, end, offset in self.layout.own_runs():
             for name in names:
@@ -425,61 +342,3 @@ class ShardedOptimizer:
         return {"weights": _tensor_bytes(self.model.parameters()),
                 "gradients": _tensor_bytes([self.grad_shard] + [p.grad for p in self.params if p.grad is not None]),
                 "optimizer": _tensor_bytes(optimizer)}
-
-
-# ---- slice dicts: checking, reading ranges, merging ---------------------------------------------------------
-def _check_slices(slices: list, layout_key: Optional[list] = None) -> list:
-    if not slices:
-        raise ValueError("no optimizer slices given")
-    for s in slices:
-        if not isinstance(s, dict) or s.get("format") != STATE_FORMAT:
-            raise ValueError("not a sharded optimizer slice (saved at dist.zero_stage=0?); sharded optimizers "
-                             "load only the slices saved by sharded optimizers")
-    if layout_key is not None and [(n, tuple(shape)) for n, shape in slices[0]["params"]] != layout_key:
-        raise ValueError("the optimizer slices were saved for other trainable parameters (names or shapes differ)")
-    if len({s["step"] for s in slices}) > 1:
-        raise ValueError(f"optimizer slices from different steps: {sorted({s['step'] for s in slices})}")
-    return slices
-
-
-class _SliceIndex:
-    """Reads any range of the flat index space from a set of slices (as many ranks as saved them)."""
-
-    def __init__(self, slices: list):
-        runs = []
-        for s in slices:
-            offset = 0  # where each run sits in the slice's tensors
-            for start, end in s["ranges"]:
-                runs.append((start, end, s, offset))
-                offset += end - start
-        runs.sort(key=lambda run: run[0])
-        self.runs, self.starts = runs, [r[0] for r in runs]
-        self.step = slices[0]["step"]
-        self.has_master = all("master" in s for s in slices)
-
-    def read(self, name: str, start: int, end: int) -> torch.Tensor:
-        parts, at = [], start
-        k = max(0, bisect.bisect_right(self.starts, start) - 1)
-        while at < end:
-            if k >= len(self.runs) or self.runs[k][0] > at or self.runs[k][1] <= at:
-                raise ValueError(f"the optimizer slices do not cover elements [{at}, {end}) of the flat index "
-                                 "space; are all ranks' slice files there?")
-            run_start, run_end, s, offset = self.runs[k]
-            stop = min(end, run_end)
-            parts.append(s[name][offset + at - run_start:offset + stop - run_start])
-            at, k = stop, k + 1
-        return torch.cat(parts)
-
-
-def merge_slices(slices: list) -> dict:
-    """All ranks' slices into full per-parameter state: {"step", "state": {name: {"exp_avg", "exp_avg_sq"[,
-    "master"]} shaped like the parameter}} (for export, or inspecting a checkpoint)."""
-    slices = _check_slices(list(slices))
-    index = _SliceIndex(slices)
-    names = [n for n in SLICE_TENSORS if n != "master" or index.has_master]
-    state, start = {}, 0
-    for name, shape in slices[0]["params"]:
-        end = start + math.prod(shape)
-        state[name] = {t: index.read(t, start, end).reshape(shape) for t in names}
-        start = end
-    return {"step": index.step, "state": state}

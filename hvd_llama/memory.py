@@ -1,0 +1,298 @@
+"""Memory arithmetic of a training run: bytes per rank, whether it fits a device, the largest micro-batch that
+does. `python -m hvd_llama.plan` prints it; training checks it at start-up (check_fits).
+
+Model state (weights, gradients, AdamW state) is exact tensor arithmetic for each ZeRO stage (model_state_bytes).
+Activations are the tensors autograd saves in this model's forward (model.py, compute.py's loss), counted
+tensor by tensor for fp32, for bf16/fp16 autocast over fp32 weights and for bf16 weights (activation_bytes), plus
+the loss's gradients at the start of backward. The total is the sum of every line: tests/test_plan.py checks the
+parts against the tensors PyTorch holds and the total against the peak RSS of real training steps.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+from hvd_llama.cli import UserError
+from hvd_llama.config import Config, split_targets
+from hvd_llama.lora import apply_lora
+from hvd_llama.model import ModelConfig, Transformer
+
+GiB = 1 << 30
+BUCKET_ELEMENTS = 25_000_000  # dist/zero.py's default bucket: the flat buffer is padded per bucket
+FUSION_BUFFER = 128 << 20  # Horovod's HOROVOD_FUSION_THRESHOLD default: the stage-0 allreduce staging buffer
+# On a GPU, memory torch never sees as tensors: the CUDA context and kernel images (~0.5-1 GiB on A100/H100),
+# cuBLAS workspaces and NCCL's communicator buffers (a few hundred MiB); plus 5% of the tensors for the caching
+# allocator's fragmentation (blocks reserved but not allocated).
+CUDA_FIXED, CUDA_FRAGMENTATION = 2 * GiB, 0.05
+# On a CPU: the resident size of the process before any tensor (Python, PyTorch, Horovod initialised, the
+# training modules imported: 345 MiB measured), and 5% for glibc's heap fragmentation.
+CPU_FIXED, CPU_FRAGMENTATION = 350 << 20, 0.05
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    total: int  # every parameter, a tied matrix counted once
+    trainable: int  # requires_grad: all of them, or LoRA's adapters only
+    tensors: int  # trainable parameter tensors (torch's AdamW keeps a 4-byte step counter for each)
+    matmul: int  # weights that enter matmuls (autocast casts them to half precision in every forward)
+
+
+def count_params(cfg: Config) -> ParamCounts:
+    """Counted on the meta device from the real modules (LoRA applied as train applies it): no memory used."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+        f = cfg.finetune
+        if f.lora_rank:
+            apply_lora(model, f.lora_rank, f.lora_alpha, f.lora_dropout, split_targets(f.lora_targets))
+    params = dict(model.named_parameters())  # named_parameters yields a tied matrix once
+    trainable = [p for p in params.values() if p.requires_grad]
+    embedding = model.tok_embeddings.weight
+    matmul = sum(p.numel() for p in params.values() if p.ndim == 2 and (p is not embedding or cfg.model.tie_embeddings))
+    return ParamCounts(total=sum(p.numel() for p in params.values()), trainable=sum(p.numel() for p in trainable),
+                       tensors=len(trainable), matmul=matmul)
+
+
+def shard_elements(n: int, world_size: int, bucket: int = BUCKET_ELEMENTS) -> int:
+    """This rank's slice of a flat buffer of n elements cut into buckets, each padded to a multiple of
+    world_size: ceil(n / N) plus less than one element per bucket."""
+    full, rest = divmod(n, bucket)
+    return full * math.ceil(bucket / world_size) + math.ceil(rest / world_size)
+
+
+def half_weights(cfg: Config) -> bool:
+    """bf16 with a sharded optimizer keeps the model in bf16 (fp32 master slices in the optimizer)."""
+    return cfg.train.precision == "bf16" and cfg.dist.zero_stage >= 1
+
+
+def model_state_bytes(counts: ParamCounts, stage: int, world_size: int, half: bool, grad_accum: int) -> dict:
+    """Bytes per rank of weights, gradients and optimizer state: the figures dist/zero.py's state_bytes() reports.
+
+    P = all parameters, T = trainable ones, S = shard_elements(T, N) (this rank's slice).
+    stage 0 (hvd.DistributedOptimizer): fp32 weights 4P (autocast leaves them fp32), fp32 gradients 4T,
+        AdamW exp_avg + exp_avg_sq 8T plus a 4-byte step counter per trainable tensor.
+    stage 1: gradients stay whole (4T, or 2T in bf16 weights); the optimizer holds its slice only: 8S moments,
+        plus the fp32 master copy of the slice (4S) when the model holds bf16 weights (2P).
+    stage 2: a rank keeps only its fp32 gradient slice (4S): each param.grad is freed once its bucket has been
+        reduce-scattered. With grad_accum > 1 the whole gradients (2T or 4T) also exist, accumulated locally
+        until the last micro-step.
+    LoRA: frozen base weights count in P only; gradients and optimizer state exist for the adapters (T).
+    """
+    P, T = counts.total, counts.trainable
+    width = 2 if half else 4  # bytes per element of the model's weights and of param.grad
+    if stage == 0:
+        return {"weights": 4 * P, "gradients": 4 * T, "optimizer": 8 * T + 4 * counts.tensors}
+    S = shard_elements(T, world_size)
+    whole_grads = width * T
+    gradients = whole_grads if stage == 1 else 4 * S + (whole_grads if grad_accum > 1 else 0)
+    return {"weights": width * P, "gradients": gradients, "optimizer": (12 if half else 8) * S}
+
+
+def _regime(cfg: Config) -> str:
+    """fp32 | autocast (half-precision compute over fp32 weights) | half (bf16 weights)."""
+    if half_weights(cfg):
+        return "half"
+    return "fp32" if cfg.train.precision == "fp32" else "autocast"
+
+
+def layer_saved_bytes_per_token(m: ModelConfig, regime: str) -> int:
+    """What autograd keeps for one Block per token, tensor by tensor (model.py's forward, training: no mask).
+
+    d = dim, kv = key/value width, H = SwiGLU hidden width. Each entry is (elements, bytes per element).
+    fp32: everything 4 bytes. autocast: the residual stream and RMSNorm stay fp32, every linear saves its own
+    half copy of its input (autocast caches only weight casts).
+    half: bf16 residual stream; RMSNorm saves its fp32 upcast; the norm output is shared by its linears.
+    LoRA is not modelled: its adapters add a [tokens, rank] tensor per adapted linear, while frozen linears skip
+    saving inputs nothing else needs, so full fine-tuning's figure is a close upper bound.
+    """
+    d, kv, H = m.dim, m.kv_heads * m.head_dim, m.ffn_hidden_dim
+    # SDPA's key/value inputs: rotated k and v, or repeat_kv's copies of them (width d each) under grouped-query
+    # attention (with one key/value head, or none repeated, repeat_kv returns views: no copy)
+    sdpa_kv = 2 * (kv if m.kv_heads in (1, m.n_heads) else d)
+    a = 2 if regime in ("autocast", "half") else 4  # bytes of a matmul output
+    n = 2 if regime == "half" else 4  # bytes of a normalised input: fp32, or bf16 after type_as(x)
+    tensors = [
+        (d, 4),  # attention_norm: its fp32 input (the block input, or the upcast of a bf16 one)
+        (d, n),  # the normalised input, before the gain
+        (3 * d if regime == "autocast" else d, a),  # norm output saved by wq, wk, wv (one copy each under autocast)
+        (d, a),  # rotated q (the rotation saves nothing else: cos and sin need no gradient)
+        (sdpa_kv, a),  # SDPA's key and value inputs
+        (d, a),  # attention output (wo's input is a view of it)
+        (d, 4),  # ffn_norm: its fp32 input (h, or its upcast)
+        (d, n),  # the normalised input
+        (2 * d if regime == "autocast" else d, a),  # norm output saved by w1 and w3
+        (4 * H, a),  # SwiGLU: w1 out, w3 out, silu(w1 out), their product (w2's input)
+        (m.n_heads, 4),  # SDPA's log-sum-exp per head (flash / memory-efficient kernels)
+        (2, 4),  # the two RMSNorm rsqrt factors
+    ]
+    return sum(n * b for n, b in tensors)
+
+
+def head_saved_bytes_per_token(m: ModelConfig, regime: str) -> int:
+    """The final RMSNorm, the output head and the loss: compute.py's cross_entropy upcasts the logits to fp32 and
+    log_softmax saves its fp32 output (4 V); the logits themselves are not kept."""
+    d, a, n = m.dim, 2 if regime != "fp32" else 4, 2 if regime == "half" else 4
+    norm = 4 * d + n * d + a * d + 4  # input (fp32), normalised, output (as the output head saves it), rsqrt
+    return norm + 4 * m.vocab_size
+
+
+def activation_bytes(m: ModelConfig, batch_size: int, seq_len: int, regime: str, checkpointing: bool,
+                     saved_only: bool = False) -> int:
+    """Activation bytes of one micro-batch at its peak (the start of backward): what autograd saves, plus the
+    loss's gradient buffers (and, with checkpointing, the one block being recomputed). saved_only: just what
+    autograd saves at the end of the forward, the figure torch.autograd.graph.saved_tensors_hooks measures."""
+    tokens = batch_size * seq_len
+    layer = layer_saved_bytes_per_token(m, regime) * tokens
+    residual = (2 if regime == "half" else 4) * m.dim * tokens  # a block input, what a checkpoint keeps
+    per_step = (8 * batch_size * (2 * seq_len + 1)  # the int64 batch (the embedding keeps a view) and the
+                # loss's flattened copy of the targets
+                + 2 * seq_len * m.head_dim * 4  # RoPE cos and sin, fp32 [T, head_dim / 2], shared by every layer
+                + head_saved_bytes_per_token(m, regime) * tokens)
+    saved = per_step + m.n_layers * (residual if checkpointing else layer)
+    if saved_only:
+        return saved
+    # At the start of backward the loss's gradient w.r.t. the log-probabilities and w.r.t. the logits (fp32, 4 V
+    # each; plus the half-precision logits' gradient) coexist with everything saved.
+    loss_grads = (8 + (2 if regime != "fp32" else 0)) * m.vocab_size * tokens
+    recompute = layer if checkpointing else 0  # a checkpointed block's saved tensors live again in backward
+    return saved + max(loss_grads, recompute)
+
+
+def weight_copy_bytes(counts: ParamCounts, regime: str) -> int:
+    """Autocast over fp32 weights casts every matmul weight to half precision once per forward and keeps the
+    copy (its cache, then autograd) until backward has used it: 2 bytes per matmul weight."""
+    return 2 * counts.matmul if regime == "autocast" else 0
+
+
+def buffer_bytes(counts: ParamCounts, stage: int, world_size: int, half: bool) -> int:
+    """Communication buffers: Horovod's fusion buffer at stage 0; with a sharded optimizer one bucket in flight:
+    its fp32 reduction buffer, the all-gathered bucket of weights and, at stage 2, the param.grad tensors
+    waiting for their bucket to fill."""
+    if stage == 0:
+        return FUSION_BUFFER if world_size > 1 else 0
+    width, bucket = (2 if half else 4), min(BUCKET_ELEMENTS, counts.trainable)
+    return bucket * (4 + width + (width if stage == 2 else 0))
+
+
+@dataclass
+class Plan:
+    """Bytes per rank of one configuration."""
+    parameters: int
+    trainable: int
+    world_size: int
+    zero_stage: int
+    precision: str
+    batch_size: int
+    grad_accum: int
+    seq_len: int
+    activation_checkpointing: bool
+    device: str
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int  # per micro-batch, as the config runs it (checkpointed or not)
+    activations_full: int  # without activation checkpointing
+    activations_checkpointed: int  # with it
+    weight_copies: int  # autocast's half-precision weight copies (fp32 weights, bf16/fp16 compute)
+    buffers: int  # communication buffers
+    overhead: int  # outside the tensors: CUDA context and allocator fragmentation, or the process's runtime
+    total: int  # the peak: all of the above
+    device_memory: int
+    fits: bool
+    max_batch_size: int = 0  # the largest train.batch_size that fits (0: not even 1)
+
+
+def plan_at(cfg: Config, world_size: int, device_memory: int, device: str = "cuda",
+            counts: Optional[ParamCounts] = None) -> Plan:
+    """The plan of `cfg` as it is (its train.batch_size), without the max_batch_size search."""
+    counts = counts or count_params(cfg)
+    t, stage, regime = cfg.train, cfg.dist.zero_stage, _regime(cfg)
+    half = regime == "half"
+    state = model_state_bytes(counts, stage, world_size, half, t.grad_accum)
+    acts = {ckpt: activation_bytes(cfg.model, t.batch_size, t.seq_len, regime, ckpt) for ckpt in (False, True)}
+    activations = acts[t.activation_checkpointing]
+    copies, buffers = weight_copy_bytes(counts, regime), buffer_bytes(counts, stage, world_size, half)
+    # Every line can be resident at once: with grad_accum > 1 the gradients live through the next micro-batch's
+    # forward, and with 1 the memory of the gradients zero_grad() freed stays reserved for the next forward
+    # (PyTorch's caching allocator on a GPU; glibc's heap on a CPU, measured here to within 5%).
+    tensors = state["weights"] + state["gradients"] + state["optimizer"] + activations + copies + buffers
+    fixed, fragmentation = (CUDA_FIXED, CUDA_FRAGMENTATION) if device == "cuda" else (CPU_FIXED, CPU_FRAGMENTATION)
+    overhead = fixed + int(fragmentation * tensors)
+    total = tensors + overhead
+    return Plan(parameters=counts.total, trainable=counts.trainable, world_size=world_size, zero_stage=stage,
+                precision=t.precision, batch_size=t.batch_size, grad_accum=t.grad_accum, seq_len=t.seq_len,
+                activation_checkpointing=t.activation_checkpointing, device=device, **state,
+                activations=activations, activations_full=acts[False], activations_checkpointed=acts[True],
+                weight_copies=copies, buffers=buffers, overhead=overhead, total=total,
+                device_memory=device_memory, fits=total <= device_memory)
+
+
+def with_train(cfg: Config, **changes) -> Config:
+    return replace(cfg, train=replace(cfg.train, **changes))
+
+
+def with_dist(cfg: Config, **changes) -> Config:
+    return replace(cfg, dist=replace(cfg.dist, **changes))
+
+
+def max_batch_size(cfg: Config, world_size: int, device_memory: int, device: str = "cuda",
+                   counts: Optional[ParamCounts] = None) -> int:
+    """The largest train.batch_size whose plan fits (memory grows with the batch): 0 when 1 does not."""
+    counts = counts or count_params(cfg)
+
+    def fits(batch: int) -> bool:
+        return plan_at(with_train(cfg, batch_size=batch), world_size, device_memory, device, counts).fits
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while fits(high):  # low fits, high does not once this ends
+        low, high = high, 2 * high
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+def plan(cfg: Config, world_size: int, device_memory: int, device: str = "cuda") -> Plan:
+    counts = count_params(cfg)
+    result = plan_at(cfg, world_size, device_memory, device, counts)
+    result.max_batch_size = max_batch_size(cfg, world_size, device_memory, device, counts)
+    return result
+
+
+def check_fits(cfg: Config, world_size: int, device_memory_bytes: int, device: str = "cuda") -> None:
+    """Raise UserError, in one line naming the fixes, when the run cannot fit device_memory_bytes per rank."""
+    counts = count_params(cfg)
+    p = plan_at(cfg, world_size, device_memory_bytes, device, counts)
+    if p.fits:
+        return
+    fixes = []
+    if cfg.dist.zero_stage < 2:
+        fixes.append("--set dist.zero_stage=2")
+    if not cfg.train.activation_checkpointing:
+        fixes.append("--set train.activation_checkpointing=true")
+    largest = max_batch_size(cfg, world_size, device_memory_bytes, device, counts)
+    if largest:
+        fixes.append(f"--set train.batch_size={largest} (the largest that fits)")
+    fixes.append("more ranks" + (" (with dist.zero_stage >= 1)" if cfg.dist.zero_stage == 0 else ""))
+    message = (f"this run needs {gib(p.total)} per rank ({breakdown(p)}), more than the "
+               f"{gib(device_memory_bytes)} of the device; try {', '.join(fixes)}")
+    leanest = plan_at(with_train(with_dist(cfg, zero_stage=2), activation_checkpointing=True, batch_size=1),
+                      world_size, device_memory_bytes, device, counts)
+    if not leanest.fits:
+        message += (f"; even dist.zero_stage=2 with activation checkpointing at train.batch_size=1 needs "
+                     f"{gib(leanest.total)}, and the weights alone {gib(leanest.weights)} on every rank "
+                     "(sizes beyond that need parameter sharding, ZeRO stage 3)")
+    raise UserError(message + " (python -m hvd_llama.plan shows the arithmetic)")
+
+
+def gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def breakdown(p: Plan) -> str:
+    return (f"weights {gib(p.weights)}, gradients {gib(p.gradients)}, optimizer {gib(p.optimizer)}, "
+            f"activations {gib(p.activations)} at train.batch_size={p.batch_size}")

@@ -1,0 +1,82 @@
+"""What training builds before its loop: the data check, the model (allocated, not initialised, on every rank
+but 0), pretrained weights read by rank 0, and the memory a rank may use."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from hvd_llama import dist
+from hvd_llama.cli import UserError
+from hvd_llama.config import Config, split_targets, validate
+from hvd_llama.data import read_meta
+from hvd_llama.lora import apply_lora, trainable_param_count
+from hvd_llama.model import Transformer
+from hvd_llama.pretrained import load_weights
+from hvd_llama.tokenizer import Tokenizer
+
+
+def check_data(cfg: Config) -> dict:
+    """Fail before training if the data does not fit the model (checked on every rank: no collective)."""
+    meta = read_meta(cfg.data.dir)
+    if meta["vocab_size"] != cfg.model.vocab_size and not cfg.finetune.init_from:  # else checked on load
+        raise UserError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer of {cfg.data.dir} has "
+                        f"{meta['vocab_size']} tokens; set --set model.vocab_size={meta['vocab_size']}")
+    return meta
+
+
+def build_model(cfg: Config, device: torch.device, init_state: Optional[dict]) -> Transformer:
+    """Rank 0 builds (and initialises, or loads `init_state` into) the model on its device; the other ranks
+    only allocate theirs there, from the meta device, since resume() overwrites every weight by broadcast:
+    eight ranks initialising a 7B model on one node's host would need 216 GB of host memory for nothing.
+    With bf16 and a sharded optimizer the model holds bf16 weights; the fp32 master copy lives in the
+    optimizer's slices."""
+    f = cfg.finetune
+    torch.manual_seed(cfg.train.seed)
+    with torch.device(device if dist.is_main() else "meta"):
+        model = Transformer(cfg.model)
+        if init_state is not None and dist.is_main():
+            model.load_state_dict(init_state)
+        if f.lora_rank:  # after loading: the adapters start at zero on top of the pretrained weights
+            apply_lora(model, f.lora_rank, f.lora_alpha, f.lora_dropout, split_targets(f.lora_targets))
+    if not dist.is_main():
+        model.to_empty(device=device)
+    if cfg.train.precision == "bf16" and cfg.dist.zero_stage >= 1:
+        model.to(torch.bfloat16)
+    return model
+
+
+def load_pretrained(cfg: Config, meta: dict) -> Optional[dict]:
+    """Rank 0 reads the pretrained weights; every rank adopts their architecture. Returns rank 0's state."""
+    def read() -> tuple[dict, object]:
+        state, model_cfg, tokenizer = load_weights(cfg.finetune.init_from)
+        if tokenizer is not None and Tokenizer(tokenizer).sha256 != meta.get("tokenizer_sha256"):
+            raise UserError(f"{cfg.data.dir} was encoded with another tokenizer than {cfg.finetune.init_from}'s; "
+                            f"re-run prepare with --tokenizer {tokenizer}")
+        if model_cfg.vocab_size < meta["vocab_size"]:
+            raise UserError(f"{cfg.finetune.init_from} has {model_cfg.vocab_size} token embeddings but "
+                            f"{cfg.data.dir}'s tokenizer has {meta['vocab_size']} tokens")
+        return state, model_cfg
+
+    loaded = dist.run_on_main(read, name="init_from")
+    cfg.model = dist.broadcast_object(loaded[1] if loaded else None, name="init_from.model")
+    validate(cfg)  # e.g. train.seq_len against the pretrained max_seq_len, on every rank alike
+    return loaded[0] if loaded else None
+
+
+def lora_summary(model: torch.nn.Module, cfg: Config) -> str:
+    """What LoRA saves: only the adapters' gradients cross the network."""
+    trainable = trainable_param_count(model)
+    base = model.num_params() - trainable
+    per_value = 2 if cfg.dist.compression == "fp16" else 4
+    return (f"LoRA rank {cfg.finetune.lora_rank} on {cfg.finetune.lora_targets}: {trainable:,} trainable parameters "
+            f"({100 * trainable / base:.2f}% of the {base:,} frozen ones); allreduce per step "
+            f"{trainable * per_value / 1e6:.3f} MB instead of {base * per_value / 1e6:.1f} MB for full fine-tuning")
+
+
+def device_memory(device: torch.device) -> int:
+    """What one rank may use: its GPU's memory, or on CPU its share of the node's memory."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // dist.local_size()
