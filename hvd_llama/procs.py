@@ -21,6 +21,8 @@ from typing import Iterator, Optional
 # Programs that launch ranks; horovodrun's MPI mode runs `/bin/sh -c "mpirun ..."` in its own place.
 LAUNCHERS = ("horovodrun", "mpirun", "mpiexec", "orterun", "prterun", "srun")
 SHELLS = ("sh", "dash", "bash")
+# Set by the launchers (horovodrun, Open MPI, PMI/srun) and by our launch scripts: a rank of a launched job.
+RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID", "HVD_LLAMA_LAUNCHER_PID")
 
 
 def _stat(pid: int) -> Optional[list[str]]:
@@ -63,7 +65,10 @@ def _is_launcher(pid: int) -> bool:
 
 def launcher_processes() -> list[tuple[int, int]]:
     """(pid, start time) of what launched this process: its parent, any launcher above it (horovodrun's
-    `sh -c mpirun` above mpirun), and the launch script that exported HVD_LLAMA_LAUNCHER_PID on this host."""
+    `sh -c mpirun` above mpirun), and the launch script that exported HVD_LLAMA_LAUNCHER_PID on this host.
+    None for a process no launcher started: `nohup python -m hvd_llama.train ... &` outlives its shell."""
+    if not any(name in os.environ for name in RANK_VARIABLES):
+        return []
     chain, pid = [], os.getppid()
     while pid > 1:
         chain.append((pid, start_time(pid)))
@@ -116,7 +121,7 @@ def kill_tree(root: int, started: int) -> int:
 
 def rank_name() -> str:
     """This rank's number from the launcher's variables (usable before, and without, Horovod)."""
-    return os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", "0")))
+    return next((os.environ[name] for name in RANK_VARIABLES[:4] if name in os.environ), "0")
 
 
 def say(line: str) -> None:

@@ -17,6 +17,7 @@ from multiproc import REPO, finish_job, job_env, start_job
 from trainrun import losses, train_args
 
 from hvd_llama import procs
+from hvd_llama.procs import StopFlag
 
 pytestmark = pytest.mark.distributed
 
@@ -156,6 +157,7 @@ def test_every_launcher_resumes_a_stopped_run_exactly(launcher, matrix, data_dir
 REAPED_TREE = """
 import subprocess, sys, time
 from hvd_llama import procs
+from hvd_llama.procs import StopFlag
 job = subprocess.Popen(["sh", "-c", "setsid sleep 300 & sleep 300"], start_new_session=True)
 with procs.reaped(job):
     print(job.pid, flush=True)
@@ -195,3 +197,47 @@ def test_bench_killed_leaves_no_process(tmp_path):
     finally:
         if bench.poll() is None:
             os.killpg(bench.pid, signal.SIGKILL)
+
+
+WAITING_RANK = """
+import time
+from hvd_llama.procs import StopFlag
+flag = StopFlag(grace_s=1.0, poll_s=0.1)
+print("ready", flush=True)
+while True:  # a rank that never reaches a step boundary (stuck in a collective with a dead peer)
+    time.sleep(0.1)
+"""
+
+
+@pytest.mark.parametrize("how", ["signal", "launcher gone"])
+def test_a_rank_that_cannot_stop_exits_after_the_grace_period(how, tmp_path):
+    """train.stop_grace_s: the rank exits with a message however the stop was asked for."""
+    env = job_env({"OMPI_COMM_WORLD_RANK": "1"})  # a launched rank: it watches its launcher
+    launcher = subprocess.Popen(["sh", "-c", f"'{sys.executable}' -c '{WAITING_RANK}'; echo unreachable"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert launcher.stdout.readline() == "ready\n"
+        rank = procs.descendants(launcher.pid)[0]
+        rank_started = procs.start_time(rank)
+        os.kill(*((rank, signal.SIGTERM) if how == "signal" else (launcher.pid, signal.SIGKILL)))
+        assert not survivors([(rank, rank_started, "")], timeout=10)
+        stderr = launcher.stderr.read()
+        reason = "a signal (SIGTERM)" if how == "signal" else "the loss of the launcher"
+        assert f"rank 1: stop requested by {reason}" in stderr
+        assert "error: rank 1 still running 1 s after the stop request (train.stop_grace_s)" in stderr
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL)
+
+
+def test_stop_file_requests_a_stop(tmp_path, monkeypatch):
+    stop_file = tmp_path / "stop"
+    monkeypatch.setenv("HVD_LLAMA_STOP_FILE", str(stop_file))
+    flag = StopFlag(grace_s=60)
+    try:
+        assert not flag.requested
+        stop_file.touch()
+        assert flag.requested and flag.reason == f"the stop file {stop_file}"
+    finally:
+        flag.grace_s = float("inf")  # its watchdog thread must never end this test process
+        for sig in StopFlag.SIGNALS:  # pytest's own handlers back
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
