@@ -64,5 +64,5 @@ run_supervised() {
 request_stop() {
   echo "[launch] stop requested: the ranks checkpoint at the next step boundary and exit" >&2
   : >"$HVD_LLAMA_STOP_FILE"
-  [ "${RELAY_USR1:-0}" != 1 ] || kill -USR1 "$LAUNCHER_PID" 2>/dev/null || true
+  [ "${RELAY_USR1:-0}" != 1 ] || [ -z "${LAUNCHER_PID:-}" ] || kill -USR1 "$LAUNCHER_PID" 2>/dev/null || true
 }

@@ -151,8 +151,8 @@ def checkpoints(run_dir: Path) -> tuple[list, list]:
 def signal_job(launcher: str, sig: int, target: str, train_args: list, run_dir: Path, tmp_path: Path,
                at_step: int = 3, then: Optional[int] = None) -> Outcome:
     """Run a job; once `at_step` is logged, send `sig` to the launcher alone, to its whole process group, or
-    (target "rank") to one rank. `then`: a signal expected to be ignored: check that training goes on for
-    2 s, say so in the output, and send `then` to the group."""
+    (target "rank") to one rank. `then`: `sig` is expected to be ignored: check that training goes on for
+    1 s, say so in the output, and send `then` to the group."""
     proc = start(launcher, train_args, tmp_path)
     try:
         wait_for(lambda: last_step(run_dir) >= at_step, proc, f"step {at_step}")
@@ -164,9 +164,10 @@ def signal_job(launcher: str, sig: int, target: str, train_args: list, run_dir: 
         sent = time.monotonic()
         if then is not None:
             step = last_step(run_dir)
-            time.sleep(2)
+            time.sleep(1)
             assert proc.poll() is None and last_step(run_dir) > step, output(proc)[-3000:]
-            proc.log.write(f"still running 2 s after signal {sig}: sending {then} to the group\n")
+            proc.log.write(f"still running 1 s after signal {sig}: sending {then} to the group\n")
+            proc.log.flush()
             os.killpg(proc.pid, then)
         returncode = finish(proc)
         seconds = time.monotonic() - sent
