@@ -17,6 +17,7 @@ from hvd_llama.cli import UserError
 from hvd_llama.model import ModelConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")  # the projections LoRA can adapt
 
 
 @dataclass
@@ -53,6 +54,8 @@ class TrainConfig:
     tf32: bool = True  # CUDA: fp32 matmuls on TF32 tensor cores (fp32 precision and autocast's fp32 ops)
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
     max_bad_steps: int = 5  # non-finite steps in a row (each skipped on every rank) before training stops
+    stop_grace_s: float = 60.0  # after a stop request (signal, stop file, launcher gone): seconds to checkpoint and
+    # exit before a rank exits anyway (the previous checkpoint stays intact)
 
 
 @dataclass
@@ -160,53 +163,66 @@ def apply_overrides(values: dict, overrides: Sequence[str]) -> dict:
     return values
 
 
+# The limits of every bounded key outside model (ModelConfig.validate checks those); validate() checks each one,
+# and tests/test_config.py gives every key a wrong type, a negative, a zero and an unknown choice.
+POSITIVE = ("optim.lr", "optim.eps", "train.seq_len", "train.batch_size", "train.grad_accum", "train.max_steps",
+            "train.stop_grace_s", "log.every", "dist.gradient_predivide_factor", "dist.commit_every",
+            "dist.zero_bucket_elements", "finetune.lora_alpha")
+NON_NEGATIVE = ("optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.seed",
+                "train.eval_every", "train.eval_windows", "train.max_bad_steps", "checkpoint.every", "checkpoint.keep",
+                "log.peak_flops", "dist.threads_per_rank", "finetune.lora_rank", "train.loss_chunk")
+FRACTIONS = ("optim.beta1", "optim.beta2", "finetune.lora_dropout")  # 0 <= value < 1
+CHOICES = {"train.precision": PRECISIONS, "train.device": ("auto", "cpu", "cuda"),
+           "dist.compression": ("none", "fp16"), "dist.op": ("average", "adasum"), "dist.zero_stage": (0, 1, 2)}
+
+
+def value_of(cfg: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _check_limits(cfg: Config) -> None:
+    for key in POSITIVE:
+        if not value_of(cfg, key) > 0:
+            raise UserError(f"{key} must be > 0, got {value_of(cfg, key)}")
+    for key in NON_NEGATIVE:
+        if not value_of(cfg, key) >= 0:
+            raise UserError(f"{key} must be >= 0, got {value_of(cfg, key)}")
+    for key in FRACTIONS:
+        if not 0 <= value_of(cfg, key) < 1:
+            raise UserError(f"{key} must be >= 0 and < 1, got {value_of(cfg, key)}")
+    for key, allowed in CHOICES.items():
+        if value_of(cfg, key) not in allowed:
+            raise UserError(f"{key}={value_of(cfg, key)!r}: expected one of {', '.join(map(str, allowed))}")
+    targets = split_targets(cfg.finetune.lora_targets)
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        raise UserError(f"finetune.lora_targets={cfg.finetune.lora_targets!r}: expected a comma-separated list "
+                        f"of {', '.join(LORA_TARGETS)}")
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks that must fail before any process starts training."""
+    """Every key within its limits, then the cross-field checks; all before any process starts training."""
     try:
         cfg.model.validate()
     except ValueError as err:
         raise UserError(f"model: {err}") from None
-    t = cfg.train
-    positive = {"train.seq_len": t.seq_len, "train.batch_size": t.batch_size,
-                "train.grad_accum": t.grad_accum, "train.max_steps": t.max_steps}
-    for key, value in positive.items():
-        if value <= 0:
-            raise UserError(f"{key} must be > 0, got {value}")
+    _check_limits(cfg)
+    t, o, f = cfg.train, cfg.optim, cfg.finetune
     if t.seq_len > cfg.model.max_seq_len:
         raise UserError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
-    choices = {"train.precision": (t.precision, PRECISIONS), "train.device": (t.device, ("auto", "cpu", "cuda")),
-               "dist.compression": (cfg.dist.compression, ("none", "fp16")),
-               "dist.op": (cfg.dist.op, ("average",))}
     if cfg.dist.op == "adasum":
         raise UserError("dist.op=adasum is not supported: Horovod's Adasum optimizer updates the weights inside "
                         "the gradient hooks, so gradient clipping and the non-finite step skip cannot apply (and "
                         "its skip_synchronize raises at step 1); use dist.op=average")
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise UserError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
-    o = cfg.optim
-    if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
-        raise UserError(f"optim.lr={o.lr}, optim.min_lr={o.min_lr}: expected 0 <= min_lr <= lr and lr > 0")
-    if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
-        raise UserError("optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0")
-    f = cfg.finetune
-    if f.lora_rank < 0 or f.lora_alpha <= 0 or not 0 <= f.lora_dropout < 1:
-        raise UserError(f"finetune.lora_rank={f.lora_rank}, lora_alpha={f.lora_alpha}, lora_dropout="
-                        f"{f.lora_dropout}: expected rank >= 0, alpha > 0, 0 <= dropout < 1")
+    if o.min_lr > o.lr:
+        raise UserError(f"optim.lr={o.lr}, optim.min_lr={o.min_lr}: expected min_lr <= lr")
     if f.lora_rank and not f.init_from:
         raise UserError("finetune.lora_rank > 0 needs pretrained weights: set finetune.init_from or --init-from")
-    if cfg.dist.zero_bucket_elements <= 0:
-        raise UserError(f"dist.zero_bucket_elements={cfg.dist.zero_bucket_elements}: expected > 0")
-    if cfg.dist.zero_stage not in (0, 1, 2):
-        raise UserError(f"dist.zero_stage={cfg.dist.zero_stage}: expected 0, 1 or 2")
     if cfg.dist.elastic and cfg.dist.zero_stage:
         raise UserError(f"dist.elastic=true needs dist.zero_stage=0 (got {cfg.dist.zero_stage}): Horovod Elastic "
                         "re-syncs optimizer state by broadcast from rank 0, which holds only its slice; to change "
                         "the number of ranks of a sharded run, stop it and --resume auto at the new size (it reshards)")
-    if t.loss_chunk < 0:
-        raise UserError(f"train.loss_chunk must be >= 0 (0 = no chunking), got {t.loss_chunk}")
-    if cfg.checkpoint.every < 0 or cfg.train.eval_every < 0 or cfg.log.every <= 0:
-        raise UserError("checkpoint.every and train.eval_every must be >= 0, log.every > 0")
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:

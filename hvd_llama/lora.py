@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hvd_llama.config import LORA_TARGETS
 from hvd_llama.model import ModelConfig
 
-LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
 DEFAULT_TARGETS = ("wq", "wv")  # the paper's choice, and PEFT's default for LLaMA
 LORA_PARAMS = ("lora_A", "lora_B")
 

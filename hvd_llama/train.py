@@ -12,7 +12,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import sys
 import time
 import traceback
@@ -36,6 +35,7 @@ from hvd_llama.lora import load_lora_state_dict, lora_state_dict
 from hvd_llama.metrics import MetricsLogger, device_peak_flops, format_duration, format_flops
 from hvd_llama.pretrained import ADAPTER_FILE
 from hvd_llama.optim import LossScaler, adamw_kwargs, lr_at, param_groups, set_lr
+from hvd_llama.procs import StopFlag, rank_name
 
 
 @dataclass
@@ -118,18 +118,6 @@ class Fault:
         return self.kind == kind and self.step == step and self.rank == dist.rank()
 
 
-class StopFlag:
-    """Set by SIGTERM/SIGUSR1 (what SLURM sends before a kill); ranks agree on it at each step boundary."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, device: torch.device, init_state: Optional[dict] = None,
                  fault: Fault = Fault()):
@@ -152,7 +140,7 @@ class Trainer:
         self.order = SampleOrder(len(self.train_data), seed=t.seed)
         self.progress = Progress(world_size=dist.size())
         self.lr_scale = 1.0  # elastic: world size / the size the job started with (linear scaling rule)
-        self.stop_flag = StopFlag()
+        self.stop_flag = StopFlag(cfg.train.stop_grace_s)
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def resume(self, resume: Optional[str]) -> None:
@@ -327,8 +315,8 @@ class Trainer:
             if stop_votes > 0 or p.step == t.max_steps or (every and p.step % every == 0):
                 path = self.save()
                 if stop_votes > 0:
-                    logger.message(f"stop requested by a signal: saved {path} at step {p.step}; "
-                                   "resubmit with --resume auto to continue")
+                    logger.message(f"stop requested by {self.stop_flag.reason or 'another rank'}: saved {path} "
+                                   f"at step {p.step}; resubmit with --resume auto to continue")
                     break
         return record
 
@@ -430,8 +418,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         run_main(_main, argv)
     except Exception as err:  # a crash: name the rank, so the job's log says which one died first
         traceback.print_exc()
-        print(f"error: rank {os.environ.get('HOROVOD_RANK', os.environ.get('OMPI_COMM_WORLD_RANK', 0))} failed: "
-              f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        print(f"error: rank {rank_name()} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         os._exit(1)  # do not wait for Horovod's background thread: the other ranks must see us gone
 
 

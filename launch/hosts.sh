@@ -38,3 +38,31 @@ print_command() {
   done
   echo "$line"
 }
+
+# run_supervised LAUNCHER ARGS...: run the launcher in a session of its own and stand between it and the
+# signals of a scheduler or a user; returns the launcher's exit code. SIGTERM, SIGINT, SIGUSR1 or SIGHUP to this
+# script (or to its whole process group) create the stop file every rank checks at each step boundary
+# (HVD_LLAMA_STOP_FILE; one rank seeing it stops them all) and, with RELAY_USR1=1, send SIGUSR1 to the launcher
+# too (mpirun and srun forward it to every rank, on every node). The ranks checkpoint and exit 0 within
+# train.stop_grace_s. The launcher never sees the signal itself: mpirun would kill the ranks 1 s after its
+# SIGTERM, horovodrun --gloo 5 s after, and horovodrun's MPI mode would leave them running. Ranks on this host
+# also watch this script (HVD_LLAMA_LAUNCHER_PID): if it is killed, they checkpoint and exit by themselves.
+run_supervised() {
+  local rc
+  export HVD_LLAMA_STOP_FILE=${HVD_LLAMA_STOP_FILE:-$(mktemp -u "${TMPDIR:-/tmp}/hvd_llama_stop.XXXXXX")}
+  export HVD_LLAMA_LAUNCHER_PID=$$ HVD_LLAMA_LAUNCHER_HOST=$HOSTNAME
+  trap 'rm -f "$HVD_LLAMA_STOP_FILE"' EXIT
+  trap request_stop TERM INT USR1 HUP
+  setsid "$@" &  # not a group leader (no job control in scripts), so setsid does not fork: $! is the launcher
+  LAUNCHER_PID=$!
+  while :; do
+    wait "$LAUNCHER_PID" && rc=0 || rc=$?
+    kill -0 "$LAUNCHER_PID" 2>/dev/null || return "$rc"  # else wait was cut short by a trapped signal
+  done
+}
+
+request_stop() {
+  echo "[launch] stop requested: the ranks checkpoint at the next step boundary and exit" >&2
+  : >"$HVD_LLAMA_STOP_FILE"
+  [ "${RELAY_USR1:-0}" != 1 ] || [ -z "${LAUNCHER_PID:-}" ] || kill -USR1 "$LAUNCHER_PID" 2>/dev/null || true
+}

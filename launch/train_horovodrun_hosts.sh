@@ -36,4 +36,4 @@ cmd=(horovodrun --gloo -np "${np:-$SLOTS}" "${HOST_ARGS[@]}" --gloo-timeout-seco
 [ -z "$ssh_key" ] || cmd+=(--ssh-identity-file "$ssh_key")
 cmd+=(python -m hvd_llama.train "$@")
 print_command "${cmd[@]}"
-[ "${DRY_RUN:-0}" = 1 ] || exec "${cmd[@]}"
+[ "${DRY_RUN:-0}" = 1 ] || run_supervised "${cmd[@]}"

@@ -46,4 +46,4 @@ cmd+=(-mca oob_tcp_keepalive_time $(( (timeout + 1) / 2 )) -mca oob_tcp_keepaliv
       -mca oob_tcp_keepalive_probes 5)
 cmd+=(python -m hvd_llama.train "$@")
 print_command "${cmd[@]}"
-[ "${DRY_RUN:-0}" = 1 ] || exec "${cmd[@]}"
+[ "${DRY_RUN:-0}" = 1 ] || RELAY_USR1=1 run_supervised "${cmd[@]}"

@@ -24,4 +24,4 @@ if [ -z "$np" ]; then
 fi
 cmd=(horovodrun -np "$np" -H "localhost:$np" "${extra[@]}" python -m hvd_llama.train "$@")
 print_command "${cmd[@]}"
-[ "${DRY_RUN:-0}" = 1 ] || exec "${cmd[@]}"
+[ "${DRY_RUN:-0}" = 1 ] || run_supervised "${cmd[@]}"

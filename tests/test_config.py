@@ -1,8 +1,11 @@
+import typing
+
 import pytest
 import yaml
+from multiproc import run_job
 
 from hvd_llama.cli import UserError
-from hvd_llama.config import Config, load_config
+from hvd_llama.config import Config, load_config, value_of
 
 
 def write(tmp_path, values) -> str:
@@ -55,3 +58,64 @@ def test_shipped_presets_load():
     for name in ("tiny", "small"):
         cfg = load_config(f"configs/{name}.yaml")
         assert cfg.train.seq_len <= cfg.model.max_seq_len
+
+
+# The spec the fuzz checks against, written independently of config.py's tables: keys where 0 is a valid value
+# (usually "off" or "none"), and the keys whose value is one of a few names.
+ZERO_ALLOWED = {"optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "optim.beta1",
+                "optim.beta2", "train.seed", "train.eval_every", "train.eval_windows", "train.max_bad_steps",
+                "checkpoint.every", "checkpoint.keep", "log.peak_flops", "dist.threads_per_rank", "dist.zero_stage",
+                "finetune.lora_rank", "finetune.lora_dropout"}
+ENUMS = {"train.precision", "train.device", "dist.compression", "dist.op", "dist.zero_stage", "finetune.lora_targets"}
+FREE_TEXT = {"data.dir", "finetune.init_from"}  # paths: checked when used
+
+
+def all_keys() -> list[tuple[str, type]]:
+    """Every config key and its type (Optional[X] as X), from the dataclasses."""
+    keys = []
+    for section, cls in typing.get_type_hints(Config).items():
+        for name, hint in typing.get_type_hints(cls).items():
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            keys.append((f"{section}.{name}", args[0] if args else hint))
+    return keys
+
+
+def fuzz_cases() -> list[tuple[str, str, bool]]:
+    """(key, bad or edge value as the command line gives it, whether it must be refused)."""
+    cases = []
+    for key, kind in all_keys():
+        cases.append((key, {str: "[1, 2]", bool: "3"}.get(kind, "abc"), True))  # a wrong type
+        if kind in (int, float):
+            cases.append((key, "-1", True))
+            cases.append((key, "0", key not in ZERO_ALLOWED))
+        if key in ENUMS:
+            cases.append((key, "7" if kind is int else "bogus", True))
+    return cases
+
+
+def test_every_key_has_a_fuzz_rule():
+    keys = {key for key, _ in all_keys()}
+    assert ZERO_ALLOWED | ENUMS | FREE_TEXT <= keys  # no stale names
+    assert len(fuzz_cases()) > 2 * len(keys)
+
+
+@pytest.mark.parametrize("key, value, refused", fuzz_cases(), ids=[f"{k}={v}" for k, v, _ in fuzz_cases()])
+def test_config_fuzz_one_line_naming_the_key(key, value, refused):
+    if not refused:
+        assert value_of(load_config(None, [f"{key}={value}"]), key) == 0
+        return
+    with pytest.raises(UserError) as err:
+        load_config(None, [f"{key}={value}"])
+    message = str(err.value)
+    assert key in message and "\n" not in message
+
+
+def test_bad_config_stops_every_rank_with_one_line_and_exit_2(tmp_path):
+    job = run_job(["-m", "hvd_llama.train", "--run-dir", str(tmp_path / "run"), "--set", "dist.commit_every=0"],
+                  np=2, timeout=120)
+    assert job.returncode != 0
+    for rank in (0, 1):
+        lines = [line for line in job.output.splitlines() if line.startswith(f"[{rank}]<stderr>:")]
+        assert lines == [f"[{rank}]<stderr>:error: dist.commit_every must be > 0, got 0"], job.output[-2000:]
+    assert "Exit code: 2" in job.output  # horovodrun names the first rank to exit, with its code
+    assert not (tmp_path / "run").exists()  # nothing half-written

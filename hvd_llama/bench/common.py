@@ -6,7 +6,6 @@ import argparse
 import os
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 import hvd_llama
+from hvd_llama import procs
 from hvd_llama.cli import read_json
 from hvd_llama.config import Config
 from hvd_llama.model import Transformer
@@ -57,22 +57,20 @@ def torchrun(np: int, module: str, *args) -> list[str]:
 
 
 def run_logged(command: Sequence[str], log: Path, timeout: float, env: Optional[dict] = None) -> float:
-    """Run a command with its output in `log`; returns its wall time. The whole process group goes on a
-    timeout or Ctrl-C, so no rank is left behind."""
+    """Run a command with its output in `log`; returns its wall time. Its whole process tree goes on a timeout,
+    Ctrl-C, or this process's death (even by SIGKILL), so no rank is left behind."""
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT, env=job_env(env),
                                 start_new_session=True)
         try:
-            returncode = proc.wait(timeout)
-        except BaseException as err:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with procs.reaped(proc):
+                returncode = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
             proc.wait()
-            if isinstance(err, subprocess.TimeoutExpired):
-                raise BenchFailure(f"`{shlex.join(command)}` did not finish in {timeout:.0f} s "
-                                   f"(--timeout-s); its log: {log}") from None
-            raise
+            raise BenchFailure(f"`{shlex.join(command)}` did not finish in {timeout:.0f} s "
+                               f"(--timeout-s); its log: {log}") from None
     if returncode:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
         raise BenchFailure(f"`{shlex.join(command)}` exited with {returncode}; the end of its log:\n{tail}")
