@@ -285,51 +285,32 @@ def test_bf16_weights_are_bf16_and_exclude_int8(micro_run):
 
 
 # ---- 5. elastic commits in host memory ------------------------------------------------------------------------
-class CountingSampler:
-    """What _ElasticState needs of hvd.elastic.ElasticSampler (which needs Horovod started) for save/restore."""
-
-    def __init__(self):
-        self.processed = []
-
-    def record_batch(self, batch_idx, batch_size):
-        self.processed.extend(range(len(self.processed), len(self.processed) + batch_size))
-
-    def state_dict(self):
-        return {"processed_num": len(self.processed), "indices": self.processed}
-
-    def load_state_dict(self, state):
-        self.processed = state["indices"]
-
-
 def test_elastic_commits_are_host_copies_and_restore_puts_them_back():
     from hvd_llama.dist import _ElasticState
     model = micro_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    sampler = CountingSampler()
 
     def train_once():
         model(torch.randint(0, 512, (2, 8))).square().mean().backward()
         optimizer.step()
         optimizer.zero_grad()
-        sampler.record_batch(0, 2)
 
     train_once()  # some optimizer state to commit
-    state = _ElasticState(model, optimizer, sampler, progress={"step": 1})
+    state = _ElasticState(model, optimizer, progress={"step": 1, "samples": 2})
     state.save()  # commit() = save() + a collective check for host changes
-    committed_model, committed_optimizer, _ = state._committed
+    committed_model, committed_optimizer = state._committed
     for name, tensor in committed_model.items():
         assert tensor.device.type == "cpu" and tensor.data_ptr() != model.state_dict()[name].data_ptr()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     moments = {k: v["exp_avg"].clone() for k, v in optimizer.state_dict()["state"].items()}
-    processed = sampler.state_dict()["processed_num"]
     for _ in range(2):  # train, roll back, train again, roll back: the second rollback must find the same commit
         train_once()
-        state.progress = {"step": 2}
+        state.progress = {"step": 2, "samples": 4}
         assert not torch.equal(model.output.weight, weights["output.weight"])
         state.restore()
         assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
         assert all(torch.equal(optimizer.state_dict()["state"][k]["exp_avg"], v) for k, v in moments.items())
-        assert sampler.state_dict()["processed_num"] == processed and state.progress == {"step": 1}
+        assert state.progress == {"step": 1, "samples": 2}  # the data position is a committed value too
     # The next commit reuses the host buffers of the last one, with the new values.
     train_once()
     state.save()  # commit() = save() + a collective check for host changes

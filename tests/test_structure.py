@@ -22,7 +22,8 @@ FLOW = [
     "inference", "decoding", "evaluate", "generate", "convert", "doctor",
     # benchmarks of all of the above
     "bench", "bench.common", "bench.synthetic", "bench.train_steps", "bench.prepare_steps", "bench.throughput",
-    "bench.scaling", "bench.quality", "bench.generation", "bench.prepare", "bench.run", "bench.__main__",
+    "bench.scaling", "bench.quality", "bench.generation", "bench.prepare", "bench.memory", "bench.stages",
+    "bench.run", "bench.__main__",
 ]
 MAX_LINES = 450
 

@@ -25,6 +25,8 @@ from hvd_llama.model import Transformer
 PACKAGE_ROOT = Path(hvd_llama.__file__).resolve().parents[1]  # the folder this hvd_llama is imported from
 MB = 1e6  # megabytes are decimal throughout (as prepare reports them)
 
+PHASES = ("reduce_gradients", "clip_grad_norm_", "step")  # the optimizer's calls in train_step, after backward
+
 
 class BenchFailure(RuntimeError):
     """A measurement process failed: the benchmark is recorded as failed and the others go on."""

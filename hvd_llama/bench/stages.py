@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 
 from hvd_llama.bench.common import Bench, job_step_s, num_params, table
-from hvd_llama.bench.train_steps import PHASES
+from hvd_llama.bench.common import PHASES
 
 STAGES = (0, 1, 2)
 TARGET_RATIO = 1.05  # issue 15: stages 1 and 2 at most 5% slower than stage 0

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from hvd_llama import dist
+from hvd_llama.bench.common import PHASES
 from hvd_llama.cli import atomic_write_text, run_main
 from hvd_llama.compute import train_step
 from hvd_llama.config import Config, load_config
@@ -90,7 +91,6 @@ class MethodTimer:
         return result
 
 
-PHASES = ("reduce_gradients", "clip_grad_norm_", "step")  # the optimizer's calls in train_step, after backward
 
 
 def peak_rss() -> int:
