@@ -48,7 +48,9 @@ def merge_rounds(previous: Optional[list[dict]], ranks: list[dict]) -> list[dict
     """Each rank's timings of every round so far, in one list per figure."""
     for old, new in zip(previous or [], ranks):
         for key, value in new.items():
-            if key.endswith("_s"):
+            if key.endswith("_s") and isinstance(value, dict):  # per-phase timings
+                new[key] = {phase: old[key][phase] + times for phase, times in value.items()}
+            elif key.endswith("_s"):
                 new[key] = old[key] + value
     return ranks
 
