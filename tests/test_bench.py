@@ -192,7 +192,8 @@ def test_memory_state_bytes_per_stage_and_world_size(memory_report):
     assert runs["stage2_np2"]["state_bytes"]["optimizer"] == 8 * half
     assert runs["stage2_np2"]["state_bytes"]["gradients"] == 4 * half
     assert 0 <= 2 * runs["stage2_np2"]["state_bytes"]["optimizer"] - runs["stage2_np1"]["state_bytes"]["optimizer"] <= 8
-    assert runs["stage0_np2"]["state_bytes"]["optimizer"] == runs["stage0_np1"]["state_bytes"]["optimizer"] == 8 * T
+    stage0 = runs["stage0_np2"]["state_bytes"]["optimizer"]
+    assert stage0 == runs["stage0_np1"]["state_bytes"]["optimizer"] and 8 * T < stage0 < 8 * T + 4 * 1000  # + step counters
     state = [runs[f"stage{s}_np2"]["model_state"] for s in (0, 1, 2)]
     assert state[0] > state[1] > state[2]
     t = r["target"]
@@ -203,22 +204,12 @@ def test_memory_state_bytes_per_stage_and_world_size(memory_report):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_memory_planner_matches_stage2_and_reports_its_differences(memory_report):
+def test_memory_planner_equals_state_bytes_at_every_stage(memory_report):
     for name, run in memory_report["runs"].items():
         planned, measured = run["planned_state_bytes"], run["state_bytes"]
         assert run["state_minus_planned"] == {k: measured[k] - planned[k] for k in planned}
         assert run["planned_model_state"] == sum(planned.values())
-        if run["stage"] == 2:
-            assert measured == planned, name
-        else:
-            assert measured["weights"] == planned["weights"], name
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_memory_planner_equals_state_bytes_at_every_stage(memory_report):
-    for name, run in memory_report["runs"].items():
-        assert run["state_bytes"] == run["planned_state_bytes"], name
+        assert measured == planned, name  # every stage: the planner is exact tensor arithmetic
 
 
 @pytest.mark.slow
