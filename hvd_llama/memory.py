@@ -17,11 +17,11 @@ import torch
 
 from hvd_llama.cli import UserError
 from hvd_llama.config import Config, split_targets
+from hvd_llama.sharding import DEFAULT_BUCKET_ELEMENTS, MAX_IN_FLIGHT
 from hvd_llama.lora import apply_lora
 from hvd_llama.model import ModelConfig, Transformer
 
 GiB = 1 << 30
-BUCKET_ELEMENTS = 25_000_000  # dist/zero.py's default bucket: the flat buffer is padded per bucket
 FUSION_BUFFER = 128 << 20  # Horovod's HOROVOD_FUSION_THRESHOLD default: the stage-0 allreduce staging buffer
 # On a GPU, memory torch never sees as tensors: the CUDA context and kernel images (~0.5-1 GiB on A100/H100),
 # cuBLAS workspaces and NCCL's communicator buffers (a few hundred MiB); plus 5% of the tensors for the caching
@@ -55,7 +55,7 @@ def count_params(cfg: Config) -> ParamCounts:
                        tensors=len(trainable), matmul=matmul)
 
 
-def shard_elements(n: int, world_size: int, bucket: int = BUCKET_ELEMENTS) -> int:
+def shard_elements(n: int, world_size: int, bucket: int = DEFAULT_BUCKET_ELEMENTS) -> int:
     """This rank's slice of a flat buffer of n elements cut into buckets, each padded to a multiple of
     world_size: ceil(n / N) plus less than one element per bucket."""
     full, rest = divmod(n, bucket)
@@ -168,13 +168,14 @@ def weight_copy_bytes(counts: ParamCounts, regime: str) -> int:
 
 
 def buffer_bytes(counts: ParamCounts, stage: int, world_size: int, half: bool) -> int:
-    """Communication buffers: Horovod's fusion buffer at stage 0; with a sharded optimizer one bucket in flight:
-    its fp32 reduction buffer, the all-gathered bucket of weights and, at stage 2, the param.grad tensors
-    waiting for their bucket to fill."""
+    """Communication buffers: Horovod's fusion buffer at stage 0; with a sharded optimizer the fp32 flat buffers
+    of the reduce-scatters in flight (MAX_IN_FLIGHT + 1 buckets at the peak), the all-gathered bucket of weights
+    and, at stage 2, the param.grad tensors waiting for their bucket to fill."""
     if stage == 0:
         return FUSION_BUFFER if world_size > 1 else 0
-    width, bucket = (2 if half else 4), min(BUCKET_ELEMENTS, counts.trainable)
-    return bucket * (4 + width + (width if stage == 2 else 0))
+    width, bucket = (2 if half else 4), min(DEFAULT_BUCKET_ELEMENTS, counts.trainable)
+    in_flight = min(MAX_IN_FLIGHT + 1, -(-counts.trainable // bucket))
+    return bucket * (4 * in_flight + width + (width if stage == 2 else 0))
 
 
 @dataclass

@@ -16,7 +16,7 @@ FLOW = [
     # raw text -> token shards
     "shards", "corpus", "encode", "prepare",
     # token shards -> training
-    "data", "dist.layout", "dist.zero", "dist", "dist.report", "optim", "metrics", "lora", "memory", "compute", "checkpoint",
+    "data", "sharding", "dist.zero", "dist", "dist.report", "optim", "metrics", "lora", "memory", "compute", "checkpoint",
     "formats", "pretrained", "startup", "train", "plan",
     # checkpoints -> numbers, text, other formats
     "inference", "decoding", "evaluate", "generate", "convert", "doctor",

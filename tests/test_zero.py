@@ -9,7 +9,7 @@ import torch
 from multiproc import run_job
 from zero_job import GRAD_ACCUM, MAX_NORM, POISON_STEP
 
-from hvd_llama.dist.layout import STATE_FORMAT, FlatLayout, merge_slices
+from hvd_llama.sharding import STATE_FORMAT, FlatLayout, merge_slices
 
 ZERO_JOB = Path(__file__).with_name("zero_job.py")
 

@@ -21,9 +21,8 @@ except ImportError as err:  # pip cannot build Horovod 0.28.1 for torch >= 2.1 u
 from hvd_llama.cli import UserError
 from hvd_llama.config import DistConfig
 from hvd_llama.device import cuda_device_index
-from hvd_llama.dist.layout import merge_slices  # noqa: F401 (public: full optimizer state of a sharded checkpoint)
-from hvd_llama.dist.zero import (DEFAULT_BUCKET_ELEMENTS, ReplicatedOptimizer, ShardedOptimizer,  # noqa: F401
-                                 allgather_tensor)
+from hvd_llama.sharding import DEFAULT_BUCKET_ELEMENTS, merge_slices  # noqa: F401 (public)
+from hvd_llama.dist.zero import ReplicatedOptimizer, ShardedOptimizer, allgather_tensor  # noqa: F401
 
 ZERO_STAGES = (0, 1, 2)
 

@@ -35,10 +35,8 @@ import math
 import horovod.torch as hvd
 import torch
 
-from hvd_llama.dist.layout import STATE_FORMAT, FlatLayout, Piece, SliceIndex, check_slices, merge_ranges
+from hvd_llama.sharding import DEFAULT_BUCKET_ELEMENTS, MAX_IN_FLIGHT, STATE_FORMAT, FlatLayout, Piece, SliceIndex, check_slices, merge_ranges
 
-DEFAULT_BUCKET_ELEMENTS = 25_000_000
-MAX_IN_FLIGHT = 2  # reduce-scatters outstanding at once: bounds the flat buffers alive during backward
 IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 
 

@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 import torch
 
+DEFAULT_BUCKET_ELEMENTS = 25_000_000
+MAX_IN_FLIGHT = 2  # reduce-scatters outstanding at once (a third is launched before the oldest is waited for)
 STATE_FORMAT = "hvd_llama.zero_slice/1"
 SLICE_TENSORS = ("exp_avg", "exp_avg_sq", "master")
 
