@@ -119,7 +119,7 @@ def test_resume_refuses_a_checkpoint_of_the_other_kind(micro_run, small_data, tm
 
 @pytest.mark.parametrize("extra, message", [
     (["dist.elastic=true"], "dist.elastic=true needs dist.zero_stage=0"),
-    (["dist.zero_bucket_elements=0"], "dist.zero_bucket_elements=0: expected > 0"),
+    (["dist.zero_bucket_elements=0"], "dist.zero_bucket_elements must be > 0, got 0"),
 ])
 def test_sharding_refuses_what_it_cannot_do(extra, message):
     from hvd_llama.cli import UserError
