@@ -22,7 +22,10 @@ from hvd_llama.procs import StopFlag
 pytestmark = pytest.mark.distributed
 
 SIGNALS = {"TERM": signal.SIGTERM, "USR1": signal.SIGUSR1, "INT": signal.SIGINT, "KILL": signal.SIGKILL}
-STOP_CELLS = list(itertools.product(LAUNCHERS, ("TERM", "USR1", "INT"), ("launcher", "group")))
+# Our scripts relay a signal to the group through the same trap as one to the script alone: their group cells
+# are left to the fast test (train_single_node.sh, TERM), which keeps the suite's time in bounds.
+STOP_CELLS = [cell for cell in itertools.product(LAUNCHERS, ("TERM", "USR1", "INT"), ("launcher", "group"))
+              if not (cell[0] in SCRIPTS and cell[2] == "group")]
 KILL_CELLS = [(launcher, "KILL", "launcher") for launcher in LAUNCHERS] + \
     [(launcher, "KILL", "rank") for launcher in ("horovodrun", "horovodrun-gloo", "mpirun", "train_single_node.sh")]
 FAST_CELLS = [("train_single_node.sh", "TERM", "group"), ("horovodrun", "TERM", "launcher")]
