@@ -152,8 +152,7 @@ class StepResult:
     loss_sum: float  # this rank's summed token losses (nats)
     n_targets: int  # the step's targets over all ranks and micro-batches
     grad_norm: float  # global norm of the averaged gradients, before clipping
-    stepped: bool  # False: skipped on every rank (non-finite gradients)
-    overflow: bool  # skipped because fp16 loss scaling overflowed while the loss itself was finite
+    stepped: bool  # False: skipped on every rank (non-finite gradients, e.g. an fp16 loss-scale overflow)
 
 
 def train_step(model, optimizer, micro_batches, device, precision: str, grad_clip: float,
@@ -189,8 +188,6 @@ def train_step(model, optimizer, micro_batches, device, precision: str, grad_cli
     if stepped:
         optimizer.step()
     optimizer.zero_grad()
-    loss_sum = loss_sum.item()
-    overflow = scaler is not None and not stepped and math.isfinite(loss_sum)
     if scaler:
         scaler.update(overflow=not stepped)
-    return StepResult(loss_sum, n_targets, float(grad_norm), stepped, overflow)
+    return StepResult(loss_sum.item(), n_targets, float(grad_norm), stepped)

@@ -299,8 +299,10 @@ class Trainer:
             record = self.step_record(loss_sum / max(result.n_targets, 1), lr, result, step_start)
             record["eta_s"] = (t.max_steps - p.step) * (time.perf_counter() - session_start) / (p.step - first_step)
             logger.log_step(record, t.max_steps)
-            # fp16 overflows are the loss scaler's business (normal early in training), not bad steps
-            bad_in_a_row = 0 if result.stepped or result.overflow else bad_in_a_row + 1
+            # An fp16 overflow (gradients not finite, every rank's loss finite: the allreduced sum says so) is the
+            # loss scaler's business, normal early in training; only other skipped steps are bad ones.
+            overflow = self.scaler is not None and math.isfinite(loss_sum)
+            bad_in_a_row = 0 if result.stepped or overflow else bad_in_a_row + 1
             if bad_in_a_row > t.max_bad_steps:  # the same on every rank: decided by allreduced numbers
                 raise UserError(f"{bad_in_a_row} non-finite steps in a row at step {p.step} (limit "
                                 f"train.max_bad_steps={t.max_bad_steps}); lower optim.lr or resume from "
