@@ -48,11 +48,13 @@ class Progress:
     world_size: int = 1  # ranks of the session that saved it
 
     @classmethod
-    def restore(cls, saved: dict, world_size: int) -> "Progress":
-        """A saved position; checkpoints from before the global order kept each rank's offset in an epoch."""
+    def restore(cls, saved: dict, world_size: int, n_items: int) -> "Progress":
+        """A saved position. Checkpoints from before the global order kept an epoch and each rank's offset in
+        it: they continue at the same epoch and number of items read in it (not the same items: the old order
+        interleaved the ranks differently)."""
         if "samples" not in saved:
             saved = {"step": saved["step"], "tokens": saved["tokens"], "elapsed_s": saved["elapsed_s"],
-                     "samples": saved["offset"] * world_size, "world_size": world_size}
+                     "samples": saved["epoch"] * n_items + saved["offset"] * world_size, "world_size": world_size}
         return cls(**saved)
 
 
@@ -155,7 +157,8 @@ class Trainer:
             return
         if self.optimizer.stage:
             self.optimizer.load_state_dict(checkpoint.read_optimizer_slices(Path(shared["path"])))
-        self.progress = Progress.restore(shared["progress"], world_size=len(shared["rng"]))
+        self.progress = Progress.restore(shared["progress"], world_size=len(shared["rng"]),
+                                         n_items=len(self.train_data))
         if self.progress.world_size != dist.size() and dist.is_main():
             print(f"resuming a run saved on {self.progress.world_size} rank(s) on {dist.size()}: the data continues "
                   f"at item {self.progress.samples:,} of the global sample order", flush=True)
