@@ -73,12 +73,12 @@ def model_state_bytes(counts: ParamCounts, stage: int, world_size: int, half: bo
     P = all parameters, T = trainable ones, S = shard_elements(T, N) (this rank's slice).
     stage 0 (hvd.DistributedOptimizer): fp32 weights 4P (autocast leaves them fp32), fp32 gradients 4T,
         AdamW exp_avg + exp_avg_sq 8T plus a 4-byte step counter per trainable tensor.
-    stage 1: gradients stay whole (4T, or 2T in bf16 weights) until zero_grad(), next to the fp32 slice they are
-        reduce-scattered into (4S); the optimizer holds its slice only: 8S moments, plus the fp32 master copy of
-        the slice (4S) when the model holds bf16 weights (2P).
-    stage 2: a rank keeps only its fp32 gradient slice (4S): each param.grad is freed once its bucket has been
-        reduce-scattered. With grad_accum > 1 the whole gradients (2T or 4T) also exist, accumulated locally
-        until the last micro-step.
+    stage 1: gradients stay whole (4T, or 2T in bf16 weights) until zero_grad(), next to the slice they are
+        reduce-scattered into (4S, or 2S in bf16 weights); the optimizer holds its slice only: 8S moments, plus
+        the fp32 master copy of the slice (4S) when the model holds bf16 weights (2P).
+    stage 2: a rank keeps only its gradient slice (4S, or 2S in bf16 weights): each param.grad is freed once
+        its bucket has been reduce-scattered. With grad_accum > 1 the whole gradients (2T or 4T) also exist,
+        accumulated locally until the last micro-step. In bf16 that is ZeRO's 2 + 14/N bytes per parameter.
     LoRA: frozen base weights count in P only; gradients and optimizer state exist for the adapters (T).
     """
     P, T = counts.total, counts.trainable
@@ -87,7 +87,7 @@ def model_state_bytes(counts: ParamCounts, stage: int, world_size: int, half: bo
         return {"weights": 4 * P, "gradients": 4 * T, "optimizer": 8 * T + 4 * counts.tensors}
     S = shard_elements(T, world_size)
     whole_grads = width * T
-    gradients = 4 * S + (whole_grads if stage == 1 or grad_accum > 1 else 0)
+    gradients = width * S + (whole_grads if stage == 1 or grad_accum > 1 else 0)
     return {"weights": width * P, "gradients": gradients, "optimizer": (12 if half else 8) * S}
 
 

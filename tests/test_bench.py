@@ -234,9 +234,9 @@ def test_stages_step_time_ratios_and_timelines(tmp_path):
         # one target count per step, a grad norm per step at stages 1-2; the micro model is one bucket
         assert ops["small allreduces (target count, grad norm)"]["ops"] == (warmup + steps) * (1 if s == "0" else 2)
         if s == "0":
-            assert "gradient allreduce" in ops and "gradient reduce-scatter" not in ops
+            assert "gradient allreduce" in ops and "gradient reduction into slices" not in ops
         else:
-            assert ops["gradient reduce-scatter"]["ops"] == ops["weight all-gather"]["ops"] == warmup + steps
+            assert ops["gradient reduction into slices"]["ops"] == ops["weight all-gather"]["ops"] == warmup + steps
             assert "gradient allreduce" not in ops
     for s in ("1", "2"):
         ratio = c["ratios"][f"stage{s}_vs_stage0"]

@@ -178,4 +178,6 @@ def test_bf16_master_weights():
         S, P = result["shard"], result["P"]
         assert 0 <= S - math.ceil(P / 2) < result["buckets"]
         assert result["bytes"]["optimizer"] == 12 * S  # moments and master weights, fp32
-        assert result["bytes"]["weights"] == 2 * P and result["bytes"]["gradients"] == 4 * S
+        # bf16 weights, and the averaged gradients kept in bf16 too: ZeRO's 2 + (2 + 12) / N bytes per parameter
+        assert result["grad_dtype"] == "torch.bfloat16"
+        assert result["bytes"]["weights"] == 2 * P and result["bytes"]["gradients"] == 2 * S

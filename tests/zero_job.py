@@ -231,7 +231,8 @@ def bf16() -> None:
         views_match = all(torch.equal(v.view(torch.int16), t.to(torch.bfloat16).view(torch.int16))
                           for v, t in zip(opt._param_views, opt._targets))
         emit(kind="train", stage=stage, fp32=[r["loss"] for r in fp32], bf16=[r["loss"] for r in low],
-             digest=digest(model), master_dtype=str(opt.master.dtype), own_slice_is_master=views_match,
+             digest=digest(model), master_dtype=str(opt.master.dtype), grad_dtype=str(opt.grad_shard.dtype),
+             own_slice_is_master=views_match,
              bytes=opt.state_bytes(), shard=opt.exp_avg.numel(), buckets=len(opt.layout.buckets),
              P=trainable_count(model),
              has_master="master" in opt.state_dict())

@@ -109,8 +109,9 @@ def category(tensor: str, activity: str) -> str:
         return ""  # waiting for the other rank, or the start-up broadcast: not a step's communication
     if tensor in SMALL_ALLREDUCES:
         return "small allreduces (target count, grad norm)"
-    return {"ALLREDUCE": "gradient allreduce", "REDUCESCATTER": "gradient reduce-scatter",
-            "ALLGATHER": "weight all-gather"}.get(activity, activity.lower())
+    if tensor.startswith("zero.grad."):  # a reduce-scatter, or under Gloo an allreduce of which the slice is kept
+        return "gradient reduction into slices"
+    return {"ALLREDUCE": "gradient allreduce", "ALLGATHER": "weight all-gather"}.get(activity, activity.lower())
 
 
 def union(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
