@@ -177,11 +177,12 @@ def memory_report(tmp_path_factory):
 def test_memory_state_bytes_per_stage_and_world_size(memory_report):
     r = memory_report
     runs, T = r["runs"], r["trainable"]
-    assert set(runs) == {f"stage{s}_np{n}" for s in (0, 1, 2) for n in (1, 2)}
+    assert set(runs) == {f"stage{s}_np{n}" for s in (0, 1, 2) for n in (1, 2)} | {"bf16_stage0_np2", "bf16_stage2_np2"}
     half = -(-T // 2)  # ceil(T / 2): the np=2 slice, padding included (one bucket)
     for run in runs.values():
         s = run["state_bytes"]
-        assert len(run["ranks"]) == run["np"] and s["weights"] == 4 * r["params"]
+        bf16_weights = run["precision"] == "bf16" and run["stage"] == 2
+        assert len(run["ranks"]) == run["np"] and s["weights"] == (2 if bf16_weights else 4) * r["params"]
         assert run["model_state"] == sum(s.values())
         # zero_grad() comes after step(): nothing is freed between the two probes at any stage
         assert run["state_bytes_after_step"] == s
@@ -196,8 +197,14 @@ def test_memory_state_bytes_per_stage_and_world_size(memory_report):
     assert stage0 == runs["stage0_np1"]["state_bytes"]["optimizer"] and 8 * T < stage0 < 8 * T + 4 * 1000  # + step counters
     state = [runs[f"stage{s}_np2"]["model_state"] for s in (0, 1, 2)]
     assert state[0] > state[1] > state[2]
+    # mixed precision: stage 0 the same 16 bytes per parameter; stage 2 bf16 weights and gradient slice, fp32
+    # master weights and moments (ZeRO's 2 + 14/N)
+    mixed = [runs[f"bf16_stage{s}_np2"]["state_bytes"] for s in (0, 2)]
+    assert mixed[0] == runs["stage0_np2"]["state_bytes"]
+    assert mixed[1] == {"weights": 2 * r["params"], "gradients": 2 * half, "optimizer": 12 * half}
     t = r["target"]
-    assert close(t["stage2_vs_stage0_model_state_np2"], state[2] / state[0])
+    assert close(t["stage2_vs_stage0_model_state_np2"], sum(mixed[1].values()) / sum(mixed[0].values()))
+    assert close(t["stage2_vs_stage0_model_state_np2_own_precision"], state[2] / state[0])
     assert t["met"] == (t["stage2_vs_stage0_model_state_np2"] <= 0.6)
     assert close(t["stage2_vs_stage0_peak_rss_np2"], runs["stage2_np2"]["peak_rss"] / runs["stage0_np2"]["peak_rss"])
 

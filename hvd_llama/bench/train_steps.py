@@ -30,6 +30,7 @@ from hvd_llama.config import Config, load_config
 from hvd_llama.metrics import measure_peak_flops
 from hvd_llama.model import Transformer
 from hvd_llama.optim import adamw_kwargs, build_optimizer, param_groups
+from hvd_llama.startup import build_model
 
 PRECISION = "fp32"  # what every benchmarked step computes in (the presets' precision on CPU)
 
@@ -105,8 +106,9 @@ def new_model(cfg: Config) -> Transformer:
 
 
 def horovod_model(cfg: Config) -> tuple[Transformer, object]:
-    """hvd_llama's own set-up, as train.Trainer does it (after dist.init), at cfg.dist.zero_stage."""
-    model = new_model(cfg)
+    """hvd_llama's own set-up, as train.Trainer does it (after dist.init), at cfg.dist.zero_stage: rank 0
+    initialises, bf16 weights with bf16 and a sharded optimizer, weights broadcast from rank 0."""
+    model = build_model(cfg, torch.device("cpu"), None)
     optimizer = dist.build_data_parallel_optimizer(model, param_groups(model, cfg.optim.weight_decay),
                                                    adamw_kwargs(cfg.optim), cfg.dist, stage=cfg.dist.zero_stage,
                                                    grad_accum=1, bucket_elements=cfg.dist.zero_bucket_elements)
@@ -174,8 +176,9 @@ def measure_memory_rank(cfg: Config, args: argparse.Namespace) -> dict:
     for phase in ("reduce_gradients", "step"):
         MethodTimer(optimizer, phase, then=lambda phase=phase: state.update({phase: optimizer.state_bytes()}))
     batch = random_batch(cfg, cfg.train.seed + dist.rank())
-    for _ in range(args.warmup + args.steps):
-        train_step(model, optimizer, [batch], torch.device("cpu"), PRECISION, cfg.optim.grad_clip, ranks=dist)
+    for _ in range(args.warmup + args.steps):  # in the config's precision: memory depends on it
+        train_step(model, optimizer, [batch], torch.device("cpu"), cfg.train.precision, cfg.optim.grad_clip,
+                   ranks=dist)
     return {"rank": dist.rank(), "size": dist.size(), "zero_stage": optimizer.stage,
             "threads": torch.get_num_threads(), "peak_rss": peak_rss(), "rss_at_init": rss_at_init,
             "state_bytes_after_reduce_gradients": state["reduce_gradients"], "state_bytes_after_step": state["step"]}
