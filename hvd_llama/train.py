@@ -409,7 +409,7 @@ def _main(argv: Optional[Sequence[str]]) -> None:
         logger.message(lora_summary(trainer.model, cfg))
     logger.message(f"training {trainer.model.num_params():,} parameters on {dist.size()} rank(s), "
                    f"{device.type}, {cfg.train.precision}; {meta['splits']['train']['tokens']:,} train tokens; "
-                   f"run dir {run_dir}")
+                   f"run dir {run_dir}; {dist.describe()}")
     try:
         record = trainer.run_elastic(logger) if cfg.dist.elastic else trainer.run(logger)
     finally:

@@ -495,3 +495,13 @@ def test_gpu_check_np2_equivalence_and_scaling(tmp_path):
     (tmp_path / "np2_b8").rmdir()
     write_run(tmp_path / "np2_b8", [8.0, 7.1, 6.0, 5.5, 5.0, 4.8])
     assert gpu_check_py("np2", tmp_path).returncode == 1
+
+
+def test_cpu_defaults_fill_only_what_the_launcher_or_user_left_unset():
+    from hvd_llama.dist import CPU_HOROVOD_ENV, cpu_defaults
+    env = {"HOROVOD_CYCLE_TIME": "2"}  # horovodrun --cycle-time-ms 2
+    applied = cpu_defaults(env)
+    assert env["HOROVOD_CYCLE_TIME"] == "2" and "HOROVOD_CYCLE_TIME" not in applied
+    assert applied == {"OMPI_MCA_mpi_yield_when_idle": "1"} == {k: env[k] for k in applied}
+    fresh = {}
+    assert cpu_defaults(fresh) == CPU_HOROVOD_ENV == fresh

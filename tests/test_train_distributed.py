@@ -18,6 +18,9 @@ def test_two_ranks_equal_one_rank_with_double_batch(data_dir, tmp_path, launcher
     assert len(two) == 5
     assert two == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
     assert metrics(tmp_path / "two")[-1]["tokens"] == 5 * 2 * 4 * 32  # tokens of both ranks
+    # CPU ranks get a background loop that does not take their cores (dist.CPU_HOROVOD_ENV)
+    controller = "Gloo" if launcher == "horovodrun" else "MPI"
+    assert f"Horovod {controller} controller, cycle 5 ms" in job.output
 
 
 def test_all_ranks_hold_identical_parameters(data_dir, tmp_path):
