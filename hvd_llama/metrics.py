@@ -111,19 +111,26 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, console_every: int,
                  resume_step: Optional[int] = None):
-        self.enabled = enabled
-        self.console_every = console_every
-        self.writer = None
-        if not enabled:
+        self.run_dir, self.tensorboard, self.console_every = Path(run_dir), tensorboard, console_every
+        self.jsonl = self.run_dir / "metrics.jsonl"
+        self.enabled, self.file, self.writer = False, None, None
+        self.set_enabled(enabled, resume_step or 0)
+
+    def set_enabled(self, enabled: bool, step: int) -> None:
+        """Whether this process logs. An elastic reset renumbers the ranks: a process that becomes rank 0 takes
+        the log over, with the records after `step` dropped (they are trained again)."""
+        if enabled == self.enabled:
             return
-        self.jsonl = Path(run_dir) / "metrics.jsonl"
-        self.file = None
-        self.truncate_after(resume_step or 0)
-        if tensorboard:
+        if not enabled:
+            self.close()
+            self.enabled, self.writer = False, None
+            return
+        self.enabled = True
+        self.truncate_after(step)
+        if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # rank 0 only: other ranks need not import it
             # purge_step drops events a crashed run logged after the checkpoint we resume from.
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"),
-                                        purge_step=(resume_step + 1) if resume_step else None)
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=(step + 1) if step else None)
 
     def truncate_after(self, step: int) -> None:
         """Keep records up to `step`: a resumed run re-does the steps after its checkpoint."""

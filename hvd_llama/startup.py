@@ -47,8 +47,15 @@ def build_model(cfg: Config, device: torch.device, init_state: Optional[dict]) -
     return model
 
 
-def load_pretrained(cfg: Config, meta: dict) -> Optional[dict]:
-    """Rank 0 reads the pretrained weights; every rank adopts their architecture. Returns rank 0's state."""
+def load_pretrained(cfg: Config, meta: dict, joining: bool = False) -> Optional[dict]:
+    """Rank 0 reads the pretrained weights; every rank adopts their architecture. Returns rank 0's state.
+    `joining`: an elastic worker added to a running job, which reads the architecture itself (no collectives:
+    the others are training) and receives the weights in the state's sync."""
+    if joining:
+        cfg.model = load_weights(cfg.finetune.init_from)[1]
+        validate(cfg)
+        return None
+
     def read() -> tuple[dict, object]:
         state, model_cfg, tokenizer = load_weights(cfg.finetune.init_from)
         if tokenizer is not None and Tokenizer(tokenizer).sha256 != meta.get("tokenizer_sha256"):

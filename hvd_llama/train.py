@@ -255,6 +255,7 @@ class Trainer:
                                    initial_size=dist.size())
 
         def on_reset():
+            logger.set_enabled(dist.is_main(), state.progress["step"])  # rank 0 may be another process now
             self.lr_scale = dist.size() / state.initial_size
             logger.message(f"elastic reset: {dist.size()} ranks now, global batch "
                            f"{self.cfg.train.batch_size * self.cfg.train.grad_accum * dist.size()} sequences, "
@@ -397,11 +398,16 @@ def _main(argv: Optional[Sequence[str]]) -> None:
         raise UserError(f"--resume {args.resume}: no such checkpoint (use 'auto' or a checkpoint folder)")
     device = dist.init(cfg.dist, device_kind)
     allow_tf32(device, cfg.train.tf32)
-    dist.run_on_main(lambda: prepare_run_dir(run_dir, args.resume, cfg), name="run_dir")
-    init_state = load_pretrained(cfg, meta) if cfg.finetune.init_from else None
+    # Elastic: a worker added to a running job makes none of the start-up collectives; the state's sync
+    # brings it up to date.
+    joining = cfg.dist.elastic and dist.elastic_joining()
+    if not joining:
+        dist.run_on_main(lambda: prepare_run_dir(run_dir, args.resume, cfg), name="run_dir")
+    init_state = load_pretrained(cfg, meta, joining) if cfg.finetune.init_from else None
     check_fits(cfg, dist.size(), device_memory(device), device.type)  # before allocating: every rank alike
     trainer = Trainer(cfg, run_dir, device, init_state, fault)
-    trainer.resume(args.resume)
+    if not joining:
+        trainer.resume(args.resume)
     before, start = replace(trainer.progress), time.perf_counter()
     logger = MetricsLogger(run_dir, dist.is_main(), cfg.log.tensorboard, cfg.log.every,
                            resume_step=before.step if args.resume else None)

@@ -1,5 +1,5 @@
-# Sourced by the launchers (train_mpirun.sh, train_horovodrun_hosts.sh; train_single_node.sh for print_command);
-# not run by itself.
+# Sourced by the launchers (train_mpirun.sh, train_horovodrun_hosts.sh; train_single_node.sh and train_elastic.sh
+# for print_command); not run by itself.
 # Where the hosts come from, in this order: -H "node1:8,node2:8"; -f HOSTFILE with lines "node1 slots=8";
 # inside a SLURM allocation, `scontrol show hostnames "$SLURM_JOB_NODELIST"` with one rank per task
 # (SLURM_NTASKS_PER_NODE) or -s SLOTS per node.

@@ -52,9 +52,14 @@ def command(launcher: str, train_args: list, tmp_path: Path) -> tuple[list, dict
 
 def start(launcher: str, train_args: list, tmp_path: Path, env: Optional[dict] = None) -> subprocess.Popen:
     argv, extra = command(launcher, train_args, tmp_path)
-    log = open(tmp_path / f"{launcher}.log", "w+")
-    proc = subprocess.Popen(argv, cwd=REPO, env=job_env({**extra, **(env or {})}), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return start_command(argv, tmp_path / f"{launcher}.log", {**extra, **(env or {})})
+
+
+def start_command(argv: list, log_path: Path, env: Optional[dict] = None) -> subprocess.Popen:
+    """Start a job in a session of its own, its output going to `log_path` (read it with output())."""
+    log = open(log_path, "w+")
+    proc = subprocess.Popen(argv, cwd=REPO, env=job_env(env), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     proc.log = log
     return proc
 

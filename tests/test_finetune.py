@@ -11,8 +11,11 @@ from conftest import micro_overrides
 from multiproc import REPO, job_env, run_job
 from trainrun import TRAIN_DIGESTS, losses, metrics, train_job, train_single
 
+from hvd_llama.config import load_config
+from hvd_llama.data import read_meta
 from hvd_llama.decoding import generate
 from hvd_llama.inference import load_model
+from hvd_llama.startup import load_pretrained
 
 pytestmark = pytest.mark.distributed
 
@@ -89,6 +92,15 @@ def test_init_from_refuses_data_of_another_tokenizer(micro_run, tmp_path):
     done = train_single(tmp_path / "run", micro_overrides(other, **{"model.vocab_size": 300}), "--init-from",
                         str(micro_run))
     assert done.returncode == 2 and "encoded with another tokenizer" in done.stderr
+
+
+def test_elastic_worker_joining_a_running_job_reads_the_architecture_itself(micro_run, small_data):
+    """A worker added to a running elastic job may make no collective (the others are training; here Horovod is
+    not even initialised, so one would raise): it adopts the base model's architecture from the files, and
+    receives the weights in the state's sync."""
+    cfg = load_config(None, [f"data.dir={small_data}", f"finetune.init_from={micro_run}", "train.seq_len=32"])
+    assert load_pretrained(cfg, read_meta(small_data), joining=True) is None
+    assert (cfg.model.dim, cfg.model.n_layers, cfg.model.max_seq_len) == (64, 2, 64)  # not the defaults
 
 
 def test_lora_under_horovod(micro_run, reversal_data, tmp_path):

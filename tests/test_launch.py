@@ -85,3 +85,13 @@ def test_mpirun_forwards_each_set_variable_once_and_nothing_unset(env, expected)
     names = [words[i + 1] for i, word in enumerate(words) if word == "-x"]
     assert sorted(names) == sorted(expected)  # each exactly once, none that is unset or unrelated
     assert words[-4:] == ["-m", "hvd_llama.train", "--config", "c.yaml"]
+
+
+@pytest.mark.parametrize("extra, cooldown", [([], []), (["--cooldown", "60", "300"],
+                                                        ["--blacklist-cooldown-range", "60", "300"])])
+def test_elastic_passes_the_blacklist_cooldown_to_horovodrun(tmp_path, extra, cooldown):
+    out = run_script("train_elastic.sh", "-n", "3", "--min-np", "2", "-i", "lo", "-d", "/x/discover.sh", *extra,
+                     "--", "--config", "my config.yaml", env=dict(os.environ, DRY_RUN="1")).stdout
+    assert shlex.split(out)[1:] == ["horovodrun", "-np", "3", "--min-np", "2", "--network-interfaces", "lo",
+                                    *cooldown, "--host-discovery-script", "/x/discover.sh", "python", "-m",
+                                    "hvd_llama.train", "--elastic", "--config", "my config.yaml"]

@@ -196,6 +196,7 @@ class _ElasticState(ObjectState):
 
     def __init__(self, model, optimizer, **values):
         self._model, self._optimizer, self._committed = model, optimizer, None
+        self._after_reset = False
         super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank, **values)
         self._save_tensors()
 
@@ -217,7 +218,13 @@ class _ElasticState(ObjectState):
         self._optimizer.load_state_dict(copy.deepcopy(optimizer_state))
         super().restore()
 
+    def reset(self):
+        self._after_reset = True
+
     def sync(self):
+        if self._after_reset:  # any worker this reset added waits in elastic_joining(): rank 0 answers it
+            broadcast_object(True, name=JOINING)
+            self._after_reset = False
         has_state = broadcast_object(len(self._optimizer.state) > 0, name="elastic.has_state")
         _broadcast(self._model, self._optimizer if has_state else None)
         super().sync()  # the plain Python values
@@ -230,6 +237,18 @@ def elastic_state(model, optimizer, **values) -> ObjectState:
 
 
 elastic_run = hvd.elastic.run
+JOINING = "elastic.joining"
+
+
+def elastic_joining() -> bool:
+    """Horovod Elastic: whether this worker joins a job that is already training (a host added, or back after
+    its blacklist cooldown) rather than starting with the others. Horovod runs the whole script on a new
+    worker while the others, back from their reset, go straight to the state's sync: a newcomer that made the
+    start-up collectives (run dir, pretrained weights, resume) would wait in them forever, and so would the
+    others in the sync. Every worker calls this right after init; the workers already training make the same
+    collective first in their sync after a reset, where rank 0 (never a newcomer: Horovod ranks the hosts it
+    had first) answers True."""
+    return broadcast_object(False, name=JOINING)
 
 
 def broadcast_object(obj: Any, name: str) -> Any:
