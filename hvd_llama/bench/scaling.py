@@ -131,7 +131,7 @@ def show_scaling(r: dict) -> list[str]:
                      f"{v['tokens_per_s']:,.0f}", f"{100 * v['efficiency']:.1f}%", ratio_cell(v.get("vs_ddp")),
                      ratio_cell(v.get("vs_ceiling")),
                      f"{100 * v['allreduce_share']:.1f}%" if "allreduce_share" in v else ""))
-    knobs = ", ".join(f"{k}={v}" for k, v in r["horovod_env"].items()) or "Horovod defaults"
+    knobs = ", ".join(f"{k}={v}" for k, v in r["horovod_env"].items()) or "no Horovod knobs set"
     lines = [f"{r['params'] / 1e6:.1f}M parameters, {r['tokens_per_step_per_rank']} tokens/step per rank, 1 thread "
              f"per rank, fp16 compression {'on' if r['fp16_compression'] else 'off'}, {knobs}; per round the slowest "
              f"rank's median of {r['steps_per_round']} steps, {r['rounds']} rounds with the jobs taking turns",
