@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hvd_llama.bench import prepare_steps, stages, train_steps
-from hvd_llama.bench.common import horovodrun
+from hvd_llama.bench.common import horovodrun, summarize_timeline
 from hvd_llama.bench.run import main as bench_main
 from hvd_llama.config import load_config
 from hvd_llama.model import Transformer
@@ -78,25 +78,62 @@ def test_throughput(tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_scaling(tmp_path):
-    r = run_bench(tmp_path, "scaling", *MICRO, "--warmup", "1", "--steps", "1", "--rounds", "2", "--fp16-compression",
-                  "--fusion-threshold-mb", "8", "--cycle-time-ms", "2")["results"]["scaling"]
+    warmup, steps, rounds = 1, 1, 2
+    r = run_bench(tmp_path, "scaling", *MICRO, "--warmup", str(warmup), "--steps", str(steps), "--rounds", str(rounds),
+                  "--fp16-compression", "--fusion-threshold-mb", "8", "--cycle-time-ms", "2")["results"]["scaling"]
     runs = r["runs"]
-    assert set(runs) == {"horovod_np1", "horovod_np2", "ddp_np2"}
+    horovod_np2 = {f"horovod_np2_{c}_stage{s}": (c, s) for c in ("gloo", "mpi") for s in (0, 2)}
+    assert set(runs) == {"horovod_np1", "ddp_np2", "ceiling_np2", *horovod_np2}
+    assert r["rounds"] == rounds and r["zero_stages"] == [0, 2] and r["controllers"] == ["gloo", "mpi"]
     assert r["horovod_env"] == {"HOROVOD_FUSION_THRESHOLD": str(8 * 1024 * 1024), "HOROVOD_CYCLE_TIME": "2"}
-    single = runs["horovod_np1"]["tokens_per_s"]
-    for run in runs.values():
-        assert len(run["ranks"]) == run["np"] and all(rank["threads"] == 1 for rank in run["ranks"])
-        assert all(len(rank["step_s"]) == 2 for rank in run["ranks"]), "both rounds' steps are kept"
-        assert close(run["tokens_per_s"], run["np"] * TOKENS_PER_STEP / run["step_s_median"])
-        assert close(run["efficiency"], run["tokens_per_s"] / (run["np"] * single))
-        assert positive(run["tokens_per_s"]) and run["allreduce_share"] < 1
-        assert all(sum(rank["step_s"]) < r["wall_s"] for rank in run["ranks"])
-    for rank in runs["horovod_np2"]["ranks"]:  # waiting for the allreduce is part of each step
-        assert all(0 <= wait <= step for wait, step in zip(rank["allreduce_s"], rank["step_s"]))
-    assert 0 <= runs["horovod_np2"]["allreduce_share"]
-    ddp = runs["ddp_np2"]
-    assert close(ddp["allreduce_share"], 1 - ddp["no_sync_step_s_median"] / ddp["step_s_median"])
-    assert close(ddp["compute_only_efficiency"], runs["horovod_np1"]["step_s_median"] / ddp["no_sync_step_s_median"])
+    one = runs["horovod_np1"]
+    for name, run in runs.items():
+        step = run["step_s"]
+        assert len(step["rounds"]) == rounds and step["min"] <= step["median"] <= step["max"]
+        assert close(step["median"], statistics.median(step["rounds"]))
+        assert close(run["tokens_per_s"], run["np"] * TOKENS_PER_STEP / step["median"])
+        assert close(run["efficiency"], run["tokens_per_s"] / (run["np"] * one["tokens_per_s"]))
+        assert [pytest.approx(e) for e in run["efficiency_per_round"]] == [  # tok/s over np x np=1's, round by round
+            (run["np"] * TOKENS_PER_STEP / s) / (run["np"] * TOKENS_PER_STEP / o)
+            for s, o in zip(step["rounds"], one["step_s"]["rounds"])]
+    ddp, ceiling = runs["ddp_np2"], runs["ceiling_np2"]
+    for name, run in [*((n, runs[n]) for n in ("horovod_np1", *horovod_np2)), ("ddp_np2", ddp)]:
+        assert len(run["ranks_per_round"]) == rounds
+        for ranks, value, no_sync in zip(run["ranks_per_round"], run["step_s"]["rounds"], ceiling["step_s"]["rounds"]):
+            assert len(ranks) == run["np"] and all(rank["threads"] == 1 and len(rank["step_s"]) == steps
+                                                    for rank in ranks)
+            assert close(value, max(statistics.median(rank["step_s"]) for rank in ranks))
+            if name == "ddp_np2":  # the ceiling: the same processes' no_sync steps
+                assert close(no_sync, max(statistics.median(rank["no_sync_step_s"]) for rank in ranks))
+            else:
+                assert all(rank["size"] == run["np"] and rank["zero_stage"] == run["zero_stage"] for rank in ranks)
+                for rank in ranks:  # waiting for the allreduce is part of each step
+                    assert all(0 <= wait <= step for wait, step in zip(rank["allreduce_s"], rank["step_s"]))
+    assert close(ddp["allreduce_share"], 1 - ceiling["step_s"]["median"] / ddp["step_s"]["median"])
+    assert one["controller"] == "gloo" and one["zero_stage"] == 0 and "verdict" not in one
+    for name, (controller, stage) in horovod_np2.items():
+        run = runs[name]
+        assert run["controller"] == controller and run["zero_stage"] == stage and 0 <= run["allreduce_share"] < 1
+        for key, other, target in (("vs_ddp", ddp, 1.0), ("vs_ceiling", ceiling, 0.85)):
+            check = run[key]
+            assert close(check["ratio"], run["efficiency"] / other["efficiency"])
+            assert [pytest.approx(x) for x in check["per_round"]] == [
+                a / b for a, b in zip(run["efficiency_per_round"], other["efficiency_per_round"])]
+            assert check["met"] == (check["ratio"] >= target)
+        per_round = [x >= 1.0 and y >= 0.85 for x, y in zip(run["vs_ddp"]["per_round"], run["vs_ceiling"]["per_round"])]
+        assert run["verdict"] == {"met": run["vs_ddp"]["ratio"] >= 1.0 and run["vs_ceiling"]["ratio"] >= 0.85,
+                                  "per_round": per_round, "rounds_agree": len(set(per_round)) == 1}
+        # one more job per controller at stage 0 wrote its timeline next to the report
+        timeline = run.get("timeline")
+        assert (timeline is not None) == (stage == 0)
+        if timeline:
+            assert timeline["file"] == str(tmp_path / f"results_timeline_scaling_{controller}_stage0.json")
+            assert Path(timeline["file"]).is_file() and timeline["steps"] == warmup + steps
+            ops = timeline["ops"]
+            assert ops["small allreduces (target count, grad norm)"]["ops"] == warmup + steps  # the target count
+            assert ops["gradient allreduce"]["ops"] >= warmup + steps  # at least one per step, none spanning two
+    # every timed step ran inside the benchmark, as this process timed it (catches a unit or counting slip)
+    assert steps * sum(sum(run["step_s"]["rounds"]) for name, run in runs.items() if name != "ceiling_np2") < r["wall_s"]
 
 
 @pytest.mark.slow
@@ -261,17 +298,21 @@ def test_timeline_summary_merges_fused_ops_and_reads_an_unclosed_file(tmp_path):
         inner = [{"ph": "B", "name": nested, "ts": start + 1, "pid": pid}, {"ph": "E", "ts": end - 1, "pid": pid}]
         return [{"ph": "B", "name": name, "ts": start, "pid": pid}, *(inner if nested else []),
                 {"ph": "E", "ts": end, "pid": pid}]
-    names = {1: "allreduce.wq", 2: "allreduce.wk", 3: "allreduce.step.targets", 4: "broadcast.wq"}
+    names = {1: "allreduce.wq", 2: "allreduce.wk", 3: "allreduce.step.targets", 4: "broadcast.wq",
+             5: "allreduce.zero.grad.0", 6: "reducescatter.zero.grad.1"}
     events = [{"name": "process_name", "ph": "M", "pid": p, "args": {"name": n}} for p, n in names.items()]
     events += op(3, "NEGOTIATE_ALLREDUCE", 0, 50_000) + op(3, "ALLREDUCE", 50_000, 51_000)
     events += op(4, "BROADCAST", 0, 9_000)
     events += op(1, "ALLREDUCE", 100_000, 104_000, "GLOO_ALLREDUCE") + op(2, "ALLREDUCE", 100_000, 104_000)
     events += op(1, "ALLREDUCE", 200_000, 202_000) + op(2, "ALLREDUCE", 201_000, 206_000)
+    # ZeRO's gradient buckets: under Gloo allreduced (the slice kept), under MPI reduce-scattered
+    events += op(5, "ALLREDUCE", 300_000, 303_000) + op(6, "REDUCESCATTER", 400_000, 402_000)
     path = tmp_path / "timeline.json"
     path.write_text("[\n" + ",\n".join(json.dumps(e) for e in events) + ",")  # as a job killed mid-run leaves it
-    summary = stages.summarize_timeline(path, steps=2)
+    summary = summarize_timeline(path, steps=2)
     assert summary == {"steps": 2, "ops": {
         "gradient allreduce": {"ops": 2, "op_ms_median": 5.0, "op_ms_max": 6.0, "busy_ms_per_step": 5.0},
+        "gradient reduction into slices": {"ops": 2, "op_ms_median": 2.5, "op_ms_max": 3.0, "busy_ms_per_step": 2.5},
         "small allreduces (target count, grad norm)": {"ops": 1, "op_ms_median": 1.0, "op_ms_max": 1.0,
                                                         "busy_ms_per_step": 0.5}}}
 
@@ -298,7 +339,9 @@ def test_controllers_and_memory_options(capsys):
         "--timeline-filename", "t.json", "python"]
     for args, message in ((["--memory-steps", "1"], "--memory-steps must be >= 2"),
                           (["--memory-np", "0", "2"], "--memory-np must be > 0"),
-                          (["--controllers", "nccl"], "invalid choice")):
+                          (["--controllers", "nccl"], "invalid choice"),
+                          (["--scaling-stages", "3"], "invalid choice"),
+                          (["--rounds", "0"], "--rounds must be > 0")):
         with pytest.raises(SystemExit) as exit_info:
             bench_main(["memory", *args, "--out", "unused.json"])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -1,8 +1,9 @@
 """What every benchmark shares: its measurement processes (started, logged, killed as a group on a timeout),
-the run's context, and figures of the model and of a job's ranks."""
+the run's context, figures of the model and of a job's ranks over rounds, and a summary of Horovod's timeline."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -12,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -100,6 +101,10 @@ class Bench:
     def tokens_per_step(self) -> int:
         return self.cfg.train.batch_size * self.cfg.train.seq_len
 
+    def rounds(self, default: int) -> int:
+        """--rounds, or the benchmark's own number when it is not given."""
+        return default if self.args.rounds is None else self.args.rounds
+
     @property
     def threads(self) -> int:
         return self.args.threads or len(os.sched_getaffinity(0))
@@ -135,6 +140,24 @@ def job_step_s(ranks: list[dict], key: str = "step_s") -> float:
     return max(statistics.median(r[key]) for r in ranks)
 
 
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": values}
+
+
+def horovod_rounds(jobs: list[list[dict]]) -> dict:
+    """The same Horovod job, once per round: its step time (per round the slowest rank's median) with its median
+    and spread over rounds, and per optimizer call the median over rounds of the slowest rank's median."""
+    phases = [{p: max(statistics.median(r["phase_s"][p]) for r in ranks) for p in PHASES} for ranks in jobs]
+    return {"step_s": spread([job_step_s(ranks) for ranks in jobs]),
+            "phase_s_median": {p: statistics.median(f[p] for f in phases) for p in PHASES}}
+
+
+def target_check(value: float, per_round: list[float], passes: Callable[[float], bool]) -> dict:
+    """A target on a figure of the medians, and whether every round's own figure gives the same verdict (when
+    they disagree, the verdict says more about the machine's load than about what is measured)."""
+    return {"ratio": value, "met": passes(value), "rounds_agree": len({passes(x) for x in per_round}) == 1,
+            "per_round": per_round}
+
 
 def table(headers: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
     """Aligned text table: the first column left-aligned, the others right-aligned."""
@@ -151,3 +174,79 @@ def run_evaluate(b: Bench, checkpoint: Path, data: Optional[Path], name: str,
     b.run(python_module("hvd_llama.evaluate", "--checkpoint", checkpoint, *(["--data", data] if data else []),
                         *(["--quantize", quantize] if quantize else []), "--json", out), f"{name}.log")
     return read_measurement(out)
+
+
+# ---- Horovod's timeline ---------------------------------------------------------------------------------------
+# What a timeline's tensor names say about their op (hvd_llama's names: dist/zero.py, compute.py).
+SMALL_ALLREDUCES = ("allreduce.step.targets", "allreduce.zero.grad_norm")
+
+
+def timeline_path(out: Path, *parts: str) -> Path:
+    """Where a job's timeline goes: next to the report, <report stem>_timeline_<parts>.json."""
+    return out.with_name("_".join([out.stem, "timeline", *parts]) + ".json")
+
+
+def read_timeline(path: Path) -> list[dict]:
+    """Chrome-trace events; Horovod leaves the closing bracket out when a job ends before it flushes."""
+    text = path.read_text().strip().rstrip(",")
+    return json.loads(text if text.endswith("]") else text + "]")
+
+
+def op_intervals(events: list[dict]) -> list[tuple[str, str, int, int]]:
+    """(tensor name, activity, start us, end us) of every top-level activity (NEGOTIATE_*, ALLREDUCE, ...) of
+    every tensor; nested ones (MEMCPY_IN_FUSION_BUFFER, GLOO_ALLREDUCE, ...) are inside their op's span."""
+    names = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name" and "name" in e.get("args", {})}
+    stacks: dict[int, list] = {}
+    spans = []
+    for e in events:
+        if e.get("ph") == "B":
+            stacks.setdefault(e["pid"], []).append((e["name"], e["ts"]))
+        elif e.get("ph") == "E" and stacks.get(e["pid"]):
+            activity, start = stacks[e["pid"]].pop()
+            if not stacks[e["pid"]]:
+                spans.append((names.get(e["pid"], ""), activity, start, e["ts"]))
+    return spans
+
+
+def category(tensor: str, activity: str) -> str:
+    if activity.startswith("NEGOTIATE") or activity == "BROADCAST":
+        return ""  # waiting for the other rank, or the start-up broadcast: not a step's communication
+    if tensor in SMALL_ALLREDUCES:
+        return "small allreduces (target count, grad norm)"
+    # a reduce-scatter, or under Gloo an allreduce of which the slice is kept (Horovod prefixes the op's name)
+    if tensor.partition(".")[2].startswith("zero.grad."):
+        return "gradient reduction into slices"
+    return {"ALLREDUCE": "gradient allreduce", "ALLGATHER": "weight all-gather"}.get(activity, activity.lower())
+
+
+def union(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Overlapping spans merged: a fused allreduce shows once per tensor, but runs once."""
+    merged: list[list[int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(s, e) for s, e in merged]
+
+
+def summarize_timeline(path: Path, steps: int) -> dict:
+    """Rank 0's view, over all `steps` (warm-up included): per kind of op, how many ran (fused ones once), their
+    median and largest duration, and the time some op of that kind was running, per step."""
+    spans: dict[str, list] = {}
+    for tensor, activity, start, end in op_intervals(read_timeline(path)):
+        kind = category(tensor, activity)
+        if kind:
+            spans.setdefault(kind, []).append((start, end))
+    summary = {}
+    for kind, found in sorted(spans.items()):
+        ops = [(e - s) / 1e3 for s, e in union(found)]
+        summary[kind] = {"ops": len(ops), "op_ms_median": statistics.median(ops), "op_ms_max": max(ops),
+                         "busy_ms_per_step": sum(ops) / steps}
+    return {"steps": steps, "ops": summary}
+
+
+def timeline_line(summary: dict) -> str:
+    return ", ".join(f"{kind} {o['ops']} ops {o['busy_ms_per_step']:.0f} ms/step (median {o['op_ms_median']:.1f}, "
+                     f"max {o['op_ms_max']:.1f} ms)" for kind, o in summary["ops"].items())

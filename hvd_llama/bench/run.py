@@ -1,9 +1,9 @@
-"""Benchmarks: training throughput and MFU, Horovod scaling against DDP, quality in a time budget, generation
-speed, data-preparation speed, and the ZeRO stages' memory and step time.
+"""Benchmarks: training throughput and MFU, Horovod scaling against DDP and the no-communication ceiling, quality
+in a time budget, generation speed, data-preparation speed, and the ZeRO stages' memory and step time.
 
     python -m hvd_llama.bench all --text tinyshakespeare.txt --out bench_results.json
     python -m hvd_llama.bench throughput --config configs/small.yaml
-    python -m hvd_llama.bench scaling --fp16-compression --fusion-threshold-mb 32
+    python -m hvd_llama.bench scaling --scaling-stages 0 --controllers gloo --fusion-threshold-mb 32
     python -m hvd_llama.bench memory --memory-np 1 2 3
     python -m hvd_llama.bench stages --controllers gloo --stage-rounds 5
 
@@ -107,12 +107,16 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     g = parser.add_argument_group("throughput and scaling")
     g.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
     g.add_argument("--steps", type=int, default=5, help="timed steps per round")
-    g.add_argument("--rounds", type=int, default=2, help="rounds: the variants (throughput) or jobs (scaling) "
-                                                         "take turns this many times")
+    g.add_argument("--rounds", type=int, help="rounds: the variants (throughput) or jobs (scaling) take turns "
+                                              f"this many times; unset: {throughput.ROUNDS} for throughput, "
+                                              f"{scaling.ROUNDS} for scaling")
     g.add_argument("--peak-n", type=int, default=2048, help="size of the square fp32 matmul of the measured peak")
     g.add_argument("--fp16-compression", action="store_true", help="scaling: fp16 gradients in the allreduce")
     g.add_argument("--fusion-threshold-mb", type=float, help="scaling: HOROVOD_FUSION_THRESHOLD (and DDP's bucket)")
     g.add_argument("--cycle-time-ms", type=float, help="scaling: HOROVOD_CYCLE_TIME")
+    g.add_argument("--scaling-stages", type=int, nargs="+", choices=stages.STAGES, default=[0, 2],
+                   help="scaling: the ZeRO stages (dist.zero_stage) of the Horovod np=2 runs, under each of "
+                        "--controllers")
     g = parser.add_argument_group("quality")
     g.add_argument("--text", help="text file to train on (last 10%% of characters held out); quality needs this "
                                   "or --data, and `all` skips quality without them")
@@ -141,7 +145,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     g = parser.add_argument_group("stages (ZeRO stages 1 and 2 against 0: step time at np=2, --config's model)")
     g.add_argument("--stage-rounds", type=int, default=3, help="rounds in which the three stages take turns")
     g.add_argument("--controllers", nargs="+", choices=CONTROLLERS, default=list(CONTROLLERS),
-                   help="Horovod controllers measured: gloo (horovodrun --gloo), mpi (horovodrun over mpirun)")
+                   help="Horovod controllers measured (by stages and scaling): gloo (horovodrun --gloo), mpi "
+                        "(horovodrun over mpirun)")
     return parser.parse_args(argv)
 
 
@@ -149,7 +154,8 @@ def check_args(args: argparse.Namespace) -> None:
     check_config(args.config, "--config")
     check_config(args.quality_config, "--quality-config")
     check_config(args.memory_config, "--memory-config")
-    positive = {"--warmup": args.warmup + 1, "--steps": args.steps, "--rounds": args.rounds, "--peak-n": args.peak_n,
+    positive = {"--warmup": args.warmup + 1, "--steps": args.steps, "--peak-n": args.peak_n,
+                "--rounds": 1 if args.rounds is None else args.rounds,  # unset: each benchmark's own number
                 "--budget-s": args.budget_s, "--new-tokens": args.new_tokens, "--prompt-len": args.prompt_len,
                 "--gen-repeats": args.gen_repeats, "--prepare-mb": args.prepare_mb, "--encode-mb": args.encode_mb,
                 "--timeout-s": args.timeout_s, "--threads": args.threads + 1, "--memory-steps": args.memory_steps - 1,

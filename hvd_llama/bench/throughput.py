@@ -6,6 +6,8 @@ import statistics
 
 from hvd_llama.bench.common import Bench, flops_per_token, num_params, python_module, read_measurement, table
 
+ROUNDS = 2  # without --rounds
+
 
 def step_figures(seconds: list[float], tokens_per_step: int, flops_per_token: float, peak_flops: float) -> dict:
     step_s = statistics.median(seconds)
@@ -16,10 +18,10 @@ def step_figures(seconds: list[float], tokens_per_step: int, flops_per_token: fl
 
 
 def bench_throughput(b: Bench) -> dict:
-    a = b.args
+    a, rounds = b.args, b.rounds(ROUNDS)
     out = b.work / "throughput.json"
     b.run(python_module("hvd_llama.bench.train_steps", "throughput", *b.config_args(sets=a.set), "--warmup", a.warmup,
-                        "--steps", a.steps, "--rounds", a.rounds, "--threads", b.threads, "--peak-n", a.peak_n,
+                        "--steps", a.steps, "--rounds", rounds, "--threads", b.threads, "--peak-n", a.peak_n,
                         "--json", out), "throughput.log")
     raw = read_measurement(out)
     per_token = flops_per_token(b.cfg)
@@ -27,7 +29,7 @@ def bench_throughput(b: Bench) -> dict:
                 for name, seconds in raw["step_s"].items()}
     return {"params": num_params(b.cfg), "batch_size": b.cfg.train.batch_size, "seq_len": b.cfg.train.seq_len,
             "tokens_per_step": b.tokens_per_step, "flops_per_token": per_token, "threads": raw["threads"],
-            "precision": "fp32", "warmup_steps": a.warmup, "timed_steps": a.steps * a.rounds,
+            "precision": "fp32", "warmup_steps": a.warmup, "timed_steps": a.steps * rounds,
             "peak_flops": raw["peak_flops"], "peak_matmul_n": raw["peak_matmul_n"], "variants": variants,
             "horovod_vs_reference": variants["horovod"]["tokens_per_s"] / variants["reference"]["tokens_per_s"]}
 
