@@ -79,6 +79,9 @@ class DistConfig:
     threads_per_rank: int = 0  # CPU threads per rank; 0 = cores / ranks on this node
     elastic: bool = False  # run under Horovod Elastic (horovodrun --min-np/--max-np)
     commit_every: int = 10  # elastic: optimizer steps between state commits
+    # Stage 0: gradients allreduced in groups of about this many parameters, in backward order (25 MB of fp32,
+    # DDP's bucket); 0 = Horovod fuses whatever gradients are ready each cycle of its background loop.
+    allreduce_bucket_elements: int = 6_250_000
     zero_bucket_elements: int = 25_000_000  # stages 1-2: parameters per reduce-scatter/allgather bucket
     zero_stage: int = 0  # 0 = replicated (hvd.DistributedOptimizer); 1 = optimizer state sharded; 2 = gradients sharded too
 
@@ -170,7 +173,8 @@ POSITIVE = ("optim.lr", "optim.eps", "train.seq_len", "train.batch_size", "train
             "dist.zero_bucket_elements", "finetune.lora_alpha")
 NON_NEGATIVE = ("optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.seed",
                 "train.eval_every", "train.eval_windows", "train.max_bad_steps", "checkpoint.every", "checkpoint.keep",
-                "log.peak_flops", "dist.threads_per_rank", "finetune.lora_rank", "train.loss_chunk")
+                "log.peak_flops", "dist.threads_per_rank", "dist.allreduce_bucket_elements", "finetune.lora_rank",
+                "train.loss_chunk")
 FRACTIONS = ("optim.beta1", "optim.beta2", "finetune.lora_dropout")  # 0 <= value < 1
 CHOICES = {"train.precision": PRECISIONS, "train.device": ("auto", "cpu", "cuda"),
            "dist.compression": ("none", "fp16"), "dist.op": ("average", "adasum"), "dist.zero_stage": (0, 1, 2)}

@@ -169,13 +169,13 @@ def weight_copy_bytes(counts: ParamCounts, regime: str) -> int:
 
 def buffer_bytes(counts: ParamCounts, stage: int, world_size: int, half: bool) -> int:
     """Communication buffers: Horovod's fusion buffer at stage 0; with a sharded optimizer the fp32 flat buffers
-    of the reduce-scatters in flight (MAX_IN_FLIGHT + 1 buckets at the peak), the all-gathered bucket of weights
-    and, at stage 2, the param.grad tensors waiting for their bucket to fill."""
+    of the reduce-scatters in flight (MAX_IN_FLIGHT + 1 buckets at the peak), as many all-gathered buckets of
+    weights and, at stage 2, the param.grad tensors waiting for their bucket to fill."""
     if stage == 0:
         return FUSION_BUFFER if world_size > 1 else 0
     width, bucket = (2 if half else 4), min(DEFAULT_BUCKET_ELEMENTS, counts.trainable)
     in_flight = min(MAX_IN_FLIGHT + 1, -(-counts.trainable // bucket))
-    return bucket * (4 * in_flight + width + (width if stage == 2 else 0))
+    return bucket * ((4 + width) * in_flight + (width if stage == 2 else 0))
 
 
 @dataclass

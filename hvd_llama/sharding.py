@@ -47,6 +47,23 @@ class Bucket:
     pieces: list  # this rank's Pieces, in index order
 
 
+def backward_buckets(numels: Sequence[int], bucket_elements: int) -> list[tuple[int, int]]:
+    """Consecutive whole parameters [first, last) of about `bucket_elements` elements each (a larger parameter
+    alone), formed from the last parameter backwards: backward produces gradients in that order, so the first
+    bucket is ready first."""
+    if bucket_elements <= 0:
+        raise ValueError(f"bucket_elements must be positive, got {bucket_elements}")
+    buckets, last = [], len(numels)
+    while last > 0:
+        first, size = last, 0
+        while first > 0 and (size == 0 or size + numels[first - 1] <= bucket_elements):
+            first -= 1
+            size += numels[first]
+        buckets.append((first, last))
+        last = first
+    return buckets
+
+
 class FlatLayout:
     """Buckets over parameters of sizes `numels` (model order) and what rank `rank` of `world` owns.
 
@@ -55,23 +72,17 @@ class FlatLayout:
     """
 
     def __init__(self, numels: Sequence[int], world: int, rank: int, bucket_elements: int):
-        if bucket_elements <= 0:
-            raise ValueError(f"bucket_elements must be positive, got {bucket_elements}")
         self.numels, self.world, self.rank = list(numels), world, rank
         self.starts = [0]
         for n in self.numels:
             self.starts.append(self.starts[-1] + n)
         self.numel = self.starts[-1]
         self.buckets: list[Bucket] = []
-        last, shard_offset = len(self.numels), 0
-        while last > 0:
-            first, size = last, 0
-            while first > 0 and (size == 0 or size + self.numels[first - 1] <= bucket_elements):
-                first -= 1
-                size += self.numels[first]
+        shard_offset = 0
+        for first, last in backward_buckets(self.numels, bucket_elements):
             bucket = self._bucket(first, last, shard_offset)
             self.buckets.append(bucket)
-            last, shard_offset = first, shard_offset + bucket.shard_numel
+            shard_offset += bucket.shard_numel
         self.shard_numel = shard_offset
         self.pieces = sorted((p for b in self.buckets for p in b.pieces), key=lambda p: p.global_start)
         self.bucket_of = {i: b for b, bucket in enumerate(self.buckets) for i in range(bucket.first, bucket.last)}

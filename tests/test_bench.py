@@ -131,7 +131,8 @@ def test_scaling(tmp_path):
             assert Path(timeline["file"]).is_file() and timeline["steps"] == warmup + steps
             ops = timeline["ops"]
             assert ops["small allreduces (target count, grad norm)"]["ops"] == warmup + steps  # the target count
-            assert ops["gradient allreduce"]["ops"] >= warmup + steps  # at least one per step, none spanning two
+            # stage 0 allreduces in buckets of dist.allreduce_bucket_elements: the micro model is one, once a step
+            assert ops["gradient allreduce"]["ops"] == warmup + steps
     # every timed step ran inside the benchmark, as this process timed it (catches a unit or counting slip)
     assert steps * sum(sum(run["step_s"]["rounds"]) for name, run in runs.items() if name != "ceiling_np2") < r["wall_s"]
 

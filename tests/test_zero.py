@@ -55,6 +55,19 @@ def test_layout_gives_every_element_one_owner_and_equal_padded_shards(world, buc
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])) and (not spans or spans[-1][1] <= shard)
 
 
+def test_stage_0_groups_gradients_in_buckets_in_backward_order():
+    from hvd_llama.dist import gradient_groups
+    params = [torch.zeros(n) for n in NUMELS]
+    groups = gradient_groups(params, 20)
+    assert groups[0][-1] is params[-1]  # the gradients backward produces first
+    assert sorted(id(p) for g in groups for p in g) == sorted(map(id, params))  # each parameter once
+    for g in groups:  # consecutive parameters, at most 20 elements unless one parameter is larger
+        first = next(i for i, p in enumerate(params) if p is g[0])
+        assert all(p is q for p, q in zip(g, params[first:]))
+        assert sum(p.numel() for p in g) <= 20 or len(g) == 1
+    assert len(groups) == 4 and gradient_groups(params, 0) is None  # 0: Horovod's per-cycle fusion
+
+
 def test_layout_rejects_a_nonpositive_bucket_size():
     with pytest.raises(ValueError, match="bucket_elements"):
         FlatLayout(NUMELS, 2, 0, 0)

@@ -21,7 +21,7 @@ except ImportError as err:  # pip cannot build Horovod 0.28.1 for torch >= 2.1 u
 from hvd_llama.cli import UserError
 from hvd_llama.config import DistConfig
 from hvd_llama.device import cuda_device_index
-from hvd_llama.sharding import DEFAULT_BUCKET_ELEMENTS, merge_slices  # noqa: F401 (public)
+from hvd_llama.sharding import DEFAULT_BUCKET_ELEMENTS, backward_buckets, merge_slices  # noqa: F401 (public)
 from hvd_llama.dist.zero import ReplicatedOptimizer, ShardedOptimizer, allgather_tensor  # noqa: F401
 
 ZERO_STAGES = (0, 1, 2)
@@ -113,12 +113,23 @@ def _compression(cfg: DistConfig):
     return hvd.Compression.fp16 if cfg.compression == "fp16" else hvd.Compression.none
 
 
+def gradient_groups(params: list, bucket_elements: int):
+    """Horovod's `groups`: one grouped allreduce per bucket of parameters, launched when backward has produced
+    all of the bucket's gradients (DDP's buckets). Measured on `small` here (README "Scaling"): 2-3 fused
+    allreduces per step instead of ~40 cycle-sized ones, 57-79 ms of allreduce per step instead of 117-199."""
+    if not bucket_elements:
+        return None  # Horovod's own fusion of what is ready each cycle
+    return [params[first:last] for first, last in backward_buckets([p.numel() for p in params], bucket_elements)]
+
+
 def wrap_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, cfg: DistConfig,
                    grad_accum: int) -> torch.optim.Optimizer:
     """Horovod: allreduce gradients during backward; accumulate `grad_accum` passes locally first."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return hvd.DistributedOptimizer(
         optimizer,
-        named_parameters=[(n, p) for n, p in model.named_parameters() if p.requires_grad],
+        named_parameters=named,
+        groups=gradient_groups([p for _, p in named], cfg.allreduce_bucket_elements),
         compression=_compression(cfg),
         backward_passes_per_step=grad_accum,
         op=hvd.Average,

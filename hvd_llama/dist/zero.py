@@ -32,6 +32,7 @@ all-gathered bit-exactly as int16. Every rank must run the same steps (hvd.join 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import horovod.torch as hvd
 import torch
@@ -41,11 +42,17 @@ from hvd_llama.sharding import DEFAULT_BUCKET_ELEMENTS, MAX_IN_FLIGHT, STATE_FOR
 IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 
 
+def allgather_async(tensor: torch.Tensor, name: str) -> Callable[[], torch.Tensor]:
+    """hvd.allgather_async that also takes bfloat16 (which no Horovod op has): it travels bit-exactly as int16.
+    Returns the wait for the result."""
+    wire = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
+    handle = hvd.allgather_async(wire, name=name)
+    return lambda: hvd.synchronize(handle).view(tensor.dtype)
+
+
 def allgather_tensor(tensor: torch.Tensor, name: str) -> torch.Tensor:
-    """hvd.allgather that also takes bfloat16 (which no Horovod op has): it travels bit-exactly as int16."""
-    if tensor.dtype != torch.bfloat16:
-        return hvd.allgather(tensor, name=name)
-    return hvd.allgather(tensor.view(torch.int16), name=name).view(torch.bfloat16)
+    """hvd.allgather for any dtype, bfloat16 included."""
+    return allgather_async(tensor, name)()
 
 
 def allreduce_beats_reducescatter(device: torch.device) -> bool:
@@ -301,17 +308,27 @@ class ShardedOptimizer:
 
     @torch.no_grad()
     def _allgather_params(self) -> None:
-        """Every rank's updated slices into every rank's parameters, one bucket at a time (hvd.allgather
-        allocates the whole bucket)."""
+        """Every rank's updated slices into every rank's parameters, bucket by bucket with up to MAX_IN_FLIGHT
+        all-gathers outstanding: hvd.allgather allocates each whole bucket, and waiting for one at a time would
+        cost a cycle of Horovod's background loop per bucket."""
+        pending = []
         for b, bucket in enumerate(self.layout.buckets):
             send = torch.zeros(bucket.shard_numel, dtype=self.dtype, device=self.grad_shard.device)
             for pc in bucket.pieces:
                 at = pc.shard_offset - bucket.shard_offset
                 send[at:at + pc.numel].copy_(self.params[pc.index].detach().view(-1)[pc.start:pc.end])
-            full = allgather_tensor(send, name=f"zero.param.{b}")
-            for i in range(bucket.first, bucket.last):
-                offset = self.layout.starts[i] - bucket.global_start
-                self.params[i].detach().view(-1).copy_(full[offset:offset + self.params[i].numel()])
+            pending.append((bucket, allgather_async(send, name=f"zero.param.{b}")))
+            if len(pending) > MAX_IN_FLIGHT:
+                self._unpack(*pending.pop(0))
+        for bucket, wait in pending:
+            self._unpack(bucket, wait)
+
+    @torch.no_grad()
+    def _unpack(self, bucket, wait: Callable[[], torch.Tensor]) -> None:
+        full = wait()
+        for i in range(bucket.first, bucket.last):
+            offset = self.layout.starts[i] - bucket.global_start
+            self.params[i].detach().view(-1).copy_(full[offset:offset + self.params[i].numel()])
 
     def zero_grad(self) -> None:
         if self._in_flight:
