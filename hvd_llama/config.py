@@ -82,7 +82,9 @@ class DistConfig:
     # Stage 0: gradients allreduced in groups of about this many parameters, in backward order (25 MB of fp32,
     # DDP's bucket); 0 = Horovod fuses whatever gradients are ready each cycle of its background loop.
     allreduce_bucket_elements: int = 6_250_000
-    zero_bucket_elements: int = 25_000_000  # stages 1-2: parameters per reduce-scatter/allgather bucket
+    # Stages 1-2: parameters per reduce-scatter/all-gather bucket; 0 = 25M, or fewer for a model under 100M
+    # parameters so that it spans at least 4 buckets (sharding.bucket_size).
+    zero_bucket_elements: int = 0
     zero_stage: int = 0  # 0 = replicated (hvd.DistributedOptimizer); 1 = optimizer state sharded; 2 = gradients sharded too
 
 
@@ -170,10 +172,11 @@ def apply_overrides(values: dict, overrides: Sequence[str]) -> dict:
 # and tests/test_config.py gives every key a wrong type, a negative, a zero and an unknown choice.
 POSITIVE = ("optim.lr", "optim.eps", "train.seq_len", "train.batch_size", "train.grad_accum", "train.max_steps",
             "train.stop_grace_s", "log.every", "dist.gradient_predivide_factor", "dist.commit_every",
-            "dist.zero_bucket_elements", "finetune.lora_alpha")
+            "finetune.lora_alpha")
 NON_NEGATIVE = ("optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.seed",
                 "train.eval_every", "train.eval_windows", "train.max_bad_steps", "checkpoint.every", "checkpoint.keep",
-                "log.peak_flops", "dist.threads_per_rank", "dist.allreduce_bucket_elements", "finetune.lora_rank",
+                "log.peak_flops", "dist.threads_per_rank", "dist.allreduce_bucket_elements",
+                "dist.zero_bucket_elements", "finetune.lora_rank",
                 "train.loss_chunk")
 FRACTIONS = ("optim.beta1", "optim.beta2", "finetune.lora_dropout")  # 0 <= value < 1
 CHOICES = {"train.precision": PRECISIONS, "train.device": ("auto", "cpu", "cuda"),

@@ -9,7 +9,6 @@ parts against the tensors PyTorch holds and the total against the peak RSS of re
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -17,7 +16,7 @@ import torch
 
 from hvd_llama.cli import UserError
 from hvd_llama.config import Config, split_targets
-from hvd_llama.sharding import DEFAULT_BUCKET_ELEMENTS, MAX_IN_FLIGHT
+from hvd_llama.sharding import MAX_IN_FLIGHT, FlatLayout, bucket_size
 from hvd_llama.lora import apply_lora
 from hvd_llama.model import ModelConfig, Transformer
 
@@ -38,6 +37,7 @@ class ParamCounts:
     trainable: int  # requires_grad: all of them, or LoRA's adapters only
     tensors: int  # trainable parameter tensors (torch's AdamW keeps a 4-byte step counter for each)
     matmul: int  # weights that enter matmuls (autocast casts them to half precision in every forward)
+    numels: tuple = ()  # the trainable tensors' sizes, in model order (the ZeRO layout's input)
 
 
 def count_params(cfg: Config) -> ParamCounts:
@@ -52,14 +52,12 @@ def count_params(cfg: Config) -> ParamCounts:
     embedding = model.tok_embeddings.weight
     matmul = sum(p.numel() for p in params.values() if p.ndim == 2 and (p is not embedding or cfg.model.tie_embeddings))
     return ParamCounts(total=sum(p.numel() for p in params.values()), trainable=sum(p.numel() for p in trainable),
-                       tensors=len(trainable), matmul=matmul)
+                       tensors=len(trainable), matmul=matmul, numels=tuple(p.numel() for p in trainable))
 
 
-def shard_elements(n: int, world_size: int, bucket: int = DEFAULT_BUCKET_ELEMENTS) -> int:
-    """This rank's slice of a flat buffer of n elements cut into buckets, each padded to a multiple of
-    world_size: ceil(n / N) plus less than one element per bucket."""
-    full, rest = divmod(n, bucket)
-    return full * math.ceil(bucket / world_size) + math.ceil(rest / world_size)
+def zero_layout(counts: ParamCounts, world_size: int, bucket_elements: int = 0) -> FlatLayout:
+    """The flat layout dist/zero.py builds for these parameters (every rank's slice has the same size)."""
+    return FlatLayout(counts.numels, world_size, 0, bucket_size(counts.trainable, bucket_elements))
 
 
 def half_weights(cfg: Config) -> bool:
@@ -67,10 +65,12 @@ def half_weights(cfg: Config) -> bool:
     return cfg.train.precision == "bf16" and cfg.dist.zero_stage >= 1
 
 
-def model_state_bytes(counts: ParamCounts, stage: int, world_size: int, half: bool, grad_accum: int) -> dict:
+def model_state_bytes(counts: ParamCounts, stage: int, world_size: int, half: bool, grad_accum: int,
+                      bucket_elements: int = 0) -> dict:
     """Bytes per rank of weights, gradients and optimizer state: the figures dist/zero.py's state_bytes() reports.
 
-    P = all parameters, T = trainable ones, S = shard_elements(T, N) (this rank's slice).
+    P = all parameters, T = trainable ones, S = this rank's slice of zero_layout (ceil(T / N) plus under one
+    element of padding per bucket; `bucket_elements`: dist.zero_bucket_elements).
     stage 0 (hvd.DistributedOptimizer): fp32 weights 4P (autocast leaves them fp32), fp32 gradients 4T,
         AdamW exp_avg + exp_avg_sq 8T plus a 4-byte step counter per trainable tensor.
     stage 1: gradients stay whole (4T, or 2T in bf16 weights) until zero_grad(), next to the slice they are
@@ -85,7 +85,7 @@ def model_state_bytes(counts: ParamCounts, stage: int, world_size: int, half: bo
     width = 2 if half else 4  # bytes per element of the model's weights and of param.grad
     if stage == 0:
         return {"weights": 4 * P, "gradients": 4 * T, "optimizer": 8 * T + 4 * counts.tensors}
-    S = shard_elements(T, world_size)
+    S = zero_layout(counts, world_size, bucket_elements).shard_numel
     whole_grads = width * T
     gradients = width * S + (whole_grads if stage == 1 or grad_accum > 1 else 0)
     return {"weights": width * P, "gradients": gradients, "optimizer": (12 if half else 8) * S}
@@ -167,14 +167,15 @@ def weight_copy_bytes(counts: ParamCounts, regime: str) -> int:
     return 2 * counts.matmul if regime == "autocast" else 0
 
 
-def buffer_bytes(counts: ParamCounts, stage: int, world_size: int, half: bool) -> int:
+def buffer_bytes(counts: ParamCounts, stage: int, world_size: int, half: bool, bucket_elements: int = 0) -> int:
     """Communication buffers: Horovod's fusion buffer at stage 0; with a sharded optimizer the fp32 flat buffers
     of the reduce-scatters in flight (MAX_IN_FLIGHT + 1 buckets at the peak), as many all-gathered buckets of
     weights and, at stage 2, the param.grad tensors waiting for their bucket to fill."""
     if stage == 0:
         return FUSION_BUFFER if world_size > 1 else 0
-    width, bucket = (2 if half else 4), min(DEFAULT_BUCKET_ELEMENTS, counts.trainable)
-    in_flight = min(MAX_IN_FLIGHT + 1, -(-counts.trainable // bucket))
+    buckets = zero_layout(counts, world_size, bucket_elements).buckets
+    width, bucket = (2 if half else 4), max(b.numel for b in buckets)  # a parameter larger than the size: alone
+    in_flight = min(MAX_IN_FLIGHT + 1, len(buckets))
     return bucket * ((4 + width) * in_flight + (width if stage == 2 else 0))
 
 
@@ -212,10 +213,11 @@ def plan_at(cfg: Config, world_size: int, device_memory: int, device: str = "cud
     counts = counts or count_params(cfg)
     t, stage, regime = cfg.train, cfg.dist.zero_stage, _regime(cfg)
     half = regime == "half"
-    state = model_state_bytes(counts, stage, world_size, half, t.grad_accum)
+    bucket = cfg.dist.zero_bucket_elements
+    state = model_state_bytes(counts, stage, world_size, half, t.grad_accum, bucket)
     acts = {ckpt: activation_bytes(cfg.model, t.batch_size, t.seq_len, regime, ckpt) for ckpt in (False, True)}
     activations = acts[t.activation_checkpointing]
-    copies, buffers = weight_copy_bytes(counts, regime), buffer_bytes(counts, stage, world_size, half)
+    copies, buffers = weight_copy_bytes(counts, regime), buffer_bytes(counts, stage, world_size, half, bucket)
     # Every line can be resident at once: with grad_accum > 1 the gradients live through the next micro-batch's
     # forward, and with 1 the memory of the gradients zero_grad() freed stays reserved for the next forward
     # (PyTorch's caching allocator on a GPU; glibc's heap on a CPU, measured here to within 5%).

@@ -14,8 +14,9 @@ from hvd_llama.lora import apply_lora
 from hvd_llama.model import ModelConfig, Transformer
 from hvd_llama.optim import build_optimizer
 from hvd_llama.memory import (GiB, activation_bytes, check_fits, count_params, model_state_bytes, plan,
-                              shard_elements, weight_copy_bytes)
+                              weight_copy_bytes)
 from hvd_llama.plan import main, parse_size
+from hvd_llama.sharding import bucket_size
 
 # Odd sizes on purpose: vocabulary, sequence and batch that are not powers of two, head_dim 16.
 SHAPES = {"mha": dict(n_heads=6, n_kv_heads=None), "gqa": dict(n_heads=6, n_kv_heads=2),
@@ -95,12 +96,12 @@ def test_stage0_model_state_equals_the_tensors(lora):
         assert measured["gradients"] < measured["weights"] / 10
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 7, 25_000_000, 25_000_001, 60_000_003])
-@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
-def test_shard_is_ceil_plus_less_than_one_element_per_bucket(n, world_size):
-    buckets = -(-n // 25_000_000)
-    shard = shard_elements(n, world_size)
-    assert -(-n // world_size) <= shard < -(-n // world_size) + buckets
+@pytest.mark.parametrize("trainable, configured, expected", [
+    (12_600_000, 0, 3_150_000),  # small: a quarter
+    (6_700_000_000, 0, 25_000_000), (100_000_000, 0, 25_000_000),  # 25M from 100M parameters up
+    (10, 0, 3), (1, 0, 1), (500, 77, 77)])  # a configured size is taken as it is
+def test_default_zero_bucket_spans_at_least_four_buckets_up_to_25M(trainable, configured, expected):
+    assert bucket_size(trainable, configured) == expected
 
 
 def test_sharding_shrinks_the_state_and_bf16_halves_the_weights():

@@ -44,7 +44,8 @@ def bench_memory(b: Bench) -> dict:
         ranks = b.horovod_ranks(np, f"memory_{name}", a.memory_config, stage_sets, {}, 0, a.memory_steps,
                                 measurement="memory")
         planned = plan(run_cfg, np, machine_memory, device="cpu")
-        state = model_state_bytes(counts, stage, np, half_weights(run_cfg), run_cfg.train.grad_accum)
+        state = model_state_bytes(counts, stage, np, half_weights(run_cfg), run_cfg.train.grad_accum,
+                                  run_cfg.dist.zero_bucket_elements)
         return {**run_figures(stage, np, ranks, state, planned.total), "precision": run_cfg.train.precision}
 
     runs = {f"stage{stage}_np{np}": measure(f"stage{stage}_np{np}", np, stage, sets)

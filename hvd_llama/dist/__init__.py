@@ -21,7 +21,7 @@ except ImportError as err:  # pip cannot build Horovod 0.28.1 for torch >= 2.1 u
 from hvd_llama.cli import UserError
 from hvd_llama.config import DistConfig
 from hvd_llama.device import cuda_device_index
-from hvd_llama.sharding import DEFAULT_BUCKET_ELEMENTS, backward_buckets, merge_slices  # noqa: F401 (public)
+from hvd_llama.sharding import backward_buckets, merge_slices  # noqa: F401 (public)
 from hvd_llama.dist.zero import ReplicatedOptimizer, ShardedOptimizer, allgather_tensor  # noqa: F401
 
 ZERO_STAGES = (0, 1, 2)
@@ -139,7 +139,7 @@ def wrap_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, cfg
 
 def build_data_parallel_optimizer(model: torch.nn.Module, param_groups: list[dict], optim_kwargs: dict,
                                   cfg: DistConfig, stage: int, grad_accum: int, fused: bool = False,
-                                  bucket_elements: int = DEFAULT_BUCKET_ELEMENTS):
+                                  bucket_elements: int = 0):
     """AdamW over `param_groups` (optim.param_groups) with `optim_kwargs` (lr, betas, eps), data parallel:
     stage 0 replicated (hvd.DistributedOptimizer), 1 optimizer state sharded, 2 gradients sharded too.
     Every stage has the interface of dist/zero.py: param_groups, reduce_gradients, scale_gradients,

@@ -37,7 +37,7 @@ from typing import Callable
 import horovod.torch as hvd
 import torch
 
-from hvd_llama.sharding import DEFAULT_BUCKET_ELEMENTS, MAX_IN_FLIGHT, STATE_FORMAT, FlatLayout, Piece, SliceIndex, check_slices, merge_ranges
+from hvd_llama.sharding import MAX_IN_FLIGHT, STATE_FORMAT, FlatLayout, Piece, SliceIndex, bucket_size, check_slices, merge_ranges
 
 IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 
@@ -139,7 +139,7 @@ class ShardedOptimizer:
 
     def __init__(self, model: torch.nn.Module, param_groups: list[dict], optim_kwargs: dict, stage: int,
                  grad_accum: int, compression=hvd.Compression.none, gradient_predivide_factor: float = 1.0,
-                 fused: bool = False, bucket_elements: int = DEFAULT_BUCKET_ELEMENTS):
+                 fused: bool = False, bucket_elements: int = 0):
         if stage not in (1, 2):
             raise ValueError(f"ShardedOptimizer is for ZeRO stages 1 and 2, got {stage}")
         if grad_accum < 1:
@@ -157,7 +157,8 @@ class ShardedOptimizer:
             raise ValueError(f"trainable parameters of one dtype expected, got {sorted(map(str, dtypes))}")
         self.dtype = self.params[0].dtype if self.params else torch.float32
         device = self.params[0].device if self.params else torch.device("cpu")
-        self.layout = FlatLayout([p.numel() for p in self.params], hvd.size(), hvd.rank(), bucket_elements)
+        numels = [p.numel() for p in self.params]
+        self.layout = FlatLayout(numels, hvd.size(), hvd.rank(), bucket_size(sum(numels), bucket_elements))
         fp32 = dict(dtype=torch.float32, device=device)
         n = self.layout.shard_numel
         self.exp_avg, self.exp_avg_sq = (torch.zeros(n, **fp32) for _ in range(2))
