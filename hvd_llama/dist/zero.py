@@ -14,9 +14,11 @@ padding per bucket. Gradients are reduced in fp32 (Horovod has no bfloat16).
              parameters are all done is copied into a flat fp32 buffer, its param.grad freed, and its
              reduce-scatter launched while backward goes on. reduce_gradients() waits for them.
 
-Then clip_grad_norm_ takes the global norm (squared slice norms summed over ranks; padding is zero), step() runs
-torch.optim.AdamW on per-parameter views of the owned slices (the same math as stage 0, weight decay on the
-decay group's pieces only) and all-gathers every bucket's updated slices back into the parameters.
+Under Gloo each bucket's "reduce-scatter" is an in-place allreduce of which the rank keeps its slice (see
+allreduce_beats_reducescatter). Then clip_grad_norm_ takes the global norm (squared slice norms summed over
+ranks; padding is zero), step() runs torch.optim.AdamW on per-parameter views of the owned slices (the same math
+as stage 0, weight decay on the decay group's pieces only) and all-gathers every bucket's updated slices back
+into the parameters.
 
 One training step, the same code at every stage (no Horovod calls in the loop):
 
