@@ -129,7 +129,9 @@ def wrap_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, cfg
     return hvd.DistributedOptimizer(
         optimizer,
         named_parameters=named,
-        groups=gradient_groups([p for _, p in named], cfg.allreduce_bucket_elements),
+        # Elastic: Horovod's grouped allreduces stall once a job has grown back (a worker re-added after a
+        # reset: tests/test_elastic.py hung at its regrow with groups), so an elastic job fuses per cycle.
+        groups=None if cfg.elastic else gradient_groups([p for _, p in named], cfg.allreduce_bucket_elements),
         compression=_compression(cfg),
         backward_passes_per_step=grad_accum,
         op=hvd.Average,
