@@ -1,3 +1,4 @@
+import signal
 from pathlib import Path
 
 import pytest
@@ -5,6 +6,11 @@ from strict_skips import pytest_make_collect_report, pytest_runtest_makereport  
 from trainrun import train_single
 
 from hvd_llama.prepare import main as prepare_main
+
+# A suite started in the background by a non-interactive shell inherits SIGINT ignored, and so would every job
+# it starts (a shell cannot trap a signal ignored when it started): the stop tests need the default disposition.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 

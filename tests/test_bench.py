@@ -81,12 +81,14 @@ def test_throughput(tmp_path):
 @pytest.mark.distributed
 def test_scaling(tmp_path):
     warmup, steps, rounds = 1, 1, 2
+    # stage 0 only (stage 2's jobs are the same code path, and test_stages times stage 2 against stage 0)
     r = run_bench(tmp_path, "scaling", *MICRO, "--warmup", str(warmup), "--steps", str(steps), "--rounds", str(rounds),
-                  "--fp16-compression", "--fusion-threshold-mb", "8", "--cycle-time-ms", "2")["results"]["scaling"]
+                  "--scaling-stages", "0", "--fp16-compression", "--fusion-threshold-mb", "8",
+                  "--cycle-time-ms", "2")["results"]["scaling"]
     runs = r["runs"]
-    horovod_np2 = {f"horovod_np2_{c}_stage{s}": (c, s) for c in ("gloo", "mpi") for s in (0, 2)}
+    horovod_np2 = {f"horovod_np2_{c}_stage0": (c, 0) for c in ("gloo", "mpi")}
     assert set(runs) == {"horovod_np1", "ddp_np2", "ceiling_np2", *horovod_np2}
-    assert r["rounds"] == rounds and r["zero_stages"] == [0, 2] and r["controllers"] == ["gloo", "mpi"]
+    assert r["rounds"] == rounds and r["zero_stages"] == [0] and r["controllers"] == ["gloo", "mpi"]
     assert r["horovod_env"] == {"HOROVOD_FUSION_THRESHOLD": str(8 * 1024 * 1024), "HOROVOD_CYCLE_TIME": "2"}
     one = runs["horovod_np1"]
     for name, run in runs.items():
