@@ -55,9 +55,9 @@ def check_world_size(size: int, env) -> None:
 
 # On CPU ranks the cores are the compute, and Horovod's background thread takes them while it waits: it
 # coordinates with every rank each HOROVOD_CYCLE_TIME (1 ms by default) even with nothing to reduce, and
-# Open MPI busy-polls inside those calls unless told to yield. Measured idle here (2 ranks, 1 compute thread
-# each, README "Scaling"): the background thread used 4-11% of a core at 1 ms under Gloo, 11-37% under MPI;
-# with these settings 1-3%. A launcher's or user's own setting (horovodrun --cycle-time-ms) wins.
+# Open MPI busy-polls inside those calls unless told to yield. Measured idle on the quiet machine (2 ranks, 1
+# compute thread each, README "Scaling"): the background threads used 6-7% of a core at 1 ms under Gloo, 35-37%
+# under MPI; with these settings 0.6-5%. A launcher's or user's own setting (horovodrun --cycle-time-ms) wins.
 CPU_HOROVOD_ENV = {"HOROVOD_CYCLE_TIME": "5", "OMPI_MCA_mpi_yield_when_idle": "1"}
 
 
@@ -116,7 +116,7 @@ def _compression(cfg: DistConfig):
 def gradient_groups(params: list, bucket_elements: int):
     """Horovod's `groups`: one grouped allreduce per bucket of parameters, launched when backward has produced
     all of the bucket's gradients (DDP's buckets). Measured on `small` here (README "Scaling"): 2-3 fused
-    allreduces per step instead of ~40 cycle-sized ones, 57-79 ms of allreduce per step instead of 117-199."""
+    allreduces per step instead of ~40 cycle-sized ones, 47-86 ms of allreduce per step instead of 117-199."""
     if not bucket_elements:
         return None  # Horovod's own fusion of what is ready each cycle
     return [params[first:last] for first, last in backward_buckets([p.numel() for p in params], bucket_elements)]
