@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from hvd_llama.cli import atomic_write_text
+from hvd_llama.procs import show
 
 TENSORBOARD_TAGS = {  # metrics.jsonl key -> TensorBoard tag
     "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
@@ -152,7 +153,7 @@ class MetricsLogger:
         self._write_scalars(record)
         step = record["step"]
         if step % self.console_every == 0 or step == max_steps or "val_loss" in record:
-            print(self.console_line(record, max_steps), flush=True)
+            show(self.console_line(record, max_steps))
 
     def _write_scalars(self, record: dict) -> None:
         if self.writer is not None:
@@ -179,12 +180,12 @@ class MetricsLogger:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         self._write_scalars(record)
-        print(f"step {step} | val {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f}, "
-              f"{record['val_windows']} windows)", flush=True)
+        show(f"step {step} | val {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f}, "
+             f"{record['val_windows']} windows)")
 
     def message(self, text: str) -> None:
         if self.enabled:
-            print(text, flush=True)
+            show(text)
 
     def close(self) -> None:
         if self.enabled:

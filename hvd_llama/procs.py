@@ -124,12 +124,24 @@ def rank_name() -> str:
     return next((os.environ[name] for name in RANK_VARIABLES[:4] if name in os.environ), "0")
 
 
-def say(line: str) -> None:
-    """A line on stderr that cannot fail: with the launcher gone, nobody may be reading it any more."""
+def show(line: str, stream=None) -> None:
+    """Print a line (on stdout by default) in a way that cannot fail. A rank's output is a pipe to its launcher;
+    once the launcher is gone (SIGKILLed mpirun) writing raises BrokenPipeError, which must not crash the rank
+    before it checkpoints. The stream then goes to /dev/null, so that no later write, nor the flush at exit,
+    fails either."""
+    stream = stream or sys.stdout
     try:
-        print(line, file=sys.stderr, flush=True)
+        print(line, file=stream, flush=True)
     except OSError:
-        pass
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        except (OSError, ValueError):
+            pass
+
+
+def say(line: str) -> None:
+    """A line on stderr that cannot fail (see show)."""
+    show(line, sys.stderr)
 
 
 class StopFlag:

@@ -12,7 +12,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, replace
@@ -35,7 +34,7 @@ from hvd_llama.lora import load_lora_state_dict, lora_state_dict
 from hvd_llama.metrics import MetricsLogger, device_peak_flops, format_duration, format_flops
 from hvd_llama.pretrained import ADAPTER_FILE
 from hvd_llama.optim import LossScaler, adamw_kwargs, lr_at, param_groups, set_lr
-from hvd_llama.procs import StopFlag, rank_name
+from hvd_llama.procs import StopFlag, rank_name, say, show
 
 
 @dataclass
@@ -160,8 +159,8 @@ class Trainer:
         self.progress = Progress.restore(shared["progress"], world_size=len(shared["rng"]),
                                          n_items=len(self.train_data))
         if self.progress.world_size != dist.size() and dist.is_main():
-            print(f"resuming a run saved on {self.progress.world_size} rank(s) on {dist.size()}: the data continues "
-                  f"at item {self.progress.samples:,} of the global sample order", flush=True)
+            show(f"resuming a run saved on {self.progress.world_size} rank(s) on {dist.size()}: the data continues "
+                 f"at item {self.progress.samples:,} of the global sample order")
         self.progress.world_size = dist.size()
         rng = shared["rng"]
         set_rng_state(rng[dist.rank()] if dist.rank() < len(rng) else rng[0])
@@ -171,7 +170,7 @@ class Trainer:
             checkpoint.resolve_checkpoint(resume)
         if path is None:
             return None
-        print(f"resuming from {path}", flush=True)
+        show(f"resuming from {path}")
         state = checkpoint.load_train_state(path)
         saved_stage, stage = state.get("zero_stage", 0), self.optimizer.stage
         if (saved_stage == 0) != (stage == 0):
@@ -428,8 +427,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         run_main(_main, argv)
     except Exception as err:  # a crash: name the rank, so the job's log says which one died first
-        traceback.print_exc()
-        print(f"error: rank {rank_name()} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        say(traceback.format_exc().rstrip())
+        say(f"error: rank {rank_name()} failed: {type(err).__name__}: {err}")
         os._exit(1)  # do not wait for Horovod's background thread: the other ranks must see us gone
 
 
