@@ -58,6 +58,7 @@ def test_help_and_user_errors(capsys):
     assert exit_info.value.code == 2
 
 
+@pytest.mark.slow
 def test_throughput(tmp_path):
     r = run_bench(tmp_path, "throughput", *MICRO, "--warmup", "1", "--steps", "2", "--rounds", "1",
                   "--peak-n", "128")["results"]["throughput"]
@@ -187,6 +188,7 @@ def test_generation_without_checkpoint(tmp_path):
     assert "skipped" in g["int8_perplexity"]
 
 
+@pytest.mark.slow
 def test_prepare(tmp_path):
     r = run_bench(tmp_path, "prepare", "--prepare-mb", "1", "--encode-mb", "1")["results"]["prepare"]
     for p in (r["stdlib"], r["generated"]):
@@ -272,6 +274,7 @@ def micro_buckets() -> int:
     return buckets
 
 
+@pytest.mark.slow
 def test_stages_step_time_ratios_and_timelines(tmp_path):
     warmup, steps = 1, 2
     r = run_bench(tmp_path, "stages", *MICRO, "--warmup", str(warmup), "--steps", str(steps), "--stage-rounds", "2",

@@ -38,6 +38,7 @@ def interrupted_then_resumed(overrides, tmp_path, np, launcher, sig):
     return stopped, stop_step, losses(run_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("np, launcher, sig", [(0, None, signal.SIGTERM), (2, "mpirun", signal.SIGUSR1)],
                          ids=["one-process-sigterm", "mpirun-sigusr1"])
 def test_preemption_checkpoints_exits_zero_and_resumes_exactly(data_dir, tmp_path, np, launcher, sig):
@@ -53,6 +54,7 @@ def test_preemption_checkpoints_exits_zero_and_resumes_exactly(data_dir, tmp_pat
     assert resumed_losses == losses(straight)
 
 
+@pytest.mark.slow
 def test_nan_on_one_rank_is_skipped_by_both(data_dir, tmp_path):
     run_dir = tmp_path / "run"
     job = train_job(run_dir, micro_overrides(data_dir), env={"HVD_LLAMA_FAULT": "nan:3:1"})

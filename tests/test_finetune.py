@@ -70,6 +70,7 @@ def test_full_fine_tune_learns_to_reverse(micro_run, reversal_data, tmp_path):
     assert exact_match_accuracy(run_dir, held_out) > 0.95
 
 
+@pytest.mark.slow
 def test_init_from_hf_export_reproduces_validation_loss(micro_run, data_dir, tmp_path):
     hf = tmp_path / "hf"
     run("hvd_llama.convert", "export", "--checkpoint", str(micro_run), "--out", str(hf))
@@ -103,6 +104,7 @@ def test_elastic_worker_joining_a_running_job_reads_the_architecture_itself(micr
     assert (cfg.model.dim, cfg.model.n_layers, cfg.model.max_seq_len) == (64, 2, 64)  # not the defaults
 
 
+@pytest.mark.slow
 def test_lora_under_horovod(micro_run, reversal_data, tmp_path):
     lora = {"finetune.lora_rank": 4, "finetune.lora_alpha": 8, "train.max_steps": 5, "train.batch_size": 8}
     one = tmp_path / "one"

@@ -234,6 +234,7 @@ def test_chunked_loss_under_bf16_autocast_is_as_accurate_and_equal_without_grad(
         assert (scored - model_token_losses(model, inputs, targets, cpu, "fp32", 0)).abs().max().item() <= 1e-6
 
 
+@pytest.mark.slow
 def test_training_with_a_chunked_loss_takes_the_same_steps_on_two_ranks(data_dir, tmp_path):
     """Under Horovod's gradient hooks: the head's gradient, summed over 5 chunks of 24/8 tokens, is reduced once."""
     from trainrun import losses, train_job

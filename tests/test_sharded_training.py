@@ -35,7 +35,8 @@ def run_stages(data, tmp_path, np, launcher) -> dict:
     return runs
 
 
-@pytest.mark.parametrize("np, launcher", [(2, "horovodrun"), pytest.param(2, "mpirun", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("np, launcher", [(2, "horovodrun"), (2, "mpirun")])
 def test_sharded_stages_train_like_stage_0(small_data, tmp_path, np, launcher):
     """(np=3 with a parameter count that is not a multiple of 3: tests/test_zero.py, and the resharding test.)"""
     runs = run_stages(small_data, tmp_path, np, launcher)
@@ -85,6 +86,7 @@ def test_resume_at_another_world_size_reshards(small_data, tmp_path):
         assert checkpoint.find_latest_checkpoint(resharded) == resharded / "checkpoints" / "step_00000005"
 
 
+@pytest.mark.slow
 def test_bf16_master_weights_track_fp32(small_data, tmp_path):
     steps = {"train.max_steps": 20, "train.grad_accum": 1, "optim.grad_clip": 1.0}
     fp32 = train_job(tmp_path / "fp32", values(small_data, **steps))
@@ -128,6 +130,7 @@ def test_sharding_refuses_what_it_cannot_do(extra, message):
         load_config(None, ["dist.zero_stage=2", *extra])
 
 
+@pytest.mark.slow
 def test_preemption_and_a_failed_slice_write_at_stage_2(small_data, tmp_path):
     from test_faults import interrupted_then_resumed
     overrides = values(small_data, **{"train.max_steps": 100, "checkpoint.every": 0, "dist.zero_stage": 2})
@@ -146,6 +149,7 @@ def test_preemption_and_a_failed_slice_write_at_stage_2(small_data, tmp_path):
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000002"]  # no staging folder left
 
 
+@pytest.mark.slow
 def test_lora_shards_only_the_adapters(micro_run, small_data, tmp_path):
     lora = {"finetune.lora_rank": 4, "finetune.lora_alpha": 8, "finetune.lora_targets": "wq,wv,w2"}
     for stage in (0, 2):

@@ -31,6 +31,7 @@ def test_all_ranks_hold_identical_parameters(data_dir, tmp_path):
     assert len(sums[0]) == 1 and sums[0] == sums[1]
 
 
+@pytest.mark.slow
 def test_two_rank_resume_is_exact(data_dir, tmp_path):
     """Rank 1 has no optimizer state after a resume: it must receive rank 0's, not run a dummy step."""
     overrides = micro_overrides(data_dir, **{"train.max_steps": 6, "checkpoint.every": 3, "checkpoint.keep": 0})
