@@ -42,6 +42,12 @@ def command(launcher: str, train_args: list, tmp_path: Path) -> tuple[list, dict
         return [script, "-n", "2", "--", *module_args], env
     if launcher == "train_mpirun.sh":
         return [script, "-H", "localhost:2", "--", *module_args], env
+    if launcher == "train_elastic.sh":  # horovodrun --gloo with a discovery script, between 1 and 2 ranks
+        discovery = tmp_path / "discover_hosts.sh"
+        discovery.write_text("#!/bin/sh\necho localhost:2\n")
+        discovery.chmod(0o755)
+        return [script, "-n", "2", "--min-np", "1", "--max-np", "2", "-i", "lo", "-d", str(discovery), "--",
+                *module_args], env
     srun = tmp_path / "bin" / "srun"
     srun.parent.mkdir(parents=True, exist_ok=True)
     srun.write_text(STUB_SRUN)

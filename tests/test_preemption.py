@@ -28,6 +28,8 @@ STOP_CELLS = [cell for cell in itertools.product(LAUNCHERS, ("TERM", "USR1", "IN
               if not (cell[0] in SCRIPTS and cell[2] == "group")]
 KILL_CELLS = [(launcher, "KILL", "launcher") for launcher in LAUNCHERS] + \
     [(launcher, "KILL", "rank") for launcher in ("horovodrun", "horovodrun-gloo", "mpirun", "train_single_node.sh")]
+# train_elastic.sh execs horovodrun (Gloo, elastic): a scheduler's SIGTERM and the launcher's SIGKILL.
+ELASTIC_CELLS = [("train_elastic.sh", "TERM", "group"), ("train_elastic.sh", "KILL", "launcher")]
 # Cells run on their own and then resumed. mpirun-KILL-launcher is in the fast set: with mpirun gone, the ranks'
 # output is a broken pipe (log.every=1 writes to it each step).
 RESUMED_CELLS = [("train_single_node.sh", "TERM", "group"), ("mpirun", "KILL", "launcher")]
@@ -40,6 +42,8 @@ def expected_exit(launcher: str, sig: str, target: str) -> int | set | None:
         return -signal.SIGKILL if target == "launcher" else None
     if launcher in SCRIPTS:
         return 0  # the script stands between the signal and the launcher
+    if launcher == "train_elastic.sh":
+        return 0  # the elastic driver waits for its workers, which checkpoint
     if launcher == "horovodrun":
         return -SIGNALS[sig]  # `sh -c mpirun` dies of it (of SIGINT once mpirun is gone); the ranks stop
     if launcher == "horovodrun-gloo":  # it dies of SIGUSR1; on SIGTERM/SIGINT its own shutdown SIGKILLs the
@@ -58,9 +62,10 @@ def checkpoint_guaranteed(launcher: str, sig: str, target: str) -> bool:
 
 def output_relayed(launcher: str, sig: str) -> bool:
     """Whether the ranks' output still reaches us: not when the process that relays it (mpirun, horovodrun
-    --gloo) was killed; horovodrun's MPI mode and our scripts leave mpirun running."""
-    return not (launcher in ("mpirun", "horovodrun-gloo") and sig == "KILL" or launcher == "horovodrun-gloo" and
-                sig == "USR1")
+    --gloo, train_elastic.sh's horovodrun) was killed; horovodrun's MPI mode and our other scripts leave mpirun
+    running."""
+    return not (launcher in ("mpirun", "horovodrun-gloo", "train_elastic.sh") and sig == "KILL" or
+                launcher == "horovodrun-gloo" and sig == "USR1")
 
 
 def ignored(launcher: str, sig: str, target: str) -> bool:
@@ -164,7 +169,7 @@ def test_stop_signal_checkpoints_and_resumes_exactly(cell, data_dir, tmp_path, s
     resumes_exactly(cell[0], tmp_path / "-".join(cell), data_dir, straight_losses)
 
 
-MATRIX_CELLS = [cell for cell in STOP_CELLS + KILL_CELLS if cell not in RESUMED_CELLS]
+MATRIX_CELLS = [cell for cell in STOP_CELLS + KILL_CELLS + ELASTIC_CELLS if cell not in RESUMED_CELLS]
 
 
 @pytest.mark.slow
