@@ -421,6 +421,8 @@ def _main(argv: Optional[Sequence[str]]) -> None:
         logger.close()
     identical = replicas_identical(trainer.model)
     logger.message(summary_line(record, before, trainer.progress, time.perf_counter() - start, run_dir, identical))
+    if cfg.dist.elastic:
+        dist.leave_elastic_job()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -28,8 +28,9 @@ STOP_CELLS = [cell for cell in itertools.product(LAUNCHERS, ("TERM", "USR1", "IN
               if not (cell[0] in SCRIPTS and cell[2] == "group")]
 KILL_CELLS = [(launcher, "KILL", "launcher") for launcher in LAUNCHERS] + \
     [(launcher, "KILL", "rank") for launcher in ("horovodrun", "horovodrun-gloo", "mpirun", "train_single_node.sh")]
-# train_elastic.sh execs horovodrun (Gloo, elastic): a scheduler's SIGTERM and the launcher's SIGKILL.
-ELASTIC_CELLS = [("train_elastic.sh", "TERM", "group"), ("train_elastic.sh", "KILL", "launcher")]
+# train_elastic.sh execs horovodrun (Gloo, elastic), which stands between the signal and the ranks.
+ELASTIC_CELLS = [*itertools.product(["train_elastic.sh"], ("TERM", "USR1", "INT"), ("launcher", "group")),
+                 ("train_elastic.sh", "KILL", "launcher")]
 # Cells run on their own and then resumed. mpirun-KILL-launcher is in the fast set: with mpirun gone, the ranks'
 # output is a broken pipe (log.every=1 writes to it each step).
 RESUMED_CELLS = [("train_single_node.sh", "TERM", "group"), ("mpirun", "KILL", "launcher")]
@@ -42,10 +43,10 @@ def expected_exit(launcher: str, sig: str, target: str) -> int | set | None:
         return -signal.SIGKILL if target == "launcher" else None
     if launcher in SCRIPTS:
         return 0  # the script stands between the signal and the launcher
-    if launcher == "train_elastic.sh":
-        return 0  # the elastic driver waits for its workers, which checkpoint
     if launcher == "horovodrun":
         return -SIGNALS[sig]  # `sh -c mpirun` dies of it (of SIGINT once mpirun is gone); the ranks stop
+    if launcher == "train_elastic.sh":  # it dies of SIGUSR1; on SIGTERM/SIGINT the elastic driver SIGTERMs the
+        return -signal.SIGUSR1 if sig == "USR1" else 0  # ranks, which checkpoint and leave within its 5 s
     if launcher == "horovodrun-gloo":  # it dies of SIGUSR1; on SIGTERM/SIGINT its own shutdown SIGKILLs the
         return -signal.SIGUSR1 if sig == "USR1" else {0, 1}  # shells that started the ranks, and may report that
     return 0 if sig == "USR1" else None  # mpirun forwards SIGUSR1; on SIGTERM/SIGINT it kills the ranks in 2 s
@@ -65,7 +66,7 @@ def output_relayed(launcher: str, sig: str) -> bool:
     --gloo, train_elastic.sh's horovodrun) was killed; horovodrun's MPI mode and our other scripts leave mpirun
     running."""
     return not (launcher in ("mpirun", "horovodrun-gloo", "train_elastic.sh") and sig == "KILL" or
-                launcher == "horovodrun-gloo" and sig == "USR1")
+                launcher in ("horovodrun-gloo", "train_elastic.sh") and sig == "USR1")
 
 
 def ignored(launcher: str, sig: str, target: str) -> bool:
