@@ -3,7 +3,6 @@ loss, one training step, and the one scoring function behind training's validati
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
