@@ -28,8 +28,10 @@ STOP_CELLS = [cell for cell in itertools.product(LAUNCHERS, ("TERM", "USR1", "IN
               if not (cell[0] in SCRIPTS and cell[2] == "group")]
 KILL_CELLS = [(launcher, "KILL", "launcher") for launcher in LAUNCHERS] + \
     [(launcher, "KILL", "rank") for launcher in ("horovodrun", "horovodrun-gloo", "mpirun", "train_single_node.sh")]
-# train_elastic.sh execs horovodrun (Gloo, elastic), which stands between the signal and the ranks.
-ELASTIC_CELLS = [*itertools.product(["train_elastic.sh"], ("TERM", "USR1", "INT"), ("launcher", "group")),
+# train_elastic.sh execs horovodrun (Gloo, elastic), which stands between the signal and the ranks (they run in
+# sessions of their own): a signal to its group acts as one to it alone, and its driver handles SIGINT as
+# SIGTERM (gloo_run.register_shutdown_event). So: a scheduler's SIGTERM, SIGUSR1 (fatal to it), SIGKILL.
+ELASTIC_CELLS = [("train_elastic.sh", "TERM", "group"), ("train_elastic.sh", "USR1", "launcher"),
                  ("train_elastic.sh", "KILL", "launcher")]
 # Cells run on their own and then resumed. mpirun-KILL-launcher is in the fast set: with mpirun gone, the ranks'
 # output is a broken pipe (log.every=1 writes to it each step).
