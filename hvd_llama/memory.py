@@ -34,10 +34,18 @@ CPU_FIXED, CPU_FRAGMENTATION = 350 << 20, 0.05
 @dataclass(frozen=True)
 class ParamCounts:
     total: int  # every parameter, a tied matrix counted once
-    trainable: int  # requires_grad: all of them, or LoRA's adapters only
-    tensors: int  # trainable parameter tensors (torch's AdamW keeps a 4-byte step counter for each)
     matmul: int  # weights that enter matmuls (autocast casts them to half precision in every forward)
-    numels: tuple = ()  # the trainable tensors' sizes, in model order (the ZeRO layout's input)
+    numels: tuple  # the sizes of the trainable (requires_grad) tensors, in model order: the ZeRO layout's input
+
+    @property
+    def trainable(self) -> int:
+        """Trainable parameters: all of them, or LoRA's adapters only."""
+        return sum(self.numels)
+
+    @property
+    def tensors(self) -> int:
+        """Trainable parameter tensors (torch's AdamW keeps a 4-byte step counter for each)."""
+        return len(self.numels)
 
 
 def count_params(cfg: Config) -> ParamCounts:
@@ -51,8 +59,8 @@ def count_params(cfg: Config) -> ParamCounts:
     trainable = [p for p in params.values() if p.requires_grad]
     embedding = model.tok_embeddings.weight
     matmul = sum(p.numel() for p in params.values() if p.ndim == 2 and (p is not embedding or cfg.model.tie_embeddings))
-    return ParamCounts(total=sum(p.numel() for p in params.values()), trainable=sum(p.numel() for p in trainable),
-                       tensors=len(trainable), matmul=matmul, numels=tuple(p.numel() for p in trainable))
+    return ParamCounts(total=sum(p.numel() for p in params.values()), matmul=matmul,
+                       numels=tuple(p.numel() for p in trainable))
 
 
 def zero_layout(counts: ParamCounts, world_size: int, bucket_elements: int = 0) -> FlatLayout:

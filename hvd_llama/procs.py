@@ -134,7 +134,9 @@ def show(line: str, stream=None) -> None:
         print(line, file=stream, flush=True)
     except OSError:
         try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, stream.fileno())
+            os.close(null)
         except (OSError, ValueError):
             pass
 
