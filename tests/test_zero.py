@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from multiproc import run_job
-from zero_job import GRAD_ACCUM, MAX_NORM, POISON_STEP
+from zero_job import GRAD_ACCUM, LR, MAX_NORM, POISON_STEP
 
 from hvd_llama.sharding import STATE_FORMAT, FlatLayout, merge_slices
 
@@ -121,17 +121,20 @@ def test_stages_1_and_2_match_stage_0(np_, launcher):
         assert P % N, "the trainable parameter count must not be a multiple of the world size"
         digests = [[r["digest"] for r in rank[name]["records"]] for rank in ranks]
         assert all(d == digests[0] for d in digests), f"{name}: ranks hold different parameters"
-        # fp16 compression rounds differently: Horovod predivides the fp16 copy, the sharded path the fp32
-        # gradient before compressing, so tiny gradients underflow differently and Adam magnifies those
-        tolerance, param_tolerance, moment_tolerance = (1e-4, 1e-3, 1e-2) if name.startswith("fp16") else \
-            (1e-5, 1e-6, 1e-4)
+        # fp16: the sharded path's reducescatter gives the correctly rounded fp16 sums, while Horovod's Gloo
+        # allreduce (stage 0) is one unit in the last place off in some elements, and at np=3 which ones
+        # depends on its fusion timing. Adam turns a 1-ulp change of a gradient near zero into up to one lr
+        # step of that parameter, and later gradients follow: the largest difference stays under the largest
+        # lr, the mean far under it (1e-6-1e-5 here, 1e-9 in fp32).
+        rel, max_param, mean_param, moments = \
+            (1e-4, LR, 2e-5, 5e-2) if name.startswith("fp16") else (1e-5, 1e-6, 1e-8, 1e-4)
         losses, norms = ([r[k] for r in result["records"]] for k in ("loss", "norm"))
-        assert losses == pytest.approx([r["loss"] for r in reference["records"]], rel=tolerance), name
-        assert norms == pytest.approx([r["norm"] for r in reference["records"]], rel=tolerance, nan_ok=True), name
+        assert losses == pytest.approx([r["loss"] for r in reference["records"]], rel=rel), name
+        assert norms == pytest.approx([r["norm"] for r in reference["records"]], rel=rel, nan_ok=True), name
         assert not math.isfinite(norms[POISON_STEP]), name  # one rank's NaN reaches every rank's norm
         assert digests[0][POISON_STEP] == digests[0][POISON_STEP - 1], name  # and the step is skipped
         assert min(n for n in norms if math.isfinite(n)) > MAX_NORM  # clipping really clipped
-        assert result["param_diff"] < param_tolerance, name
+        assert result["param_diff"] < max_param and result["param_mean_diff"] < mean_param, name
         weights = result["bytes"]["weights"]
         if stage == 0:
             # AdamW's moments and its 4-byte step counter per tensor
@@ -152,7 +155,7 @@ def test_stages_1_and_2_match_stage_0(np_, launcher):
         assert all(r["grads_left"] == 0 for r in result["records"]) == (stage == 2)
         owned = sorted(tuple(r) for rank_ranges in result["ranges"] for r in rank_ranges)
         assert owned[0][0] == 0 and owned[-1][1] == P and all(a[1] == b[0] for a, b in zip(owned, owned[1:]))
-        assert result["moment_diff"] < moment_tolerance, name  # merged slices = stage 0's moments (and step)
+        assert result["moment_diff"] < moments, name  # merged slices = stage 0's moments (and step)
     assert ranks[0]["lora_s2"]["P"] < ranks[0]["s2"]["P"] / 10  # only the adapters (and the bias) are sharded
 
 

@@ -23,7 +23,7 @@ from hvd_llama.lora import apply_lora
 from hvd_llama.model import ModelConfig, Transformer
 from hvd_llama.optim import param_groups
 
-VOCAB, SEQ, GLOBAL_BATCH, GRAD_ACCUM, MAX_NORM = 37, 8, 6, 2, 0.05
+VOCAB, SEQ, GLOBAL_BATCH, GRAD_ACCUM, MAX_NORM, LR = 37, 8, 6, 2, 0.05, 1e-2
 MODEL = ModelConfig(dim=24, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=VOCAB, multiple_of=8, max_seq_len=16)
 SMALL_BUCKETS = 1000  # elements: many buckets, several with padding
 POISON_STEP = 2  # equivalence: the last rank's gradients are NaN at this step; every rank must skip it
@@ -54,7 +54,7 @@ def build_model(lora: bool = False) -> nn.Module:
 def build_optimizer(model, stage, bucket_elements=SMALL_BUCKETS, compression="none", predivide=1.0):
     groups = param_groups(model, weight_decay=0.1)
     cfg = DistConfig(compression=compression, gradient_predivide_factor=predivide)
-    return dist.build_data_parallel_optimizer(model, groups, dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8), cfg,
+    return dist.build_data_parallel_optimizer(model, groups, dict(lr=LR, betas=(0.9, 0.95), eps=1e-8), cfg,
                                               stage, GRAD_ACCUM, bucket_elements=bucket_elements)
 
 
@@ -72,7 +72,7 @@ def micro_batch(step: int, micro: int) -> torch.Tensor:
 
 
 def lr_at(step: int) -> float:
-    return 1e-2 * (1 + step % 5) / 5  # changes every step: param_groups' lr must reach the sharded AdamW
+    return LR * (1 + step % 5) / 5  # changes every step: param_groups' lr must reach the sharded AdamW
 
 
 def train_step(model, opt, step: int, poison: bool = False) -> dict:
@@ -119,9 +119,13 @@ def run(stage: int, steps: range, model=None, opt=None, lora=False, poison_step=
     return model, opt, records
 
 
+def diffs(a: nn.Module, b: nn.Module) -> torch.Tensor:
+    return torch.cat([(x.detach().float() - y.detach().float()).abs().reshape(-1)
+                      for x, y in zip(a.parameters(), b.parameters())])
+
+
 def max_diff(a: nn.Module, b: nn.Module) -> float:
-    return max((x.detach().float() - y.detach().float()).abs().max().item()
-               for x, y in zip(a.parameters(), b.parameters()))
+    return diffs(a, b).max().item()
 
 
 EQUIVALENCE = {  # name: (the stage-0 run it must match, stage, options)
@@ -143,7 +147,8 @@ def equivalence() -> None:
         ref_model, ref_opt = finished[reference]
         lora = options.get("lora", False)
         result = {"name": name, "stage": stage, "lora": lora, "records": records,
-                  "param_diff": max_diff(model, ref_model), "P": trainable_count(model), "world": dist.size(),
+                  "param_diff": max_diff(model, ref_model), "param_mean_diff": diffs(model, ref_model).mean().item(),
+                  "P": trainable_count(model), "world": dist.size(),
                   "tensors": sum(p.requires_grad for p in model.parameters()),
                   "bytes": opt.state_bytes()}
         # Gradient bytes at their peak, right after reduce_gradients (stage 1 keeps param.grad until zero_grad);
@@ -241,7 +246,7 @@ def bf16() -> None:
 def single() -> None:
     """One process: stages 1 and 2 against a plain torch.optim.AdamW loop with clip_grad_norm_."""
     torch_model = build_model()
-    torch_opt = torch.optim.AdamW(param_groups(torch_model, 0.1), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    torch_opt = torch.optim.AdamW(param_groups(torch_model, 0.1), lr=LR, betas=(0.9, 0.95), eps=1e-8)
     plain = []
     for step in range(5):
         for group in torch_opt.param_groups:

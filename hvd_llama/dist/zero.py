@@ -241,9 +241,11 @@ class ShardedOptimizer:
                 flat[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
             if self.stage == 2:
                 p.grad = None  # the bucket buffer holds it now; after the scatter only our slice stays
-        if self.predivide != 1.0:  # never prescale_factor: it fails above HOROVOD_FUSION_THRESHOLD
-            flat.mul_(1.0 / self.predivide)
         wire, ctx = self.compression.compress(flat)
+        # Scaled after compressing, as Horovod's prescale_factor does in stage 0, so the fp16 wire rounds the
+        # same way; never prescale_factor itself: it fails above HOROVOD_FUSION_THRESHOLD.
+        if self.predivide != 1.0:
+            wire.mul_(1.0 / self.predivide)
         if self.scatter_by_allreduce:  # in place: no buffer beyond the flat one; the slice is taken after
             handle = hvd.allreduce_async_(wire, name=f"zero.grad.{b}", op=hvd.Average,
                                           postscale_factor=self.predivide)
