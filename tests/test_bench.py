@@ -81,8 +81,9 @@ def test_throughput(tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_scaling(tmp_path):
-    warmup, steps, rounds = 1, 1, 2
-    # stage 0 only (stage 2's jobs are the same code path, and test_stages times stage 2 against stage 0)
+    warmup, steps, rounds = 1, 1, 1
+    # stage 0 only (stage 2's jobs are the same code path, and test_stages times stage 2 against stage 0); one
+    # round (test_stages checks the medians and per-round ratios of several)
     r = run_bench(tmp_path, "scaling", *MICRO, "--warmup", str(warmup), "--steps", str(steps), "--rounds", str(rounds),
                   "--scaling-stages", "0", "--fp16-compression", "--fusion-threshold-mb", "8",
                   "--cycle-time-ms", "2")["results"]["scaling"]
@@ -215,7 +216,9 @@ MEMORY_MICRO = ["--memory-config", "configs/tiny.yaml", *(a for s in ("model.dim
 
 @pytest.fixture(scope="module")
 def memory_report(tmp_path_factory):
-    return run_bench(tmp_path_factory.mktemp("memory"), "memory", *MEMORY_MICRO)["results"]["memory"]
+    # np=2 only: one process's slices are the whole model (test_zero's single-process run checks that)
+    report = run_bench(tmp_path_factory.mktemp("memory"), "memory", *MEMORY_MICRO, "--memory-np", "2")
+    return report["results"]["memory"]
 
 
 @pytest.mark.slow
@@ -223,7 +226,7 @@ def memory_report(tmp_path_factory):
 def test_memory_state_bytes_per_stage_and_world_size(memory_report):
     r = memory_report
     runs, T = r["runs"], r["trainable"]
-    assert set(runs) == {f"stage{s}_np{n}" for s in (0, 1, 2) for n in (1, 2)} | {"bf16_stage0_np2", "bf16_stage2_np2"}
+    assert set(runs) == {f"stage{s}_np2" for s in (0, 1, 2)} | {"bf16_stage0_np2", "bf16_stage2_np2"}
     half = -(-T // 2)  # ceil(T / 2): the np=2 slice, padding included (one bucket)
     for run in runs.values():
         s = run["state_bytes"]
@@ -235,12 +238,10 @@ def test_memory_state_bytes_per_stage_and_world_size(memory_report):
         assert all(rank["peak_rss"] > rank["rss_at_init"] > 0 for rank in run["ranks"])
         assert close(run["peak_rss_vs_plan"], run["peak_rss"] / run["planned_total"] - 1)
     # stage 2 keeps a slice of the gradients and of the AdamW state: exactly half (plus padding) at np=2
-    assert runs["stage2_np1"]["state_bytes"]["optimizer"] == 8 * T
     assert runs["stage2_np2"]["state_bytes"]["optimizer"] == 8 * half
     assert runs["stage2_np2"]["state_bytes"]["gradients"] == 4 * half
-    assert 0 <= 2 * runs["stage2_np2"]["state_bytes"]["optimizer"] - runs["stage2_np1"]["state_bytes"]["optimizer"] <= 8
     stage0 = runs["stage0_np2"]["state_bytes"]["optimizer"]
-    assert stage0 == runs["stage0_np1"]["state_bytes"]["optimizer"] and 8 * T < stage0 < 8 * T + 4 * 1000  # + step counters
+    assert 8 * T < stage0 < 8 * T + 4 * 1000  # + step counters
     state = [runs[f"stage{s}_np2"]["model_state"] for s in (0, 1, 2)]
     assert state[0] > state[1] > state[2]
     # mixed precision: stage 0 the same 16 bytes per parameter; stage 2 bf16 weights and gradient slice, fp32

@@ -38,18 +38,16 @@ def interrupted_then_resumed(overrides, tmp_path, np, launcher, sig):
     return stopped, stop_step, losses(run_dir)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("np, launcher, sig", [(0, None, signal.SIGTERM), (2, "mpirun", signal.SIGUSR1)],
-                         ids=["one-process-sigterm", "mpirun-sigusr1"])
-def test_preemption_checkpoints_exits_zero_and_resumes_exactly(data_dir, tmp_path, np, launcher, sig):
+@pytest.mark.slow  # one process; every launcher's cells: test_preemption.py
+def test_sigterm_to_one_process_checkpoints_exits_zero_and_resumes_exactly(data_dir, tmp_path):
     overrides = micro_overrides(data_dir, **{"train.max_steps": 100, "checkpoint.every": 0})
-    stopped, stop_step, resumed_losses = interrupted_then_resumed(overrides, tmp_path, np, launcher, sig)
+    stopped, stop_step, resumed_losses = interrupted_then_resumed(overrides, tmp_path, 0, None, signal.SIGTERM)
     assert stopped.returncode == 0, stopped.output[-3000:]
     assert "stop requested by a signal" in stopped.output
     assert 3 <= stop_step < 100
     assert (tmp_path / "stopped" / "checkpoints" / f"step_{stop_step:08d}" / "manifest.json").is_file()
     straight = tmp_path / "straight"
-    done = finish_job(start_job(train_args(straight, overrides), np=np, launcher=launcher))
+    done = finish_job(start_job(train_args(straight, overrides), np=0, launcher=None))
     assert done.returncode == 0, done.output[-3000:]
     assert resumed_losses == losses(straight)
 
