@@ -121,11 +121,12 @@ def test_stages_1_and_2_match_stage_0(np_, launcher):
         assert P % N, "the trainable parameter count must not be a multiple of the world size"
         digests = [[r["digest"] for r in rank[name]["records"]] for rank in ranks]
         assert all(d == digests[0] for d in digests), f"{name}: ranks hold different parameters"
-        # fp16: the sharded path's reducescatter gives the correctly rounded fp16 sums, while Horovod's Gloo
-        # allreduce (stage 0) is one unit in the last place off in some elements, and at np=3 which ones
-        # depends on its fusion timing. Adam turns a 1-ulp change of a gradient near zero into up to one lr
-        # step of that parameter, and later gradients follow: the largest difference stays under the largest
-        # lr, the mean far under it (1e-6-1e-5 here, 1e-9 in fp32).
+        # fp16: the sharded path's sums (Gloo's reduce-scatter) and Horovod's Gloo allreduce (stage 0) round
+        # differently in some elements, by one unit in the last place (at np=2 the reduce-scatter's are the
+        # correctly rounded ones); at np=3 which elements depends on Horovod's fusion timing. Adam turns a
+        # 1-ulp change of a gradient near zero into up to one lr step of that parameter, and later gradients
+        # follow: the largest difference stays under the largest lr, the mean far under it (1e-6-1e-5 here,
+        # 1e-9 in fp32).
         rel, max_param, mean_param, moments = \
             (1e-4, LR, 2e-5, 5e-2) if name.startswith("fp16") else (1e-5, 1e-6, 1e-8, 1e-4)
         losses, norms = ([r[k] for r in result["records"]] for k in ("loss", "norm"))
