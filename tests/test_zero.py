@@ -125,10 +125,10 @@ def test_stages_1_and_2_match_stage_0(np_, launcher):
         # differently in some elements, by one unit in the last place (at np=2 the reduce-scatter's are the
         # correctly rounded ones); at np=3 which elements depends on Horovod's fusion timing. Adam turns a
         # 1-ulp change of a gradient near zero into up to one lr step of that parameter, and later gradients
-        # follow: the largest difference stays under the largest lr, the mean far under it (1e-6-1e-5 here,
-        # 1e-9 in fp32).
+        # follow: the largest difference stays under the largest lr, the mean far under it (2e-6 to 1.6e-5
+        # here under load, 2e-9 in fp32).
         rel, max_param, mean_param, moments = \
-            (1e-4, LR, 2e-5, 5e-2) if name.startswith("fp16") else (1e-5, 1e-6, 1e-8, 1e-4)
+            (1e-4, LR, LR / 100, 5e-2) if name.startswith("fp16") else (1e-5, 1e-6, 1e-8, 1e-4)
         losses, norms = ([r[k] for r in result["records"]] for k in ("loss", "norm"))
         assert losses == pytest.approx([r["loss"] for r in reference["records"]], rel=rel), name
         assert norms == pytest.approx([r["norm"] for r in reference["records"]], rel=rel, nan_ok=True), name
