@@ -121,12 +121,12 @@ def test_stages_1_and_2_match_stage_0(np_, launcher):
         assert P % N, "the trainable parameter count must not be a multiple of the world size"
         digests = [[r["digest"] for r in rank[name]["records"]] for rank in ranks]
         assert all(d == digests[0] for d in digests), f"{name}: ranks hold different parameters"
-        # fp16: the sharded path's sums (Gloo's reduce-scatter) and Horovod's Gloo allreduce (stage 0) round
-        # differently in some elements, by one unit in the last place (at np=2 the reduce-scatter's are the
-        # correctly rounded ones); at np=3 which elements depends on Horovod's fusion timing. Adam turns a
-        # 1-ulp change of a gradient near zero into up to one lr step of that parameter, and later gradients
-        # follow: the largest difference stays under the largest lr, the mean far under it (2e-6 to 1.6e-5
-        # here under load, 2e-9 in fp32).
+        # fp16: at np=2 the sharded path's averaged gradients equal the fp16 arithmetic done by hand (compress,
+        # prescale, sum, postscale); stage 0's (hvd.DistributedOptimizer) are one unit in the last place off in
+        # some elements, and at np=3 which ones depends on Horovod's fusion timing. Adam turns a 1-ulp change
+        # of a gradient near zero into up to one lr step of that parameter, and later gradients follow: the
+        # largest difference stays under the largest lr, the mean far under it (2e-6 to 1.6e-5 here under
+        # load, 2e-9 in fp32).
         rel, max_param, mean_param, moments = \
             (1e-4, LR, LR / 100, 5e-2) if name.startswith("fp16") else (1e-5, 1e-6, 1e-8, 1e-4)
         losses, norms = ([r[k] for r in result["records"]] for k in ("loss", "norm"))
