@@ -121,14 +121,16 @@ def test_stages_1_and_2_match_stage_0(np_, launcher):
         assert P % N, "the trainable parameter count must not be a multiple of the world size"
         digests = [[r["digest"] for r in rank[name]["records"]] for rank in ranks]
         assert all(d == digests[0] for d in digests), f"{name}: ranks hold different parameters"
-        # fp16: at np=2 the sharded path's averaged gradients equal the fp16 arithmetic done by hand (compress,
-        # prescale, sum, postscale); stage 0's (hvd.DistributedOptimizer) are one unit in the last place off in
-        # some elements, and at np=3 which ones depends on Horovod's fusion timing. Adam turns a 1-ulp change
-        # of a gradient near zero into up to one lr step of that parameter, and later gradients follow: the
-        # largest difference stays under the largest lr, the mean far under it (2e-6 to 1.6e-5 here under
-        # load, 2e-9 in fp32).
-        rel, max_param, mean_param, moments = \
-            (1e-4, LR, LR / 100, 5e-2) if name.startswith("fp16") else (1e-5, 1e-6, 1e-8, 1e-4)
+        # fp16 compression with predivision (stage 0 then fuses per cycle: Horovod's grouped allreduce drops
+        # the predivide factor). At np=2 a sum of two fp16 values does not depend on order, so both stages do
+        # the same arithmetic: the mean difference stays near fp32's (1.6e-8 here; 2.3e-6 while stage 0 lost
+        # the factor). At np=3 the stages add in different orders, so their sums differ by one unit in the last
+        # place in some elements, which ones depending on Horovod's fusion timing; Adam turns a 1-ulp change of
+        # a gradient near zero into up to one lr step of that parameter, and later gradients follow: the
+        # largest difference stays under the largest lr, the mean far under it (2e-6 to 1.6e-5 here, loaded).
+        fp16 = name.startswith("fp16")
+        rel, max_param, moments = (1e-4, LR, 5e-2) if fp16 else (1e-5, 1e-6, 1e-4)
+        mean_param = (LR / 100 if N > 2 else 1e-6) if fp16 else 1e-8
         losses, norms = ([r[k] for r in result["records"]] for k in ("loss", "norm"))
         assert losses == pytest.approx([r["loss"] for r in reference["records"]], rel=rel), name
         assert norms == pytest.approx([r["norm"] for r in reference["records"]], rel=rel, nan_ok=True), name

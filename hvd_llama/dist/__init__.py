@@ -126,12 +126,15 @@ def wrap_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, cfg
                    grad_accum: int) -> torch.optim.Optimizer:
     """Horovod: allreduce gradients during backward; accumulate `grad_accum` passes locally first."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # Per-cycle fusion instead of groups where groups go wrong: an elastic job's grouped allreduces stall once
+    # it has grown back (a worker re-added after a reset: tests/test_elastic.py hung at its regrow), and
+    # Horovod 0.28.1's grouped allreduce drops gradient_predivide_factor (_grouped_allreduce_grad_async
+    # passes no prescale or postscale factor).
+    grouped = not cfg.elastic and cfg.gradient_predivide_factor == 1.0
     return hvd.DistributedOptimizer(
         optimizer,
         named_parameters=named,
-        # Elastic: Horovod's grouped allreduces stall once a job has grown back (a worker re-added after a
-        # reset: tests/test_elastic.py hung at its regrow with groups), so an elastic job fuses per cycle.
-        groups=None if cfg.elastic else gradient_groups([p for _, p in named], cfg.allreduce_bucket_elements),
+        groups=gradient_groups([p for _, p in named], cfg.allreduce_bucket_elements) if grouped else None,
         compression=_compression(cfg),
         backward_passes_per_step=grad_accum,
         op=hvd.Average,
