@@ -131,7 +131,7 @@ def run_cells(cells, data_dir, root):
         except Exception as err:  # noqa: BLE001 (re-raised by check_cell)
             return err
 
-    with ThreadPoolExecutor(int(os.environ.get("XW", 4))) as pool:
+    with ThreadPoolExecutor(4) as pool:
         return dict(zip(cells, pool.map(guarded, cells)))
 
 

@@ -120,12 +120,9 @@ def run(stage: int, steps: range, model=None, opt=None, lora=False, poison_step=
 
 
 def diffs(a: nn.Module, b: nn.Module) -> torch.Tensor:
+    """|a - b| of every parameter element, flattened into one tensor."""
     return torch.cat([(x.detach().float() - y.detach().float()).abs().reshape(-1)
                       for x, y in zip(a.parameters(), b.parameters())])
-
-
-def max_diff(a: nn.Module, b: nn.Module) -> float:
-    return diffs(a, b).max().item()
 
 
 EQUIVALENCE = {  # name: (the stage-0 run it must match, stage, options)
@@ -146,8 +143,9 @@ def equivalence() -> None:
         finished[name] = model, opt
         ref_model, ref_opt = finished[reference]
         lora = options.get("lora", False)
+        param_diffs = diffs(model, ref_model)
         result = {"name": name, "stage": stage, "lora": lora, "records": records,
-                  "param_diff": max_diff(model, ref_model), "param_mean_diff": diffs(model, ref_model).mean().item(),
+                  "param_diff": param_diffs.max().item(), "param_mean_diff": param_diffs.mean().item(),
                   "P": trainable_count(model), "world": dist.size(),
                   "tensors": sum(p.requires_grad for p in model.parameters()),
                   "bytes": opt.state_bytes()}
@@ -264,7 +262,7 @@ def single() -> None:
     emit(kind="torch", records=plain)
     for stage in (1, 2):
         model, opt, records = run(stage, range(5))
-        emit(kind="zero", stage=stage, records=records, param_diff=max_diff(model, torch_model),
+        emit(kind="zero", stage=stage, records=records, param_diff=diffs(model, torch_model).max().item(),
              ranges=opt.state_dict()["ranges"], P=trainable_count(model), shard=opt.exp_avg.numel())
 
 
