@@ -13,7 +13,9 @@
 #   TORCH_VERSION      torch to install when none is there (default: 2.13.0)
 #   HVD_LLAMA_NO_APT=1 never run apt-get; print what to install instead
 #   HVD_LLAMA_DRY_RUN=1, HVD_LLAMA_TEST_TOOLS=1: as --dry-run, --with-test-tools
-#   HOROVOD_NCCL_HOME (or HOROVOD_NCCL_INCLUDE + HOROVOD_NCCL_LIB): where NCCL is, if not in the CUDA toolkit or /usr
+#   HOROVOD_NCCL_HOME (or HOROVOD_NCCL_INCLUDE + HOROVOD_NCCL_LIB): where NCCL is, if not in the venv's nvidia-nccl
+#                      package (CUDA torch wheels install it), the CUDA toolkit or /usr
+#   HOROVOD_NCCL_LINK  SHARED or STATIC (default: STATIC when libnccl_static.a is there, else SHARED)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,6 +28,9 @@ DRY_RUN=${HVD_LLAMA_DRY_RUN:-0}
 TEST_TOOLS=${HVD_LLAMA_TEST_TOOLS:-0}
 DEVICE=auto      # --cuda / --cpu
 CUDA_HOME_FOUND=""  # the toolkit's root, when known
+NVCC=""             # the toolkit's nvcc
+NCCL_SO=""          # a libnccl.so.N the build links through a libnccl.so of its own (NCCL_LINK_DIR), if any
+NCCL_LINK_DIR=""
 
 say() { echo "[install] $*"; }
 die() { echo "[install] error: $*" >&2; exit 1; }
@@ -90,32 +95,70 @@ ensure_torch() {
     || die "torch does not match: hvd_llama needs torch >= 2.1 (found $TORCH_FOUND)"
 }
 
-find_cuda_toolkit() {  # sets CUDA_HOME_FOUND; succeeds when a toolkit is found (CUDA_HOME, else nvcc on PATH)
-  local nvcc root
-  if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then CUDA_HOME_FOUND=$CUDA_HOME; return 0; fi
-  nvcc=$(command -v nvcc 2>/dev/null) || return 1
-  root=$(dirname "$(dirname "$(readlink -f "$nvcc")")")
+find_cuda_toolkit() {  # sets NVCC and CUDA_HOME_FOUND; succeeds when a toolkit is found (CUDA_HOME, else nvcc on PATH)
+  local root
+  if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then
+    CUDA_HOME_FOUND=$CUDA_HOME NVCC=$CUDA_HOME/bin/nvcc
+    return 0
+  fi
+  NVCC=$(command -v nvcc 2>/dev/null) || return 1
+  root=$(dirname "$(dirname "$(readlink -f "$NVCC")")")
   [ -f "$root/include/cuda.h" ] && CUDA_HOME_FOUND=$root  # else a wrapper script: CMake finds the toolkit itself
   return 0
 }
 
-check_nccl() {  # before a CUDA build: NCCL's header and library, where Horovod's CMake will look for them
-  local inc lib dir
+cuda_version() {  # the toolkit's full version, from "Cuda compilation tools, release 13.0, V13.0.88"
+  local version
+  version=$("$NVCC" --version 2>/dev/null | sed -n 's/.*release [0-9.]*, V\([0-9][0-9.]*\).*/\1/p')
+  [ -n "$version" ] || die "cannot read the CUDA toolkit's version from '$NVCC --version'"
+  echo "$version"
+}
+
+nccl_version() {  # nccl_version <nccl.h>: its NCCL_MAJOR.NCCL_MINOR.NCCL_PATCH
+  local part number version=""
+  for part in MAJOR MINOR PATCH; do
+    number=$(sed -n "s/^#define NCCL_$part  *\([0-9][0-9]*\).*/\1/p" "$1" | head -1)
+    [ -n "$number" ] || die "cannot read NCCL's version from $1 (no #define NCCL_$part)"
+    version+=${version:+.}$number
+  done
+  echo "$version"
+}
+
+pip_nccl() {  # the venv's nvidia-nccl package (what CUDA torch wheels install: include/nccl.h, lib/libnccl.so.2)
+  "$PY" -c "import nvidia.nccl as nccl; print(list(nccl.__path__)[0])" 2>/dev/null || true
+}
+
+check_nccl() {  # before a CUDA build: NCCL's header, version and library; exports where Horovod's CMake finds them
+  local inc lib dir pip
   if [ -n "${HOROVOD_NCCL_HOME:-}${HOROVOD_NCCL_INCLUDE:-}${HOROVOD_NCCL_LIB:-}" ]; then  # the user said where
     inc=(${HOROVOD_NCCL_INCLUDE:-${HOROVOD_NCCL_HOME:-}/include})
     lib=(${HOROVOD_NCCL_LIB:-${HOROVOD_NCCL_HOME:-}/lib} ${HOROVOD_NCCL_HOME:+$HOROVOD_NCCL_HOME/lib64})
   else
-    inc=(${CUDA_HOME_FOUND:+$CUDA_HOME_FOUND/include} /usr/local/cuda/include /usr/include /usr/local/include)
-    lib=(${CUDA_HOME_FOUND:+$CUDA_HOME_FOUND/lib64 $CUDA_HOME_FOUND/lib} /usr/local/cuda/lib64 /usr/lib/*-linux-gnu
-         /usr/lib64 /usr/lib /usr/local/lib)
+    # The venv's nvidia-nccl first: it is the NCCL torch loads, so a shared libnccl.so.2 of another version would
+    # resolve to it at run time anyway, under headers of another version.
+    pip=$(pip_nccl)
+    inc=(${pip:+$pip/include} ${CUDA_HOME_FOUND:+$CUDA_HOME_FOUND/include} /usr/local/cuda/include /usr/include
+         /usr/local/include)
+    lib=(${pip:+$pip/lib} ${CUDA_HOME_FOUND:+$CUDA_HOME_FOUND/lib64 $CUDA_HOME_FOUND/lib} /usr/local/cuda/lib64
+         /usr/lib/*-linux-gnu /usr/lib64 /usr/lib /usr/local/lib)
   fi
   for dir in "${inc[@]}"; do [ -f "$dir/nccl.h" ] && break; dir=""; done
   [ -n "$dir" ] || die "NCCL not found (no nccl.h in ${inc[*]}): install NVIDIA's libnccl-dev, or set HOROVOD_NCCL_HOME"
+  export HOROVOD_NCCL_INCLUDE=$dir
+  NCCL_VERSION=$(nccl_version "$dir/nccl.h")
   for dir in "${lib[@]}"; do compgen -G "$dir/libnccl[._]*" >/dev/null && break; dir=""; done
   [ -n "$dir" ] \
     || die "NCCL not found (no libnccl in ${lib[*]}): install NVIDIA's libnccl-dev, or set HOROVOD_NCCL_HOME"
+  export HOROVOD_NCCL_LIB=$dir
   # Horovod links NCCL statically unless told otherwise; pip, conda and module installs often ship only the .so.
   if [ -z "${HOROVOD_NCCL_LINK:-}" ] && ! [ -f "$dir/libnccl_static.a" ]; then export HOROVOD_NCCL_LINK=SHARED; fi
+  # CMake looks for libnccl.so, which pip's package and a runtime-only install lack: link to their libnccl.so.N.
+  if [ "${HOROVOD_NCCL_LINK:-STATIC}" = SHARED ] && ! [ -e "$dir/libnccl.so" ]; then
+    NCCL_SO=$(compgen -G "$dir/libnccl.so.*" | head -1) || true
+    [ -n "$NCCL_SO" ] || die "HOROVOD_NCCL_LINK=SHARED but $dir has no libnccl.so: install NVIDIA's libnccl-dev"
+    NCCL_LINK_DIR=$CACHE/nccl-lib
+    export HOROVOD_NCCL_LIB=$NCCL_LINK_DIR
+  fi
 }
 
 choose_build() {
@@ -142,12 +185,20 @@ choose_build() {
   done
   export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1
   export HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
+  KEY="horovod-$HOROVOD_VERSION-torch-$TORCH_FOUND-py$PY_VERSION-pytorch-gloo-mpi"
   if [ "$DEVICE" = cuda ]; then
     export HOROVOD_GPU_OPERATIONS=NCCL
     [ -z "$CUDA_HOME_FOUND" ] || export HOROVOD_CUDA_HOME=${HOROVOD_CUDA_HOME:-$CUDA_HOME_FOUND}
-    say "CUDA build: toolkit ${CUDA_HOME_FOUND:-$(command -v nvcc)}, torch for CUDA $TORCH_CUDA: Horovod with NCCL"
+    check_nccl
+    local cuda link
+    cuda=$(cuda_version)
+    link=$(tr '[:upper:]' '[:lower:]' <<<"${HOROVOD_NCCL_LINK:-STATIC}")
+    say "CUDA build: toolkit ${CUDA_HOME_FOUND:-$NVCC} (CUDA $cuda), torch for CUDA $TORCH_CUDA: Horovod with" \
+        "NCCL $NCCL_VERSION ($link) from $HOROVOD_NCCL_INCLUDE"
+    # The wheel is compiled against this toolkit and NCCL's headers, and links NCCL this way: another one of
+    # any of them is another wheel.
+    KEY+="-nccl$NCCL_VERSION-$link-cuda$cuda"
   fi
-  KEY="horovod-$HOROVOD_VERSION-torch-$TORCH_FOUND-py$PY_VERSION-pytorch-gloo-mpi${HOROVOD_GPU_OPERATIONS:+-nccl}"
 }
 
 build_command() {  # build_command <wheel dir> <horovod source dir>: sets BUILD_CMD, run with this shell's environment
@@ -158,7 +209,6 @@ build_command() {  # build_command <wheel dir> <horovod source dir>: sets BUILD_
 check_build_tools() {
   need_tool g++ "sudo apt-get install g++ (a C++17 compiler is needed to build Horovod)"
   need_tool cmake "sudo apt-get install cmake (or: $PY -m pip install cmake)"
-  [ "$DEVICE" != cuda ] || check_nccl
 }
 
 patch_cxx17() {  # patch_cxx17 <horovod source dir>
@@ -183,6 +233,7 @@ build_horovod_wheel() {  # build_horovod_wheel <wheel dir>
     || die "could not download the horovod sdist; see $log"
   tar xzf "$src/horovod-$HOROVOD_VERSION.tar.gz" -C "$src"
   patch_cxx17 "$src/horovod-$HOROVOD_VERSION"
+  [ -z "$NCCL_LINK_DIR" ] || { mkdir -p "$NCCL_LINK_DIR" && ln -sfn "$NCCL_SO" "$NCCL_LINK_DIR/libnccl.so"; }
   say "building Horovod (about 4 minutes on 2 cores); log: $log"
   rm -rf "$out.tmp" && mkdir -p "$out.tmp"
   build_command "$out.tmp" "$src/horovod-$HOROVOD_VERSION"

@@ -154,13 +154,25 @@ def executable(path: Path, text: str) -> Path:
     return path
 
 
-def fake_venv(tmp_path, torch_cuda: str | None, nccl_in_build: bool = True, torch_cmake: str = CMAKE_CXX14) -> Path:
+def nccl_header(version: str) -> str:
+    major, minor, patch = version.split(".")
+    return f'#define NCCL_MAJOR {major}\n#define NCCL_MINOR {minor}\n#define NCCL_PATCH {patch}\n#define NCCL_SUFFIX ""\n'
+
+
+def fake_venv(tmp_path, torch_cuda: str | None, nccl_in_build: bool = True, torch_cmake: str = CMAKE_CXX14,
+              pip_nccl: str | None = None) -> Path:
+    """`pip_nccl`: the version of an nvidia-nccl package in the venv, laid out as CUDA torch wheels install it."""
     venv, sdist = tmp_path / "venv", tmp_path / "sdist" / "horovod-0.28.1"
     (sdist / "horovod" / "torch").mkdir(parents=True)
     (sdist / "CMakeLists.txt").write_text(CMAKE_CXX14)
     (sdist / "horovod" / "torch" / "CMakeLists.txt").write_text(torch_cmake)
     torch = tmp_path / "faketorch" / "torch"
     torch.mkdir(parents=True)
+    if pip_nccl:  # a namespace package, nvidia.nccl, beside torch
+        (torch.parent / "nvidia" / "nccl" / "include").mkdir(parents=True)
+        (torch.parent / "nvidia" / "nccl" / "include" / "nccl.h").write_text(nccl_header(pip_nccl))
+        (torch.parent / "nvidia" / "nccl" / "lib").mkdir()
+        (torch.parent / "nvidia" / "nccl" / "lib" / "libnccl.so.2").write_text("")
     (torch / "__init__.py").write_text(f"__version__ = '2.13.0+{'cu130' if torch_cuda else 'cpu'}'\n"
                                        f"class version:\n    cuda = {torch_cuda!r}\n")
     script = FAKE_PYTHON
@@ -173,15 +185,18 @@ def fake_venv(tmp_path, torch_cuda: str | None, nccl_in_build: bool = True, torc
     return venv
 
 
-def fake_cuda_toolkit(tmp_path, nccl: bool = True, nccl_lib: str = "libnccl_static.a") -> Path:
+def fake_cuda_toolkit(tmp_path, nccl: bool = True, nccl_libs: tuple = ("libnccl_static.a",), nccl_version="2.27.3",
+                      cuda_version: str = "13.0.88") -> Path:
     root = tmp_path / "cuda"
-    executable(root / "bin" / "nvcc", "#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.88'\n")
+    executable(root / "bin" / "nvcc", "#!/bin/sh\necho 'nvcc: NVIDIA (R) Cuda compiler driver'\n"
+                                      f"echo 'Cuda compilation tools, release 13.0, V{cuda_version}'\n")
     (root / "include").mkdir()
     (root / "lib64").mkdir()
     (root / "include" / "cuda.h").write_text("")
     if nccl:
-        (root / "include" / "nccl.h").write_text("#define NCCL_MAJOR 2\n")
-        (root / "lib64" / nccl_lib).write_text("")
+        (root / "include" / "nccl.h").write_text(nccl_header(nccl_version))
+        for name in nccl_libs:
+            (root / "lib64" / name).write_text("")
     return root
 
 
@@ -215,17 +230,63 @@ def test_dry_run_with_a_cuda_toolkit_and_cuda_torch_builds_with_nccl(tmp_path, f
     done = install(tmp_path, {"nvcc"}, "--dry-run", venv=venv, **where)
     assert done.returncode == 0, done.stderr
     key, env = printed_build(done.stdout)
-    assert env == BASE_FLAGS | {"HOROVOD_GPU_OPERATIONS=NCCL", f"HOROVOD_CUDA_HOME={cuda}"}
-    assert key == "horovod-0.28.1-torch-2.13.0+cu130-py%d.%d-pytorch-gloo-mpi-nccl" % sys.version_info[:2]
+    assert env == BASE_FLAGS | {"HOROVOD_GPU_OPERATIONS=NCCL", f"HOROVOD_CUDA_HOME={cuda}",
+                                f"HOROVOD_NCCL_INCLUDE={cuda}/include", f"HOROVOD_NCCL_LIB={cuda}/lib64"}
+    assert key == ("horovod-0.28.1-torch-2.13.0+cu130-py%d.%d-pytorch-gloo-mpi-nccl2.27.3-static-cuda13.0.88"
+                   % sys.version_info[:2])
     assert pip_log(tmp_path) == ""  # nothing installed or downloaded
 
 
-def test_nccl_without_its_static_library_is_linked_shared(tmp_path):
-    cuda, venv = fake_cuda_toolkit(tmp_path, nccl_lib="libnccl.so.2"), fake_venv(tmp_path, torch_cuda="13.0")
+@pytest.mark.parametrize("libs, lib_dir", [(("libnccl.so", "libnccl.so.2"), "{cuda}/lib64"),
+                                           (("libnccl.so.2",), "{cache}/nccl-lib")])  # no -dev: a libnccl.so of its own
+def test_nccl_without_its_static_library_is_linked_shared(tmp_path, libs, lib_dir):
+    cuda, venv = fake_cuda_toolkit(tmp_path, nccl_libs=libs), fake_venv(tmp_path, torch_cuda="13.0")
     done = install(tmp_path, {"nvcc"}, "--dry-run", venv=venv, extra_path=cuda / "bin")
     assert done.returncode == 0, done.stderr
-    assert printed_build(done.stdout)[1] == BASE_FLAGS | {"HOROVOD_GPU_OPERATIONS=NCCL", f"HOROVOD_CUDA_HOME={cuda}",
-                                                          "HOROVOD_NCCL_LINK=SHARED"}
+    key, env = printed_build(done.stdout)
+    assert env == BASE_FLAGS | {"HOROVOD_GPU_OPERATIONS=NCCL", f"HOROVOD_CUDA_HOME={cuda}", "HOROVOD_NCCL_LINK=SHARED",
+                                f"HOROVOD_NCCL_INCLUDE={cuda}/include",
+                                "HOROVOD_NCCL_LIB=" + lib_dir.format(cuda=cuda, cache=tmp_path / "cache")}
+    assert key.endswith("-nccl2.27.3-shared-cuda13.0.88")
+
+
+def test_the_cache_key_names_the_toolkit_nccl_and_link_mode(tmp_path):
+    """A wheel is compiled against one CUDA toolkit and NCCL's headers, and links NCCL one way: change any of
+    them and the cached wheel is not the one to install."""
+    def key(name, link=None, **toolkit):
+        root = tmp_path / name
+        cuda, venv = fake_cuda_toolkit(root, **toolkit), fake_venv(root, torch_cuda="13.0")
+        done = install(root, {"nvcc"}, "--dry-run", venv=venv, extra_path=cuda / "bin",
+                       **({"HOROVOD_NCCL_LINK": link} if link else {}))
+        assert done.returncode == 0, done.stderr
+        return printed_build(done.stdout)[0].split("-mpi-")[1]
+
+    assert key("base") == "nccl2.27.3-static-cuda13.0.88"
+    assert key("nccl", nccl_version="2.28.9") == "nccl2.28.9-static-cuda13.0.88"
+    assert key("cuda", cuda_version="13.0.48") == "nccl2.27.3-static-cuda13.0.48"
+    assert key("shared", link="SHARED", nccl_libs=("libnccl_static.a", "libnccl.so")) == \
+        "nccl2.27.3-shared-cuda13.0.88"
+
+
+def test_the_nccl_of_cuda_torch_wheels_is_found_and_preferred(tmp_path):
+    """CUDA torch wheels install NCCL as the nvidia-nccl package (include/nccl.h, lib/libnccl.so.2 and no
+    libnccl.so): the build uses it, through a libnccl.so of its own, even beside a toolkit's NCCL."""
+    venv, cuda = fake_venv(tmp_path, torch_cuda="13.0", pip_nccl="2.26.5"), fake_cuda_toolkit(tmp_path, nccl=False)
+    pip = tmp_path / "faketorch" / "nvidia" / "nccl"
+    dry = install(tmp_path, {"nvcc"}, "--dry-run", venv=venv, extra_path=cuda / "bin")
+    assert dry.returncode == 0, dry.stderr
+    key, env = printed_build(dry.stdout)
+    assert key.endswith("-nccl2.26.5-shared-cuda13.0.88")
+    assert {f"HOROVOD_NCCL_INCLUDE={pip}/include", f"HOROVOD_NCCL_LIB={tmp_path}/cache/nccl-lib",
+            "HOROVOD_NCCL_LINK=SHARED"} <= env
+    done = install(tmp_path, {"nvcc"}, venv=venv, extra_path=cuda / "bin")
+    assert done.returncode == 0, done.stderr
+    assert set((tmp_path / "build_env.txt").read_text().splitlines()) == env
+    assert (tmp_path / "cache" / "nccl-lib" / "libnccl.so").resolve() == pip / "lib" / "libnccl.so.2"
+    (tmp_path / "cuda" / "include" / "nccl.h").write_text(nccl_header("2.27.3"))  # a toolkit NCCL too
+    (tmp_path / "cuda" / "lib64" / "libnccl_static.a").write_text("")
+    again = install(tmp_path, {"nvcc"}, "--dry-run", venv=venv, extra_path=cuda / "bin")
+    assert printed_build(again.stdout)[0] == key  # torch's own NCCL still
 
 
 @pytest.mark.parametrize("args, torch_cuda, toolkit, nccl_expected", [
@@ -240,7 +301,7 @@ def test_detection_and_the_explicit_switch(tmp_path, args, torch_cuda, toolkit, 
     done = install(tmp_path, {"nvcc"}, "--dry-run", *args, venv=venv, **extra)
     assert done.returncode == 0, done.stderr
     key, env = printed_build(done.stdout)
-    assert ("HOROVOD_GPU_OPERATIONS=NCCL" in env) == nccl_expected == key.endswith("-nccl")
+    assert ("HOROVOD_GPU_OPERATIONS=NCCL" in env) == nccl_expected == ("-nccl" in key)
 
 
 @pytest.mark.parametrize("torch_cuda, toolkit, message", [
@@ -273,7 +334,7 @@ def test_the_build_gets_the_flags_the_dry_run_printed_then_the_cache_is_reused(t
     done = install(tmp_path, {"nvcc"}, venv=venv, extra_path=cuda / "bin")
     assert done.returncode == 0, done.stderr
     assert set((tmp_path / "build_env.txt").read_text().splitlines()) == printed_env
-    assert "HOROVOD_GPU_OPERATIONS=NCCL" in printed_env and key.endswith("-nccl")
+    assert "HOROVOD_GPU_OPERATIONS=NCCL" in printed_env and key.endswith("-nccl2.27.3-static-cuda13.0.88")
     built = (tmp_path / "built_cmake.txt").read_text()
     assert built.count("set(CMAKE_CXX_STANDARD 17)") == 2 and "STANDARD 14" not in built
     assert list((tmp_path / "cache" / "wheels" / key).glob("horovod-*.whl"))
