@@ -18,8 +18,14 @@ hosts_args() {
     SLOTS=$(awk '!/^[[:space:]]*(#|$)/ {s = 1; for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) s = substr($i, 7); n += s}
                  END {print n + 0}' "$hostfile")
   elif [ -n "${SLURM_JOB_NODELIST:-}" ]; then
-    per_node=${per_node:-${SLURM_NTASKS_PER_NODE:-${SLURM_TASKS_PER_NODE:-1}}}
+    local given="-s $per_node" name
+    if [ -z "$per_node" ]; then
+      for name in SLURM_NTASKS_PER_NODE SLURM_TASKS_PER_NODE; do [ -z "${!name:-}" ] || break; done
+      per_node=${!name:-1} given="$name=${!name:-}"
+    fi
     per_node=${per_node%%(*}  # SLURM writes "8(x2)" for two nodes of 8
+    # Digits only: the value becomes part of a sed program, and of the host list the launcher parses.
+    [[ $per_node =~ ^[1-9][0-9]*$ ]] || die "$given: expected a whole number of ranks per node > 0, such as -s 8"
     hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/:$per_node/" | paste -sd,)
     [ -n "$hosts" ] || die "scontrol show hostnames '$SLURM_JOB_NODELIST' listed no nodes"
     hosts_args "$hosts" "" ""

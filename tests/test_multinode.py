@@ -229,6 +229,20 @@ def test_scripts_take_slurm_nodes_and_print_the_command(script, expected, tmp_pa
             assert flags in out
 
 
+@pytest.mark.parametrize("args, slurm, named", [
+    ((), {"SLURM_TASKS_PER_NODE": "8x"}, "SLURM_TASKS_PER_NODE=8x"),
+    ((), {"SLURM_NTASKS_PER_NODE": "0"}, "SLURM_NTASKS_PER_NODE=0"),
+    (("-s", "2/e;#"), {}, "-s 2/e;#"),  # sed would run each host line as a command (its s///e flag)
+    (("-s", "2,gpu03:8"), {}, "-s 2,gpu03:8"),  # a host the allocation does not have
+])
+def test_slurm_ranks_per_node_must_be_a_number(tmp_path, args, slurm, named):
+    env = {**os.environ, **fake_slurm(tmp_path), **slurm, "DRY_RUN": "1"}
+    done = subprocess.run([str(REPO / "launch" / "train_mpirun.sh"), *args, "--", "--config", "c.yaml"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"error: {named}: expected a whole number of ranks per node > 0, such as -s 8\n"
+
+
 def test_scripts_read_a_hostfile(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# two nodes\nnode1 slots=4\nnode2 slots=2\n")
