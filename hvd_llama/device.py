@@ -1,7 +1,7 @@
 """Which torch device a command runs on: `auto`, `cpu` or `cuda`, checked against what torch sees."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -35,6 +35,25 @@ def cuda_device_index(local_rank: int, local_size: int, device_count: int, visib
     raise UserError(f"{local_size} ranks on this node but this process sees {device_count} CUDA device(s) "
                     f"(CUDA_VISIBLE_DEVICES={visible if visible is not None else 'unset'}): start at most one "
                     "rank per visible GPU, or give each rank its own GPU")
+
+
+def shared_gpu(placements: Sequence[tuple[str, str]]) -> Optional[str]:
+    """The error when two ranks of one node picked the same physical GPU, else None. `placements`: every rank's
+    (host, UUID of the GPU it pinned), in rank order.
+
+    cuda_device_index cannot tell the two one-GPU-per-process bindings apart: each rank sees one GPU, its own
+    (srun --gpus-per-task=1), or the same one (CUDA_VISIBLE_DEVICES=0 exported to every rank, a --gpu-bind that
+    did not apply): device 0 either way. Ranks sharing a GPU would run, slowly, until it ran out of memory.
+    """
+    first = {}
+    for rank, placement in enumerate(placements):
+        if placement in first:
+            host, uuid = placement
+            return (f"ranks {first[placement]} and {rank} on {host} both use GPU {uuid}: each rank sees one GPU but "
+                    "not its own; give each rank its own GPU (srun --gpus-per-task=1, a per-rank "
+                    "CUDA_VISIBLE_DEVICES), or let every rank see all of the node's GPUs")
+        first[placement] = rank
+    return None
 
 
 def allow_tf32(device: torch.device, enabled: bool) -> None:

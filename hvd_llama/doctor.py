@@ -3,7 +3,8 @@
 What DeepSpeed's `ds_report` and `horovodrun --check-build` say, in one place: versions; Horovod's controllers
 and the backend that serves each collective on CPU and GPU tensors; cores, threads and GPUs; the measured matmul
 peak; under a launcher, the allreduce bandwidth between the ranks. Warnings name known traps. Rank 0 prints, every
-rank takes part. Exit status 1 when something required is missing (torch, Horovod with PyTorch, a controller).
+rank takes part. Exit status 1 when something required is missing (torch, Horovod with PyTorch, a controller) or
+training would refuse the GPUs (two ranks of a node on one GPU, several ranks with a Horovod built without NCCL).
 """
 from __future__ import annotations
 
@@ -116,7 +117,8 @@ def gpus() -> list:
         return []
     return [{"index": i, "name": torch.cuda.get_device_name(i),
              "memory_bytes": torch.cuda.get_device_properties(i).total_memory,
-             "capability": ".".join(map(str, torch.cuda.get_device_capability(i)))}
+             "capability": ".".join(map(str, torch.cuda.get_device_capability(i))),
+             "uuid": str(torch.cuda.get_device_properties(i).uuid)}
             for i in range(torch.cuda.device_count())]
 
 
@@ -218,6 +220,10 @@ def collect_horovod(report: dict, horovod: Horovod, device, args: argparse.Names
     for r in hosts:
         same = {key: r[key] for key in ("torch", "horovod", "cores", "gpus")}
         report["hosts"].setdefault(r["host"], {**same, "ranks": []})["ranks"].append(r["rank"])
+    if device.type == "cuda":  # what would stop training on these GPUs: a GPU two ranks share, no NCCL
+        report["gpu_placements"] = horovod.dist.gpu_placements(device.index)
+        error = horovod.dist.gpu_error(report["gpu_placements"])
+        report["problems"] += [error] if error else []
     if args.skip_bandwidth:
         report["bandwidth"], report["bandwidth_note"] = None, "skipped (--skip-bandwidth)"
     elif report["size"] < 2:
@@ -314,7 +320,8 @@ def format_report(r: dict) -> list:
                                    f"(OMP_NUM_THREADS={r['omp_num_threads'] or 'unset'})"),
               row("threads per rank", f"{t['intra_op']} x {r['local_size']} rank(s) on this node ({t['source']})"),
               "gpus"]
-    lines += [row(f"cuda:{g['index']}", f"{g['name']}, {gib(g['memory_bytes'])}, compute {g['capability']}")
+    lines += [row(f"cuda:{g['index']}", f"{g['name']}, {gib(g['memory_bytes'])}, compute {g['capability']}, "
+                                        f"{g['uuid']}")
               for g in r["gpus"]] or [row("none", "torch sees no CUDA device")]
     lines.append(f"matmul peak ({r['device']}, every rank at once)")
     for dtype, p in r["peak"].items():

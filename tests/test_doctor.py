@@ -194,6 +194,38 @@ def test_diagnose_fires_each_warning_when_its_condition_is_constructed(one_rank)
     assert warning.startswith("node2 runs") and "Horovod 0.27.0" in warning
 
 
+def test_what_would_stop_training_on_the_gpus_is_a_problem_not_a_stop(monkeypatch):
+    """collect_horovod on a GPU with Horovod faked: the doctor reports dist.gpu_error's findings, and its init
+    does not stop on them."""
+    from hvd_llama.config import DistConfig
+    from hvd_llama.dist import gpu_error, report as dist_report
+    checked = []
+    monkeypatch.setattr(dist_report.dist, "init", lambda cfg, device, check_gpus=True: checked.append(check_gpus))
+    monkeypatch.setenv("HOROVOD_TIMELINE", "")  # report.init sets it: put back afterwards
+    dist_report.init(DistConfig(), "cuda")
+    assert checked == [False]
+    placements = [("node1", "GPU-0", True), ("node1", "GPU-0", True)]
+    fake = SimpleNamespace(
+        dist=SimpleNamespace(allgather_object=lambda mine, name: [mine, {**mine, "rank": 1}], gpu_error=gpu_error,
+                             gpu_placements=lambda index: placements),
+        report=SimpleNamespace(controllers=lambda: {}, collective_backends=lambda devices: {},
+                               allreduces_bfloat16=lambda: None))
+
+    def problems():
+        report = {"host": "node1", "rank": 0, "size": 2, "cores": {"usable": 2}, "gpus": [], "problems": [],
+                  "horovod": {"version": "0.28.1"}}
+        doctor.collect_horovod(report, fake, torch.device("cuda", 0), SimpleNamespace(skip_bandwidth=True))
+        return report["problems"]
+
+    [shared] = problems()
+    assert shared.startswith("ranks 0 and 1 on node1 both use GPU GPU-0: ")
+    placements[1] = ("node1", "GPU-1", False)
+    [no_nccl] = problems()
+    assert no_nccl.startswith("Horovod on node1 was built without NCCL")
+    placements[1] = ("node1", "GPU-1", True)
+    assert problems() == []
+
+
 def test_one_process_reports_consistent_figures(one_rank):
     job, lines, report = one_rank
     assert job.returncode == 0, job.output[-3000:]

@@ -10,7 +10,7 @@ from multiproc import REPO, job_env, run_snippet
 from trainrun import train_args
 
 from hvd_llama.cli import UserError
-from hvd_llama.device import cuda_device_index
+from hvd_llama.device import cuda_device_index, shared_gpu
 
 
 # ---- 2. device binding ---------------------------------------------------------------------------------------
@@ -32,14 +32,23 @@ def test_more_local_ranks_than_visible_devices_is_one_line():
     assert "\n" not in message
 
 
-# dist.init on 2 real ranks with torch.cuda stubbed: which device each rank pins, or the error.
+# dist.init on real ranks with torch.cuda stubbed: which device each rank pins, or the error. argv: how many GPUs
+# each rank sees; which physical GPU is behind a visible index (all: every rank sees the node's GPUs; own: each
+# rank sees only its own; same: every rank sees the same one); whether Horovod has NCCL (nccl) or not.
 BIND = """import sys, torch
+from types import SimpleNamespace
+import horovod.torch as hvd
 from hvd_llama import dist
 from hvd_llama.cli import UserError
 from hvd_llama.config import DistConfig
+count, binding, nccl = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "nccl"
 pinned = []
-torch.cuda.device_count = lambda: int(sys.argv[1])
+torch.cuda.device_count = lambda: count
 torch.cuda.set_device = pinned.append
+physical = {"all": lambda index: f"GPU-{index}", "own": lambda index: f"GPU-{hvd.local_rank()}",
+            "same": lambda index: "GPU-0"}[binding]
+torch.cuda.get_device_properties = lambda index: SimpleNamespace(uuid=physical(index))
+hvd.nccl_built = lambda: 22703 if nccl else 0
 try:
     device = dist.init(DistConfig(), "cuda")
     print(f"rank {dist.rank()} device {device} pinned {pinned} threads {torch.get_num_threads()}")
@@ -48,9 +57,10 @@ except UserError as err:
 """
 
 
-@pytest.mark.parametrize("count, expected", [(1, ["cuda:0", "cuda:0"]), (2, ["cuda:0", "cuda:1"])])
-def test_dist_init_pins_the_mapped_device(tmp_path, count, expected):
-    job = run_snippet(BIND, tmp_path, [str(count)], np=2)
+@pytest.mark.parametrize("count, binding, expected", [(1, "own", ["cuda:0", "cuda:0"]),
+                                                     (2, "all", ["cuda:0", "cuda:1"])])
+def test_dist_init_pins_the_mapped_device(tmp_path, count, binding, expected):
+    job = run_snippet(BIND, tmp_path, [str(count), binding, "nccl"], np=2)
     assert job.returncode == 0, job.output[-3000:]
     lines = {rank: next(line for line in job.lines(rank) if line.startswith("rank")) for rank in (0, 1)}
     for rank in (0, 1):
@@ -60,11 +70,47 @@ def test_dist_init_pins_the_mapped_device(tmp_path, count, expected):
 
 
 def test_dist_init_refuses_more_ranks_than_devices(tmp_path):
-    job = run_snippet(BIND, tmp_path, ["2"], np=3, env={"CUDA_VISIBLE_DEVICES": "0,1"})
+    job = run_snippet(BIND, tmp_path, ["2", "all", "nccl"], np=3, env={"CUDA_VISIBLE_DEVICES": "0,1"})
     for rank in (0, 1, 2):
         assert any("rank error: 3 ranks on this node but this process sees 2 CUDA device(s) "
                    "(CUDA_VISIBLE_DEVICES=0,1)" in line
                    for line in job.lines(rank)), job.output[-3000:]
+
+
+def rank_errors(job, np: int) -> set:
+    """The error line each rank printed (one set element when they agree)."""
+    assert job.returncode == 0, job.output[-3000:]
+    return {next((line for line in job.lines(rank) if line.startswith("rank ")), "no line") for rank in range(np)}
+
+
+def test_ranks_on_one_node_sharing_a_gpu_stop_in_one_line(tmp_path):
+    """Each rank sees one GPU, the same one (CUDA_VISIBLE_DEVICES=0 given to every rank): device 0 for both."""
+    import socket
+    errors = rank_errors(run_snippet(BIND, tmp_path, ["1", "same", "nccl"], np=2), 2)
+    assert errors == {f"rank error: ranks 0 and 1 on {socket.gethostname()} both use GPU GPU-0: each rank sees one "
+                      "GPU but not its own; give each rank its own GPU (srun --gpus-per-task=1, a per-rank "
+                      "CUDA_VISIBLE_DEVICES), or let every rank see all of the node's GPUs"}
+
+
+@pytest.mark.parametrize("np, refused", [(2, True), (1, False)])  # one rank exchanges nothing with another GPU
+def test_gpus_with_a_horovod_without_nccl_stop_in_one_line(tmp_path, np, refused):
+    import socket
+    [error] = rank_errors(run_snippet(BIND, tmp_path, [str(np), "all", "none"], np=np), np)
+    assert error.startswith(f"rank error: Horovod on {socket.gethostname()} was built without NCCL") == refused
+    assert error.endswith("rebuild it with launch/install.sh --cuda (it needs the CUDA toolkit: CUDA_HOME or nvcc "
+                          "on PATH)") == refused
+
+
+def test_gpu_error_decides_on_every_ranks_placement():
+    from hvd_llama.dist import gpu_error
+    assert shared_gpu([("a", "GPU-1"), ("a", "GPU-2"), ("b", "GPU-1")]) is None  # two nodes: two GPUs
+    shared = shared_gpu([("a", "GPU-1"), ("a", "GPU-2"), ("b", "GPU-3"), ("a", "GPU-1"), ("a", "GPU-2")])
+    assert shared.startswith("ranks 0 and 3 on a both use GPU GPU-1: ") and "\n" not in shared
+    assert gpu_error([("a", "GPU-1", False)]) is None
+    assert gpu_error([("a", "GPU-1", True), ("b", "GPU-1", True)]) is None
+    missing = gpu_error([("b", "GPU-1", False), ("a", "GPU-1", True), ("c", "GPU-1", False), ("b", "GPU-2", False)])
+    assert missing.startswith("Horovod on b, c was built without NCCL (hvd.nccl_built() is 0)")
+    assert gpu_error([("a", "GPU-1", False), ("a", "GPU-1", False)]).startswith("ranks 0 and 1 on a")
 
 
 # ---- 3. a world split by a failed MPI wire-up --------------------------------------------------------------

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Callable
+import socket
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -20,7 +21,7 @@ except ImportError as err:  # pip cannot build Horovod 0.28.1 for torch >= 2.1 u
 
 from hvd_llama.cli import UserError
 from hvd_llama.config import DistConfig
-from hvd_llama.device import cuda_device_index
+from hvd_llama.device import cuda_device_index, shared_gpu
 from hvd_llama.sharding import backward_buckets, merge_slices  # noqa: F401 (public)
 from hvd_llama.dist.zero import ReplicatedOptimizer, ShardedOptimizer, allgather_tensor  # noqa: F401
 
@@ -68,8 +69,9 @@ def cpu_defaults(env) -> dict:
     return applied
 
 
-def init(cfg: DistConfig, device: str) -> torch.device:
-    """Start Horovod and give this rank its device (a GPU, or a fair share of the CPU cores)."""
+def init(cfg: DistConfig, device: str, check_gpus: bool = True) -> torch.device:
+    """Start Horovod and give this rank its device (a GPU, or a fair share of the CPU cores). On GPUs every rank
+    stops alike, in one line, on gpu_error's findings (`check_gpus` False: the caller reports them itself)."""
     if device != "cuda":
         cpu_defaults(os.environ)
     hvd.init()
@@ -82,8 +84,33 @@ def init(cfg: DistConfig, device: str) -> torch.device:
         index = cuda_device_index(hvd.local_rank(), hvd.local_size(), torch.cuda.device_count(),
                                   os.environ.get("CUDA_VISIBLE_DEVICES"))
         torch.cuda.set_device(index)
+        error = gpu_error(gpu_placements(index)) if check_gpus else None
+        if error:
+            raise UserError(error)
         return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+def gpu_placements(index: int) -> list:
+    """Every rank's (host, UUID of the GPU it pinned, whether its Horovod has NCCL), in rank order: a collective."""
+    mine = (socket.gethostname(), str(torch.cuda.get_device_properties(index).uuid), bool(hvd.nccl_built()))
+    return [tuple(placement) for placement in allgather_object(mine, name="init.gpus")]
+
+
+def gpu_error(placements: Sequence[tuple[str, str, bool]]) -> Optional[str]:
+    """Why these ranks (gpu_placements) cannot train together on their GPUs, in one line, else None.
+
+    Two ranks of a node on one GPU (device.shared_gpu), or, with more than one rank, a Horovod without NCCL:
+    every collective of GPU tensors would be copied through host memory. A CUDA torch without the CUDA toolkit
+    (no nvcc) builds one: launch/install.sh notes it once, and the job would otherwise run slowly and silently.
+    """
+    shared = shared_gpu([(host, uuid) for host, uuid, _ in placements])
+    without = sorted({host for host, _, nccl in placements if not nccl})
+    if shared or len(placements) == 1 or not without:
+        return shared
+    return (f"Horovod on {', '.join(without)} was built without NCCL (hvd.nccl_built() is 0): every collective of "
+            "GPU tensors would go through host memory; rebuild it with launch/install.sh --cuda (it needs the CUDA "
+            "toolkit: CUDA_HOME or nvcc on PATH)")
 
 
 def describe() -> str:
