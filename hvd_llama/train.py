@@ -280,6 +280,8 @@ class Trainer:
         stream = StepBatches(self.train_data, self.order, dist.rank(), dist.size())
         self.tokens_per_step = t.batch_size * t.grad_accum * t.seq_len * dist.size()
         self.flops_per_token, (self.peak, peak_source) = self.model.flops_per_token(t.seq_len), self.peak_flops()
+        if self.device.type == "cuda":  # max_memory_gib: training's peak, not set-up's (resume, the peak's matmuls)
+            torch.cuda.reset_peak_memory_stats(self.device)
         logger.message(f"MFU peak: {format_flops(self.peak)} over {dist.size()} rank(s) ({peak_source})")
         session_start, first_step, record, bad_in_a_row = time.perf_counter(), p.step, {}, 0
         if t.eval_at_start and p.step == 0 and self.val_data is not None:
@@ -334,7 +336,7 @@ class Trainer:
                   "elapsed_s": p.elapsed_s, "skipped": not result.stepped, "world_size": dist.size()}
         if self.scaler:
             record["loss_scale"] = self.scaler.scale
-        if self.device.type == "cuda":  # this rank's peak since start-up (what the memory planner predicts)
+        if self.device.type == "cuda":  # this rank's peak since set-up (what the memory planner predicts)
             record["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if t.eval_every and (p.step % t.eval_every == 0 or p.step == t.max_steps):
             record.update(self.validation(whole=p.step == t.max_steps))

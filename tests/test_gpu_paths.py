@@ -199,6 +199,43 @@ def test_rng_state_without_cuda_in_use_has_no_cuda_part(monkeypatch):
     assert torch.equal(torch.rand(3), before)
 
 
+# ---- max_memory_gib: training's peak, not set-up's --------------------------------------------------------------
+# Trainer.run on its CUDA path in one process, the steps faked (no GPU here): when the peak statistic is reset.
+PEAK = """import sys, torch
+from pathlib import Path
+from types import SimpleNamespace
+from hvd_llama import dist, train
+from hvd_llama.config import load_config
+from hvd_llama.metrics import MetricsLogger
+run_dir, events = Path(sys.argv[1]), []
+cfg = load_config(None, sys.argv[3::2])  # the values of --set k=v
+dist.init(cfg.dist, "cpu")
+trainer = train.Trainer(cfg, run_dir, torch.device("cpu"))
+trainer.device = torch.device("cuda", 0)  # run()'s CUDA path; nothing below touches the device
+trainer.peak_flops = lambda: events.append("peak measured") or (1e12, "stub")
+torch.cuda.reset_peak_memory_stats = lambda device: events.append(f"peak statistic reset on {device}")
+torch.cuda.max_memory_allocated = lambda device: 3 * 2**29
+def step(*args, **kwargs):
+    events.append("step")
+    return SimpleNamespace(loss_sum=1.0, n_targets=1, grad_norm=0.5, stepped=True)
+train.train_step = step
+run_dir.mkdir(parents=True)
+trainer.run(MetricsLogger(run_dir, True, False, 1))
+print("events:", events)
+"""
+
+
+def test_the_logged_peak_memory_starts_after_set_up(small_data, tmp_path):
+    """Set-up (rank 0's pretrained weights, a resume, the matmuls of the peak measurement) can reach a higher
+    peak than training's own steps: max_memory_gib is what the memory planner predicts only without them."""
+    from trainrun import metrics
+    job = run_snippet(PEAK, tmp_path, [str(tmp_path / "run"), *micro_overrides(small_data, **{"train.max_steps": 2})],
+                      np=0)
+    assert job.returncode == 0, job.output[-3000:]
+    assert "events: ['peak measured', 'peak statistic reset on cuda:0', 'step', 'step']" in job.output
+    assert [r["max_memory_gib"] for r in metrics(tmp_path / "run")] == [1.5, 1.5]
+
+
 # ---- 9b. TF32 -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device, enabled, expected", [("cuda", True, ["high"]), ("cuda", False, ["highest"]),
                                                        ("cpu", True, [])])
