@@ -9,7 +9,7 @@ from multiproc import REPO, job_env, run_job
 
 from hvd_llama.cli import UserError
 from hvd_llama.compute import autocast, token_losses
-from hvd_llama.config import load_config
+from hvd_llama.config import OptimConfig, load_config
 from hvd_llama.lora import apply_lora
 from hvd_llama.model import ModelConfig, Transformer
 from hvd_llama.optim import build_optimizer
@@ -186,6 +186,35 @@ def test_check_fits_names_the_fixes():
     check_fits(fitting, 8, 80 * 10**9)  # no error
     with pytest.raises(UserError, match="ZeRO stage 3"):  # 70B's bf16 weights alone exceed 80 GB
         check_fits(load_config("configs/llama2-70b.yaml"), 64, 80 * 10**9)
+
+
+# The papers' recipes, written from the papers, not the presets (LLaMA, Touvron et al. 2023a, section 2.3 and
+# table 2; Llama 2, 2023b, section 2.2 and table 1): AdamW (0.9, 0.95; Llama 2 with eps 1e-5), 2,000 warm-up steps,
+# cosine decay to 10% of the peak, weight decay 0.1, clipping 1.0, steps of 4M tokens. Per preset: the peak learning
+# rate, the training tokens, the GPU count its comment lays it out for, and whether it fits there on 80 GB GPUs.
+RECIPES = {"llama-7b": (3e-4, 1.0e12, 8, True), "llama-13b": (3e-4, 1.0e12, 16, True),
+           "llama-33b": (1.5e-4, 1.4e12, 1024, True), "llama-65b": (1.5e-4, 1.4e12, 2048, False),
+           "llama2-7b": (3e-4, 2.0e12, 8, True), "llama2-13b": (3e-4, 2.0e12, 16, True),
+           "llama2-70b": (1.5e-4, 2.0e12, 1024, False)}
+STEP_TOKENS = 4 * 2**20
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_published_presets_train_with_the_papers_recipe_at_their_gpu_count(name):
+    lr, tokens, gpus, fits = RECIPES[name]
+    path = f"configs/{name}.yaml"
+    cfg = load_config(path)
+    o, t = cfg.optim, cfg.train
+    assert (o.lr, o.min_lr, o.warmup_steps) == pytest.approx((lr, lr / 10, 2000))
+    assert (o.beta1, o.beta2, o.eps, o.weight_decay, o.grad_clip) == \
+        (0.9, 0.95, 1e-5 if name.startswith("llama2") else OptimConfig.eps, 0.1, 1.0)
+    assert t.batch_size * t.seq_len * t.grad_accum * gpus == STEP_TOKENS
+    assert (t.max_steps - 1) * STEP_TOKENS < tokens <= t.max_steps * STEP_TOKENS  # the paper's tokens, in whole steps
+    comment = " ".join(line.lstrip("# ") for line in (REPO / path).read_text().splitlines() if line.startswith("#"))
+    assert f"`python -m hvd_llama.plan --config {path} --world-size {gpus} --device-memory 79GiB`" in comment
+    result = plan(cfg, gpus, 79 * GiB)
+    assert result.fits == fits
+    assert not fits or f"about {result.total / GiB:.0f} GiB per GPU" in comment
 
 
 # ~100M parameters (97.5M): 12 layers of width 768, vocabulary 8192; two steps of 2 x 256 tokens.
