@@ -42,6 +42,7 @@ from hvd_llama import dist
 from hvd_llama.cli import UserError
 from hvd_llama.config import DistConfig
 count, binding, nccl = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "nccl"
+elastic = sys.argv[4:] == ["elastic"]
 pinned = []
 torch.cuda.device_count = lambda: count
 torch.cuda.set_device = pinned.append
@@ -50,7 +51,7 @@ physical = {"all": lambda index: f"GPU-{index}", "own": lambda index: f"GPU-{hvd
 torch.cuda.get_device_properties = lambda index: SimpleNamespace(uuid=physical(index))
 hvd.nccl_built = lambda: 22703 if nccl else 0
 try:
-    device = dist.init(DistConfig(), "cuda")
+    device = dist.init(DistConfig(elastic=elastic), "cuda")
     print(f"rank {dist.rank()} device {device} pinned {pinned} threads {torch.get_num_threads()}")
 except UserError as err:
     print(f"rank error: {err}")
@@ -90,6 +91,14 @@ def test_ranks_on_one_node_sharing_a_gpu_stop_in_one_line(tmp_path):
     assert errors == {f"rank error: ranks 0 and 1 on {socket.gethostname()} both use GPU GPU-0: each rank sees one "
                       "GPU but not its own; give each rank its own GPU (srun --gpus-per-task=1, a per-rank "
                       "CUDA_VISIBLE_DEVICES), or let every rank see all of the node's GPUs"}
+
+
+def test_elastic_jobs_start_without_the_gpu_check(tmp_path):
+    """A worker Horovod Elastic adds to a running job starts in init while the others wait in their state's sync:
+    the check's collective would never be answered."""
+    errors = rank_errors(run_snippet(BIND, tmp_path, ["1", "same", "none", "elastic"], np=2), 2)
+    assert {line.split(" threads")[0] for line in errors} == {"rank 0 device cuda:0 pinned [0]",
+                                                              "rank 1 device cuda:0 pinned [0]"}
 
 
 @pytest.mark.parametrize("np, refused", [(2, True), (1, False)])  # one rank exchanges nothing with another GPU

@@ -71,7 +71,9 @@ def cpu_defaults(env) -> dict:
 
 def init(cfg: DistConfig, device: str, check_gpus: bool = True) -> torch.device:
     """Start Horovod and give this rank its device (a GPU, or a fair share of the CPU cores). On GPUs every rank
-    stops alike, in one line, on gpu_error's findings (`check_gpus` False: the caller reports them itself)."""
+    stops alike, in one line, on gpu_error's findings (`check_gpus` False: the caller reports them itself). Not
+    under Horovod Elastic: a worker added to a running job starts here while the others wait in their state's
+    sync (see elastic_joining), and it would wait in this collective for ever."""
     if device != "cuda":
         cpu_defaults(os.environ)
     hvd.init()
@@ -84,7 +86,7 @@ def init(cfg: DistConfig, device: str, check_gpus: bool = True) -> torch.device:
         index = cuda_device_index(hvd.local_rank(), hvd.local_size(), torch.cuda.device_count(),
                                   os.environ.get("CUDA_VISIBLE_DEVICES"))
         torch.cuda.set_device(index)
-        error = gpu_error(gpu_placements(index)) if check_gpus else None
+        error = gpu_error(gpu_placements(index)) if check_gpus and not cfg.elastic else None
         if error:
             raise UserError(error)
         return torch.device("cuda", index)
