@@ -37,9 +37,15 @@ def cuda_device_index(local_rank: int, local_size: int, device_count: int, visib
                     "rank per visible GPU, or give each rank its own GPU")
 
 
-def shared_gpu(placements: Sequence[tuple[str, str]]) -> Optional[str]:
+def gpu_uuid(index: int) -> Optional[str]:
+    """The UUID of the physical GPU behind visible device `index`; None where torch cannot say (before 2.4)."""
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    return None if uuid is None else str(uuid)
+
+
+def shared_gpu(placements: Sequence[tuple[str, Optional[str]]]) -> Optional[str]:
     """The error when two ranks of one node picked the same physical GPU, else None. `placements`: every rank's
-    (host, UUID of the GPU it pinned), in rank order.
+    (host, gpu_uuid of the GPU it pinned), in rank order; an unknown UUID is not compared.
 
     cuda_device_index cannot tell the two one-GPU-per-process bindings apart: each rank sees one GPU, its own
     (srun --gpus-per-task=1), or the same one (CUDA_VISIBLE_DEVICES=0 exported to every rank, a --gpu-bind that
@@ -47,6 +53,8 @@ def shared_gpu(placements: Sequence[tuple[str, str]]) -> Optional[str]:
     """
     first = {}
     for rank, placement in enumerate(placements):
+        if placement[1] is None:
+            continue
         if placement in first:
             host, uuid = placement
             return (f"ranks {first[placement]} and {rank} on {host} both use GPU {uuid}: each rank sees one GPU but "

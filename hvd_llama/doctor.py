@@ -26,6 +26,7 @@ try:
     import torch
 
     from hvd_llama.config import DistConfig, load_config
+    from hvd_llama.device import gpu_uuid
     from hvd_llama.metrics import datasheet_peak, format_flops, matmul_size, measure_peak_flops
 except ImportError as err:  # no torch: doctor says so in one line rather than a traceback
     TORCH_MISSING: Optional[ImportError] = err
@@ -118,7 +119,7 @@ def gpus() -> list:
     return [{"index": i, "name": torch.cuda.get_device_name(i),
              "memory_bytes": torch.cuda.get_device_properties(i).total_memory,
              "capability": ".".join(map(str, torch.cuda.get_device_capability(i))),
-             "uuid": str(torch.cuda.get_device_properties(i).uuid)}
+             "uuid": gpu_uuid(i)}
             for i in range(torch.cuda.device_count())]
 
 
@@ -321,7 +322,7 @@ def format_report(r: dict) -> list:
               row("threads per rank", f"{t['intra_op']} x {r['local_size']} rank(s) on this node ({t['source']})"),
               "gpus"]
     lines += [row(f"cuda:{g['index']}", f"{g['name']}, {gib(g['memory_bytes'])}, compute {g['capability']}, "
-                                        f"{g['uuid']}")
+                                        f"{g['uuid'] or 'UUID unknown'}")
               for g in r["gpus"]] or [row("none", "torch sees no CUDA device")]
     lines.append(f"matmul peak ({r['device']}, every rank at once)")
     for dtype, p in r["peak"].items():

@@ -48,7 +48,7 @@ torch.cuda.device_count = lambda: count
 torch.cuda.set_device = pinned.append
 physical = {"all": lambda index: f"GPU-{index}", "own": lambda index: f"GPU-{hvd.local_rank()}",
             "same": lambda index: "GPU-0"}[binding]
-torch.cuda.get_device_properties = lambda index: SimpleNamespace(uuid=physical(index))
+torch.cuda.get_device_properties = lambda index: SimpleNamespace(uuid=physical(index))  # a _CUuuid in torch
 hvd.nccl_built = lambda: 22703 if nccl else 0
 try:
     device = dist.init(DistConfig(elastic=elastic), "cuda")
@@ -110,9 +110,20 @@ def test_gpus_with_a_horovod_without_nccl_stop_in_one_line(tmp_path, np, refused
                           "on PATH)") == refused
 
 
+def test_a_torch_without_device_uuids_is_not_compared(monkeypatch):
+    """torch.cuda.get_device_properties has .uuid from torch 2.4; hvd_llama runs on 2.1 and later."""
+    from types import SimpleNamespace
+    from hvd_llama.device import gpu_uuid
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=1 << 30))
+    assert gpu_uuid(0) is None
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(uuid=f"GPU-{index}"))
+    assert gpu_uuid(3) == "GPU-3"
+
+
 def test_gpu_error_decides_on_every_ranks_placement():
     from hvd_llama.dist import gpu_error
     assert shared_gpu([("a", "GPU-1"), ("a", "GPU-2"), ("b", "GPU-1")]) is None  # two nodes: two GPUs
+    assert shared_gpu([("a", None), ("a", None)]) is None  # torch < 2.4 cannot tell: not compared
     shared = shared_gpu([("a", "GPU-1"), ("a", "GPU-2"), ("b", "GPU-3"), ("a", "GPU-1"), ("a", "GPU-2")])
     assert shared.startswith("ranks 0 and 3 on a both use GPU GPU-1: ") and "\n" not in shared
     assert gpu_error([("a", "GPU-1", False)]) is None

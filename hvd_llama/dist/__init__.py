@@ -21,7 +21,7 @@ except ImportError as err:  # pip cannot build Horovod 0.28.1 for torch >= 2.1 u
 
 from hvd_llama.cli import UserError
 from hvd_llama.config import DistConfig
-from hvd_llama.device import cuda_device_index, shared_gpu
+from hvd_llama.device import cuda_device_index, gpu_uuid, shared_gpu
 from hvd_llama.sharding import backward_buckets, merge_slices  # noqa: F401 (public)
 from hvd_llama.dist.zero import ReplicatedOptimizer, ShardedOptimizer, allgather_tensor  # noqa: F401
 
@@ -95,11 +95,11 @@ def init(cfg: DistConfig, device: str, check_gpus: bool = True) -> torch.device:
 
 def gpu_placements(index: int) -> list:
     """Every rank's (host, UUID of the GPU it pinned, whether its Horovod has NCCL), in rank order: a collective."""
-    mine = (socket.gethostname(), str(torch.cuda.get_device_properties(index).uuid), bool(hvd.nccl_built()))
+    mine = (socket.gethostname(), gpu_uuid(index), bool(hvd.nccl_built()))
     return [tuple(placement) for placement in allgather_object(mine, name="init.gpus")]
 
 
-def gpu_error(placements: Sequence[tuple[str, str, bool]]) -> Optional[str]:
+def gpu_error(placements: Sequence[tuple[str, Optional[str], bool]]) -> Optional[str]:
     """Why these ranks (gpu_placements) cannot train together on their GPUs, in one line, else None.
 
     Two ranks of a node on one GPU (device.shared_gpu), or, with more than one rank, a Horovod without NCCL:
