@@ -74,10 +74,17 @@ def test_layout_rejects_a_nonpositive_bucket_size():
 
 
 def slice_dict(ranges, step=3, **extra) -> dict:
-    """A slice as ShardedOptimizer.state_dict writes it, of params a (2x3) and b (5,): values = global index."""
-    values = torch.cat([torch.arange(start, end, dtype=torch.float32) for start, end in ranges])
-    return {"format": STATE_FORMAT, "params": [("a", (2, 3)), ("b", (5,))], "ranges": ranges, "step": step,
-            "exp_avg": values, "exp_avg_sq": -values, **extra}
+    """A slice as ShardedOptimizer.state_dict writes it, of params a (2x3) and b (5,): values = global index. The
+    runs sit in the shard in reverse order, each followed by a padding element (as buckets are laid out from the
+    last parameter backwards, each padded to the world size)."""
+    parts, offsets, at = [], {}, 0
+    for start, end in reversed(ranges):
+        offsets[(start, end)] = at
+        parts += [torch.arange(start, end, dtype=torch.float32), torch.tensor([-1.0])]
+        at += end - start + 1
+    values = torch.cat(parts)
+    return {"format": STATE_FORMAT, "params": [("a", (2, 3)), ("b", (5,))], "ranges": ranges,
+            "offsets": [offsets[r] for r in ranges], "step": step, "exp_avg": values, "exp_avg_sq": -values, **extra}
 
 
 def test_merge_slices_rebuilds_each_parameter_from_any_split():
@@ -106,7 +113,9 @@ def test_one_process_matches_plain_torch_adamw():
         assert [r["loss"] for r in result["records"]] == pytest.approx([r["loss"] for r in plain], rel=1e-6)
         assert [r["norm"] for r in result["records"]] == pytest.approx([r["norm"] for r in plain], rel=1e-5)
         assert result["param_diff"] < 1e-6
-        assert result["ranges"] == [[0, result["P"]]] and result["shard"] == result["P"]
+        owned = sorted(tuple(r) for r in result["ranges"])
+        assert owned[0][0] == 0 and owned[-1][1] == result["P"] and all(a[1] == b[0] for a, b in zip(owned, owned[1:]))
+        assert result["shard"] == result["P"]
 
 
 @pytest.mark.slow  # 10-30 s each on 2 shared cores

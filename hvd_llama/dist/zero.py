@@ -39,7 +39,7 @@ from typing import Callable
 import horovod.torch as hvd
 import torch
 
-from hvd_llama.sharding import MAX_IN_FLIGHT, STATE_FORMAT, FlatLayout, Piece, SliceIndex, bucket_size, check_slices, merge_ranges
+from hvd_llama.sharding import MAX_IN_FLIGHT, STATE_FORMAT, FlatLayout, Piece, SliceIndex, bucket_size, check_slices
 
 IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 
@@ -349,19 +349,15 @@ class ShardedOptimizer:
 
     def state_dict(self) -> dict:
         """This rank's slice, independent of world size and bucket size: the owned runs of the flat unpadded
-        index space (trainable parameters in model order) as (global_start, global_end), each tensor the
-        concatenation of those runs, and the AdamW step count. `params` (names, shapes) defines the space."""
+        index space (trainable parameters in model order) as `ranges` (global_start, global_end) at `offsets` in
+        the slice's tensors, which are this rank's flat shards themselves (no copy: saving a checkpoint allocates
+        nothing), and the AdamW step count. `params` (names, shapes) defines the space."""
         runs = self.layout.own_runs()
-
-        def take(flat: torch.Tensor) -> torch.Tensor:
-            parts = [flat[offset:offset + end - start] for start, end, offset in runs]
-            return torch.cat(parts).cpu() if parts else flat.new_zeros(0).cpu()
-
         state = {"format": STATE_FORMAT, "params": [(n, tuple(p.shape)) for n, p in zip(self.names, self.params)],
-                 "ranges": merge_ranges((start, end) for start, end, _ in runs), "step": self._step_count(),
-                 "exp_avg": take(self.exp_avg), "exp_avg_sq": take(self.exp_avg_sq)}
+                 "ranges": [(start, end) for start, end, _ in runs], "offsets": [offset for _, _, offset in runs],
+                 "step": self._step_count(), "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
         if self.master is not None and self._master_ready:
-            state["master"] = take(self.master)
+            state["master"] = self.master
         return state
 
     @torch.no_grad()
