@@ -140,9 +140,10 @@ class Trainer:
             lr = lr_at(p.step, self.cfg.optim, t.max_steps) * self.lr_scale
             set_lr(self.optimizer, lr)
             batches = stream.step(p.samples, t.batch_size, t.grad_accum)
+            poison = self.fault.at("nan", p.step + 1, dist.rank())
             result = train_step(self.model, self.optimizer, batches, self.device, t.precision,
-                                self.cfg.optim.grad_clip, self.scaler, poison=self.fault.at("nan", p.step + 1, dist.rank()),
-                                ranks=dist, loss_chunk=t.loss_chunk)
+                                self.cfg.optim.grad_clip, self.scaler, poison=poison, ranks=dist,
+                                loss_chunk=t.loss_chunk)
             # Horovod: one small allreduce per step carries the loss and the preemption vote together.
             loss_sum, stop_votes = dist.allreduce_sum(
                 torch.tensor([result.loss_sum, float(self.stop_flag.requested)]), name="step.stats").tolist()
