@@ -81,8 +81,10 @@ def model_state_bytes(counts: ParamCounts, stage: int, world_size: int, half: bo
         reduce-scattered into (4S, or 2S in bf16 weights); the optimizer holds its slice only: 8S moments, plus
         the fp32 master copy of the slice (4S) when the model holds bf16 weights (2P).
     stage 2: a rank keeps only its gradient slice (4S, or 2S in bf16 weights): each param.grad is freed once
-        its bucket has been reduce-scattered. With grad_accum > 1 the whole gradients (2T or 4T) also exist,
-        accumulated locally until the last micro-step. In bf16 that is ZeRO's 2 + 14/N bytes per parameter.
+        its bucket has been reduce-scattered. In bf16 that is ZeRO's 2 + 14/N bytes per parameter.
+    grad_accum > 1, stages 1 and 2: the micro-steps' gradients are summed in fp32 flat bucket buffers, every
+        bucket padded to a multiple of N (4NS: Megatron-LM's main_grad), whole until the last micro-step
+        reduces them; param.grad is freed as each pass adds it in.
     LoRA: frozen base weights count in P only; gradients and optimizer state exist for the adapters (T).
     """
     P, T = counts.total, counts.trainable
@@ -90,9 +92,11 @@ def model_state_bytes(counts: ParamCounts, stage: int, world_size: int, half: bo
     if stage == 0:
         return {"weights": 4 * P, "gradients": 4 * T, "optimizer": 8 * T + 4 * counts.tensors}
     S = zero_layout(counts, world_size, bucket_elements).shard_numel
-    whole_grads = width * T
-    gradients = width * S + (whole_grads if stage == 1 or grad_accum > 1 else 0)
-    return {"weights": width * P, "gradients": gradients, "optimizer": (12 if half else 8) * S}
+    if grad_accum > 1:
+        whole_grads = 4 * world_size * S
+    else:
+        whole_grads = width * T if stage == 1 else 0
+    return {"weights": width * P, "gradients": width * S + whole_grads, "optimizer": (12 if half else 8) * S}
 
 
 def startup_bytes(counts: ParamCounts, half: bool) -> int:
@@ -177,16 +181,19 @@ def weight_copy_bytes(counts: ParamCounts, regime: str) -> int:
     return 2 * counts.matmul if regime == "autocast" else 0
 
 
-def buffer_bytes(counts: ParamCounts, stage: int, world_size: int, half: bool, bucket_elements: int = 0) -> int:
-    """Communication buffers: Horovod's fusion buffer at stage 0; with a sharded optimizer the fp32 flat buffers
-    of the reduce-scatters in flight (MAX_IN_FLIGHT + 1 buckets at the peak), as many all-gathered buckets of
-    weights and, at stage 2, the param.grad tensors waiting for their bucket to fill."""
+def buffer_bytes(counts: ParamCounts, stage: int, world_size: int, half: bool, grad_accum: int = 1,
+                 bucket_elements: int = 0) -> int:
+    """Communication buffers: Horovod's fusion buffer at stage 0; with a sharded optimizer as many all-gathered
+    buckets of weights as are in flight (MAX_IN_FLIGHT + 1 at the peak) and, with one backward pass per step,
+    the fp32 flat buffers of as many reduce-scatters and, at stage 2, the param.grad tensors waiting for their
+    bucket to fill (with grad_accum > 1 the accumulation buffers, counted as gradients, are reduced themselves)."""
     if stage == 0:
         return FUSION_BUFFER if world_size > 1 else 0
     buckets = zero_layout(counts, world_size, bucket_elements).buckets
     width, bucket = (2 if half else 4), max(b.numel for b in buckets)  # a parameter larger than the size: alone
     in_flight = min(MAX_IN_FLIGHT + 1, len(buckets))
-    return bucket * ((4 + width) * in_flight + (width if stage == 2 else 0))
+    reductions = 0 if grad_accum > 1 else bucket * (4 * in_flight + (width if stage == 2 else 0))
+    return width * bucket * in_flight + reductions
 
 
 @dataclass
@@ -228,7 +235,8 @@ def plan_at(cfg: Config, world_size: int, device_memory: int, device: str = "cud
     state = model_state_bytes(counts, stage, world_size, half, t.grad_accum, bucket)
     acts = {ckpt: activation_bytes(cfg.model, t.batch_size, t.seq_len, regime, ckpt) for ckpt in (False, True)}
     activations = acts[t.activation_checkpointing]
-    copies, buffers = weight_copy_bytes(counts, regime), buffer_bytes(counts, stage, world_size, half, bucket)
+    copies = weight_copy_bytes(counts, regime)
+    buffers = buffer_bytes(counts, stage, world_size, half, t.grad_accum, bucket)
     # Every line can be resident at once: with grad_accum > 1 the gradients live through the next micro-batch's
     # forward, and with 1 the memory of the gradients zero_grad() freed stays reserved for the next forward
     # (PyTorch's caching allocator on a GPU; glibc's heap on a CPU, measured here to within 5%).
