@@ -1,12 +1,14 @@
 """Checkpoints: one folder per step, written atomically, verified by a checksum manifest.
 
 Layout of runs/<name>/checkpoints/step_00000100/:
-    model.pt         state dict of the plain (uncompiled, unwrapped) Transformer, fp32
+    model.pt         state dict of the plain (uncompiled, unwrapped) Transformer, in the dtype training holds
+                     the weights in (fp32; bf16 with bf16 weights, whose fp32 master copy is in the slices)
                      (LoRA runs: adapter.pt, the adapters alone; the base is config.yaml's finetune.init_from)
     config.yaml      the resolved config; its `model:` section rebuilds the architecture
     tokenizer.model  the SentencePiece model the data was encoded with (when known)
     train_state.pt   progress (step, global data position, world size), RNG states, loss scale, ZeRO stage,
-                     and at dist.zero_stage=0 the whole optimizer state (training checkpoints only)
+                     and at dist.zero_stage=0 the whole optimizer state (training checkpoints only); tensors and
+                     plain values only, loaded with weights_only=True: a crafted file cannot run code
     optimizer.rank00001-of-00004.pt
                      at stages 1 and 2: each rank's own optimizer slice, written by that rank (dist/zero.py's
                      world-size-independent slice format, so a resume at another world size reshards)
@@ -16,10 +18,14 @@ Files are hashed while they are written (never read back for it) and verified on
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import pickle
+import re
 import shutil
+import socket
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -31,7 +37,13 @@ from hvd_llama.cli import UserError, atomic_write_text, new_staging_dir, sha256_
 from hvd_llama.model import ModelConfig
 
 MANIFEST = "manifest.json"
+MODEL_FILE = "model.pt"  # the weights as training holds them (fp32, or bf16 with bf16 weights)
+ADAPTER_FILE = "adapter.pt"  # LoRA runs: the adapters alone
+TOKENIZER_FILE = "tokenizer.model"
+TRAIN_STATE_FILE = "train_state.pt"
 STEP_PREFIX = "step_"
+LOCK_FILE = ".lock"
+STAGING_MARK = re.compile(r"\.(tmp|old)-")  # cli.staging_dir's folders: being written, or being replaced
 
 
 def checkpoint_name(step: int) -> str:
@@ -75,7 +87,7 @@ def begin_checkpoint(ckpt_dir) -> Path:
 
 
 def save_checkpoint(ckpt_dir, model_state: dict, config: dict, tokenizer_path=None,
-                    train_state: Optional[dict] = None, step: int = 0, weights_file: str = "model.pt",
+                    train_state: Optional[dict] = None, step: int = 0, weights_file: str = MODEL_FILE,
                     staging: Optional[Path] = None, written: Optional[dict] = None) -> Path:
     """Write a complete checkpoint into a temporary folder, then rename it into place.
 
@@ -90,10 +102,10 @@ def save_checkpoint(ckpt_dir, model_state: dict, config: dict, tokenizer_path=No
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         files["config.yaml"] = sha256_file(tmp / "config.yaml")
         if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
-            files["tokenizer.model"] = sha256_file(tmp / "tokenizer.model")
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+            files[TOKENIZER_FILE] = sha256_file(tmp / TOKENIZER_FILE)
         if train_state is not None:
-            files["train_state.pt"] = write_torch(tmp / "train_state.pt", train_state)
+            files[TRAIN_STATE_FILE] = write_torch(tmp / TRAIN_STATE_FILE, train_state)
         atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, "files": dict(sorted(files.items()))}, indent=1))
     return ckpt_dir
 
@@ -143,7 +155,7 @@ def resolve_checkpoint(path) -> Path:
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint path {path} does not exist")
-    if (path / MANIFEST).is_file() or (path / "model.pt").is_file():
+    if (path / MANIFEST).is_file() or (path / MODEL_FILE).is_file():
         verify_checkpoint(path)
         return path
     latest = find_latest_checkpoint(path)
@@ -170,13 +182,31 @@ def read_model_checkpoint(ckpt: Path):
         model_cfg = ModelConfig(**model_fields)
     except TypeError as err:
         raise UserError(f"{ckpt}/config.yaml: incompatible model section ({err})") from None
-    state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
-    tokenizer = ckpt / "tokenizer.model"
+    state = load_tensors(ckpt / MODEL_FILE)
+    tokenizer = ckpt / TOKENIZER_FILE
     return state, model_cfg, (tokenizer if tokenizer.is_file() else None)
 
 
+def load_tensors(path: Path):
+    """A file of tensors and plain values, memory-mapped (pages are read as they are copied out). Anything else is
+    refused: unpickling arbitrary objects can run code, and a checkpoint may come from anywhere."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line),
+                     "not a weights-only file")
+        raise UserError(f"{path} holds objects other than tensors and plain values ({found}); refused, since "
+                        "loading them could run code. Checkpoints written before hvd_llama stored its RNG state as "
+                        "tensors (2026-12) cannot be resumed; their weights still load with --init-from") from None
+
+
+def read_adapters(ckpt: Path) -> dict:
+    """The LoRA adapters of a LoRA checkpoint."""
+    return load_tensors(ckpt / ADAPTER_FILE)
+
+
 def load_train_state(ckpt_dir) -> dict:
-    return torch.load(Path(ckpt_dir) / "train_state.pt", map_location="cpu", weights_only=False)
+    return load_tensors(Path(ckpt_dir) / TRAIN_STATE_FILE)
 
 
 def read_optimizer_slices(ckpt_dir) -> list:
@@ -185,7 +215,50 @@ def read_optimizer_slices(ckpt_dir) -> list:
     paths = sorted(Path(ckpt_dir).glob(SLICE_GLOB))
     if not paths:
         raise UserError(f"{ckpt_dir} holds no optimizer slices ({SLICE_GLOB}); was it written at dist.zero_stage=0?")
-    return [torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in paths]
+    return [load_tensors(p) for p in paths]
+
+
+class RunDirLock:
+    """An exclusive lock on a run dir for the life of the job that trains in it (rank 0 takes it at start-up).
+
+    A second job started in the same run dir stops in one line instead of interleaving checkpoints; and since no
+    live job can then be writing into it, the folders that killed saves left behind (`.step_*.tmp-*`, as large as
+    a checkpoint each) are removed. A filesystem without flock (some Lustre mounts) gets neither: `held` is False.
+    """
+
+    def __init__(self, run_dir: Path):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(run_dir / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            owner = self.file.read().strip() or "owner unknown"
+            self.file.close()
+            raise UserError(f"{run_dir} is in use by another job ({owner}): stop it first, or choose another "
+                            "--run-dir") from None
+        except OSError:
+            self.held = False
+            return
+        self.held = True
+        self.file.truncate(0)
+        self.file.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
+        self.file.flush()
+
+    def remove_stale_saves(self, root) -> str:
+        """Remove what interrupted saves left under `root`'s checkpoints folder; say what went (or why nothing)."""
+        folder = Path(root) / "checkpoints"
+        stale = sorted(p for p in folder.glob(f".{STEP_PREFIX}*") if p.is_dir() and STAGING_MARK.search(p.name))
+        if not stale:
+            return ""
+        if not self.held:
+            return (f"kept {len(stale)} folder(s) of interrupted saves in {folder}: its filesystem cannot be locked, "
+                    "so another job could own them (remove them by hand when none runs)")
+        size = sum(f.stat().st_size for p in stale for f in p.rglob("*") if f.is_file())
+        for p in stale:
+            shutil.rmtree(p, ignore_errors=True)
+        return (f"removed {len(stale)} folder(s) left by interrupted saves ({size / 1e9:.2f} GB): "
+                f"{', '.join(p.name for p in stale)}")
 
 
 def prune_checkpoints(root, keep: int) -> None:

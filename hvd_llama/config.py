@@ -183,6 +183,11 @@ CHOICES = {"train.precision": PRECISIONS, "train.device": ("auto", "cpu", "cuda"
            "dist.compression": ("none", "fp16"), "dist.op": ("average", "adasum"), "dist.zero_stage": (0, 1, 2)}
 
 
+def half_weights(cfg: Config) -> bool:
+    """bf16 with a sharded optimizer keeps the model in bf16 (fp32 master slices in the optimizer)."""
+    return cfg.train.precision == "bf16" and cfg.dist.zero_stage >= 1
+
+
 def value_of(cfg: Config, key: str):
     section, name = key.split(".")
     return getattr(getattr(cfg, section), name)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hvd_llama.config import LORA_TARGETS
-from hvd_llama.model import ModelConfig
+from hvd_llama.model import ModelConfig, init_fp32_
 
 DEFAULT_TARGETS = ("wq", "wv")  # the paper's choice, and PEFT's default for LLaMA
 LORA_PARAMS = ("lora_A", "lora_B")
@@ -55,7 +55,7 @@ class LoRALinear(nn.Linear):
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        init_fp32_(self.lora_A, nn.init.kaiming_uniform_, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from hvd_llama.cli import UserError
-from hvd_llama.config import Config, split_targets
+from hvd_llama.config import Config, half_weights, split_targets
 from hvd_llama.sharding import MAX_IN_FLIGHT, FlatLayout, bucket_size
 from hvd_llama.lora import apply_lora
 from hvd_llama.model import ModelConfig, Transformer
@@ -36,6 +36,7 @@ class ParamCounts:
     total: int  # every parameter, a tied matrix counted once
     matmul: int  # weights that enter matmuls (autocast casts them to half precision in every forward)
     numels: tuple  # the sizes of the trainable (requires_grad) tensors, in model order: the ZeRO layout's input
+    largest: int = 0  # the largest parameter tensor (start-up draws it in fp32 for bf16 weights)
 
     @property
     def trainable(self) -> int:
@@ -60,17 +61,12 @@ def count_params(cfg: Config) -> ParamCounts:
     embedding = model.tok_embeddings.weight
     matmul = sum(p.numel() for p in params.values() if p.ndim == 2 and (p is not embedding or cfg.model.tie_embeddings))
     return ParamCounts(total=sum(p.numel() for p in params.values()), matmul=matmul,
-                       numels=tuple(p.numel() for p in trainable))
+                       numels=tuple(p.numel() for p in trainable), largest=max(p.numel() for p in params.values()))
 
 
 def zero_layout(counts: ParamCounts, world_size: int, bucket_elements: int = 0) -> FlatLayout:
     """The flat layout dist/zero.py builds for these parameters (every rank's slice has the same size)."""
     return FlatLayout(counts.numels, world_size, 0, bucket_size(counts.trainable, bucket_elements))
-
-
-def half_weights(cfg: Config) -> bool:
-    """bf16 with a sharded optimizer keeps the model in bf16 (fp32 master slices in the optimizer)."""
-    return cfg.train.precision == "bf16" and cfg.dist.zero_stage >= 1
 
 
 def model_state_bytes(counts: ParamCounts, stage: int, world_size: int, half: bool, grad_accum: int,
@@ -85,8 +81,10 @@ def model_state_bytes(counts: ParamCounts, stage: int, world_size: int, half: bo
         reduce-scattered into (4S, or 2S in bf16 weights); the optimizer holds its slice only: 8S moments, plus
         the fp32 master copy of the slice (4S) when the model holds bf16 weights (2P).
     stage 2: a rank keeps only its gradient slice (4S, or 2S in bf16 weights): each param.grad is freed once
-        its bucket has been reduce-scattered. With grad_accum > 1 the whole gradients (2T or 4T) also exist,
-        accumulated locally until the last micro-step. In bf16 that is ZeRO's 2 + 14/N bytes per parameter.
+        its bucket has been reduce-scattered. In bf16 that is ZeRO's 2 + 14/N bytes per parameter.
+    grad_accum > 1, stages 1 and 2: the micro-steps' gradients are summed in fp32 flat bucket buffers, every
+        bucket padded to a multiple of N (4NS: Megatron-LM's main_grad), whole until the last micro-step
+        reduces them; param.grad is freed as each pass adds it in.
     LoRA: frozen base weights count in P only; gradients and optimizer state exist for the adapters (T).
     """
     P, T = counts.total, counts.trainable
@@ -94,9 +92,17 @@ def model_state_bytes(counts: ParamCounts, stage: int, world_size: int, half: bo
     if stage == 0:
         return {"weights": 4 * P, "gradients": 4 * T, "optimizer": 8 * T + 4 * counts.tensors}
     S = zero_layout(counts, world_size, bucket_elements).shard_numel
-    whole_grads = width * T
-    gradients = width * S + (whole_grads if stage == 1 or grad_accum > 1 else 0)
-    return {"weights": width * P, "gradients": gradients, "optimizer": (12 if half else 8) * S}
+    if grad_accum > 1:
+        whole_grads = 4 * world_size * S
+    else:
+        whole_grads = width * T if stage == 1 else 0
+    return {"weights": width * P, "gradients": width * S + whole_grads, "optimizer": (12 if half else 8) * S}
+
+
+def startup_bytes(counts: ParamCounts, half: bool) -> int:
+    """Start-up's peak (startup.build_model): the weights, allocated in their own dtype, plus one tensor's fp32
+    draws at a time when they are bf16 (model.init_fp32_)."""
+    return (2 if half else 4) * counts.total + (4 * counts.largest if half else 0)
 
 
 def _regime(cfg: Config) -> str:
@@ -175,16 +181,19 @@ def weight_copy_bytes(counts: ParamCounts, regime: str) -> int:
     return 2 * counts.matmul if regime == "autocast" else 0
 
 
-def buffer_bytes(counts: ParamCounts, stage: int, world_size: int, half: bool, bucket_elements: int = 0) -> int:
-    """Communication buffers: Horovod's fusion buffer at stage 0; with a sharded optimizer the fp32 flat buffers
-    of the reduce-scatters in flight (MAX_IN_FLIGHT + 1 buckets at the peak), as many all-gathered buckets of
-    weights and, at stage 2, the param.grad tensors waiting for their bucket to fill."""
+def buffer_bytes(counts: ParamCounts, stage: int, world_size: int, half: bool, grad_accum: int = 1,
+                 bucket_elements: int = 0) -> int:
+    """Communication buffers: Horovod's fusion buffer at stage 0; with a sharded optimizer as many all-gathered
+    buckets of weights as are in flight (MAX_IN_FLIGHT + 1 at the peak) and, with one backward pass per step,
+    the fp32 flat buffers of as many reduce-scatters and, at stage 2, the param.grad tensors waiting for their
+    bucket to fill (with grad_accum > 1 the accumulation buffers, counted as gradients, are reduced themselves)."""
     if stage == 0:
         return FUSION_BUFFER if world_size > 1 else 0
     buckets = zero_layout(counts, world_size, bucket_elements).buckets
     width, bucket = (2 if half else 4), max(b.numel for b in buckets)  # a parameter larger than the size: alone
     in_flight = min(MAX_IN_FLIGHT + 1, len(buckets))
-    return bucket * ((4 + width) * in_flight + (width if stage == 2 else 0))
+    reductions = 0 if grad_accum > 1 else bucket * (4 * in_flight + (width if stage == 2 else 0))
+    return width * bucket * in_flight + reductions
 
 
 @dataclass
@@ -208,6 +217,7 @@ class Plan:
     activations_checkpointed: int  # with it
     weight_copies: int  # autocast's half-precision weight copies (fp32 weights, bf16/fp16 compute)
     buffers: int  # communication buffers
+    startup: int  # start-up's peak before the first step (the weights and one tensor's initialisation)
     overhead: int  # outside the tensors: CUDA context and allocator fragmentation, or the process's runtime
     total: int  # the peak: all of the above
     device_memory: int
@@ -225,11 +235,14 @@ def plan_at(cfg: Config, world_size: int, device_memory: int, device: str = "cud
     state = model_state_bytes(counts, stage, world_size, half, t.grad_accum, bucket)
     acts = {ckpt: activation_bytes(cfg.model, t.batch_size, t.seq_len, regime, ckpt) for ckpt in (False, True)}
     activations = acts[t.activation_checkpointing]
-    copies, buffers = weight_copy_bytes(counts, regime), buffer_bytes(counts, stage, world_size, half, bucket)
+    copies = weight_copy_bytes(counts, regime)
+    buffers = buffer_bytes(counts, stage, world_size, half, t.grad_accum, bucket)
     # Every line can be resident at once: with grad_accum > 1 the gradients live through the next micro-batch's
     # forward, and with 1 the memory of the gradients zero_grad() freed stays reserved for the next forward
     # (PyTorch's caching allocator on a GPU; glibc's heap on a CPU, measured here to within 5%).
     tensors = state["weights"] + state["gradients"] + state["optimizer"] + activations + copies + buffers
+    startup = startup_bytes(counts, half)
+    tensors = max(tensors, startup)  # start-up's transient is gone before the first step's tensors exist
     fixed, fragmentation = (CUDA_FIXED, CUDA_FRAGMENTATION) if device == "cuda" else (CPU_FIXED, CPU_FRAGMENTATION)
     overhead = fixed + int(fragmentation * tensors)
     total = tensors + overhead
@@ -237,7 +250,7 @@ def plan_at(cfg: Config, world_size: int, device_memory: int, device: str = "cud
                 precision=t.precision, batch_size=t.batch_size, grad_accum=t.grad_accum, seq_len=t.seq_len,
                 activation_checkpointing=t.activation_checkpointing, device=device, **state,
                 activations=activations, activations_full=acts[False], activations_checkpointed=acts[True],
-                weight_copies=copies, buffers=buffers, overhead=overhead, total=total,
+                weight_copies=copies, buffers=buffers, startup=startup, overhead=overhead, total=total,
                 device_memory=device_memory, fits=total <= device_memory)
 
 

@@ -72,6 +72,19 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[floa
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+@torch.no_grad()
+def init_fp32_(param: torch.Tensor, init, **kwargs) -> None:
+    """Apply the random initialiser `init` (an nn.init function) to `param` through an fp32 tensor of its shape:
+    the same draws from the generator, the same values up to rounding, in any dtype (one tensor's fp32 copy at
+    a time, never the whole model's)."""
+    if param.dtype == torch.float32 or param.is_meta:
+        init(param, **kwargs)
+        return
+    value = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+    init(value, **kwargs)
+    param.copy_(value)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -221,16 +234,36 @@ def attention_mask(start_pos: int, seq_len: int, n_keys: int, key_padding_mask: 
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
+        """Built on the meta device, then allocated on the default device (a `with torch.device(...)` block's, or
+        the CPU) and initialised once, by init_weights: the layers' own default initialisation never runs, so
+        `torch.manual_seed(s); Transformer(cfg)` draws exactly what init_weights() draws after torch.manual_seed(s)
+        on a model built on the meta device and allocated later (as training builds it)."""
         super().__init__()
         self.cfg = cfg.validate()
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
         self.activation_checkpointing = False
-        self.init_weights()
+        device = torch.get_default_device()
+        with torch.device("meta"):
+            self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+            self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+            self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        if device.type != "meta":
+            self.materialise(device).init_weights()
+
+    def tie_weights(self) -> None:
+        """Share the token-embedding table with the output head (cfg.tie_embeddings)."""
+        if self.cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def materialise(self, device, dtype: Optional[torch.dtype] = None) -> "Transformer":
+        """Allocate storage, uninitialised, for a model built on the meta device: on `device`, in `dtype` (default:
+        as built). to_empty() gives every parameter storage of its own, so tied weights are tied again."""
+        if dtype is not None:
+            self.to(dtype=dtype)
+        self.to_empty(device=device)
+        self.tie_weights()
+        return self
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -239,13 +272,14 @@ class Transformer(nn.Module):
         The residual output projections (attention.wo, feed_forward.w2) get std / sqrt(2 * n_layers), as in
         GPT-2 and nanoGPT: each of the 2 * n_layers blocks adds to the residual stream, so this keeps its
         variance at the output about the same whatever the depth, and deep models start training stably.
+        Values are drawn in fp32 whatever the weights' dtype, so bf16 weights are the fp32 ones rounded.
         """
         std = self.cfg.init_std
         for name, p in self.named_parameters():
             if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
+                init_fp32_(p, nn.init.normal_, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
             elif p.ndim == 2:
-                nn.init.normal_(p, mean=0.0, std=std)
+                init_fp32_(p, nn.init.normal_, mean=0.0, std=std)
             else:
                 nn.init.ones_(p)
 

@@ -52,8 +52,8 @@ def report(p: Plan, name: str) -> list[str]:
              f"tokens, activation checkpointing {'on' if p.activation_checkpointing else 'off'}, {p.device}",
              f"  weights                    {gib(p.weights):>12}",
              f"  gradients                  {gib(p.gradients):>12}" + (
-                 "  (this rank's slice, plus the whole gradients accumulated over the micro-steps)"
-                 if p.zero_stage == 2 and p.grad_accum > 1 else ""),
+                 "  (this rank's slice, plus the whole gradients accumulated in fp32 over the micro-steps)"
+                 if p.zero_stage >= 1 and p.grad_accum > 1 else ""),
              f"  optimizer state            {gib(p.optimizer):>12}",
              f"  activations / micro-batch  {gib(p.activations):>12}  ({gib(other_bytes)} {other} checkpointing)"]
     if p.weight_copies:

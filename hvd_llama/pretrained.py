@@ -6,16 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from hvd_llama import checkpoint
 from hvd_llama.cli import UserError
 from hvd_llama.config import split_targets
 from hvd_llama.formats import import_hf, import_meta
 from hvd_llama.lora import apply_lora, load_lora_state_dict, merged_state_dict
 from hvd_llama.model import ModelConfig, Transformer
-
-ADAPTER_FILE = "adapter.pt"
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -43,7 +39,7 @@ def read_weights(folder: Path) -> tuple[dict, ModelConfig, Optional[Path]]:
         return import_meta(folder)
     if is_hf_folder(folder):
         return import_hf(folder)
-    if (folder / ADAPTER_FILE).is_file():
+    if (folder / checkpoint.ADAPTER_FILE).is_file():
         return merge_adapter_checkpoint(folder)
     return checkpoint.read_model_checkpoint(folder)
 
@@ -63,6 +59,6 @@ def merge_adapter_checkpoint(ckpt: Path) -> tuple[dict, ModelConfig, Optional[Pa
     model = Transformer(model_cfg)
     model.load_state_dict(state)
     apply_lora(model, finetune["lora_rank"], finetune["lora_alpha"], targets=split_targets(finetune["lora_targets"]))
-    load_lora_state_dict(model, torch.load(ckpt / ADAPTER_FILE, map_location="cpu", weights_only=True))
-    own_tokenizer = ckpt / "tokenizer.model"
+    load_lora_state_dict(model, checkpoint.read_adapters(ckpt))
+    own_tokenizer = ckpt / checkpoint.TOKENIZER_FILE
     return merged_state_dict(model), model_cfg, own_tokenizer if own_tokenizer.is_file() else tokenizer

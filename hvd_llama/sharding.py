@@ -2,8 +2,9 @@
 
 The trainable parameters, in model order, form one flat unpadded index space cut into buckets of whole
 parameters; each bucket is padded to a multiple of the world size N and rank r owns its r-th contiguous 1/N.
-A rank's optimizer slice is saved as the runs of that index space it owns (global start and end), which does
-not depend on N or the bucket size: any set of slices that covers the space can be read at another N.
+A rank's optimizer slice is saved as its flat shards with the runs of that index space it owns (global start and
+end, and where each run sits in the shards), which does not depend on N or the bucket size: any set of slices that
+covers the space can be read at another N.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ DEFAULT_BUCKET_ELEMENTS = 25_000_000
 # ~3M-element buckets, 1.04-1.07x with one bucket; README "ZeRO stages").
 MIN_BUCKETS = 4
 MAX_IN_FLIGHT = 2  # reduce-scatters outstanding at once (a third is launched before the oldest is waited for)
-STATE_FORMAT = "hvd_llama.zero_slice/1"
+STATE_FORMAT = "hvd_llama.zero_slice/2"
 SLICE_TENSORS = ("exp_avg", "exp_avg_sq", "master")
 
 
@@ -122,17 +123,6 @@ class FlatLayout:
         return [tuple(r) for r in runs]
 
 
-def merge_ranges(ranges) -> list[tuple[int, int]]:
-    """Sorted (start, end) ranges with touching neighbours joined."""
-    merged: list[list[int]] = []
-    for start, end in ranges:
-        if merged and merged[-1][1] == start:
-            merged[-1][1] = end
-        else:
-            merged.append([start, end])
-    return [tuple(r) for r in merged]
-
-
 # ---- slice dicts: checking, reading ranges, merging ---------------------------------------------------------
 def check_slices(slices: list, layout_key: Optional[list] = None) -> list:
     if not slices:
@@ -152,12 +142,7 @@ class SliceIndex:
     """Reads any range of the flat index space from a set of slices (as many ranks as saved them)."""
 
     def __init__(self, slices: list):
-        runs = []
-        for s in slices:
-            offset = 0  # where each run sits in the slice's tensors
-            for start, end in s["ranges"]:
-                runs.append((start, end, s, offset))
-                offset += end - start
+        runs = [(start, end, s, offset) for s in slices for (start, end), offset in zip(s["ranges"], s["offsets"])]
         runs.sort(key=lambda run: run[0])
         self.runs, self.starts = runs, [r[0] for r in runs]
         self.step = slices[0]["step"]

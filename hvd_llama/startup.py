@@ -9,7 +9,7 @@ import torch
 
 from hvd_llama import dist
 from hvd_llama.cli import UserError
-from hvd_llama.config import Config, split_targets, validate
+from hvd_llama.config import Config, half_weights, split_targets, validate
 from hvd_llama.data import read_meta
 from hvd_llama.lora import apply_lora, trainable_param_count
 from hvd_llama.model import Transformer
@@ -26,25 +26,30 @@ def check_data(cfg: Config) -> dict:
     return meta
 
 
-def build_model(cfg: Config, device: torch.device, init_state: Optional[dict]) -> Transformer:
-    """Rank 0 builds (and initialises, or loads `init_state` into) the model on its device; the other ranks
-    only allocate theirs there, from the meta device, since resume() overwrites every weight by broadcast:
-    eight ranks initialising a 7B model on one node's host would need 216 GB of host memory for nothing.
-    With bf16 and a sharded optimizer the model holds bf16 weights; the fp32 master copy lives in the
-    optimizer's slices."""
+def build_model(cfg: Config, device: torch.device, init_state: Optional[dict], initialise: bool) -> Transformer:
+    """The model on `device` in the dtype training keeps its weights in, built on the meta device first so that
+    only those weights are ever allocated: bf16 weights (bf16 with a sharded optimizer; the fp32 master copy lives
+    in the optimizer's slices) take 2 bytes per parameter at start-up too, with one tensor's fp32 draws at a time.
+
+    `initialise`: draw the initial weights (seeded: the same on any world size), or load `init_state` into them.
+    The other ranks only allocate theirs, since resume() overwrites every weight by broadcast: eight ranks
+    initialising a 7B model on one node's host would need 216 GB of host memory for nothing.
+    """
     f = cfg.finetune
+    with torch.device("meta"):
+        model = Transformer(cfg.model).materialise(device, weights_dtype(cfg))
     torch.manual_seed(cfg.train.seed)
-    with torch.device(device if dist.is_main() else "meta"):
-        model = Transformer(cfg.model)
-        if init_state is not None and dist.is_main():
-            model.load_state_dict(init_state)
-        if f.lora_rank:  # after loading: the adapters start at zero on top of the pretrained weights
-            apply_lora(model, f.lora_rank, f.lora_alpha, f.lora_dropout, split_targets(f.lora_targets))
-    if not dist.is_main():
-        model.to_empty(device=device)
-    if cfg.train.precision == "bf16" and cfg.dist.zero_stage >= 1:
-        model.to(torch.bfloat16)
+    if initialise and init_state is not None:
+        model.load_state_dict(init_state)
+    elif initialise:
+        model.init_weights()
+    if f.lora_rank:  # after loading: the adapters start at zero on top of the pretrained weights
+        apply_lora(model, f.lora_rank, f.lora_alpha, f.lora_dropout, split_targets(f.lora_targets))
     return model
+
+
+def weights_dtype(cfg: Config) -> torch.dtype:
+    return torch.bfloat16 if half_weights(cfg) else torch.float32
 
 
 def load_pretrained(cfg: Config, meta: dict, joining: bool = False) -> Optional[dict]:

@@ -1,60 +1,37 @@
 """The training application: `horovodrun -np N python -m hvd_llama.train --config configs/tiny.yaml`.
 
-N ranks train exactly the model one rank would train with an N-times larger batch: each rank reads its own
-windows (DistributedSampler), hvd.DistributedOptimizer averages the gradients, and every rank applies the same
-update. Only rank 0 writes files (metrics.py, checkpoint.py).
+N ranks train exactly the model one rank would train with an N-times larger batch: each rank reads its own share
+of every step's items of one global sample order (data.py), the data-parallel optimizer averages the gradients
+(hvd.DistributedOptimizer, or ZeRO stages 1-2: dist/zero.py), and every rank applies the same update. Only rank 0
+writes the run's files (metrics.py; checkpointing.py, where every rank writes its own optimizer slice).
 """
 from __future__ import annotations
 
 import argparse
-import errno
 import math
 import os
-import random
-import shutil
 import time
 import traceback
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 import yaml
 
 from hvd_llama import checkpoint, dist
+from hvd_llama.checkpointing import Checkpointer, Progress
 from hvd_llama.cli import UserError, atomic_write_text, run_main
 from hvd_llama.compute import AUTOCAST_DTYPES, score, spread_selection, train_step
 from hvd_llama.config import Config, load_config
 from hvd_llama.data import SampleOrder, StepBatches, open_split
 from hvd_llama.device import allow_tf32, resolve_device
+from hvd_llama.faults import Fault
 from hvd_llama.memory import check_fits
-from hvd_llama.startup import build_model, check_data, device_memory, load_pretrained, lora_summary
-from hvd_llama.lora import load_lora_state_dict, lora_state_dict
 from hvd_llama.metrics import MetricsLogger, device_peak_flops, format_duration, format_flops
-from hvd_llama.pretrained import ADAPTER_FILE
 from hvd_llama.optim import LossScaler, adamw_kwargs, lr_at, param_groups, set_lr
 from hvd_llama.procs import StopFlag, rank_name, say, show
-
-
-@dataclass
-class Progress:
-    """Where training stands; saved in checkpoints so a resumed run continues exactly."""
-    step: int = 0  # optimizer steps completed
-    samples: int = 0  # items of the job's SampleOrder read, all ranks together (the data position)
-    tokens: int = 0  # tokens trained on, all ranks together
-    elapsed_s: float = 0.0  # training wall time, summed over resumed sessions
-    world_size: int = 1  # ranks of the session that saved it
-
-    @classmethod
-    def restore(cls, saved: dict, world_size: int, n_items: int) -> "Progress":
-        """A saved position. Checkpoints from before the global order kept an epoch and each rank's offset in
-        it: they continue at the same epoch and number of items read in it (not the same items: the old order
-        interleaved the ranks differently)."""
-        if "samples" not in saved:
-            saved = {"step": saved["step"], "tokens": saved["tokens"], "elapsed_s": saved["elapsed_s"],
-                     "samples": saved["epoch"] * n_items + saved["offset"] * world_size, "world_size": world_size}
-        return cls(**saved)
+from hvd_llama.startup import build_model, check_data, device_memory, load_pretrained, lora_summary
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -77,55 +54,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def rng_state() -> dict:
-    """This process's RNG states. CUDA: its own device's only (each rank pins one GPU, and the process that
-    resumes may see fewer devices); none when the process does not use CUDA."""
-    cuda = torch.cuda.get_rng_state(torch.cuda.current_device()) if torch.cuda.is_initialized() else None
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": cuda}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state["cuda"] is not None and torch.cuda.is_initialized():
-        torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
-
-
-@dataclass(frozen=True)
-class Fault:
-    """Fault injection for tests and drills: HVD_LLAMA_FAULT=KIND:STEP:RANK, read once at start-up."""
-    kind: str = ""  # nan | raise | exit | diskfull; "" injects nothing
-    step: int = 0
-    rank: int = 0
-
-    KINDS = ("nan", "raise", "exit", "diskfull")
-
-    @classmethod
-    def from_env(cls) -> "Fault":
-        spec = os.environ.get("HVD_LLAMA_FAULT", "")
-        if not spec:
-            return cls()
-        kind, _, rest = spec.partition(":")
-        step, _, rank = rest.partition(":")
-        if kind not in cls.KINDS or not step.isdigit() or not rank.isdigit():
-            raise UserError(f"HVD_LLAMA_FAULT={spec}: expected KIND:STEP:RANK with KIND one of "
-                            f"{', '.join(cls.KINDS)} and STEP, RANK whole numbers")
-        return cls(kind, int(step), int(rank))
-
-    def at(self, kind: str, step: int) -> bool:
-        """Whether this rank injects `kind` at `step` (the rank is read now: elastic runs renumber ranks)."""
-        return self.kind == kind and self.step == step and self.rank == dist.rank()
-
-
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, device: torch.device, init_state: Optional[dict] = None,
                  fault: Fault = Fault()):
         """`init_state`: pretrained weights (rank 0 only; the others receive them in resume())."""
         self.cfg, self.run_dir, self.device, self.fault = cfg, run_dir, device, fault
         t = cfg.train
-        self.model = build_model(cfg, device, init_state)
+        self.model = build_model(cfg, device, init_state, initialise=dist.is_main())
         if t.activation_checkpointing:
             self.model.set_activation_checkpointing(True)
         if t.compile:
@@ -135,6 +70,7 @@ class Trainer:
             stage=cfg.dist.zero_stage, grad_accum=t.grad_accum, fused=device.type == "cuda",
             bucket_elements=cfg.dist.zero_bucket_elements)
         self.scaler = LossScaler() if t.precision == "fp16" else None
+        self.checkpointer = Checkpointer(cfg, run_dir, self.model, self.optimizer, self.scaler, dist, fault)
         self.train_data = open_split(cfg.data.dir, "train", t.seq_len)
         self.val_data = open_split(cfg.data.dir, "val", t.seq_len, scoring=True) \
             if t.eval_every or t.eval_at_start else None
@@ -143,99 +79,14 @@ class Trainer:
         self.lr_scale = 1.0  # elastic: world size / the size the job started with (linear scaling rule)
         self.stop_flag = StopFlag(cfg.train.stop_grace_s)
 
-    # ---- checkpoints -------------------------------------------------------------------------------------
     def resume(self, resume: Optional[str]) -> None:
-        """Rank 0 reads the weights and the training state and broadcasts them (at stage 0 with the optimizer
-        state); at stages 1 and 2 every rank reads all optimizer slices and keeps its own, resharded when the
-        world size changed."""
-        state = dist.run_on_main(lambda: self._load_on_main(resume), name="resume") if resume else None
-        shared = dist.broadcast_object({k: state[k] for k in ("path", "progress", "rng")} if state else None,
-                                       name="resume.state")
-        dist.broadcast_state(self.model, self.optimizer, has_optimizer_state=shared is not None)
-        if shared is None:
-            return
-        if self.optimizer.stage:
-            self.optimizer.load_state_dict(checkpoint.read_optimizer_slices(Path(shared["path"])))
-        self.progress = Progress.restore(shared["progress"], world_size=len(shared["rng"]),
-                                         n_items=len(self.train_data))
-        if self.progress.world_size != dist.size() and dist.is_main():
-            show(f"resuming a run saved on {self.progress.world_size} rank(s) on {dist.size()}: the data continues "
-                 f"at item {self.progress.samples:,} of the global sample order")
-        self.progress.world_size = dist.size()
-        rng = shared["rng"]
-        set_rng_state(rng[dist.rank()] if dist.rank() < len(rng) else rng[0])
+        """Every rank starts from rank 0's weights, or from the checkpoint `resume` names (checkpointing.py)."""
+        restored = self.checkpointer.resume(resume, lambda has_optimizer_state: dist.broadcast_state(
+            self.model, self.optimizer, has_optimizer_state))
+        self.progress = restored or self.progress
 
-    def _load_on_main(self, resume: str) -> Optional[dict]:
-        path = checkpoint.find_latest_checkpoint(self.run_dir) if resume == "auto" else \
-            checkpoint.resolve_checkpoint(resume)
-        if path is None:
-            return None
-        show(f"resuming from {path}")
-        state = checkpoint.load_train_state(path)
-        saved_stage, stage = state.get("zero_stage", 0), self.optimizer.stage
-        if (saved_stage == 0) != (stage == 0):
-            raise UserError(f"{path} was written at dist.zero_stage={saved_stage}; resume it with --set "
-                            f"dist.zero_stage={saved_stage}{' (or the other sharded stage)' if saved_stage else ''}")
-        if self.cfg.finetune.lora_rank:  # the base weights came from finetune.init_from
-            load_lora_state_dict(self.model, torch.load(path / ADAPTER_FILE, map_location="cpu", weights_only=True))
-        else:
-            self.model.load_state_dict(checkpoint.read_model_checkpoint(path)[0])  # verified when found
-        if stage == 0:
-            self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        return {**state, "path": str(path)}
-
-    def save(self) -> Optional[Path]:
-        """Every rank calls this (collectives: the RNG gather, the optimizer slices); rank 0 writes the rest,
-        every rank learns if it failed."""
-        rngs = dist.allgather_object(rng_state(), name="ckpt.rng")
-        path = self.run_dir / "checkpoints" / checkpoint.checkpoint_name(self.progress.step)
-        slices = self._write_slices(path) if self.optimizer.stage else None
-        return dist.run_on_main(lambda: self._write_checkpoint(path, rngs, slices), name="ckpt")
-
-    def _write_slices(self, path: Path) -> dict:
-        """Every rank writes its own optimizer slice into the checkpoint's staging folder, so no rank ever holds
-        the whole optimizer state (the run dir must be on a filesystem all ranks share)."""
-        staging = dist.broadcast_object(dist.run_on_main(lambda: str(checkpoint.begin_checkpoint(path)),
-                                                         name="ckpt.begin"), name="ckpt.staging")
-        name, digest, error = checkpoint.slice_name(dist.rank(), dist.size()), None, None
-        try:
-            if self.fault.at("diskfull", self.progress.step):
-                raise OSError(errno.ENOSPC, "No space left on device (injected)")
-            digest = checkpoint.write_torch(Path(staging) / name, self.optimizer.state_dict())
-        except OSError as err:
-            error = f"rank {dist.rank()}: {err}"
-        return {"staging": Path(staging), "files": dist.allgather_object((name, digest, error), name="ckpt.slices")}
-
-    def _write_checkpoint(self, path: Path, rngs: list, slices: Optional[dict]) -> Path:
-        stage = self.optimizer.stage
-        train_state = {"progress": asdict(self.progress), "rng": rngs, "zero_stage": stage,
-                       "scaler": self.scaler.state_dict() if self.scaler else None}
-        if stage == 0:
-            train_state["optimizer"] = self.optimizer.state_dict()
-        lora = self.cfg.finetune.lora_rank > 0  # LoRA checkpoints hold the small adapters alone
-        weights = lora_state_dict(self.model) if lora else self.model.state_dict()
-        try:
-            if self.fault.at("diskfull", self.progress.step):
-                raise OSError(errno.ENOSPC, "No space left on device (injected)")
-            errors = [error for _, _, error in slices["files"] if error] if slices else []
-            if errors:
-                raise OSError(f"an optimizer slice could not be written ({errors[0]})")
-            checkpoint.save_checkpoint(path, {k: v.float() for k, v in weights.items()}, self.cfg.to_dict(),
-                                       tokenizer_path=Path(self.cfg.data.dir) / "tokenizer.model",
-                                       train_state=train_state, step=self.progress.step,
-                                       weights_file=ADAPTER_FILE if lora else "model.pt",
-                                       staging=slices["staging"] if slices else None,
-                                       written={n: d for n, d, _ in slices["files"]} if slices else None)
-        except OSError as err:
-            if slices:  # the ranks' slices are staged: nothing of this checkpoint may stay
-                shutil.rmtree(slices["staging"], ignore_errors=True)
-            previous = checkpoint.find_latest_checkpoint(self.run_dir)
-            raise UserError(f"writing checkpoint {path.name} failed ({err}); the last good checkpoint, "
-                            f"{previous or 'none'}, is intact") from None
-        checkpoint.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep)
-        return path
+    def save(self) -> Path:
+        return self.checkpointer.save(self.progress)
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def peak_flops(self) -> tuple[float, str]:
@@ -291,9 +142,10 @@ class Trainer:
             lr = lr_at(p.step, self.cfg.optim, t.max_steps) * self.lr_scale
             set_lr(self.optimizer, lr)
             batches = stream.step(p.samples, t.batch_size, t.grad_accum)
+            poison = self.fault.at("nan", p.step + 1, dist.rank())
             result = train_step(self.model, self.optimizer, batches, self.device, t.precision,
-                                self.cfg.optim.grad_clip, self.scaler, poison=self.fault.at("nan", p.step + 1),
-                                ranks=dist, loss_chunk=t.loss_chunk)
+                                self.cfg.optim.grad_clip, self.scaler, poison=poison, ranks=dist,
+                                loss_chunk=t.loss_chunk)
             # Horovod: one small allreduce per step carries the loss and the preemption vote together.
             loss_sum, stop_votes = dist.allreduce_sum(
                 torch.tensor([result.loss_sum, float(self.stop_flag.requested)]), name="step.stats").tolist()
@@ -312,9 +164,9 @@ class Trainer:
                 raise UserError(f"{bad_in_a_row} non-finite steps in a row at step {p.step} (limit "
                                 f"train.max_bad_steps={t.max_bad_steps}); lower optim.lr or resume from "
                                 "an earlier checkpoint with --resume PATH")
-            if self.fault.at("raise", p.step):
+            if self.fault.at("raise", p.step, dist.rank()):
                 raise RuntimeError(f"injected fault at step {p.step} (HVD_LLAMA_FAULT)")
-            if self.fault.at("exit", p.step):
+            if self.fault.at("exit", p.step, dist.rank()):
                 os._exit(1)  # a worker that vanishes (killed, lost host)
             if commit and p.step % self.cfg.dist.commit_every == 0:
                 commit()
@@ -365,13 +217,18 @@ def default_run_dir(config_path: Optional[str]) -> Path:
     return Path("runs") / (Path(config_path).stem if config_path else "default")
 
 
-def prepare_run_dir(run_dir: Path, resume: Optional[str], cfg: Config) -> None:
-    """Rank 0: refuse to mix a fresh run into an old one; record the resolved config."""
+def prepare_run_dir(run_dir: Path, resume: Optional[str], cfg: Config) -> checkpoint.RunDirLock:
+    """Rank 0: refuse to mix a fresh run into an old one, or to share the run dir with a live job; remove what
+    killed saves left; record the resolved config. The returned lock is held for the job's life."""
     if not resume and checkpoint.list_checkpoints(run_dir):
         raise UserError(f"{run_dir} already holds checkpoints: pass --resume auto to continue it, "
                         "or choose another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = checkpoint.RunDirLock(run_dir)
+    removed = lock.remove_stale_saves(run_dir)
+    if removed:
+        show(removed)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return lock
 
 
 def summary_line(record: dict, before: Progress, after: Progress, seconds: float, run_dir: Path,
@@ -403,7 +260,8 @@ def _main(argv: Optional[Sequence[str]]) -> None:
     # brings it up to date.
     joining = cfg.dist.elastic and dist.elastic_joining()
     if not joining:
-        dist.run_on_main(lambda: prepare_run_dir(run_dir, args.resume, cfg), name="run_dir")
+        # Rank 0 holds the run dir's lock until this function returns, when the job ends.
+        run_dir_lock = dist.run_on_main(lambda: prepare_run_dir(run_dir, args.resume, cfg), name="run_dir")
     init_state = load_pretrained(cfg, meta, joining) if cfg.finetune.init_from else None
     check_fits(cfg, dist.size(), device_memory(device), device.type)  # before allocating: every rank alike
     trainer = Trainer(cfg, run_dir, device, init_state, fault)

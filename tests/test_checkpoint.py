@@ -1,5 +1,10 @@
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
+from multiproc import REPO, job_env
 
 from hvd_llama import checkpoint
 from hvd_llama.cli import UserError
@@ -92,3 +97,49 @@ def test_slices_written_by_ranks_join_the_checkpoint(tmp_path):
     (target / checkpoint.slice_name(1, 2)).write_bytes(b"torn")
     with pytest.raises(UserError, match="checksum of optimizer.rank00001-of-00002.pt"):
         checkpoint.verify_checkpoint(target)
+
+
+# One process (Horovod's world of one): bf16 weights at ZeRO stage 1 with every optimizer slice present, then a save,
+# printing how much the process's peak resident memory grew during the save.
+SAVE = """import ctypes, json, sys, torch
+from pathlib import Path
+from hvd_llama import dist
+from hvd_llama.checkpointing import Checkpointer, Progress
+from hvd_llama.config import load_config
+from hvd_llama.optim import adamw_kwargs, param_groups
+from hvd_llama.startup import build_model
+def status(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+cfg = load_config(None, sys.argv[2:])
+device = dist.init(cfg.dist, "cpu")
+model = build_model(cfg, device, None, initialise=True)
+opt = dist.build_data_parallel_optimizer(model, param_groups(model, 0.1), adamw_kwargs(cfg.optim), cfg.dist, stage=1,
+                                         grad_accum=1)
+opt.reduce_gradients()
+opt.step()  # zero gradients: the master slice and the moments now exist, as after any step
+ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed memory goes back: a copy cannot hide in it
+open("/proc/self/clear_refs", "w").write("5")  # the peak so far (start-up, the step) is forgotten
+before = status("VmRSS:")
+Checkpointer(cfg, Path(sys.argv[1]), model, opt, None, dist).save(Progress(step=1))
+print(json.dumps({"growth": status("VmHWM:") - before,
+                  "weights": sum(p.numel() * p.element_size() for p in model.parameters())}))
+"""
+
+
+def test_a_save_copies_neither_the_weights_nor_the_optimizer_slices(tmp_path):
+    """bf16 weights at stage 1: a save used to hold an fp32 copy of the whole model (4 bytes per parameter; on a GPU,
+    in its memory, which the planner does not count) and a copy of the rank's slices (12 bytes per element)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / checkpoint.TOKENIZER_FILE).write_bytes(b"tokenizer")
+    values = ["model.dim=256", "model.n_layers=2", "model.n_heads=8", "model.vocab_size=16000", "model.max_seq_len=64",
+              "train.seq_len=32", "train.precision=bf16", "dist.zero_stage=1", f"data.dir={data}"]
+    done = subprocess.run([sys.executable, "-c", SAVE, str(tmp_path / "run"), *values], cwd=REPO, env=job_env(),
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["growth"] < 0.1 * result["weights"], result
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"
+    saved = checkpoint.read_model_checkpoint(ckpt)[0]
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}  # as the model holds them: nothing lost
+    assert len(list(ckpt.glob(checkpoint.SLICE_GLOB))) == 1

@@ -157,3 +157,20 @@ def test_shipped_fine_tuning_presets_run(micro_run, reversal_data, tmp_path, pre
     assert "val_loss" in records[0] and all(r["loss"] > 0 for r in records[1:])
     weights = "adapter.pt" if preset == "finetune_lora" else "model.pt"
     assert (run_dir / "checkpoints" / "step_00000002" / weights).is_file()
+
+
+@pytest.mark.slow
+def test_init_from_a_tied_hf_folder_on_two_ranks_equals_one_rank(small_data, tmp_path):
+    """tie_word_embeddings: ranks > 0 used to untie the output head when allocating, and died at start-up."""
+    tied = micro_overrides(small_data, **{"model.tie_embeddings": "true", "train.max_steps": 2})
+    assert train_single(tmp_path / "base", tied).returncode == 0
+    hf = tmp_path / "hf"
+    run("hvd_llama.convert", "export", "--checkpoint", str(tmp_path / "base"), "--out", str(hf))
+    assert json.loads((hf / "config.json").read_text())["tie_word_embeddings"] is True
+    single = train_single(tmp_path / "one", micro_overrides(small_data, **{"train.batch_size": 8}), "--init-from",
+                          str(hf))
+    assert single.returncode == 0, single.stderr[-3000:]
+    job = train_job(tmp_path / "two", micro_overrides(small_data), "--init-from", str(hf))
+    assert job.returncode == 0, job.output[-3000:]
+    assert "replicas identical" in job.output
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)

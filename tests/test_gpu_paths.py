@@ -199,7 +199,7 @@ class FakeCudaRng:
 
 
 def test_cuda_rng_state_is_the_ranks_own_device_and_restores_with_fewer_visible(monkeypatch):
-    from hvd_llama.train import rng_state, set_rng_state
+    from hvd_llama.checkpointing import rng_state, set_rng_state
     FakeCudaRng(current=3, count=8).install(monkeypatch)  # rank 3 of a node where every rank sees 8 GPUs
     state = rng_state()
     assert int(state["cuda"][0]) == 103
@@ -210,7 +210,7 @@ def test_cuda_rng_state_is_the_ranks_own_device_and_restores_with_fewer_visible(
 
 
 def test_rng_state_without_cuda_in_use_has_no_cuda_part(monkeypatch):
-    from hvd_llama.train import rng_state, set_rng_state
+    from hvd_llama.checkpointing import rng_state, set_rng_state
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     state = rng_state()
     assert state["cuda"] is None

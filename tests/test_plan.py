@@ -14,7 +14,7 @@ from hvd_llama.lora import apply_lora
 from hvd_llama.model import ModelConfig, Transformer
 from hvd_llama.optim import build_optimizer
 from hvd_llama.memory import (GiB, activation_bytes, check_fits, count_params, model_state_bytes, plan,
-                              weight_copy_bytes)
+                              weight_copy_bytes, zero_layout)
 from hvd_llama.plan import main, parse_size
 from hvd_llama.sharding import bucket_size
 
@@ -113,8 +113,12 @@ def test_sharding_shrinks_the_state_and_bf16_halves_the_weights():
     assert s1["weights"] == s2["weights"] == s0["weights"] // 2
     assert s1["optimizer"] == s2["optimizer"] < s0["optimizer"] / 8 * 1.5 + 1
     assert s2["gradients"] < s1["gradients"] / 2
-    # with accumulation the whole bf16 gradients exist next to the slice
-    assert model_state_bytes(counts, 2, 8, True, 4)["gradients"] == s2["gradients"] + 2 * counts.trainable
+    # with accumulation the whole gradients exist next to the slice, summed in fp32 (Megatron's main_grad): 4
+    # bytes per parameter, every bucket padded to a multiple of the world size, at stage 1 instead of bf16 ones
+    S = s2["optimizer"] // 12
+    for stage in (1, 2):
+        assert model_state_bytes(counts, stage, 8, True, 4)["gradients"] == s2["gradients"] + 4 * 8 * S
+    assert 0 <= 8 * S - counts.trainable < 8 * len(zero_layout(counts, 8).buckets)
 
 
 def run_plan(capsys, *args):

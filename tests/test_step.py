@@ -75,25 +75,3 @@ def test_loading_a_checkpoint_keeps_this_optimizers_implementation():
     assert steps and all(s.dtype == torch.float32 and s.device == p.device and float(s) == 1.0
                          for s, p in zip(steps, model.parameters()))
     fused.optimizer.step()  # the fused kernel accepts what was loaded
-
-
-def test_only_rank_0_initialises_the_model(monkeypatch):
-    """The others allocate on their device from the meta device: the broadcast overwrites every weight."""
-    from hvd_llama import startup
-    from hvd_llama.config import load_config
-    cfg = load_config(None, ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.vocab_size=64",
-                             "model.max_seq_len=16", "train.seq_len=8"])
-    initialised = []
-    normal = torch.nn.init.normal_
-
-    def recording_normal(tensor, *args, **kwargs):
-        initialised.append(tensor.device.type)
-        return normal(tensor, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.init, "normal_", recording_normal)
-    for main, expected in ((True, "cpu"), (False, "meta")):
-        monkeypatch.setattr(startup.dist, "is_main", lambda: main)
-        initialised.clear()
-        model = startup.build_model(cfg, torch.device("cpu"), None)
-        assert set(initialised) == {expected}  # random init ran on real memory only on rank 0
-        assert {p.device.type for p in model.parameters()} == {"cpu"}

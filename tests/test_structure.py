@@ -12,12 +12,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hvd_llama"
 # import graph, which therefore has no cycle). A new module takes its place here.
 FLOW = [
     # foundations
-    "cli", "procs", "text", "model", "config", "tokenizer", "device",
+    "cli", "procs", "faults", "text", "model", "config", "tokenizer", "device",
     # raw text -> token shards
     "shards", "corpus", "encode", "prepare",
     # token shards -> training
     "data", "sharding", "dist.zero", "dist", "dist.report", "optim", "metrics", "lora", "memory", "compute", "checkpoint",
-    "formats", "pretrained", "startup", "train", "plan",
+    "checkpointing", "formats", "pretrained", "startup", "train", "plan",
     # checkpoints -> numbers, text, other formats
     "inference", "decoding", "evaluate", "generate", "convert", "doctor",
     # benchmarks of all of the above

@@ -112,11 +112,3 @@ def test_fresh_start_refuses_a_run_with_checkpoints(data_dir, tmp_path):
     assert train_single(tmp_path / "run", overrides).returncode == 0
     again = train_single(tmp_path / "run", overrides)
     assert again.returncode == 2 and "--resume auto" in again.stderr
-
-
-def test_checkpoints_from_before_the_global_order_continue_at_their_epoch_and_offset():
-    from hvd_llama.train import Progress
-    old = {"step": 7, "epoch": 2, "offset": 5, "tokens": 100, "elapsed_s": 1.5}
-    assert Progress.restore(old, world_size=3, n_items=40) == Progress(7, 2 * 40 + 5 * 3, 100, 1.5, 3)
-    new = {"step": 7, "samples": 90, "tokens": 100, "elapsed_s": 1.5, "world_size": 2}
-    assert Progress.restore(new, world_size=3, n_items=40) == Progress(**new)

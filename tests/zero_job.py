@@ -2,12 +2,13 @@
 
     python tests/zero_job.py MODE [DIR]
 
-MODE: equivalence | reshard-save DIR | reshard-load DIR | bf16 | single. Each rank prints `RESULT <json>` lines
-that tests/test_zero.py checks. The model is a Transformer with odd sizes plus an output bias of vocabulary size
+MODE: equivalence | reshard-save DIR | reshard-load DIR | bf16 | accum | single. Each rank prints `RESULT <json>`
+lines that tests/test_zero.py checks. The model is a Transformer with odd sizes plus an output bias of vocabulary size
 (37), so the trainable parameter count is not a multiple of 2 or 3 and buckets need padding. Every micro-step
 draws one global batch of GLOBAL_BATCH sequences and rank r of N trains on its r-th N-th, so runs at different
 world sizes see the same data and ranks see different data.
 """
+import copy
 import hashlib
 import json
 import sys
@@ -27,6 +28,7 @@ VOCAB, SEQ, GLOBAL_BATCH, GRAD_ACCUM, MAX_NORM, LR = 37, 8, 6, 2, 0.05, 1e-2
 MODEL = ModelConfig(dim=24, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=VOCAB, multiple_of=8, max_seq_len=16)
 SMALL_BUCKETS = 1000  # elements: many buckets, several with padding
 POISON_STEP = 2  # equivalence: the last rank's gradients are NaN at this step; every rank must skip it
+ACCUM = 4  # accum: micro-steps summed into one step with bf16 weights
 
 
 class BiasedTransformer(nn.Module):
@@ -51,11 +53,12 @@ def build_model(lora: bool = False) -> nn.Module:
     return model
 
 
-def build_optimizer(model, stage, bucket_elements=SMALL_BUCKETS, compression="none", predivide=1.0):
+def build_optimizer(model, stage, bucket_elements=SMALL_BUCKETS, compression="none", predivide=1.0,
+                    grad_accum=GRAD_ACCUM):
     groups = param_groups(model, weight_decay=0.1)
     cfg = DistConfig(compression=compression, gradient_predivide_factor=predivide)
     return dist.build_data_parallel_optimizer(model, groups, dict(lr=LR, betas=(0.9, 0.95), eps=1e-8), cfg,
-                                              stage, GRAD_ACCUM, bucket_elements=bucket_elements)
+                                              stage, grad_accum, bucket_elements=bucket_elements)
 
 
 def micro_batch(step: int, micro: int) -> torch.Tensor:
@@ -71,6 +74,10 @@ def micro_batch(step: int, micro: int) -> torch.Tensor:
     return batch[dist.rank() * share:(dist.rank() + 1) * share]
 
 
+def next_token_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(batch[:, :-1]).float().reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
+
+
 def lr_at(step: int) -> float:
     return LR * (1 + step % 5) / 5  # changes every step: param_groups' lr must reach the sharded AdamW
 
@@ -81,8 +88,7 @@ def train_step(model, opt, step: int, poison: bool = False) -> dict:
         group["lr"] = lr_at(step)
     losses = []
     for micro in range(GRAD_ACCUM):
-        batch = micro_batch(step, micro)
-        loss = F.cross_entropy(model(batch[:, :-1]).float().reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
+        loss = next_token_loss(model, micro_batch(step, micro))
         losses.append(loss.item())
         if poison and dist.rank() == dist.size() - 1:
             loss = loss * float("nan")
@@ -149,12 +155,15 @@ def equivalence() -> None:
                   "P": trainable_count(model), "world": dist.size(),
                   "tensors": sum(p.requires_grad for p in model.parameters()),
                   "bytes": opt.state_bytes()}
-        # Gradient bytes at their peak, right after reduce_gradients (stage 1 keeps param.grad until zero_grad);
-        # stage 2 launches nothing on the first micro-step and every bucket during the last one's backward.
+        # Gradient bytes during accumulation (the fp32 buffers of stages 1-2, whole) and right after
+        # reduce_gradients; stage 2 launches nothing on the first micro-step and every bucket during the last
+        # one's backward.
         batch, launched = micro_batch(99, 0), []
-        for _ in range(GRAD_ACCUM):
-            F.cross_entropy(model(batch[:, :-1]).reshape(-1, VOCAB), batch[:, 1:].reshape(-1)).backward()
+        for micro in range(GRAD_ACCUM):
+            next_token_loss(model, batch).backward()
             launched.append(getattr(opt, "launched", None))
+            if micro == 0:
+                result["bytes_accumulating"] = opt.state_bytes()
         result["launched_in_backward"] = launched
         opt.reduce_gradients()
         result["bytes_after_reduce"] = opt.state_bytes()
@@ -241,6 +250,32 @@ def bf16() -> None:
              has_master="master" in opt.state_dict())
 
 
+def accum() -> None:
+    """bf16 weights, ACCUM micro-steps, one step per stage: the averaged gradient slice against the fp32 sum of
+    the micro-steps' bf16 gradients (each taken alone, from a copy of the model), averaged over the ranks and
+    rounded to bf16 once; and the gradient bytes at their peak, before the last backward pass."""
+    for stage in (1, 2):
+        model = build_model().to(torch.bfloat16)
+        alone = copy.deepcopy(model)
+        opt = build_optimizer(model, stage, grad_accum=ACCUM)
+        local = torch.zeros(trainable_count(model))  # this rank's micro-step gradients, summed in fp32
+        for micro in range(ACCUM):
+            batch = micro_batch(0, micro)
+            grads = torch.autograd.grad(next_token_loss(alone, batch) / ACCUM, list(alone.parameters()))
+            local += torch.cat([g.float().reshape(-1) for g in grads])
+            peak = opt.state_bytes()  # after the last pass but one: the accumulation buffers are all there
+            (next_token_loss(model, batch) / ACCUM).backward()
+        opt.reduce_gradients()
+        exact = sum(dist.allgather_object(local, name=f"accum.{stage}")) / dist.size()
+        pieces = opt.layout.pieces
+        expected = torch.cat([exact[pc.global_start:pc.global_start + pc.numel] for pc in pieces])
+        got = torch.cat([opt.grad_shard[pc.shard_offset:pc.shard_offset + pc.numel] for pc in pieces]).float()
+        emit(stage=stage, grad_dtype=str(opt.grad_shard.dtype), elements=got.numel(),
+             differing=(got != expected.to(torch.bfloat16).float()).sum().item(),
+             relative_error=((got - expected).norm() / expected.norm()).item(), peak=peak,
+             numels=[p.numel() for p in model.parameters()], after_reduce=opt.state_bytes())
+
+
 def single() -> None:
     """One process: stages 1 and 2 against a plain torch.optim.AdamW loop with clip_grad_norm_."""
     torch_model = build_model()
@@ -271,7 +306,7 @@ def main() -> None:
     dist.init(DistConfig(threads_per_rank=1), "cpu")
     assert trainable_count(build_model()) % 2 and trainable_count(build_model()) % 3, "P must be odd-sized"
     assert trainable_count(build_model(lora=True)) % 2 and trainable_count(build_model(lora=True)) % 3
-    {"equivalence": equivalence, "bf16": bf16, "single": single,
+    {"equivalence": equivalence, "bf16": bf16, "accum": accum, "single": single,
      "reshard-save": lambda: reshard_save(Path(sys.argv[2])),
      "reshard-load": lambda: reshard_load(Path(sys.argv[2]))}[mode]()
 

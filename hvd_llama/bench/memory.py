@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 
 from hvd_llama.bench.common import MB, Bench, table
-from hvd_llama.config import load_config
-from hvd_llama.memory import count_params, half_weights, model_state_bytes, plan
+from hvd_llama.config import half_weights, load_config
+from hvd_llama.memory import count_params, model_state_bytes, plan
 
 STAGES = (0, 1, 2)
 STATE_LINES = ("weights", "gradients", "optimizer")

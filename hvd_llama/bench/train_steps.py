@@ -108,7 +108,7 @@ def new_model(cfg: Config) -> Transformer:
 def horovod_model(cfg: Config) -> tuple[Transformer, object]:
     """hvd_llama's own set-up, as train.Trainer does it (after dist.init), at cfg.dist.zero_stage: rank 0
     initialises, bf16 weights with bf16 and a sharded optimizer, weights broadcast from rank 0."""
-    model = build_model(cfg, torch.device("cpu"), None)
+    model = build_model(cfg, torch.device("cpu"), None, initialise=dist.is_main())
     optimizer = dist.build_data_parallel_optimizer(model, param_groups(model, cfg.optim.weight_decay),
                                                    adamw_kwargs(cfg.optim), cfg.dist, stage=cfg.dist.zero_stage,
                                                    grad_accum=1, bucket_elements=cfg.dist.zero_bucket_elements)

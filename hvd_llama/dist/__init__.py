@@ -320,17 +320,23 @@ def allreduce_sum(values: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def run_on_main(fn: Callable[[], Any], name: str) -> Any:
-    """Run `fn` on rank 0 only (a rank-0 side effect); every rank raises the UserError it raised, if any.
+    """Run `fn` on rank 0 only (a rank-0 side effect); every rank raises what it raised, if anything: a UserError
+    as itself, any other error on rank 0 as itself and on the others as a RuntimeError naming it.
 
     Without this, a rank-0 failure would leave the other ranks waiting in their next collective forever.
     """
-    result, error = None, None
+    result, error, failure = None, None, None
     if is_main():
         try:
             result = fn()
         except UserError as err:
-            error = str(err)
+            error = ("user", str(err))
+        except Exception as err:  # noqa: BLE001 (re-raised below, after every rank has heard of it)
+            failure, error = err, ("crash", f"{type(err).__name__}: {err}")
     error = broadcast_object(error, name=f"{name}.error")
+    if failure is not None:
+        raise failure
     if error:
-        raise UserError(error)
+        kind, message = error
+        raise UserError(message) if kind == "user" else RuntimeError(f"rank 0 failed ({name}): {message}")
     return result

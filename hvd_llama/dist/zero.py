@@ -6,13 +6,17 @@ stage_1_and_2.py: the trainable parameters, in model order, form one flat index 
 parameters, about `bucket_elements` each); every bucket is padded to a multiple of the world size N and rank r
 owns its r-th contiguous 1/N. A rank keeps the averaged gradients (fp32, or bf16 with bf16 weights), AdamW
 moments (and, for bf16 weights, the fp32 master weights) for its slices only: ceil(P/N) elements plus under N of
-padding per bucket. Gradients are reduced in fp32 (Horovod has no bfloat16).
+padding per bucket. Gradients are accumulated and reduced in fp32 (Horovod has no bfloat16).
 
-    stage 1: backward fills param.grad as usual; reduce_gradients() reduce-scatters each bucket (op=Average).
+    stage 1: backward fills param.grad as usual; reduce_gradients() copies each bucket into a flat fp32 buffer
+             and reduce-scatters it (op=Average).
     stage 2: a post-accumulate-grad hook per parameter; on the last of `grad_accum` backward passes (counted
              per parameter, as hvd.DistributedOptimizer's backward_passes_per_step does) a bucket whose
              parameters are all done is copied into a flat fp32 buffer, its param.grad freed, and its
              reduce-scatter launched while backward goes on. reduce_gradients() waits for them.
+    grad_accum > 1, either stage: every backward pass's hook adds param.grad into its bucket's flat fp32 buffer
+             and frees it (Megatron-LM's main_grad), so bf16 weights' gradients are not summed in bf16 as
+             autograd would; that buffer is then reduced itself, with no copy.
 
 Under Gloo each bucket's "reduce-scatter" is an in-place allreduce of which the rank keeps its slice (see
 allreduce_beats_reducescatter). Then clip_grad_norm_ takes the global norm (squared slice norms summed over
@@ -39,7 +43,7 @@ from typing import Callable
 import horovod.torch as hvd
 import torch
 
-from hvd_llama.sharding import MAX_IN_FLIGHT, STATE_FORMAT, FlatLayout, Piece, SliceIndex, bucket_size, check_slices, merge_ranges
+from hvd_llama.sharding import MAX_IN_FLIGHT, STATE_FORMAT, FlatLayout, Piece, SliceIndex, bucket_size, check_slices
 
 IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 
@@ -165,8 +169,9 @@ class ShardedOptimizer:
         n = self.layout.shard_numel
         self.exp_avg, self.exp_avg_sq = (torch.zeros(n, **fp32) for _ in range(2))
         self.master = torch.zeros(n, **fp32) if self.dtype != torch.float32 else None
-        # The averaged gradient slice in the weights' precision when they are bf16 (backward produced bf16
-        # gradients anyway; ZeRO's 2 + 14/N bytes per parameter), else fp32.
+        # The averaged gradient slice in the weights' precision when they are bf16 (ZeRO's 2 + 14/N bytes per
+        # parameter), else fp32: rounded once, after the fp32 accumulation and reduction. Kept in fp32 it moved
+        # a bf16 run no closer to stage 0 (README "Sharding") and costs 2/N bytes per parameter more.
         grad_dtype = torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float32
         self.grad_shard = torch.zeros(n, dtype=grad_dtype, device=device)
         self.scatter_by_allreduce = allreduce_beats_reducescatter(device)
@@ -182,9 +187,10 @@ class ShardedOptimizer:
             self.optimizer.state[view] = self._fresh_state(view, pc, fused)
         self._targets = targets
         self._in_flight: list = []  # (bucket index, handle, compression context)
+        self._accum: dict[int, torch.Tensor] = {}  # bucket index: fp32 sum of this step's passes (grad_accum > 1)
         self._reset_backward()
         self._hook_handles = [p.register_post_accumulate_grad_hook(self._make_hook(i))
-                              for i, p in enumerate(self.params)] if stage == 2 else []
+                              for i, p in enumerate(self.params)] if stage == 2 or grad_accum > 1 else []
 
     def _inner_groups(self, param_groups: list[dict], targets: list) -> list[dict]:
         """The caller's groups (weight decay, lr) holding the views of their parameters' pieces."""
@@ -217,11 +223,13 @@ class ShardedOptimizer:
     def _make_hook(self, index: int):
         def hook(param: torch.Tensor) -> None:
             self._passes[index] += 1
-            if self._passes[index] < self.grad_accum:
-                return  # accumulate locally, like backward_passes_per_step
             if self._passes[index] > self.grad_accum:
                 raise RuntimeError(f"more than grad_accum={self.grad_accum} backward passes before "
                                    "reduce_gradients()")
+            if self.grad_accum > 1:
+                self._accumulate(index, param)
+            if self.stage == 1 or self._passes[index] < self.grad_accum:
+                return  # accumulate locally, like backward_passes_per_step; stage 1 reduces in reduce_gradients()
             bucket = self.layout.bucket_of[index]
             self._waiting[bucket] -= 1
             # Launch in bucket order only: every rank then submits the same sequence, so waiting on the
@@ -230,18 +238,40 @@ class ShardedOptimizer:
                 self._launch(self.launched)
         return hook
 
-    @torch.no_grad()
-    def _launch(self, b: int) -> None:
-        bucket = self.layout.buckets[b]
-        flat = torch.zeros(bucket.shard_numel * self.layout.world, dtype=torch.float32,
+    def _flat_zeros(self, b: int) -> torch.Tensor:
+        """A zeroed fp32 buffer of bucket b, padding included."""
+        return torch.zeros(self.layout.buckets[b].shard_numel * self.layout.world, dtype=torch.float32,
                            device=self.grad_shard.device)
+
+    @torch.no_grad()
+    def _accumulate(self, index: int, param: torch.Tensor) -> None:
+        """Add this backward pass's gradient of parameter `index` into its bucket's fp32 buffer, and free it."""
+        b = self.layout.bucket_of[index]
+        if b not in self._accum:
+            self._accum[b] = self._flat_zeros(b)
+        offset = self.layout.starts[index] - self.layout.buckets[b].global_start
+        self._accum[b][offset:offset + param.numel()].add_(param.grad.reshape(-1))
+        param.grad = None
+
+    @torch.no_grad()
+    def _bucket_gradients(self, b: int) -> torch.Tensor:
+        """Bucket b's gradients in one flat fp32 buffer: the micro-steps' sum accumulated in it, or (one backward
+        pass) param.grad copied in; an unused parameter's count as zero."""
+        flat = self._accum.pop(b, None)
+        if flat is not None:
+            return flat
+        bucket, flat = self.layout.buckets[b], self._flat_zeros(b)
         for i in range(bucket.first, bucket.last):
             p, offset = self.params[i], self.layout.starts[i] - bucket.global_start
-            if p.grad is not None:  # no gradient (an unused parameter) counts as zero
+            if p.grad is not None:
                 flat[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
             if self.stage == 2:
                 p.grad = None  # the bucket buffer holds it now; after the scatter only our slice stays
-        wire, ctx = self.compression.compress(flat)
+        return flat
+
+    @torch.no_grad()
+    def _launch(self, b: int) -> None:
+        wire, ctx = self.compression.compress(self._bucket_gradients(b))
         # Scaled after compressing, as Horovod's prescale_factor does in stage 0, so the fp16 wire rounds the
         # same way; never prescale_factor itself: it fails above HOROVOD_FUSION_THRESHOLD.
         if self.predivide != 1.0:
@@ -341,6 +371,8 @@ class ShardedOptimizer:
                                "reduce_gradients() after the last backward pass first")
         for p in self.params:
             p.grad = None
+        self._accum.clear()
+        self._reset_backward()
 
     # ---- state ---------------------------------------------------------------------------------------------
     def _step_count(self) -> int:
@@ -349,19 +381,15 @@ class ShardedOptimizer:
 
     def state_dict(self) -> dict:
         """This rank's slice, independent of world size and bucket size: the owned runs of the flat unpadded
-        index space (trainable parameters in model order) as (global_start, global_end), each tensor the
-        concatenation of those runs, and the AdamW step count. `params` (names, shapes) defines the space."""
+        index space (trainable parameters in model order) as `ranges` (global_start, global_end) at `offsets` in
+        the slice's tensors, which are this rank's flat shards themselves (no copy: saving a checkpoint allocates
+        nothing), and the AdamW step count. `params` (names, shapes) defines the space."""
         runs = self.layout.own_runs()
-
-        def take(flat: torch.Tensor) -> torch.Tensor:
-            parts = [flat[offset:offset + end - start] for start, end, offset in runs]
-            return torch.cat(parts).cpu() if parts else flat.new_zeros(0).cpu()
-
         state = {"format": STATE_FORMAT, "params": [(n, tuple(p.shape)) for n, p in zip(self.names, self.params)],
-                 "ranges": merge_ranges((start, end) for start, end, _ in runs), "step": self._step_count(),
-                 "exp_avg": take(self.exp_avg), "exp_avg_sq": take(self.exp_avg_sq)}
+                 "ranges": [(start, end) for start, end, _ in runs], "offsets": [offset for _, _, offset in runs],
+                 "step": self._step_count(), "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
         if self.master is not None and self._master_ready:
-            state["master"] = take(self.master)
+            state["master"] = self.master
         return state
 
     @torch.no_grad()
@@ -382,10 +410,12 @@ class ShardedOptimizer:
         return [(n, tuple(p.shape)) for n, p in zip(self.names, self.params)]
 
     def state_bytes(self) -> dict:
-        """Bytes this rank holds now: all weights; gradients (this rank's fp32 slice plus any param.grad
-        allocated: stage 1 keeps them until zero_grad(), stage 2 frees them as their bucket is reduced);
-        optimizer (moments and master weights of the slice)."""
+        """Bytes this rank holds now: all weights; gradients (this rank's slice plus any param.grad allocated:
+        stage 1 keeps them until zero_grad(), stage 2 frees them as their bucket is reduced; with grad_accum > 1
+        the fp32 accumulation buffers instead, until their bucket is reduced); optimizer (moments and master
+        weights of the slice)."""
         optimizer = [self.exp_avg, self.exp_avg_sq] + ([self.master] if self.master is not None else [])
         return {"weights": _tensor_bytes(self.model.parameters()),
-                "gradients": _tensor_bytes([self.grad_shard] + [p.grad for p in self.params if p.grad is not None]),
+                "gradients": _tensor_bytes([self.grad_shard, *self._accum.values()]
+                                           + [p.grad for p in self.params if p.grad is not None]),
                 "optimizer": _tensor_bytes(optimizer)}
