@@ -13,7 +13,8 @@ from hvd_llama.prepare import main as prepare_main
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-# About tiny Shakespeare's size (1.1 MB), which these fixtures read before: the tokenizer trains in the same time.
+# Tiny Shakespeare's size: text enough for a 512-piece tokenizer and a 110,000-character validation split, prepared
+# in about 2 s.
 CORPUS_CHARS = 1_100_000
 
 
