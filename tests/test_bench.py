@@ -15,6 +15,7 @@ from hvd_llama.config import load_config
 from hvd_llama.memory import count_params
 from hvd_llama.model import Transformer
 from hvd_llama.sharding import backward_buckets, bucket_size
+from hvd_llama.text import Cleaner
 
 MICRO = ["--config", "configs/tiny.yaml", "--set", "model.dim=64", "--set", "model.n_layers=2",
          "--set", "model.vocab_size=512", "--set", "train.seq_len=32", "--set", "train.batch_size=4"]
@@ -145,9 +146,9 @@ def test_scaling(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_quality_then_generation_on_its_checkpoint(tmp_path, shakespeare_path):
+def test_quality_then_generation_on_its_checkpoint(tmp_path, corpus_path):
     text = tmp_path / "text.txt"
-    text.write_text(shakespeare_path.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
+    text.write_text(corpus_path.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
     work = tmp_path / "work"
     q = run_bench(tmp_path, "quality", "--text", str(text), *QUALITY_MICRO,
                   "--work-dir", str(work))["results"]["quality"]
@@ -156,8 +157,12 @@ def test_quality_then_generation_on_its_checkpoint(tmp_path, shakespeare_path):
     assert all(positive(q[k]) for k in ("nats_per_char", "bits_per_byte", "perplexity", "train_s"))
     assert q["tokens"] == q["steps"] * 2 * 4 * 64  # steps x 2 ranks x batch 4 x seq_len 64
     assert close(q["nats_per_char"], q["eval"]["loss_sum_nats"] / q["eval"]["characters"])
-    # tiny Shakespeare is ASCII: the bytes counted from the scored tokens are the validation characters
-    assert q["eval"]["bytes"] == q["eval"]["characters"] == q["val_chars"]
+    # the whole validation split (the last tenth of the cleaned text) is scored: its characters, and its bytes as
+    # counted from the scored tokens
+    cleaned = Cleaner()(text.read_text(encoding="utf-8"))
+    val = cleaned[int(len(cleaned) * 0.9):]
+    assert q["eval"]["characters"] == q["val_chars"] == len(val)
+    assert q["eval"]["bytes"] == len(val.encode("utf-8"))
     assert close(q["bits_per_byte"], q["nats_per_char"] / math.log(2))
 
     g = run_bench(tmp_path, "generation", *MICRO, "--new-tokens", "24", "--gen-repeats", "1",

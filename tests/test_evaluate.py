@@ -16,7 +16,7 @@ from hvd_llama.evaluate import token_byte_lengths
 from hvd_llama.inference import load_model
 
 FIGURES = ("loss_sum_nats", "loss_per_token", "perplexity", "nats_per_char", "bits_per_byte")
-SAMPLE = "ROMEO:\nBut soft, what light through yonder window breaks?\nCafé, naïve — façade ✓ ½\n"
+SAMPLE = 'def greet(name):\n    return f"Café, naïve — façade ✓ ½ {name}"\n\n'  # multi-byte characters
 
 
 def evaluate_cli(tmp_path, name, *args):

@@ -36,7 +36,7 @@ def greedy(model, prompts, n, **kwargs):
 
 def test_kv_cache_greedy_equals_full_forward(loaded):
     model, tokenizer = loaded
-    prompts = encode(tokenizer, "ROMEO:\nWhat", "The king")
+    prompts = encode(tokenizer, "def __init__(self", "import os")
     cached = greedy(model, prompts, 30, use_kv_cache=True)
     full = greedy(model, prompts, 30, use_kv_cache=False)
     assert [len(c) for c in cached] == [30, 30]  # no eos_id given: nothing stops early
@@ -52,13 +52,13 @@ def test_decoding_layout_changes_strides_not_values(loaded):
     assert all(linears[name].t().is_contiguous() for name in moved)  # column-major storage
     for (name, before), after in zip(model.state_dict().items(), relaid.state_dict().values()):
         assert torch.equal(before, after), name
-    prompts = encode(tokenizer, "ROMEO:\nWhat", "The king")
+    prompts = encode(tokenizer, "def __init__(self", "import os")
     assert greedy(relaid, prompts, 30) == greedy(model, prompts, 30)
 
 
 def test_batched_equals_one_by_one(loaded):
     model, tokenizer = loaded
-    prompts = encode(tokenizer, "First Citizen:\nBefore we proceed any further, hear me speak.", "All", "")
+    prompts = encode(tokenizer, "class Queue:\n    \"\"\"A prompt longer than the other two.\"\"\"", "for", "")
     assert len({len(p) for p in prompts}) == 3  # different lengths: the batch is left-padded
     for use_kv_cache in (True, False):
         batched = greedy(model, prompts, 20, use_kv_cache=use_kv_cache)
@@ -68,7 +68,7 @@ def test_batched_equals_one_by_one(loaded):
 
 def test_fixed_seed_reproduces_samples(loaded):
     model, tokenizer = loaded
-    prompts = encode(tokenizer, "To be", "Now is the winter")
+    prompts = encode(tokenizer, "return", "if __name__ == ")
 
     def sample(seed):
         return generate(model, prompts, 25, temperature=1.0, top_k=100, top_p=0.95,
@@ -82,7 +82,7 @@ def test_fixed_seed_reproduces_samples(loaded):
 
 def test_stops_at_eos(loaded):
     model, tokenizer = loaded
-    prompts = encode(tokenizer, "ROMEO:", "JULIET: O Romeo")
+    prompts = encode(tokenizer, "def ", "raise ValueError(")
     reference = greedy(model, prompts, 12)
     eos = reference[0][3]  # pretend the 4th greedy token of row 0 is EOS
     stopped = greedy(model, prompts, 12, eos_id=eos)
@@ -97,7 +97,7 @@ def test_hugging_face_folder_generates_like_its_checkpoint(loaded, micro_run, tm
     hf_model, hf_tokenizer, config = load_model(tmp_path / "hf")
     model, tokenizer = loaded
     assert config == {} and hf_tokenizer.sha256 == tokenizer.sha256
-    prompts = encode(tokenizer, "ROMEO:", "Good morrow")
+    prompts = encode(tokenizer, "import ", "try:\n    ")
     assert greedy(hf_model, prompts, 20) == greedy(model, prompts, 20)
 
 
@@ -136,19 +136,19 @@ def run_cli(module, *args):
 
 
 def test_cli_int8_stream(micro_run):
-    result = run_cli("hvd_llama.generate", "--checkpoint", micro_run, "--prompt", "ROMEO:", "--stream",
+    result = run_cli("hvd_llama.generate", "--checkpoint", micro_run, "--prompt", "def main(", "--stream",
                      "--max-new-tokens", 16, "--temperature", 0, "--quantize", "int8")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("ROMEO:") and len(result.stdout) > len("ROMEO:\n")
+    assert result.stdout.startswith("def main(") and len(result.stdout) > len("def main(\n")
     assert "| int8 |" in result.stderr and "Warning" not in result.stderr
 
 
 def test_cli_fp32_greedy_prints_what_generate_returns(loaded, micro_run):
     model, tokenizer = loaded
-    result = run_cli("hvd_llama.generate", "--checkpoint", micro_run, "--prompt", "ROMEO:", "--max-new-tokens", 16,
+    result = run_cli("hvd_llama.generate", "--checkpoint", micro_run, "--prompt", "def main(", "--max-new-tokens", 16,
                      "--temperature", 0)
     assert result.returncode == 0, result.stderr
-    prompt = encode(tokenizer, "ROMEO:")
+    prompt = encode(tokenizer, "def main(")
     assert result.stdout == tokenizer.decode(prompt[0] + greedy(model, prompt, 16, eos_id=tokenizer.eos_id)[0]) + "\n"
     assert "| fp32 |" in result.stderr
 
@@ -164,7 +164,7 @@ def incompatible_checkpoint(micro_run, tmp_path_factory):
 BAD_GENERATE = {
     "missing checkpoint": (["--checkpoint", "{missing}", "--prompt", "a"], "does not exist"),
     "incompatible checkpoint": (["--checkpoint", "{incompatible}", "--prompt", "a"], "missing tensor layers.2."),
-    "prompt plus new tokens too long": (["--prompt", "ROMEO:", "--max-new-tokens", "64"],
+    "prompt plus new tokens too long": (["--prompt", "def main(", "--max-new-tokens", "64"],
                                         "exceeds the model's context"),
     "top-p zero": (["--prompt", "a", "--top-p", "0"], "top-p 0.0 must be in (0, 1]"),
     "top-p above one": (["--prompt", "a", "--top-p", "1.5"], "top-p 1.5 must be in (0, 1]"),

@@ -16,10 +16,10 @@ def unigram_entropy(data_dir) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def test_tiny_preset_learns_shakespeare(shakespeare_path, tmp_path):
+def test_tiny_preset_learns_real_text(corpus_path, tmp_path):
     from hvd_llama.prepare import main as prepare_main
-    data_dir = tmp_path / "shakespeare"
-    prepare_main(["--input", str(shakespeare_path), "--out", str(data_dir), "--vocab-size", "1024"])
+    data_dir = tmp_path / "prepared"
+    prepare_main(["--input", str(corpus_path), "--out", str(data_dir), "--vocab-size", "1024"])
     run_dir = tmp_path / "run"
     job = train_job(run_dir, ["--config", "configs/tiny.yaml", "--set", f"data.dir={data_dir}",
                               "--set", "model.vocab_size=1024", "--set", "train.max_steps=150",

@@ -170,9 +170,9 @@ def test_few_documents_are_split_by_characters(tmp_path):
     assert again["splits"] == meta["splits"] and again["tokenizer_sha256"] == meta["tokenizer_sha256"]
 
 
-def test_tiny_shakespeare_last_tenth_is_validation(tmp_path, shakespeare_path):
-    meta = run_prepare("--input", shakespeare_path, "--out", tmp_path / "out", "--vocab-size", 512, workers=2)
-    text = Cleaner()(shakespeare_path.read_text(encoding="utf-8"))
+def test_one_long_document_last_tenth_is_validation(tmp_path, corpus_path):
+    meta = run_prepare("--input", corpus_path, "--out", tmp_path / "out", "--vocab-size", 512, workers=2)
+    text = Cleaner()(corpus_path.read_text(encoding="utf-8"))
     cut = int(len(text) * 0.9)
     assert meta["split_method"] == "characters"
     assert decode_documents(tmp_path / "out", "train") == [text[:cut]]

@@ -1,6 +1,6 @@
 """The package's shape, read from its source with ast: imports follow the data flow (so there is no cycle),
-Horovod stays behind hvd_llama/dist/, the model needs torch alone, no command imports another, and modules
-stay small."""
+Horovod stays behind hvd_llama/dist/, the model needs torch alone, no command imports another, modules
+stay small, and the tests read nothing beside the repository."""
 import ast
 import sys
 from pathlib import Path
@@ -84,3 +84,14 @@ def test_commands_do_not_import_commands():
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_modules_stay_small(name):
     assert len(MODULES[name].read_text().splitlines()) <= MAX_LINES
+
+
+def test_tests_name_no_folder_beside_the_repository():
+    """A fresh clone has no ../shared next to it (CI has one): a test reading it would skip everywhere but on CI.
+    Looks for the folder's name as a path part of any string in tests/ (this file names it to look for it)."""
+    here = Path(__file__).resolve()
+    named = [(path.name, node.value) for path in sorted(here.parent.glob("*.py")) if path != here
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Constant) and isinstance(node.value, str)
+             and "shared" in node.value.split("/")]
+    assert not named
