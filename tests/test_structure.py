@@ -88,10 +88,15 @@ def test_modules_stay_small(name):
 
 def test_tests_name_no_folder_beside_the_repository():
     """A fresh clone has no ../shared next to it (CI has one): a test reading it would skip everywhere but on CI.
-    Looks for the folder's name as a path part of any string in tests/ (this file names it to look for it)."""
+    Looks for the folder's name as a part of a path string, or joined into a path with `/` (this file names it)."""
     here = Path(__file__).resolve()
-    named = [(path.name, node.value) for path in sorted(here.parent.glob("*.py")) if path != here
-             for node in ast.walk(ast.parse(path.read_text()))
-             if isinstance(node, ast.Constant) and isinstance(node.value, str)
-             and "shared" in node.value.split("/")]
+
+    def names_it(node) -> bool:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and "/" in node.value:
+            return "shared" in node.value.split("/")
+        return isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and \
+            any(isinstance(side, ast.Constant) and side.value == "shared" for side in (node.left, node.right))
+
+    named = [(path.name, ast.unparse(node)) for path in sorted(here.parent.glob("*.py")) if path != here
+             for node in ast.walk(ast.parse(path.read_text())) if names_it(node)]
     assert not named
