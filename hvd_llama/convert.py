@@ -19,12 +19,21 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from hvd_llama.checkpoint import save_checkpoint
-from hvd_llama.cli import UserError, run_main, staging_dir
-from hvd_llama.formats import (check_tensors, expected_shapes, hf_config, hf_state_dict, import_hf, import_meta,
-                               tokenizer_files, validated)
+from hvd_llama.cli import UserError, run_main
+from hvd_llama.files import staging_dir
 from hvd_llama.model import ModelConfig
-from hvd_llama.pretrained import load_weights
+from hvd_llama.weights.checkpoint import save_checkpoint
+from hvd_llama.weights.formats import (
+    check_tensors,
+    expected_shapes,
+    hf_config,
+    hf_state_dict,
+    import_hf,
+    import_meta,
+    tokenizer_files,
+    validated,
+)
+from hvd_llama.weights.pretrained import load_weights
 
 
 def count_params(state: dict, cfg: ModelConfig) -> int:

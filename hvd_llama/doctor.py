@@ -20,14 +20,20 @@ import sys
 from importlib import metadata
 from typing import Optional, Sequence
 
-from hvd_llama.cli import UserError, atomic_write_text, run_main
+from hvd_llama.cli import UserError, run_main
+from hvd_llama.files import atomic_write_text
 
 try:
     import torch
 
     from hvd_llama.config import DistConfig, load_config
-    from hvd_llama.device import gpu_uuid
-    from hvd_llama.metrics import datasheet_peak, format_flops, matmul_size, measure_peak_flops
+    from hvd_llama.device import (
+        datasheet_peak,
+        format_flops,
+        gpu_uuid,
+        matmul_size,
+        measure_peak_flops,
+    )
 except ImportError as err:  # no torch: doctor says so in one line rather than a traceback
     TORCH_MISSING: Optional[ImportError] = err
 else:
@@ -142,11 +148,11 @@ def measure_peaks(device, precision: str, gpu_name: Optional[str], horovod) -> d
     peaks = {}
     for label, dtype in dtypes.items():
         if horovod:
-            horovod.dist.allreduce_sum(torch.zeros(1), name=f"doctor.peak.{label}.barrier")
+            horovod.parallel.allreduce_sum(torch.zeros(1), name=f"doctor.peak.{label}.barrier")
         own = measure_peak_flops(device, dtype)
         total = own
         if horovod:
-            total = horovod.dist.allreduce_sum(torch.tensor([own], dtype=torch.float64), name=f"doctor.peak.{label}")
+            total = horovod.parallel.allreduce_sum(torch.tensor([own], dtype=torch.float64), name=f"doctor.peak.{label}")
             total = total.item()
         known = datasheet_peak(gpu_name, dtype) if gpu_name else None
         peaks[label] = {"measured_flops": own, "all_ranks_flops": total, "matmul_n": matmul_size(device, dtype),
@@ -156,20 +162,20 @@ def measure_peaks(device, precision: str, gpu_name: Optional[str], horovod) -> d
 
 
 class Horovod:
-    """hvd_llama.dist and its report module, or why they cannot be imported."""
+    """hvd_llama.parallel and its report module, or why they cannot be imported."""
 
     def __init__(self):
         try:
-            from hvd_llama import dist
-            from hvd_llama.dist import report
+            from hvd_llama import parallel
+            from hvd_llama.parallel import report
         except ImportError as err:
-            self.dist = self.report = None
+            self.parallel = self.report = None
             installed = package_version("horovod")
             self.error = (f"Horovod {installed} is installed but horovod.torch cannot be imported ({err}): built "
                           "without PyTorch or for another torch; rerun launch/install.sh" if installed else
                           f"Horovod cannot be imported ({err}); run launch/install.sh")
         else:
-            self.dist, self.report, self.error = dist, report, None
+            self.parallel, self.report, self.error = parallel, report, None
 
 
 # ---- the report ----------------------------------------------------------------------------------------------
@@ -182,28 +188,28 @@ def collect(args: argparse.Namespace) -> dict:
               "torch_threads_at_start": {"intra_op": torch.get_num_threads(),
                                          "inter_op": torch.get_num_interop_threads()},
               "cpu_bf16_flags": cpu_bf16_flags(read_cpuinfo()), "gpus": gpus(),
-              "horovod": {"error": horovod.error}, "problems": [] if horovod.dist else [horovod.error]}
-    if horovod.dist:
+              "horovod": {"error": horovod.error}, "problems": [] if horovod.parallel else [horovod.error]}
+    if horovod.parallel:
         report["horovod"].update(horovod.report.build())
         if not (report["horovod"]["mpi_built"] or report["horovod"]["gloo_built"]):
             report["problems"].append("Horovod was built with neither MPI nor Gloo: no controller can start it; "
                                       "rerun launch/install.sh")
-            horovod.dist = None
-    if horovod.dist:
+            horovod.parallel = None
+    if horovod.parallel:
         device = horovod.report.init(DistConfig(threads_per_rank=threads), device_kind)
-        rank, size, local_size = horovod.dist.rank(), horovod.dist.size(), horovod.report.local_size()
+        rank, size, local_size = horovod.parallel.rank(), horovod.parallel.size(), horovod.report.local_size()
     else:
         rank = int(os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))  # print once
         device, size = torch.device(device_kind), 1
         local_size = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", os.environ.get("HOROVOD_LOCAL_SIZE", 1)))
-        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_size))  # as dist.init does
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_size))  # as parallel.init does
     source = ("--threads" if args.threads else "config dist.threads_per_rank" if threads else
               "train's default: cores / ranks on this node")
     report.update(rank=rank, size=size, local_size=local_size,
                   threads_per_rank={"intra_op": torch.get_num_threads(), "source": source})
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    report["peak"] = measure_peaks(device, precision, gpu_name, horovod if horovod.dist else None)
-    if horovod.dist:
+    report["peak"] = measure_peaks(device, precision, gpu_name, horovod if horovod.parallel else None)
+    if horovod.parallel:
         collect_horovod(report, horovod, device, args)
     if rank == 0:
         report["versions"] = versions()
@@ -216,14 +222,14 @@ def collect_horovod(report: dict, horovod: Horovod, device, args: argparse.Names
     h["controllers"] = horovod.report.controllers()
     mine = {"host": report["host"], "rank": report["rank"], "torch": torch.__version__, "horovod": h["version"],
             "cores": report["cores"]["usable"], "gpus": len(report["gpus"])}
-    hosts = horovod.dist.allgather_object(mine, name="doctor.hosts")
+    hosts = horovod.parallel.allgather_object(mine, name="doctor.hosts")
     report["hosts"] = {}
     for r in hosts:
         same = {key: r[key] for key in ("torch", "horovod", "cores", "gpus")}
         report["hosts"].setdefault(r["host"], {**same, "ranks": []})["ranks"].append(r["rank"])
     if device.type == "cuda":  # what would stop training on these GPUs: a GPU two ranks share, no NCCL
-        report["gpu_placements"] = horovod.dist.gpu_placements(device.index)
-        error = horovod.dist.gpu_error(report["gpu_placements"])
+        report["gpu_placements"] = horovod.parallel.gpu_placements(device.index)
+        error = horovod.parallel.gpu_error(report["gpu_placements"])
         report["problems"] += [error] if error else []
     if args.skip_bandwidth:
         report["bandwidth"], report["bandwidth_note"] = None, "skipped (--skip-bandwidth)"

@@ -30,16 +30,22 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hvd_llama.cli import UserError, atomic_write_text, run_main
-from hvd_llama.compute import OneProcess, score
+from hvd_llama.cli import UserError, run_main
 from hvd_llama.config import PRECISIONS, DistConfig, TrainConfig
-from hvd_llama.corpus import read_documents
-from hvd_llama.data import SPLITS, ArrayWindows, open_split, read_meta
 from hvd_llama.device import resolve_device
-from hvd_llama.inference import DTYPES, QUANTIZE_CHOICES, check_dtype, load_model, require_tokenizer
+from hvd_llama.files import atomic_write_text
+from hvd_llama.prep.corpus import read_documents
+from hvd_llama.procs import HOROVOD_LAUNCHERS
 from hvd_llama.tokenizer import Tokenizer
-
-LAUNCHER_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")  # horovodrun, Open MPI, MPICH/Slurm
+from hvd_llama.training.compute import OneProcess, score
+from hvd_llama.training.data import SPLITS, ArrayWindows, open_split, read_meta
+from hvd_llama.use.inference import (
+    DTYPES,
+    QUANTIZE_CHOICES,
+    check_dtype,
+    load_model,
+    require_tokenizer,
+)
 
 
 @dataclass
@@ -97,13 +103,15 @@ def data_split_items(data_dir: Path, split: str, tokenizer: Optional[Tokenizer],
 
 
 def start_ranks(device_kind: str, threads: int):
-    """(ranks, device): hvd_llama.dist under horovodrun or mpirun, else OneProcess without Horovod."""
-    if not any(name in os.environ for name in LAUNCHER_VARIABLES):
+    """(ranks, device): hvd_llama.parallel under horovodrun or mpirun, else OneProcess without Horovod."""
+    if not any(rank in os.environ for _, rank, _ in HOROVOD_LAUNCHERS):
         if threads:
             torch.set_num_threads(threads)
         return OneProcess, torch.device(device_kind)
-    from hvd_llama import dist  # imported only under a launcher, so that one process never loads Horovod
-    return dist, dist.init(DistConfig(threads_per_rank=threads), device_kind)
+    from hvd_llama import (
+        parallel,  # imported only under a launcher, so that one process never loads Horovod
+    )
+    return parallel, parallel.init(DistConfig(threads_per_rank=threads), device_kind)
 
 
 def figures(loss_sum: float, tokens: int, characters: Optional[int], utf8_bytes: int) -> dict:

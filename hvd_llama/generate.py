@@ -14,11 +14,17 @@ from typing import Optional, Sequence
 import torch
 
 from hvd_llama.cli import UserError, run_main
-from hvd_llama.decoding import check_context, check_sampling, generate
 from hvd_llama.device import resolve_device
-from hvd_llama.inference import (DTYPES, QUANTIZE_CHOICES, check_dtype, layout_for_decoding, load_model,
-                                 require_tokenizer)
 from hvd_llama.tokenizer import Tokenizer
+from hvd_llama.use.decoding import check_context, check_sampling, generate
+from hvd_llama.use.inference import (
+    DTYPES,
+    QUANTIZE_CHOICES,
+    check_dtype,
+    layout_for_decoding,
+    load_model,
+    require_tokenizer,
+)
 
 DEFAULT_MAX_NEW_TOKENS = 200
 

@@ -3,7 +3,7 @@
     python -m hvd_llama.plan --config configs/llama2-7b.yaml --world-size 8 --device-memory 80GiB \\
         --set dist.zero_stage=2 --set train.activation_checkpointing=true
 
-The arithmetic is hvd_llama.memory's (training runs the same check at start-up); this command prints it.
+The arithmetic is hvd_llama.training.memory's (training runs the same check at start-up); this command prints it.
 """
 from __future__ import annotations
 
@@ -16,8 +16,17 @@ from typing import Optional, Sequence
 
 from hvd_llama.cli import UserError, run_main
 from hvd_llama.config import load_config
-from hvd_llama.memory import GiB, Plan, count_params, gib, max_batch_size, plan, plan_at, with_dist, with_train
-
+from hvd_llama.training.memory import (
+    GiB,
+    Plan,
+    count_params,
+    gib,
+    max_batch_size,
+    plan,
+    plan_at,
+    with_dist,
+    with_train,
+)
 
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,

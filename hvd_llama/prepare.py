@@ -31,13 +31,36 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from hvd_llama.cli import UserError, atomic_write_text, run_main, staging_dir
-from hvd_llama.corpus import (DEFAULT_INCLUDE, MIN_DOCS_FOR_DOCUMENT_SPLIT, SFT_INCLUDE, STDLIB, Doc,
-                              DocumentStore, find_input_files, read_corpus, read_doc, read_examples, split_by_hash,
-                              split_corpus)
-from hvd_llama.encode import encode_example_splits, encode_splits, start_encoding_server
-from hvd_llama.shards import META_FORMAT, META_VERSION, token_dtype
-from hvd_llama.text import CHAR_STEPS, CLEAN_STEPS, DEFAULT_CLEAN, Cleaner, parse_steps, sentence_chunks
+from hvd_llama.cli import UserError, run_main
+from hvd_llama.files import atomic_write_text, staging_dir
+from hvd_llama.prep.corpus import (
+    DEFAULT_INCLUDE,
+    MIN_DOCS_FOR_DOCUMENT_SPLIT,
+    SFT_INCLUDE,
+    STDLIB,
+    Doc,
+    DocumentStore,
+    find_input_files,
+    read_corpus,
+    read_doc,
+    read_examples,
+    split_by_hash,
+    split_corpus,
+)
+from hvd_llama.prep.encode import (
+    encode_example_splits,
+    encode_splits,
+    start_encoding_server,
+)
+from hvd_llama.prep.text import (
+    CHAR_STEPS,
+    CLEAN_STEPS,
+    DEFAULT_CLEAN,
+    Cleaner,
+    parse_steps,
+    sentence_chunks,
+)
+from hvd_llama.prep.token_shards import META_FORMAT, META_VERSION, token_dtype
 from hvd_llama.tokenizer import Tokenizer, train_tokenizer
 
 TOKENIZER_SENTENCE_CHARS = 1000

@@ -21,8 +21,14 @@ from typing import Iterator, Optional
 # Programs that launch ranks; horovodrun's MPI mode runs `/bin/sh -c "mpirun ..."` in its own place.
 LAUNCHERS = ("horovodrun", "mpirun", "mpiexec", "orterun", "prterun", "srun")
 SHELLS = ("sh", "dash", "bash")
-# Set by the launchers (horovodrun, Open MPI, PMI/srun) and by our launch scripts: a rank of a launched job.
-RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID", "HVD_LLAMA_LAUNCHER_PID")
+# What each launcher tells the processes it starts: (launcher, rank variable, world-size variable), the launchers
+# that build a Horovod world first. SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: srun sets it for the tasks of its
+# step, while SLURM_NTASKS is also set in the batch script itself, where one process may run alone.
+LAUNCHER_ENV = (("horovodrun", "HOROVOD_RANK", "HOROVOD_SIZE"), ("Open MPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+                ("MPICH, srun --mpi", "PMI_RANK", "PMI_SIZE"), ("srun", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"))
+HOROVOD_LAUNCHERS = LAUNCHER_ENV[:3]  # a process they start is a rank of a Horovod world (srun alone is not)
+# A rank of a launched job: a launcher's variable, or our launch scripts' own.
+RANK_VARIABLES = tuple(rank for _, rank, _ in LAUNCHER_ENV) + ("HVD_LLAMA_LAUNCHER_PID",)
 
 
 def _stat(pid: int) -> Optional[list[str]]:

@@ -9,7 +9,8 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
-from hvd_llama.cli import UserError, atomic_write_bytes, sha256_file
+from hvd_llama.cli import UserError
+from hvd_llama.files import atomic_write_bytes, sha256_file
 
 # Settings that make decode(encode(text)) == text for any text, code whitespace included: no normalisation,
 # no dummy prefix, spaces kept as they are, unknown characters spelled out as UTF-8 byte pieces.

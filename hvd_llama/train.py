@@ -2,7 +2,7 @@
 
 N ranks train exactly the model one rank would train with an N-times larger batch: each rank reads its own share
 of every step's items of one global sample order (data.py), the data-parallel optimizer averages the gradients
-(hvd.DistributedOptimizer, or ZeRO stages 1-2: dist/zero.py), and every rank applies the same update. Only rank 0
+(hvd.DistributedOptimizer, or ZeRO stages 1-2: parallel/zero.py), and every rank applies the same update. Only rank 0
 writes the run's files (metrics.py; checkpointing.py, where every rank writes its own optimizer slice).
 """
 from __future__ import annotations
@@ -19,19 +19,39 @@ from typing import Optional, Sequence
 import torch
 import yaml
 
-from hvd_llama import checkpoint, dist
-from hvd_llama.checkpointing import Checkpointer, Progress
-from hvd_llama.cli import UserError, atomic_write_text, run_main
-from hvd_llama.compute import AUTOCAST_DTYPES, score, spread_selection, train_step
+from hvd_llama import parallel
+from hvd_llama.cli import UserError, run_main
 from hvd_llama.config import Config, load_config
-from hvd_llama.data import SampleOrder, StepBatches, open_split
-from hvd_llama.device import allow_tf32, resolve_device
-from hvd_llama.faults import Fault
-from hvd_llama.memory import check_fits
-from hvd_llama.metrics import MetricsLogger, device_peak_flops, format_duration, format_flops
-from hvd_llama.optim import LossScaler, adamw_kwargs, lr_at, param_groups, set_lr
+from hvd_llama.device import allow_tf32, device_peak_flops, format_flops, resolve_device
+from hvd_llama.files import atomic_write_text
+from hvd_llama.parallel import elastic
 from hvd_llama.procs import StopFlag, rank_name, say, show
-from hvd_llama.startup import build_model, check_data, device_memory, load_pretrained, lora_summary
+from hvd_llama.training.builder import (
+    build_model,
+    check_data,
+    device_memory,
+    load_pretrained,
+    lora_summary,
+)
+from hvd_llama.training.checkpointing import Checkpointer, Progress
+from hvd_llama.training.compute import (
+    AUTOCAST_DTYPES,
+    score,
+    spread_selection,
+    train_step,
+)
+from hvd_llama.training.data import SampleOrder, StepBatches, open_split
+from hvd_llama.training.faults import Fault
+from hvd_llama.training.memory import check_fits
+from hvd_llama.training.metrics import MetricsLogger, format_duration
+from hvd_llama.training.optim import (
+    LossScaler,
+    adamw_kwargs,
+    lr_at,
+    param_groups,
+    set_lr,
+)
+from hvd_llama.weights import checkpoint
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -60,28 +80,28 @@ class Trainer:
         """`init_state`: pretrained weights (rank 0 only; the others receive them in resume())."""
         self.cfg, self.run_dir, self.device, self.fault = cfg, run_dir, device, fault
         t = cfg.train
-        self.model = build_model(cfg, device, init_state, initialise=dist.is_main())
+        self.model = build_model(cfg, device, init_state, initialise=parallel.is_main())
         if t.activation_checkpointing:
             self.model.set_activation_checkpointing(True)
         if t.compile:
             self.model.compile_blocks()
-        self.optimizer = dist.build_data_parallel_optimizer(
+        self.optimizer = parallel.build_data_parallel_optimizer(
             self.model, param_groups(self.model, cfg.optim.weight_decay), adamw_kwargs(cfg.optim), cfg.dist,
             stage=cfg.dist.zero_stage, grad_accum=t.grad_accum, fused=device.type == "cuda",
             bucket_elements=cfg.dist.zero_bucket_elements)
         self.scaler = LossScaler() if t.precision == "fp16" else None
-        self.checkpointer = Checkpointer(cfg, run_dir, self.model, self.optimizer, self.scaler, dist, fault)
+        self.checkpointer = Checkpointer(cfg, run_dir, self.model, self.optimizer, self.scaler, parallel, fault)
         self.train_data = open_split(cfg.data.dir, "train", t.seq_len)
         self.val_data = open_split(cfg.data.dir, "val", t.seq_len, scoring=True) \
             if t.eval_every or t.eval_at_start else None
         self.order = SampleOrder(len(self.train_data), seed=t.seed)
-        self.progress = Progress(world_size=dist.size())
+        self.progress = Progress(world_size=parallel.size())
         self.lr_scale = 1.0  # elastic: world size / the size the job started with (linear scaling rule)
         self.stop_flag = StopFlag(cfg.train.stop_grace_s)
 
     def resume(self, resume: Optional[str]) -> None:
         """Every rank starts from rank 0's weights, or from the checkpoint `resume` names (checkpointing.py)."""
-        restored = self.checkpointer.resume(resume, lambda has_optimizer_state: dist.broadcast_state(
+        restored = self.checkpointer.resume(resume, lambda has_optimizer_state: parallel.broadcast_state(
             self.model, self.optimizer, has_optimizer_state))
         self.progress = restored or self.progress
 
@@ -93,22 +113,22 @@ class Trainer:
         """The job's peak and its source: per-rank peaks measured at the same moment and summed (ranks may
         share a CPU), or a known GPU's datasheet figure."""
         if self.cfg.log.peak_flops > 0:
-            return self.cfg.log.peak_flops * dist.size(), "log.peak_flops"
+            return self.cfg.log.peak_flops * parallel.size(), "log.peak_flops"
         dtype = AUTOCAST_DTYPES.get(self.cfg.train.precision, torch.float32)
-        dist.allreduce_sum(torch.zeros(1), name="peak.barrier")
+        parallel.allreduce_sum(torch.zeros(1), name="peak.barrier")
         own, source = device_peak_flops(self.device, dtype)
-        return dist.allreduce_sum(torch.tensor([own]), name="peak.sum").item(), source
+        return parallel.allreduce_sum(torch.tensor([own]), name="peak.sum").item(), source
 
     def run_elastic(self, logger: MetricsLogger) -> dict:
         """Horovod Elastic: train inside hvd.elastic.run; a lost or added worker rolls back to the last commit."""
-        state = dist.elastic_state(self.model, self.optimizer, progress=asdict(self.progress),
-                                   initial_size=dist.size())
+        state = elastic.training_state(self.model, self.optimizer, progress=asdict(self.progress),
+                                   initial_size=parallel.size())
 
         def on_reset():
-            logger.set_enabled(dist.is_main(), state.progress["step"])  # rank 0 may be another process now
-            self.lr_scale = dist.size() / state.initial_size
-            logger.message(f"elastic reset: {dist.size()} ranks now, global batch "
-                           f"{self.cfg.train.batch_size * self.cfg.train.grad_accum * dist.size()} sequences, "
+            logger.set_enabled(parallel.is_main(), state.progress["step"])  # rank 0 may be another process now
+            self.lr_scale = parallel.size() / state.initial_size
+            logger.message(f"elastic reset: {parallel.size()} ranks now, global batch "
+                           f"{self.cfg.train.batch_size * self.cfg.train.grad_accum * parallel.size()} sequences, "
                            f"learning rate x{self.lr_scale:.3g}; continuing from step {state.progress['step']}")
 
         def commit():
@@ -117,10 +137,10 @@ class Trainer:
 
         state.register_reset_callbacks([on_reset])
 
-        @dist.elastic_run
+        @elastic.run
         def train(state):
-            self.progress = replace(Progress(**state.progress), world_size=dist.size())
-            self.lr_scale = dist.size() / state.initial_size
+            self.progress = replace(Progress(**state.progress), world_size=parallel.size())
+            self.lr_scale = parallel.size() / state.initial_size
             logger.truncate_after(self.progress.step)  # steps after the last commit are trained again
             return self.run(logger, commit)
 
@@ -128,12 +148,12 @@ class Trainer:
 
     def run(self, logger: MetricsLogger, commit=None) -> dict:
         t, p = self.cfg.train, self.progress
-        stream = StepBatches(self.train_data, self.order, dist.rank(), dist.size())
-        self.tokens_per_step = t.batch_size * t.grad_accum * t.seq_len * dist.size()
+        stream = StepBatches(self.train_data, self.order, parallel.rank(), parallel.size())
+        self.tokens_per_step = t.batch_size * t.grad_accum * t.seq_len * parallel.size()
         self.flops_per_token, (self.peak, peak_source) = self.model.flops_per_token(t.seq_len), self.peak_flops()
         if self.device.type == "cuda":  # max_memory_gib: training's peak, not set-up's (resume, the peak's matmuls)
             torch.cuda.reset_peak_memory_stats(self.device)
-        logger.message(f"MFU peak: {format_flops(self.peak)} over {dist.size()} rank(s) ({peak_source})")
+        logger.message(f"MFU peak: {format_flops(self.peak)} over {parallel.size()} rank(s) ({peak_source})")
         session_start, first_step, record, bad_in_a_row = time.perf_counter(), p.step, {}, 0
         if t.eval_at_start and p.step == 0 and self.val_data is not None:
             logger.log_eval(0, self.validation(whole=False))
@@ -142,15 +162,15 @@ class Trainer:
             lr = lr_at(p.step, self.cfg.optim, t.max_steps) * self.lr_scale
             set_lr(self.optimizer, lr)
             batches = stream.step(p.samples, t.batch_size, t.grad_accum)
-            poison = self.fault.at("nan", p.step + 1, dist.rank())
+            poison = self.fault.at("nan", p.step + 1, parallel.rank())
             result = train_step(self.model, self.optimizer, batches, self.device, t.precision,
-                                self.cfg.optim.grad_clip, self.scaler, poison=poison, ranks=dist,
+                                self.cfg.optim.grad_clip, self.scaler, poison=poison, ranks=parallel,
                                 loss_chunk=t.loss_chunk)
             # Horovod: one small allreduce per step carries the loss and the preemption vote together.
-            loss_sum, stop_votes = dist.allreduce_sum(
+            loss_sum, stop_votes = parallel.allreduce_sum(
                 torch.tensor([result.loss_sum, float(self.stop_flag.requested)]), name="step.stats").tolist()
             p.step += 1
-            p.samples += t.batch_size * t.grad_accum * dist.size()
+            p.samples += t.batch_size * t.grad_accum * parallel.size()
             p.tokens += self.tokens_per_step
             p.elapsed_s += time.perf_counter() - step_start
             record = self.step_record(loss_sum / max(result.n_targets, 1), lr, result, step_start)
@@ -164,9 +184,9 @@ class Trainer:
                 raise UserError(f"{bad_in_a_row} non-finite steps in a row at step {p.step} (limit "
                                 f"train.max_bad_steps={t.max_bad_steps}); lower optim.lr or resume from "
                                 "an earlier checkpoint with --resume PATH")
-            if self.fault.at("raise", p.step, dist.rank()):
+            if self.fault.at("raise", p.step, parallel.rank()):
                 raise RuntimeError(f"injected fault at step {p.step} (HVD_LLAMA_FAULT)")
-            if self.fault.at("exit", p.step, dist.rank()):
+            if self.fault.at("exit", p.step, parallel.rank()):
                 os._exit(1)  # a worker that vanishes (killed, lost host)
             if commit and p.step % self.cfg.dist.commit_every == 0:
                 commit()
@@ -185,7 +205,7 @@ class Trainer:
         tokens_per_s = self.tokens_per_step / (time.perf_counter() - step_start)
         record = {"step": p.step, "loss": loss, "lr": lr, "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s,
                   "mfu": self.flops_per_token * tokens_per_s / self.peak, "tokens": p.tokens,
-                  "elapsed_s": p.elapsed_s, "skipped": not result.stepped, "world_size": dist.size()}
+                  "elapsed_s": p.elapsed_s, "skipped": not result.stepped, "world_size": parallel.size()}
         if self.scaler:
             record["loss_scale"] = self.scaler.scale
         if self.device.type == "cuda":  # this rank's peak since set-up (what the memory planner predicts)
@@ -210,7 +230,7 @@ def replicas_identical(model: torch.nn.Module) -> bool:
     """Compare a fingerprint of every rank's weights (float64 sum and sum of squares per tensor)."""
     with torch.no_grad():
         fingerprint = [(p.double().sum().item(), p.double().square().sum().item()) for p in model.parameters()]
-    return len({repr(f) for f in dist.allgather_object(fingerprint, name="replicas")}) == 1
+    return len({repr(f) for f in parallel.allgather_object(fingerprint, name="replicas")}) == 1
 
 
 def default_run_dir(config_path: Optional[str]) -> Path:
@@ -254,27 +274,27 @@ def _main(argv: Optional[Sequence[str]]) -> None:
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
     if args.resume and args.resume != "auto" and not Path(args.resume).exists():
         raise UserError(f"--resume {args.resume}: no such checkpoint (use 'auto' or a checkpoint folder)")
-    device = dist.init(cfg.dist, device_kind)
+    device = parallel.init(cfg.dist, device_kind)
     allow_tf32(device, cfg.train.tf32)
     # Elastic: a worker added to a running job makes none of the start-up collectives; the state's sync
     # brings it up to date.
-    joining = cfg.dist.elastic and dist.elastic_joining()
+    joining = cfg.dist.elastic and elastic.joining()
     if not joining:
         # Rank 0 holds the run dir's lock until this function returns, when the job ends.
-        run_dir_lock = dist.run_on_main(lambda: prepare_run_dir(run_dir, args.resume, cfg), name="run_dir")
+        run_dir_lock = parallel.run_on_main(lambda: prepare_run_dir(run_dir, args.resume, cfg), name="run_dir")
     init_state = load_pretrained(cfg, meta, joining) if cfg.finetune.init_from else None
-    check_fits(cfg, dist.size(), device_memory(device), device.type)  # before allocating: every rank alike
+    check_fits(cfg, parallel.size(), device_memory(device), device.type)  # before allocating: every rank alike
     trainer = Trainer(cfg, run_dir, device, init_state, fault)
     if not joining:
         trainer.resume(args.resume)
     before, start = replace(trainer.progress), time.perf_counter()
-    logger = MetricsLogger(run_dir, dist.is_main(), cfg.log.tensorboard, cfg.log.every,
+    logger = MetricsLogger(run_dir, parallel.is_main(), cfg.log.tensorboard, cfg.log.every,
                            resume_step=before.step if args.resume else None)
     if cfg.finetune.lora_rank:
         logger.message(lora_summary(trainer.model, cfg))
-    logger.message(f"training {trainer.model.num_params():,} parameters on {dist.size()} rank(s), "
+    logger.message(f"training {trainer.model.num_params():,} parameters on {parallel.size()} rank(s), "
                    f"{device.type}, {cfg.train.precision}; {meta['splits']['train']['tokens']:,} train tokens; "
-                   f"run dir {run_dir}; {dist.describe()}")
+                   f"run dir {run_dir}; {parallel.describe()}")
     try:
         record = trainer.run_elastic(logger) if cfg.dist.elastic else trainer.run(logger)
     finally:
@@ -282,7 +302,7 @@ def _main(argv: Optional[Sequence[str]]) -> None:
     identical = replicas_identical(trainer.model)
     logger.message(summary_line(record, before, trainer.progress, time.perf_counter() - start, run_dir, identical))
     if cfg.dist.elastic:
-        dist.leave_elastic_job()
+        elastic.leave_job()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

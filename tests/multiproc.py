@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from hvd_llama.bench.common import job_env as bench_job_env
-from hvd_llama.evaluate import LAUNCHER_VARIABLES
+from hvd_llama.procs import LAUNCHER_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -58,7 +58,8 @@ finally:
 
 def run_one_process(module: str, *args, timeout: float = 120) -> subprocess.CompletedProcess:
     """`python -m module args...` as one plain process, outside any launcher (its variables removed)."""
-    env = {k: v for k, v in job_env().items() if k not in LAUNCHER_VARIABLES}
+    launcher_variables = {name for _, rank, size in LAUNCHER_ENV for name in (rank, size)}
+    env = {k: v for k, v in job_env().items() if k not in launcher_variables}
     return subprocess.run([sys.executable, "-c", ONE_PROCESS, module, *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -12,10 +12,10 @@ from hvd_llama.bench import prepare_steps, stages, train_steps
 from hvd_llama.bench.common import horovodrun, summarize_timeline
 from hvd_llama.bench.run import main as bench_main
 from hvd_llama.config import load_config
-from hvd_llama.memory import count_params
 from hvd_llama.model import Transformer
-from hvd_llama.sharding import backward_buckets, bucket_size
-from hvd_llama.text import Cleaner
+from hvd_llama.prep.text import Cleaner
+from hvd_llama.training.memory import count_params
+from hvd_llama.training.zero_layout import backward_buckets, bucket_size
 
 MICRO = ["--config", "configs/tiny.yaml", "--set", "model.dim=64", "--set", "model.n_layers=2",
          "--set", "model.vocab_size=512", "--set", "train.seq_len=32", "--set", "train.batch_size=4"]

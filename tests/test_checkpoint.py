@@ -6,9 +6,9 @@ import pytest
 import torch
 from multiproc import REPO, job_env
 
-from hvd_llama import checkpoint
 from hvd_llama.cli import UserError
 from hvd_llama.model import ModelConfig, Transformer
+from hvd_llama.weights import checkpoint
 
 CFG = ModelConfig(dim=32, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=16)
 
@@ -103,24 +103,24 @@ def test_slices_written_by_ranks_join_the_checkpoint(tmp_path):
 # printing how much the process's peak resident memory grew during the save.
 SAVE = """import ctypes, json, sys, torch
 from pathlib import Path
-from hvd_llama import dist
-from hvd_llama.checkpointing import Checkpointer, Progress
+from hvd_llama import parallel
+from hvd_llama.training.checkpointing import Checkpointer, Progress
 from hvd_llama.config import load_config
-from hvd_llama.optim import adamw_kwargs, param_groups
-from hvd_llama.startup import build_model
+from hvd_llama.training.optim import adamw_kwargs, param_groups
+from hvd_llama.training.builder import build_model
 def status(key):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
 cfg = load_config(None, sys.argv[2:])
-device = dist.init(cfg.dist, "cpu")
+device = parallel.init(cfg.dist, "cpu")
 model = build_model(cfg, device, None, initialise=True)
-opt = dist.build_data_parallel_optimizer(model, param_groups(model, 0.1), adamw_kwargs(cfg.optim), cfg.dist, stage=1,
+opt = parallel.build_data_parallel_optimizer(model, param_groups(model, 0.1), adamw_kwargs(cfg.optim), cfg.dist, stage=1,
                                          grad_accum=1)
 opt.reduce_gradients()
 opt.step()  # zero gradients: the master slice and the moments now exist, as after any step
 ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed memory goes back: a copy cannot hide in it
 open("/proc/self/clear_refs", "w").write("5")  # the peak so far (start-up, the step) is forgotten
 before = status("VmRSS:")
-Checkpointer(cfg, Path(sys.argv[1]), model, opt, None, dist).save(Progress(step=1))
+Checkpointer(cfg, Path(sys.argv[1]), model, opt, None, parallel).save(Progress(step=1))
 print(json.dumps({"growth": status("VmHWM:") - before,
                   "weights": sum(p.numel() * p.element_size() for p in model.parameters())}))
 """

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hvd_llama.checkpoint import load_model_checkpoint, save_checkpoint
 from hvd_llama.convert import main
-from hvd_llama.formats import ffn_settings
 from hvd_llama.model import ModelConfig, Transformer, ffn_hidden_dim
+from hvd_llama.weights.checkpoint import load_model_checkpoint, save_checkpoint
+from hvd_llama.weights.formats import ffn_settings
 
 transformers = pytest.importorskip("transformers")
 

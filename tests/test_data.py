@@ -9,9 +9,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from hvd_llama import prepare
 from hvd_llama.cli import UserError
-from hvd_llama.data import SampleOrder, StepBatches, TokenWindows, read_meta
-from hvd_llama.shards import HEADER_BYTES, META_FORMAT, META_VERSION, ShardWriter
+from hvd_llama.prep.token_shards import (
+    HEADER_BYTES,
+    META_FORMAT,
+    META_VERSION,
+    ShardWriter,
+)
 from hvd_llama.tokenizer import Tokenizer
+from hvd_llama.training.data import SampleOrder, StepBatches, TokenWindows, read_meta
 
 
 def write_data_dir(folder, train_tokens, val_tokens, shard_tokens, dtype=np.dtype("<u2")):

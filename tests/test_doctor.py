@@ -19,9 +19,14 @@ from conftest import micro_overrides
 from multiproc import REPO, job_env, run_job
 from trainrun import metrics, train_single
 
+from hvd_llama import device as device_module
 from hvd_llama import doctor
-from hvd_llama import metrics as metrics_module
-from hvd_llama.metrics import datasheet_peak, device_peak_flops, format_flops, measure_peak_flops
+from hvd_llama.device import (
+    datasheet_peak,
+    device_peak_flops,
+    format_flops,
+    measure_peak_flops,
+)
 
 CORES = len(os.sched_getaffinity(0))
 SUMMARY = re.compile(r"^doctor: (\d+) warnings?, (\d+) problems?$")
@@ -75,7 +80,7 @@ def test_peak_syncs_once_per_timed_batch_of_back_to_back_matmuls(monkeypatch):
         return real_matmul(*args, **kwargs)
 
     monkeypatch.setattr(torch, "matmul", timed_matmul)
-    monkeypatch.setattr(metrics_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(device_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     n = 64
     flops = measure_peak_flops(torch.device("cpu"), n=n, seconds=0.2, sync=lambda: events.append("sync"))
     batches = [len(chunk) for chunk in "".join("m" if e == "matmul" else "|" for e in events).split("|")]
@@ -119,7 +124,7 @@ def test_peak_is_at_least_the_per_matmul_sync_measurement():
 def test_datasheet_lookup_by_device_name(monkeypatch, name, dtype, expected):
     assert datasheet_peak(name, dtype) == expected
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    monkeypatch.setattr(metrics_module, "measure_peak_flops", lambda device, dtype: 1.5e12)
+    monkeypatch.setattr(device_module, "measure_peak_flops", lambda device, dtype: 1.5e12)
     flops, source = device_peak_flops(torch.device("cuda", 0), dtype)
     assert (flops, source) == ((expected[1], f"datasheet {expected[0]}") if expected else (1.5e12, "measured"))
 
@@ -195,18 +200,19 @@ def test_diagnose_fires_each_warning_when_its_condition_is_constructed(one_rank)
 
 
 def test_what_would_stop_training_on_the_gpus_is_a_problem_not_a_stop(monkeypatch):
-    """collect_horovod on a GPU with Horovod faked: the doctor reports dist.gpu_error's findings, and its init
+    """collect_horovod on a GPU with Horovod faked: the doctor reports parallel.gpu_error's findings, and its init
     does not stop on them."""
     from hvd_llama.config import DistConfig
-    from hvd_llama.dist import gpu_error, report as dist_report
+    from hvd_llama.parallel import gpu_error
+    from hvd_llama.parallel import report as parallel_report
     checked = []
-    monkeypatch.setattr(dist_report.dist, "init", lambda cfg, device, check_gpus=True: checked.append(check_gpus))
+    monkeypatch.setattr(parallel_report.parallel, "init", lambda cfg, device, check_gpus=True: checked.append(check_gpus))
     monkeypatch.setenv("HOROVOD_TIMELINE", "")  # report.init sets it: put back afterwards
-    dist_report.init(DistConfig(), "cuda")
+    parallel_report.init(DistConfig(), "cuda")
     assert checked == [False]
     placements = [("node1", "GPU-0", True), ("node1", "GPU-0", True)]
     fake = SimpleNamespace(
-        dist=SimpleNamespace(allgather_object=lambda mine, name: [mine, {**mine, "rank": 1}], gpu_error=gpu_error,
+        parallel=SimpleNamespace(allgather_object=lambda mine, name: [mine, {**mine, "rank": 1}], gpu_error=gpu_error,
                              gpu_placements=lambda index: placements),
         report=SimpleNamespace(controllers=lambda: {}, collective_backends=lambda devices: {},
                                allreduces_bfloat16=lambda: None))

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from multiproc import REPO, job_env, run_job, run_one_process
 
-from hvd_llama.compute import item_batches
-from hvd_llama.data import ArrayWindows, TokenWindows, read_meta
 from hvd_llama.evaluate import token_byte_lengths
-from hvd_llama.inference import load_model
+from hvd_llama.training.compute import item_batches
+from hvd_llama.training.data import ArrayWindows, TokenWindows, read_meta
+from hvd_llama.use.inference import load_model
 
 FIGURES = ("loss_sum_nats", "loss_per_token", "perplexity", "nats_per_char", "bits_per_byte")
 SAMPLE = 'def greet(name):\n    return f"Café, naïve — façade ✓ ½ {name}"\n\n'  # multi-byte characters

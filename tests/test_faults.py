@@ -11,8 +11,9 @@ from conftest import micro_overrides
 from multiproc import finish_job, start_job
 from trainrun import losses, metrics, train_args, train_job, train_single
 
-from hvd_llama.cli import UserError, sha256_file
-from hvd_llama.faults import Fault
+from hvd_llama.cli import UserError
+from hvd_llama.files import sha256_file
+from hvd_llama.training.faults import Fault
 
 pytestmark = pytest.mark.distributed
 

@@ -12,10 +12,10 @@ from multiproc import REPO, job_env, run_job
 from trainrun import TRAIN_DIGESTS, losses, metrics, train_job, train_single
 
 from hvd_llama.config import load_config
-from hvd_llama.data import read_meta
-from hvd_llama.decoding import generate
-from hvd_llama.inference import load_model
-from hvd_llama.startup import load_pretrained
+from hvd_llama.training.builder import load_pretrained
+from hvd_llama.training.data import read_meta
+from hvd_llama.use.decoding import generate
+from hvd_llama.use.inference import load_model
 
 pytestmark = pytest.mark.distributed
 

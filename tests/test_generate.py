@@ -10,14 +10,14 @@ import time
 
 import pytest
 import torch
-from torch import nn
 from multiproc import REPO, job_env, run_one_process
+from torch import nn
 
 from hvd_llama.bench import generation
 from hvd_llama.bench.generation import tokens_per_second
-from hvd_llama.checkpoint import load_model_checkpoint, save_checkpoint
-from hvd_llama.decoding import filter_top_k, filter_top_p, generate, sample_next
-from hvd_llama.inference import layout_for_decoding, load_model
+from hvd_llama.use.decoding import filter_top_k, filter_top_p, generate, sample_next
+from hvd_llama.use.inference import layout_for_decoding, load_model
+from hvd_llama.weights.checkpoint import load_model_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -32,13 +32,13 @@ def test_more_local_ranks_than_visible_devices_is_one_line():
     assert "\n" not in message
 
 
-# dist.init on real ranks with torch.cuda stubbed: which device each rank pins, or the error. argv: how many GPUs
+# parallel.init on real ranks with torch.cuda stubbed: which device each rank pins, or the error. argv: how many GPUs
 # each rank sees; which physical GPU is behind a visible index (all: every rank sees the node's GPUs; own: each
 # rank sees only its own; same: every rank sees the same one); whether Horovod has NCCL (nccl) or not.
 BIND = """import sys, torch
 from types import SimpleNamespace
 import horovod.torch as hvd
-from hvd_llama import dist
+from hvd_llama import parallel
 from hvd_llama.cli import UserError
 from hvd_llama.config import DistConfig
 count, binding, nccl = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "nccl"
@@ -51,8 +51,8 @@ physical = {"all": lambda index: f"GPU-{index}", "own": lambda index: f"GPU-{hvd
 torch.cuda.get_device_properties = lambda index: SimpleNamespace(uuid=physical(index))  # a _CUuuid in torch
 hvd.nccl_built = lambda: 22703 if nccl else 0
 try:
-    device = dist.init(DistConfig(elastic=elastic), "cuda")
-    print(f"rank {dist.rank()} device {device} pinned {pinned} threads {torch.get_num_threads()}")
+    device = parallel.init(DistConfig(elastic=elastic), "cuda")
+    print(f"rank {parallel.rank()} device {device} pinned {pinned} threads {torch.get_num_threads()}")
 except UserError as err:
     print(f"rank error: {err}")
 """
@@ -113,6 +113,7 @@ def test_gpus_with_a_horovod_without_nccl_stop_in_one_line(tmp_path, np, refused
 def test_a_torch_without_device_uuids_is_not_compared(monkeypatch):
     """torch.cuda.get_device_properties has .uuid from torch 2.4; hvd_llama runs on 2.1 and later."""
     from types import SimpleNamespace
+
     from hvd_llama.device import gpu_uuid
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=1 << 30))
     assert gpu_uuid(0) is None
@@ -121,7 +122,7 @@ def test_a_torch_without_device_uuids_is_not_compared(monkeypatch):
 
 
 def test_gpu_error_decides_on_every_ranks_placement():
-    from hvd_llama.dist import gpu_error
+    from hvd_llama.parallel import gpu_error
     assert shared_gpu([("a", "GPU-1"), ("a", "GPU-2"), ("b", "GPU-1")]) is None  # two nodes: two GPUs
     assert shared_gpu([("a", None), ("a", None)]) is None  # torch < 2.4 cannot tell: not compared
     shared = shared_gpu([("a", "GPU-1"), ("a", "GPU-2"), ("b", "GPU-3"), ("a", "GPU-1"), ("a", "GPU-2")])
@@ -135,7 +136,7 @@ def test_gpu_error_decides_on_every_ranks_placement():
 
 # ---- 3. a world split by a failed MPI wire-up --------------------------------------------------------------
 def test_world_size_check_reads_the_launchers_variables():
-    from hvd_llama.dist import check_world_size
+    from hvd_llama.parallel import check_world_size
     check_world_size(4, {"OMPI_COMM_WORLD_SIZE": "4"})
     check_world_size(1, {})
     check_world_size(1, {"SLURM_NTASKS": "16"})  # the batch script itself: one process may run alone
@@ -199,7 +200,7 @@ class FakeCudaRng:
 
 
 def test_cuda_rng_state_is_the_ranks_own_device_and_restores_with_fewer_visible(monkeypatch):
-    from hvd_llama.checkpointing import rng_state, set_rng_state
+    from hvd_llama.training.checkpointing import rng_state, set_rng_state
     FakeCudaRng(current=3, count=8).install(monkeypatch)  # rank 3 of a node where every rank sees 8 GPUs
     state = rng_state()
     assert int(state["cuda"][0]) == 103
@@ -210,7 +211,7 @@ def test_cuda_rng_state_is_the_ranks_own_device_and_restores_with_fewer_visible(
 
 
 def test_rng_state_without_cuda_in_use_has_no_cuda_part(monkeypatch):
-    from hvd_llama.checkpointing import rng_state, set_rng_state
+    from hvd_llama.training.checkpointing import rng_state, set_rng_state
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     state = rng_state()
     assert state["cuda"] is None
@@ -224,12 +225,12 @@ def test_rng_state_without_cuda_in_use_has_no_cuda_part(monkeypatch):
 PEAK = """import sys, torch
 from pathlib import Path
 from types import SimpleNamespace
-from hvd_llama import dist, train
+from hvd_llama import parallel, train
 from hvd_llama.config import load_config
-from hvd_llama.metrics import MetricsLogger
+from hvd_llama.training.metrics import MetricsLogger
 run_dir, events = Path(sys.argv[1]), []
 cfg = load_config(None, sys.argv[3::2])  # the values of --set k=v
-dist.init(cfg.dist, "cpu")
+parallel.init(cfg.dist, "cpu")
 trainer = train.Trainer(cfg, run_dir, torch.device("cpu"))
 trainer.device = torch.device("cuda", 0)  # run()'s CUDA path; nothing below touches the device
 trainer.peak_flops = lambda: events.append("peak measured") or (1e12, "stub")
@@ -282,7 +283,7 @@ def micro_model():
 
 def losses_grads_saved(model, inputs, targets, chunk: int, precision: str = "fp32"):
     """Per-token losses, every gradient, and the bytes autograd saved for backward during the forward."""
-    from hvd_llama.compute import model_token_losses
+    from hvd_llama.training.compute import model_token_losses
     model.zero_grad()
     saved = []
 
@@ -320,7 +321,7 @@ def relative_error(grads: dict, reference: dict) -> float:
 
 
 def test_chunked_loss_under_bf16_autocast_is_as_accurate_and_equal_without_grad():
-    from hvd_llama.compute import model_token_losses
+    from hvd_llama.training.compute import model_token_losses
     model = micro_model()
     batch = torch.randint(0, 512, (2, 65), generator=torch.Generator().manual_seed(2))
     inputs, targets, cpu = batch[:, :-1], batch[:, 1:], torch.device("cpu")
@@ -380,7 +381,7 @@ def test_bf16_generate_runs_and_returns_text(micro_run):
 
 
 def test_bf16_weights_are_bf16_and_exclude_int8(micro_run):
-    from hvd_llama.inference import check_dtype, load_model
+    from hvd_llama.use.inference import check_dtype, load_model
     model, _, _ = load_model(micro_run, dtype="bf16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model(torch.tensor([[1, 2, 3]])).dtype == torch.float32  # logits stay fp32 for sampling and the loss
@@ -390,7 +391,7 @@ def test_bf16_weights_are_bf16_and_exclude_int8(micro_run):
 
 # ---- 5. elastic commits in host memory ------------------------------------------------------------------------
 def test_elastic_commits_are_host_copies_and_restore_puts_them_back():
-    from hvd_llama.dist import _ElasticState
+    from hvd_llama.parallel.elastic import ElasticState
     model = micro_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
 
@@ -400,7 +401,7 @@ def test_elastic_commits_are_host_copies_and_restore_puts_them_back():
         optimizer.zero_grad()
 
     train_once()  # some optimizer state to commit
-    state = _ElasticState(model, optimizer, progress={"step": 1, "samples": 2})
+    state = ElasticState(model, optimizer, progress={"step": 1, "samples": 2})
     state.save()  # commit() = save() + a collective check for host changes
     committed_model, committed_optimizer = state._committed
     for name, tensor in committed_model.items():
@@ -424,7 +425,7 @@ def test_elastic_commits_are_host_copies_and_restore_puts_them_back():
 
 
 def test_host_copy_keeps_the_structure():
-    from hvd_llama.dist import host_copy
+    from hvd_llama.parallel.elastic import host_copy
     tree = {"a": torch.ones(2), "b": [torch.zeros(3), 4, "x"], "c": (torch.arange(2), None)}
     copied = host_copy(tree)
     assert copied["b"][1:] == [4, "x"] and copied["c"][1] is None and isinstance(copied["c"], tuple)
@@ -602,7 +603,7 @@ def test_gpu_check_np2_equivalence_and_scaling(tmp_path):
 
 
 def test_cpu_defaults_fill_only_what_the_launcher_or_user_left_unset():
-    from hvd_llama.dist import CPU_HOROVOD_ENV, cpu_defaults
+    from hvd_llama.parallel import CPU_HOROVOD_ENV, cpu_defaults
     env = {"HOROVOD_CYCLE_TIME": "2"}  # horovodrun --cycle-time-ms 2
     applied = cpu_defaults(env)
     assert env["HOROVOD_CYCLE_TIME"] == "2" and "HOROVOD_CYCLE_TIME" not in applied

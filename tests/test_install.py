@@ -72,7 +72,7 @@ def test_wheel_builds_from_pyproject_with_the_package_and_license(tmp_path):
         metadata = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     packaged = {n for n in names if n.startswith("hvd_llama/") and n.endswith(".py")}
     in_tree = {p.relative_to(src).as_posix() for p in (src / "hvd_llama").rglob("*.py")}
-    assert packaged == in_tree and "hvd_llama/dist/__init__.py" in packaged
+    assert packaged == in_tree and "hvd_llama/parallel/__init__.py" in packaged
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert "Requires-Python: >=3.10" in metadata
     assert 'Requires-Dist: transformers>=5.0; extra == "test"' in metadata

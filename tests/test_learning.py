@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from trainrun import metrics, train_job
 
-from hvd_llama.data import TokenWindows
+from hvd_llama.training.data import TokenWindows
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

@@ -4,8 +4,16 @@ import math
 import pytest
 import torch
 
-from hvd_llama.lora import (LORA_TARGETS, LoRALinear, apply_lora, load_lora_state_dict, lora_param_count,
-                            lora_state_dict, merged_state_dict, trainable_param_count)
+from hvd_llama.lora import (
+    LORA_TARGETS,
+    LoRALinear,
+    apply_lora,
+    load_lora_state_dict,
+    lora_param_count,
+    lora_state_dict,
+    merged_state_dict,
+    trainable_param_count,
+)
 from hvd_llama.model import ModelConfig, Transformer
 
 # Grouped-query attention (4 query heads, 2 key/value heads) so wk/wv are narrower than wq/wo.

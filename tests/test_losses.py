@@ -12,9 +12,9 @@ from conftest import micro_overrides
 from multiproc import REPO, job_env
 from trainrun import losses, metrics, train_job, train_single
 
-from hvd_llama.compute import count_targets, spread_selection
-from hvd_llama.data import SFTExamples, inputs_and_targets
 from hvd_llama.tokenizer import Tokenizer
+from hvd_llama.training.compute import count_targets, spread_selection
+from hvd_llama.training.data import SFTExamples, inputs_and_targets
 
 WORDS = ("the king and queen of england shall speak to thee my lord good night sweet prince what light through "
          "yonder window breaks it is the east and juliet is the sun").split()

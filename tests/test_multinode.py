@@ -15,7 +15,7 @@ from multiproc import REPO, finish_job, job_env
 from netns import IFACE
 from trainrun import losses, metrics, train_single
 
-from hvd_llama import checkpoint
+from hvd_llama.weights import checkpoint
 
 NETWORK_TIMEOUT_S = 10  # the launch scripts' -t when the link is cut: how long a silent peer may take
 

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-
 from multiproc import run_snippet
 
 pytestmark = pytest.mark.distributed

@@ -3,7 +3,7 @@ import torch
 
 from hvd_llama.config import OptimConfig
 from hvd_llama.model import ModelConfig, Transformer
-from hvd_llama.optim import build_optimizer, lr_at
+from hvd_llama.training.optim import build_optimizer, lr_at
 
 
 def test_schedule_warmup_peak_cosine_floor():

@@ -8,15 +8,23 @@ import torch
 from multiproc import REPO, job_env, run_job
 
 from hvd_llama.cli import UserError
-from hvd_llama.compute import autocast, token_losses
 from hvd_llama.config import OptimConfig, load_config
 from hvd_llama.lora import apply_lora
 from hvd_llama.model import ModelConfig, Transformer
-from hvd_llama.optim import build_optimizer
-from hvd_llama.memory import (GiB, activation_bytes, check_fits, count_params, model_state_bytes, plan,
-                              weight_copy_bytes, zero_layout)
 from hvd_llama.plan import main, parse_size
-from hvd_llama.sharding import bucket_size
+from hvd_llama.training.compute import autocast, token_losses
+from hvd_llama.training.memory import (
+    GiB,
+    activation_bytes,
+    check_fits,
+    count_params,
+    model_state_bytes,
+    plan,
+    weight_copy_bytes,
+    zero_layout,
+)
+from hvd_llama.training.optim import build_optimizer
+from hvd_llama.training.zero_layout import bucket_size
 
 # Odd sizes on purpose: vocabulary, sequence and batch that are not powers of two, head_dim 16.
 SHAPES = {"mha": dict(n_heads=6, n_kv_heads=None), "gqa": dict(n_heads=6, n_kv_heads=2),

@@ -13,11 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hvd_llama import encode, prepare
-from hvd_llama.cli import UserError, sha256_file
-from hvd_llama.corpus import stdlib_files
-from hvd_llama.shards import HEADER_BYTES, ShardWriter, read_shard_header, token_dtype
-from hvd_llama.text import Cleaner, document_hash
+from hvd_llama import prepare
+from hvd_llama.cli import UserError
+from hvd_llama.files import sha256_file
+from hvd_llama.prep import encode
+from hvd_llama.prep.corpus import stdlib_files
+from hvd_llama.prep.text import Cleaner, document_hash
+from hvd_llama.prep.token_shards import (
+    HEADER_BYTES,
+    ShardWriter,
+    read_shard_header,
+    token_dtype,
+)
 from hvd_llama.tokenizer import Tokenizer
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
@@ -180,7 +187,7 @@ def test_one_long_document_last_tenth_is_validation(tmp_path, corpus_path):
 
 
 def test_worker_pool_prints_no_warning(tmp_path):
-    """The fork server preloads hvd_llama.encode, not the command run as __main__: no runpy RuntimeWarning."""
+    """The fork server preloads hvd_llama.prep.encode, not the command run as __main__: no runpy RuntimeWarning."""
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, "-m", "hvd_llama.prepare", "--input", "stdlib", "--out", str(out),
                              "--max-chars", "3000000", "--vocab-size", "400", "--workers", "2"],

@@ -13,13 +13,22 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from hvd_llama import encode, prepare
-from hvd_llama.cli import UserError, sha256_file
-from hvd_llama.compute import count_targets, token_losses
-from hvd_llama.data import (SampleOrder, SFTExamples, StepBatches, TokenWindows, inputs_and_targets, open_split,
-                            read_meta)
+from hvd_llama import prepare
+from hvd_llama.cli import UserError
+from hvd_llama.files import sha256_file
 from hvd_llama.model import ModelConfig, Transformer
+from hvd_llama.prep import encode
 from hvd_llama.tokenizer import Tokenizer
+from hvd_llama.training.compute import count_targets, token_losses
+from hvd_llama.training.data import (
+    SampleOrder,
+    SFTExamples,
+    StepBatches,
+    TokenWindows,
+    inputs_and_targets,
+    open_split,
+    read_meta,
+)
 
 # Truncation is expected in most tests here; the test about it checks the warning itself.
 pytestmark = pytest.mark.filterwarnings("ignore:.* examples dropped .* truncated:UserWarning")

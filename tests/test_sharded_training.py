@@ -12,7 +12,7 @@ from conftest import micro_overrides
 from multiproc import REPO, job_env
 from trainrun import losses, metrics, stopped_copy, train_job, train_single
 
-from hvd_llama import checkpoint
+from hvd_llama.weights import checkpoint
 
 pytestmark = pytest.mark.distributed
 

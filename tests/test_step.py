@@ -5,14 +5,14 @@ import math
 
 import torch
 
-from hvd_llama.compute import train_step
-from hvd_llama.model import ModelConfig, Transformer
-from hvd_llama.optim import LossScaler, build_optimizer
 from hvd_llama.config import OptimConfig
+from hvd_llama.model import ModelConfig, Transformer
+from hvd_llama.training.compute import train_step
+from hvd_llama.training.optim import LossScaler, build_optimizer
 
 
 class PlainOptimizer:
-    """hvd_llama.dist's optimizer interface over a plain AdamW (one process: nothing to reduce)."""
+    """hvd_llama.parallel's optimizer interface over a plain AdamW (one process: nothing to reduce)."""
 
     def __init__(self, model):
         self.optimizer, self.params = build_optimizer(model, OptimConfig()), list(model.parameters())
@@ -62,7 +62,7 @@ def test_a_non_finite_loss_is_not_an_overflow():
 def test_loading_a_checkpoint_keeps_this_optimizers_implementation():
     """A state saved by a non-fused AdamW (a CPU run) loaded into a fused one (a GPU run) keeps `fused`: torch
     would take the file's flags and leave `step` tensors where the fused kernels do not expect them."""
-    from hvd_llama.dist.zero import ReplicatedOptimizer
+    from hvd_llama.parallel.zero import ReplicatedOptimizer
     model, _, batches = setup()
     saved = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
     model(batches[0][:, :-1]).sum().backward()

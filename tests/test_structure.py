@@ -1,5 +1,5 @@
 """The package's shape, read from its source with ast: imports follow the data flow (so there is no cycle),
-Horovod stays behind hvd_llama/dist/, the model needs torch alone, no command imports another, modules
+Horovod stays behind hvd_llama/parallel/, the model needs torch alone, no command imports another, modules
 stay small, and the tests read nothing beside the repository."""
 import ast
 import sys
@@ -11,15 +11,18 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hvd_llama"
 # Every module, upstream first: each may import only modules listed before it (a topological order of the
 # import graph, which therefore has no cycle). A new module takes its place here.
 FLOW = [
-    # foundations
-    "cli", "procs", "faults", "text", "model", "config", "tokenizer", "device",
-    # raw text -> token shards
-    "shards", "corpus", "encode", "prepare",
-    # token shards -> training
-    "data", "sharding", "dist.zero", "dist", "dist.report", "optim", "metrics", "lora", "memory", "compute", "checkpoint",
-    "checkpointing", "formats", "pretrained", "startup", "train", "plan",
-    # checkpoints -> numbers, text, other formats
-    "inference", "decoding", "evaluate", "generate", "convert", "doctor",
+    # foundations: errors, files, processes, the configuration, the model, the tokenizer, the device
+    "cli", "files", "procs", "model", "config", "tokenizer", "device", "lora",
+    # prep/: raw text -> token shards (the prepare command)
+    "prep", "prep.text", "prep.token_shards", "prep.corpus", "prep.encode", "prepare",
+    # training/ and parallel/: token shards -> a trained model (the train and plan commands)
+    "training", "training.data", "training.zero_layout", "training.faults", "training.optim", "training.metrics",
+    "training.memory", "training.compute", "parallel.zero", "parallel", "parallel.elastic", "parallel.report",
+    # weights/: checkpoints and other formats on disk
+    "weights", "weights.checkpoint", "weights.formats", "weights.pretrained",
+    "training.checkpointing", "training.builder", "train", "plan",
+    # use/: checkpoints -> numbers, text, other formats (evaluate, generate, convert, doctor)
+    "use", "use.inference", "use.decoding", "evaluate", "generate", "convert", "doctor",
     # benchmarks of all of the above
     "bench", "bench.common", "bench.synthetic", "bench.train_steps", "bench.prepare_steps", "bench.throughput",
     "bench.scaling", "bench.quality", "bench.generation", "bench.prepare", "bench.memory", "bench.stages",
@@ -44,7 +47,7 @@ def imports(name: str) -> set[str]:
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             found.add(node.module)
-            # `from hvd_llama import dist` imports the module hvd_llama.dist
+            # `from hvd_llama import dist` imports the module hvd_llama.parallel
             found.update(f"{node.module}.{alias.name}" for alias in node.names)
     return found
 
@@ -63,10 +66,10 @@ def test_imports_point_down_the_flow(name):
     assert internal_imports(name) <= upstream, f"{name} imports {sorted(internal_imports(name) - upstream)}"
 
 
-def test_horovod_only_in_dist_and_the_model_needs_torch_alone():
+def test_horovod_only_in_parallel_and_the_model_needs_torch_alone():
     for name in MODULES:
         if any(m.split(".")[0] == "horovod" for m in imports(name)):
-            assert name.split(".")[0] == "dist", f"{name} imports horovod"
+            assert name.split(".")[0] == "parallel", f"{name} imports horovod"
     third_party = {m.split(".")[0] for m in imports("model")} - set(sys.stdlib_module_names) - {"__future__"}
     assert third_party == {"torch"}
 

@@ -1,8 +1,18 @@
 """Cleaning steps, one by one, and the Cleaner's report."""
 import pytest
 
-from hvd_llama.text import (DEFAULT_CLEAN, Cleaner, decode_utf8, document_hash, normalize_unicode,
-                            normalize_whitespace, parse_steps, remove_control_chars, sentence_chunks, strip_html)
+from hvd_llama.prep.text import (
+    DEFAULT_CLEAN,
+    Cleaner,
+    decode_utf8,
+    document_hash,
+    normalize_unicode,
+    normalize_whitespace,
+    parse_steps,
+    remove_control_chars,
+    sentence_chunks,
+    strip_html,
+)
 
 CODE = "def f(x):\n    if x:\n\treturn {'a':  1}\n\n\n    return x  # two  spaces\n"
 

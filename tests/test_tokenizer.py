@@ -4,7 +4,7 @@ import hashlib
 import pytest
 
 from hvd_llama.cli import UserError
-from hvd_llama.text import Cleaner, sentence_chunks
+from hvd_llama.prep.text import Cleaner, sentence_chunks
 from hvd_llama.tokenizer import Tokenizer, train_tokenizer
 
 CODE = '''class Stack:

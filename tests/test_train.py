@@ -2,14 +2,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DistributedSampler
 from conftest import micro_overrides
+from torch.utils.data import DistributedSampler
 from trainrun import losses, metrics, stopped_copy, train_single
 
 from hvd_llama.config import load_config
-from hvd_llama.data import TokenWindows
 from hvd_llama.model import Transformer
-from hvd_llama.optim import lr_at
+from hvd_llama.training.data import TokenWindows
+from hvd_llama.training.optim import lr_at
 
 
 def plain_pytorch_losses(overrides: list) -> list:

@@ -4,7 +4,14 @@ import time
 import pytest
 from conftest import micro_overrides
 from multiproc import run_job
-from trainrun import TRAIN_DIGESTS, losses, metrics, stopped_copy, train_job, train_single
+from trainrun import (
+    TRAIN_DIGESTS,
+    losses,
+    metrics,
+    stopped_copy,
+    train_job,
+    train_single,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -18,7 +25,7 @@ def test_two_ranks_equal_one_rank_with_double_batch(data_dir, tmp_path, launcher
     assert len(two) == 5
     assert two == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
     assert metrics(tmp_path / "two")[-1]["tokens"] == 5 * 2 * 4 * 32  # tokens of both ranks
-    # CPU ranks get a background loop that does not take their cores (dist.CPU_HOROVOD_ENV)
+    # CPU ranks get a background loop that does not take their cores (parallel.CPU_HOROVOD_ENV)
     controller = "Gloo" if launcher == "horovodrun" else "MPI"
     assert f"Horovod {controller} controller, cycle 5 ms" in job.output
 

@@ -1,4 +1,4 @@
-"""ZeRO stages 1-2 (hvd_llama/dist/zero.py): the flat layout, slice state, and real multi-process training
+"""ZeRO stages 1-2 (hvd_llama/parallel/zero.py): the flat layout, slice state, and real multi-process training
 against stage 0 (hvd.DistributedOptimizer) and plain torch.optim.AdamW. The jobs run tests/zero_job.py."""
 import json
 import math
@@ -9,8 +9,8 @@ import torch
 from multiproc import run_job
 from zero_job import ACCUM, GRAD_ACCUM, LR, MAX_NORM, POISON_STEP, SMALL_BUCKETS
 
-from hvd_llama.memory import ParamCounts, model_state_bytes
-from hvd_llama.sharding import STATE_FORMAT, FlatLayout, merge_slices
+from hvd_llama.training.memory import ParamCounts, model_state_bytes
+from hvd_llama.training.zero_layout import STATE_FORMAT, FlatLayout, merge_slices
 
 ZERO_JOB = Path(__file__).with_name("zero_job.py")
 
@@ -57,7 +57,7 @@ def test_layout_gives_every_element_one_owner_and_equal_padded_shards(world, buc
 
 
 def test_stage_0_groups_gradients_in_buckets_in_backward_order():
-    from hvd_llama.dist import gradient_groups
+    from hvd_llama.parallel import gradient_groups
     params = [torch.zeros(n) for n in NUMELS]
     groups = gradient_groups(params, 20)
     assert groups[0][-1] is params[-1]  # the gradients backward produces first

@@ -9,11 +9,11 @@ import hashlib
 import sys
 from pathlib import Path
 
-from hvd_llama import dist
+from hvd_llama import parallel
 from hvd_llama.config import load_config
-from hvd_llama.metrics import MetricsLogger
-from hvd_llama.startup import check_data, load_pretrained
 from hvd_llama.train import Trainer
+from hvd_llama.training.builder import check_data, load_pretrained
+from hvd_llama.training.metrics import MetricsLogger
 
 
 def digest(named) -> str:
@@ -23,7 +23,7 @@ def digest(named) -> str:
 def main() -> None:
     run_dir = Path(sys.argv[1])
     cfg = load_config(None, sys.argv[2:])
-    device = dist.init(cfg.dist, "cpu")
+    device = parallel.init(cfg.dist, "cpu")
     meta = check_data(cfg)
     trainer = Trainer(cfg, run_dir, device, load_pretrained(cfg, meta) if cfg.finetune.init_from else None)
     trainer.resume(None)

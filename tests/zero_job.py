@@ -18,11 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hvd_llama import dist
+from hvd_llama import parallel
 from hvd_llama.config import DistConfig
 from hvd_llama.lora import apply_lora
 from hvd_llama.model import ModelConfig, Transformer
-from hvd_llama.optim import param_groups
+from hvd_llama.parallel.zero import allgather_tensor
+from hvd_llama.training.optim import param_groups
+from hvd_llama.training.zero_layout import merge_slices
 
 VOCAB, SEQ, GLOBAL_BATCH, GRAD_ACCUM, MAX_NORM, LR = 37, 8, 6, 2, 0.05, 1e-2
 MODEL = ModelConfig(dim=24, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=VOCAB, multiple_of=8, max_seq_len=16)
@@ -57,7 +59,7 @@ def build_optimizer(model, stage, bucket_elements=SMALL_BUCKETS, compression="no
                     grad_accum=GRAD_ACCUM):
     groups = param_groups(model, weight_decay=0.1)
     cfg = DistConfig(compression=compression, gradient_predivide_factor=predivide)
-    return dist.build_data_parallel_optimizer(model, groups, dict(lr=LR, betas=(0.9, 0.95), eps=1e-8), cfg,
+    return parallel.build_data_parallel_optimizer(model, groups, dict(lr=LR, betas=(0.9, 0.95), eps=1e-8), cfg,
                                               stage, grad_accum, bucket_elements=bucket_elements)
 
 
@@ -70,8 +72,8 @@ def micro_batch(step: int, micro: int) -> torch.Tensor:
         batch[:, i] = (5 * batch[:, i - 1] + 3) % VOCAB
     noise = torch.randint(0, SEQ + 1, (GLOBAL_BATCH,), generator=generator)
     batch[torch.arange(GLOBAL_BATCH), noise] = torch.randint(0, VOCAB, (GLOBAL_BATCH,), generator=generator)
-    share = GLOBAL_BATCH // dist.size()
-    return batch[dist.rank() * share:(dist.rank() + 1) * share]
+    share = GLOBAL_BATCH // parallel.size()
+    return batch[parallel.rank() * share:(parallel.rank() + 1) * share]
 
 
 def next_token_loss(model, batch: torch.Tensor) -> torch.Tensor:
@@ -90,7 +92,7 @@ def train_step(model, opt, step: int, poison: bool = False) -> dict:
     for micro in range(GRAD_ACCUM):
         loss = next_token_loss(model, micro_batch(step, micro))
         losses.append(loss.item())
-        if poison and dist.rank() == dist.size() - 1:
+        if poison and parallel.rank() == parallel.size() - 1:
             loss = loss * float("nan")
         (loss / GRAD_ACCUM).backward()
     opt.reduce_gradients()
@@ -99,7 +101,7 @@ def train_step(model, opt, step: int, poison: bool = False) -> dict:
     if torch.isfinite(norm):
         opt.step()
     opt.zero_grad()
-    mean_loss = dist.allreduce_sum(torch.tensor([sum(losses) / len(losses)]), name="loss").item() / dist.size()
+    mean_loss = parallel.allreduce_sum(torch.tensor([sum(losses) / len(losses)]), name="loss").item() / parallel.size()
     return {"loss": mean_loss, "norm": norm.item(), "grads_left": grads_left, "digest": digest(model)}
 
 
@@ -152,7 +154,7 @@ def equivalence() -> None:
         param_diffs = diffs(model, ref_model)
         result = {"name": name, "stage": stage, "lora": lora, "records": records,
                   "param_diff": param_diffs.max().item(), "param_mean_diff": param_diffs.mean().item(),
-                  "P": trainable_count(model), "world": dist.size(),
+                  "P": trainable_count(model), "world": parallel.size(),
                   "tensors": sum(p.requires_grad for p in model.parameters()),
                   "bytes": opt.state_bytes()}
         # Gradient bytes during accumulation (the fp32 buffers of stages 1-2, whole) and right after
@@ -171,9 +173,9 @@ def equivalence() -> None:
         if stage:
             result["shard_numel"] = {k: getattr(opt, k).numel() for k in ("grad_shard", "exp_avg", "exp_avg_sq")}
             result["buckets"] = len(opt.layout.buckets)
-            slices = dist.allgather_object(opt.state_dict(), name=f"slices.{name}")
+            slices = parallel.allgather_object(opt.state_dict(), name=f"slices.{name}")
             result["ranges"] = [s["ranges"] for s in slices]
-            result["moment_diff"] = moment_diff(dist.merge_slices(slices), ref_model, ref_opt)
+            result["moment_diff"] = moment_diff(merge_slices(slices), ref_model, ref_opt)
         emit(**result)
 
 
@@ -191,10 +193,10 @@ def moment_diff(merged: dict, ref_model, ref_opt) -> float:
 
 def save(model, opt, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(opt.state_dict(), directory / f"slice{dist.rank()}.pt")
-    if dist.is_main():
+    torch.save(opt.state_dict(), directory / f"slice{parallel.rank()}.pt")
+    if parallel.is_main():
         torch.save(model.state_dict(), directory / "model.pt")
-    dist.allreduce_sum(torch.zeros(1), name="saved")  # every file written before anyone reads
+    parallel.allreduce_sum(torch.zeros(1), name="saved")  # every file written before anyone reads
 
 
 def resumed(stage: int, directory: Path, load_optimizer: bool = True):
@@ -217,7 +219,7 @@ def reshard_save(directory: Path) -> None:
         again_model, again_opt = resumed(stage, directory / f"stage{stage}")
         _, _, again = run(stage, range(5, 10), again_model, again_opt)
         emit(stage=stage, losses=[r["loss"] for r in first + rest], resumed=[r["loss"] for r in again],
-             digests=[digest(model), digest(again_model)], world=dist.size())
+             digests=[digest(model), digest(again_model)], world=parallel.size())
 
 
 def reshard_load(directory: Path) -> None:
@@ -226,14 +228,14 @@ def reshard_load(directory: Path) -> None:
     for stage in (1, 2):
         _, _, rest = run(stage, range(5, 10), *resumed(stage, directory / f"stage{stage}"))
         _, _, fresh = run(stage, range(5, 10), *resumed(stage, directory / f"stage{stage}", load_optimizer=False))
-        emit(stage=stage, losses=[r["loss"] for r in rest], fresh=[r["loss"] for r in fresh], world=dist.size())
+        emit(stage=stage, losses=[r["loss"] for r in rest], fresh=[r["loss"] for r in fresh], world=parallel.size())
 
 
 def bf16() -> None:
     """fp32 training against bf16 weights with fp32 master slices, 20 steps; the bf16 allgather bit for bit."""
-    special = torch.tensor([0.0, -0.0, 1e-40, -3.5, float("inf"), float("nan"), 65504.0, 1e38 * (dist.rank() + 1)])
-    own = (special * (dist.rank() + 1)).to(torch.bfloat16)
-    gathered = dist.allgather_tensor(own, name="bf16.check")
+    special = torch.tensor([0.0, -0.0, 1e-40, -3.5, float("inf"), float("nan"), 65504.0, 1e38 * (parallel.rank() + 1)])
+    own = (special * (parallel.rank() + 1)).to(torch.bfloat16)
+    gathered = allgather_tensor(own, name="bf16.check")
     emit(kind="allgather", own=own.view(torch.int16).tolist(), gathered=gathered.view(torch.int16).tolist(),
          dtype=str(gathered.dtype))
     for stage in (1, 2):
@@ -266,7 +268,7 @@ def accum() -> None:
             peak = opt.state_bytes()  # after the last pass but one: the accumulation buffers are all there
             (next_token_loss(model, batch) / ACCUM).backward()
         opt.reduce_gradients()
-        exact = sum(dist.allgather_object(local, name=f"accum.{stage}")) / dist.size()
+        exact = sum(parallel.allgather_object(local, name=f"accum.{stage}")) / parallel.size()
         pieces = opt.layout.pieces
         expected = torch.cat([exact[pc.global_start:pc.global_start + pc.numel] for pc in pieces])
         got = torch.cat([opt.grad_shard[pc.shard_offset:pc.shard_offset + pc.numel] for pc in pieces]).float()
@@ -303,7 +305,7 @@ def single() -> None:
 
 def main() -> None:
     mode = sys.argv[1]
-    dist.init(DistConfig(threads_per_rank=1), "cpu")
+    parallel.init(DistConfig(threads_per_rank=1), "cpu")
     assert trainable_count(build_model()) % 2 and trainable_count(build_model()) % 3, "P must be odd-sized"
     assert trainable_count(build_model(lora=True)) % 2 and trainable_count(build_model(lora=True)) % 3
     {"equivalence": equivalence, "bf16": bf16, "accum": accum, "single": single,

@@ -19,8 +19,8 @@ import torch
 
 import hvd_llama
 from hvd_llama import procs
-from hvd_llama.cli import read_json
 from hvd_llama.config import Config
+from hvd_llama.files import read_json
 from hvd_llama.model import Transformer
 
 PACKAGE_ROOT = Path(hvd_llama.__file__).resolve().parents[1]  # the folder this hvd_llama is imported from
@@ -177,7 +177,7 @@ def run_evaluate(b: Bench, checkpoint: Path, data: Optional[Path], name: str,
 
 
 # ---- Horovod's timeline ---------------------------------------------------------------------------------------
-# What a timeline's tensor names say about their op (hvd_llama's names: dist/zero.py, compute.py).
+# What a timeline's tensor names say about their op (hvd_llama's names: parallel/zero.py, compute.py).
 SMALL_ALLREDUCES = ("allreduce.step.targets", "allreduce.zero.grad_norm")
 
 
@@ -250,3 +250,13 @@ def summarize_timeline(path: Path, steps: int) -> dict:
 def timeline_line(summary: dict) -> str:
     return ", ".join(f"{kind} {o['ops']} ops {o['busy_ms_per_step']:.0f} ms/step (median {o['op_ms_median']:.1f}, "
                      f"max {o['op_ms_max']:.1f} ms)" for kind, o in summary["ops"].items())
+
+
+def best_seconds(run: Callable[[], object], repeats: int) -> float:
+    """Fastest of `repeats` timed calls: other load on the machine only ever adds time."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best

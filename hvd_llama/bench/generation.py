@@ -9,11 +9,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hvd_llama.bench.common import Bench, num_params, run_evaluate, table
-from hvd_llama.cli import best_seconds
-from hvd_llama.decoding import generate
-from hvd_llama.inference import layout_for_decoding, quantize_int8
+from hvd_llama.bench.common import Bench, best_seconds, num_params, run_evaluate, table
 from hvd_llama.model import Transformer
+from hvd_llama.use.decoding import generate
+from hvd_llama.use.inference import layout_for_decoding, quantize_int8
 
 KV_SPEEDUP_TARGET = 5.0
 

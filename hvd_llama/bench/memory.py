@@ -1,4 +1,4 @@
-"""Memory per rank at ZeRO stages 0/1/2 on 1 and 2 ranks, measured next to the planner's figures (hvd_llama.memory):
+"""Memory per rank at ZeRO stages 0/1/2 on 1 and 2 ranks, measured next to the planner's figures (hvd_llama.training.memory):
 the optimizer's state_bytes() (weights, gradients, AdamW state, right after reduce_gradients() and after step()
 of the last training step) and each rank's peak resident memory (VmHWM); timed in train_steps.py's processes.
 At np=2 stages 0 and 2 also run in bf16: the target (stage 2 at most 60% of stage 0) is judged there."""
@@ -8,7 +8,7 @@ import os
 
 from hvd_llama.bench.common import MB, Bench, table
 from hvd_llama.config import half_weights, load_config
-from hvd_llama.memory import count_params, model_state_bytes, plan
+from hvd_llama.training.memory import count_params, model_state_bytes, plan
 
 STAGES = (0, 1, 2)
 STATE_LINES = ("weights", "gradients", "optimizer")

@@ -11,7 +11,7 @@ from typing import Sequence
 
 from hvd_llama.bench.common import MB, Bench, python_module, read_measurement, table
 from hvd_llama.bench.synthetic import write_corpus
-from hvd_llama.data import read_meta
+from hvd_llama.training.data import read_meta
 
 PREPARE_MB = 1024  # the default size of the generated corpus
 ENCODE_EFFICIENCY_TARGET = 0.9

@@ -5,9 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hvd_llama.bench.common import Bench, horovodrun, job_step_s, num_params, python_module, run_evaluate
+from hvd_llama.bench.common import (
+    Bench,
+    horovodrun,
+    job_step_s,
+    num_params,
+    python_module,
+    run_evaluate,
+)
 from hvd_llama.config import load_config
-from hvd_llama.data import read_meta
+from hvd_llama.training.data import read_meta
 
 # Published results on tiny Shakespeare (nanoGPT's README). Its model is character-level, so its loss per
 # token is nats/char.

@@ -31,11 +31,20 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from hvd_llama.bench import generation, memory, prepare, quality, scaling, stages, throughput
+from hvd_llama.bench import (
+    generation,
+    memory,
+    prepare,
+    quality,
+    scaling,
+    stages,
+    throughput,
+)
 from hvd_llama.bench.common import CONTROLLERS, Bench, BenchFailure
-from hvd_llama.cli import UserError, atomic_write_text, run_main
+from hvd_llama.cli import UserError, run_main
 from hvd_llama.config import load_config
-from hvd_llama.data import read_meta
+from hvd_llama.files import atomic_write_text
+from hvd_llama.training.data import read_meta
 
 MODES = ("throughput", "scaling", "quality", "generation", "prepare", "memory", "stages")
 BENCHMARKS: dict[str, tuple[Callable[[Bench], dict], Callable[[dict], list[str]]]] = {

@@ -11,8 +11,20 @@ from functools import partial
 from pathlib import Path
 from typing import Optional
 
-from hvd_llama.bench.common import (Bench, horovod_rounds, job_step_s, num_params, read_measurement, spread,
-                                    summarize_timeline, table, target_check, timeline_line, timeline_path, torchrun)
+from hvd_llama.bench.common import (
+    Bench,
+    horovod_rounds,
+    job_step_s,
+    num_params,
+    read_measurement,
+    spread,
+    summarize_timeline,
+    table,
+    target_check,
+    timeline_line,
+    timeline_path,
+    torchrun,
+)
 
 ROUNDS = 3  # without --rounds
 TARGET_VS_DDP = 1.0  # issue 16: Horovod's np=2 efficiency at least DDP's in the same run,

@@ -6,8 +6,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hvd_llama.bench.common import (PHASES, Bench, horovod_rounds, num_params, summarize_timeline, table, target_check,
-                                    timeline_line, timeline_path)
+from hvd_llama.bench.common import (
+    PHASES,
+    Bench,
+    horovod_rounds,
+    num_params,
+    summarize_timeline,
+    table,
+    target_check,
+    timeline_line,
+    timeline_path,
+)
 
 STAGES = (0, 1, 2)
 TARGET_RATIO = 1.05  # issue 15: stages 1 and 2 at most 5% slower than stage 0

@@ -22,15 +22,16 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from hvd_llama import dist
+from hvd_llama import parallel
 from hvd_llama.bench.common import PHASES
-from hvd_llama.cli import atomic_write_text, run_main
-from hvd_llama.compute import train_step
+from hvd_llama.cli import run_main
 from hvd_llama.config import Config, load_config
-from hvd_llama.metrics import measure_peak_flops
+from hvd_llama.device import measure_peak_flops
+from hvd_llama.files import atomic_write_text
 from hvd_llama.model import Transformer
-from hvd_llama.optim import adamw_kwargs, build_optimizer, param_groups
-from hvd_llama.startup import build_model
+from hvd_llama.training.builder import build_model
+from hvd_llama.training.compute import train_step
+from hvd_llama.training.optim import adamw_kwargs, build_optimizer, param_groups
 
 PRECISION = "fp32"  # what every benchmarked step computes in (the presets' precision on CPU)
 
@@ -106,13 +107,13 @@ def new_model(cfg: Config) -> Transformer:
 
 
 def horovod_model(cfg: Config) -> tuple[Transformer, object]:
-    """hvd_llama's own set-up, as train.Trainer does it (after dist.init), at cfg.dist.zero_stage: rank 0
+    """hvd_llama's own set-up, as train.Trainer does it (after parallel.init), at cfg.dist.zero_stage: rank 0
     initialises, bf16 weights with bf16 and a sharded optimizer, weights broadcast from rank 0."""
-    model = build_model(cfg, torch.device("cpu"), None, initialise=dist.is_main())
-    optimizer = dist.build_data_parallel_optimizer(model, param_groups(model, cfg.optim.weight_decay),
+    model = build_model(cfg, torch.device("cpu"), None, initialise=parallel.is_main())
+    optimizer = parallel.build_data_parallel_optimizer(model, param_groups(model, cfg.optim.weight_decay),
                                                    adamw_kwargs(cfg.optim), cfg.dist, stage=cfg.dist.zero_stage,
                                                    grad_accum=1, bucket_elements=cfg.dist.zero_bucket_elements)
-    dist.broadcast_state(model, optimizer, has_optimizer_state=False)
+    parallel.broadcast_state(model, optimizer, has_optimizer_state=False)
     return model, optimizer
 
 
@@ -124,7 +125,7 @@ def measure_throughput(cfg: Config, args: argparse.Namespace) -> dict:
     torch.set_num_threads(threads)
     cpu = torch.device("cpu")
     peak = max(measure_peak_flops(cpu, n=args.peak_n, seconds=args.peak_s) for _ in range(3))
-    device = dist.init(replace(cfg.dist, threads_per_rank=threads), "cpu")
+    device = parallel.init(replace(cfg.dist, threads_per_rank=threads), "cpu")
     batch = random_batch(cfg, cfg.train.seed)
     clip = cfg.optim.grad_clip
     reference = new_model(cfg)
@@ -132,7 +133,7 @@ def measure_throughput(cfg: Config, args: argparse.Namespace) -> dict:
     model, optimizer = horovod_model(cfg)
     steps = {
         "reference": lambda: reference_step(reference, reference_optimizer, batch, clip),
-        "horovod": lambda: train_step(model, optimizer, [batch], device, PRECISION, clip, ranks=dist),
+        "horovod": lambda: train_step(model, optimizer, [batch], device, PRECISION, clip, ranks=parallel),
         "forward_backward": lambda: forward_backward(reference, batch),
     }
     seconds: dict[str, list[float]] = {name: [] for name in steps}
@@ -140,27 +141,27 @@ def measure_throughput(cfg: Config, args: argparse.Namespace) -> dict:
         for name, step in steps.items():
             seconds[name] += timed(step, args.warmup, args.steps)
     return {"peak_flops": peak, "peak_matmul_n": args.peak_n, "threads": torch.get_num_threads(),
-            "horovod_size": dist.size(), "step_s": seconds}
+            "horovod_size": parallel.size(), "step_s": seconds}
 
 
 def measure_horovod_rank(cfg: Config, args: argparse.Namespace) -> dict:
     """One rank of a horovodrun job: hvd_llama's train_step at cfg.dist.zero_stage, with the seconds of each
     optimizer call after backward (allreduce_s: the wait in reduce_gradients)."""
-    device = dist.init(cfg.dist, "cpu")
+    device = parallel.init(cfg.dist, "cpu")
     model, optimizer = horovod_model(cfg)
     timers = {phase: MethodTimer(optimizer, phase) for phase in PHASES}
-    batch = random_batch(cfg, cfg.train.seed + dist.rank())
+    batch = random_batch(cfg, cfg.train.seed + parallel.rank())
     step_s, phase_s = [], {phase: [] for phase in PHASES}
     for i in range(args.warmup + args.steps):
         for timer in timers.values():
             timer.seconds = 0.0
         start = time.perf_counter()
-        train_step(model, optimizer, [batch], device, PRECISION, cfg.optim.grad_clip, ranks=dist)
+        train_step(model, optimizer, [batch], device, PRECISION, cfg.optim.grad_clip, ranks=parallel)
         if i >= args.warmup:
             step_s.append(time.perf_counter() - start)
             for phase, timer in timers.items():
                 phase_s[phase].append(timer.seconds)
-    return {"rank": dist.rank(), "size": dist.size(), "zero_stage": optimizer.stage,
+    return {"rank": parallel.rank(), "size": parallel.size(), "zero_stage": optimizer.stage,
             "threads": torch.get_num_threads(), "step_s": step_s, "allreduce_s": phase_s["reduce_gradients"],
             "phase_s": phase_s}
 
@@ -169,17 +170,17 @@ def measure_memory_rank(cfg: Config, args: argparse.Namespace) -> dict:
     """One rank of a horovodrun job: warm-up + timed training steps at cfg.dist.zero_stage, then this process's
     peak resident memory and the optimizer's state_bytes() right after reduce_gradients() and after step() of
     the last step (gradients peak at the former; AdamW's state exists from the first step on)."""
-    dist.init(cfg.dist, "cpu")
+    parallel.init(cfg.dist, "cpu")
     rss_at_init = peak_rss()  # Python, torch, Horovod: what the planner calls the fixed overhead on a CPU
     model, optimizer = horovod_model(cfg)
     state: dict[str, dict] = {}
     for phase in ("reduce_gradients", "step"):
         MethodTimer(optimizer, phase, then=lambda phase=phase: state.update({phase: optimizer.state_bytes()}))
-    batch = random_batch(cfg, cfg.train.seed + dist.rank())
+    batch = random_batch(cfg, cfg.train.seed + parallel.rank())
     for _ in range(args.warmup + args.steps):  # in the config's precision: memory depends on it
         train_step(model, optimizer, [batch], torch.device("cpu"), cfg.train.precision, cfg.optim.grad_clip,
-                   ranks=dist)
-    return {"rank": dist.rank(), "size": dist.size(), "zero_stage": optimizer.stage,
+                   ranks=parallel)
+    return {"rank": parallel.rank(), "size": parallel.size(), "zero_stage": optimizer.stage,
             "threads": torch.get_num_threads(), "peak_rss": peak_rss(), "rss_at_init": rss_at_init,
             "state_bytes_after_reduce_gradients": state["reduce_gradients"], "state_bytes_after_step": state["step"]}
 

@@ -16,9 +16,9 @@ import torch
 
 from hvd_llama.cli import UserError
 from hvd_llama.config import Config, half_weights, split_targets
-from hvd_llama.sharding import MAX_IN_FLIGHT, FlatLayout, bucket_size
 from hvd_llama.lora import apply_lora
 from hvd_llama.model import ModelConfig, Transformer
+from hvd_llama.training.zero_layout import MAX_IN_FLIGHT, FlatLayout, bucket_size
 
 GiB = 1 << 30
 FUSION_BUFFER = 128 << 20  # Horovod's HOROVOD_FUSION_THRESHOLD default: the stage-0 allreduce staging buffer
@@ -65,13 +65,13 @@ def count_params(cfg: Config) -> ParamCounts:
 
 
 def zero_layout(counts: ParamCounts, world_size: int, bucket_elements: int = 0) -> FlatLayout:
-    """The flat layout dist/zero.py builds for these parameters (every rank's slice has the same size)."""
+    """The flat layout parallel/zero.py builds for these parameters (every rank's slice has the same size)."""
     return FlatLayout(counts.numels, world_size, 0, bucket_size(counts.trainable, bucket_elements))
 
 
 def model_state_bytes(counts: ParamCounts, stage: int, world_size: int, half: bool, grad_accum: int,
                       bucket_elements: int = 0) -> dict:
-    """Bytes per rank of weights, gradients and optimizer state: the figures dist/zero.py's state_bytes() reports.
+    """Bytes per rank of weights, gradients and optimizer state: the figures parallel/zero.py's state_bytes() reports.
 
     P = all parameters, T = trainable ones, S = this rank's slice of zero_layout (ceil(T / N) plus under one
     element of padding per bucket; `bucket_elements`: dist.zero_bucket_elements).

@@ -22,7 +22,7 @@ def adamw_kwargs(cfg: OptimConfig) -> dict:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
-    """A plain (one-process) AdamW; training builds its data-parallel one with hvd_llama.dist."""
+    """A plain (one-process) AdamW; training builds its data-parallel one with hvd_llama.parallel."""
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **adamw_kwargs(cfg), fused=fused or None)
 
 

@@ -7,14 +7,14 @@ from typing import Optional
 
 import torch
 
-from hvd_llama import dist
+from hvd_llama import parallel
 from hvd_llama.cli import UserError
 from hvd_llama.config import Config, half_weights, split_targets, validate
-from hvd_llama.data import read_meta
 from hvd_llama.lora import apply_lora, trainable_param_count
 from hvd_llama.model import Transformer
-from hvd_llama.pretrained import load_weights
 from hvd_llama.tokenizer import Tokenizer
+from hvd_llama.training.data import read_meta
+from hvd_llama.weights.pretrained import load_weights
 
 
 def check_data(cfg: Config) -> dict:
@@ -71,8 +71,8 @@ def load_pretrained(cfg: Config, meta: dict, joining: bool = False) -> Optional[
                             f"{cfg.data.dir}'s tokenizer has {meta['vocab_size']} tokens")
         return state, model_cfg
 
-    loaded = dist.run_on_main(read, name="init_from")
-    cfg.model = dist.broadcast_object(loaded[1] if loaded else None, name="init_from.model")
+    loaded = parallel.run_on_main(read, name="init_from")
+    cfg.model = parallel.broadcast_object(loaded[1] if loaded else None, name="init_from.model")
     validate(cfg)  # e.g. train.seq_len against the pretrained max_seq_len, on every rank alike
     return loaded[0] if loaded else None
 
@@ -91,4 +91,4 @@ def device_memory(device: torch.device) -> int:
     """What one rank may use: its GPU's memory, or on CPU its share of the node's memory."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // dist.local_size()
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // parallel.local_size()

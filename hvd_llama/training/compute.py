@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from hvd_llama.data import IGNORE_INDEX, inputs_and_targets
-from hvd_llama.optim import LossScaler
+from hvd_llama.training.data import IGNORE_INDEX, inputs_and_targets
+from hvd_llama.training.optim import LossScaler
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -69,7 +69,7 @@ def autocast(device: torch.device, precision: str, cache: bool = True):
 
 class OneProcess:
     """The ranks of a job of one process started without a launcher (no Horovod): what the functions here
-    need of hvd_llama.dist, which training passes instead."""
+    need of hvd_llama.parallel, which training passes instead."""
 
     @staticmethod
     def rank() -> int:
@@ -123,7 +123,7 @@ def score(model, dataset, indices: Sequence[int], batch_size: int, device: torch
           loss_chunk: int = 0) -> dict:
     """Total loss (nats), scored targets and their UTF-8 bytes over `dataset[indices]`, summed over all ranks.
 
-    The one scoring function of training's validation and `evaluate`. Batches go to the `ranks` (hvd_llama.dist,
+    The one scoring function of training's validation and `evaluate`. Batches go to the `ranks` (hvd_llama.parallel,
     or OneProcess) by stride and do not depend on the world size, and the sums travel in float64, so any number
     of ranks gives the figures of one process. `byte_lengths[token]` (optional) counts the bytes each target token stands for;
     `progress` shows a bar (rank 0 of `evaluate` on a terminal); `loss_chunk`: see model_token_losses.
@@ -157,8 +157,8 @@ class StepResult:
 def train_step(model, optimizer, micro_batches, device, precision: str, grad_clip: float,
                scaler: Optional[LossScaler] = None, poison: bool = False, ranks=OneProcess,
                loss_chunk: int = 0) -> StepResult:
-    """One optimizer step over `grad_accum` micro-batches with a data-parallel optimizer (hvd_llama.dist's, any
-    ZeRO stage, with `ranks` = hvd_llama.dist; or a plain one with OneProcess).
+    """One optimizer step over `grad_accum` micro-batches with a data-parallel optimizer (hvd_llama.parallel's, any
+    ZeRO stage, with `ranks` = hvd_llama.parallel; or a plain one with OneProcess).
 
     The step's loss is the sum of its token losses over the global number of targets (all ranks, all
     micro-batches; the count is allreduced before backward), so however the batch is split across ranks and

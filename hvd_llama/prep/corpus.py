@@ -6,8 +6,8 @@ import argparse
 import fnmatch
 import gzip
 import json
-import sysconfig
 import sys
+import sysconfig
 import zlib
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -16,7 +16,13 @@ from typing import BinaryIO, Callable, Iterator, NamedTuple, Sequence
 from tqdm import tqdm
 
 from hvd_llama.cli import UserError
-from hvd_llama.text import Cleaner, decode_utf8, document_hash, normalize_unicode, remove_control_chars
+from hvd_llama.prep.text import (
+    Cleaner,
+    decode_utf8,
+    document_hash,
+    normalize_unicode,
+    remove_control_chars,
+)
 
 STDLIB = "stdlib"
 STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}

@@ -12,8 +12,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hvd_llama.cli import UserError, sha256_file
-from hvd_llama.shards import HEADER_BYTES, META_FORMAT, META_VERSION, RERUN_HINT, read_shard_header
+from hvd_llama.cli import UserError
+from hvd_llama.files import sha256_file
+from hvd_llama.prep.token_shards import (
+    HEADER_BYTES,
+    META_FORMAT,
+    META_VERSION,
+    RERUN_HINT,
+    read_shard_header,
+)
 
 SPLITS = ("train", "val")
 KINDS = ("pretrain", "sft")

@@ -10,7 +10,7 @@ Layout of runs/<name>/checkpoints/step_00000100/:
                      and at dist.zero_stage=0 the whole optimizer state (training checkpoints only); tensors and
                      plain values only, loaded with weights_only=True: a crafted file cannot run code
     optimizer.rank00001-of-00004.pt
-                     at stages 1 and 2: each rank's own optimizer slice, written by that rank (dist/zero.py's
+                     at stages 1 and 2: each rank's own optimizer slice, written by that rank (parallel/zero.py's
                      world-size-independent slice format, so a resume at another world size reshards)
     manifest.json    written last: {"step": N, "files": {name: sha256}}; no manifest = incomplete
 
@@ -33,7 +33,8 @@ from typing import Optional
 import torch
 import yaml
 
-from hvd_llama.cli import UserError, atomic_write_text, new_staging_dir, sha256_file, staging_dir
+from hvd_llama.cli import UserError
+from hvd_llama.files import atomic_write_text, new_staging_dir, sha256_file, staging_dir
 from hvd_llama.model import ModelConfig
 
 MANIFEST = "manifest.json"

@@ -7,10 +7,10 @@ import pytest
 import torch
 from multiproc import REPO, job_env
 
-from hvd_llama import startup
 from hvd_llama.config import load_config
-from hvd_llama.memory import count_params, plan_at, startup_bytes
 from hvd_llama.model import Transformer
+from hvd_llama.training import builder
+from hvd_llama.training.memory import count_params, plan_at, startup_bytes
 
 TINY = ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.vocab_size=64", "model.max_seq_len=16",
         "train.seq_len=8"]
@@ -35,7 +35,7 @@ def test_only_the_initialising_rank_draws_weights(monkeypatch):
     draws = recorded_draws(monkeypatch)
     for initialise, expected in ((True, {torch.float32}), (False, set())):
         draws.clear()
-        model = startup.build_model(cfg, torch.device("cpu"), None, initialise=initialise)
+        model = builder.build_model(cfg, torch.device("cpu"), None, initialise=initialise)
         assert set(draws) == expected
         assert {p.device.type for p in model.parameters()} == {"cpu"}
 
@@ -44,7 +44,7 @@ def test_only_the_initialising_rank_draws_weights(monkeypatch):
 def test_bf16_weights_are_the_fp32_initialisation_rounded_drawn_in_fp32(monkeypatch, tied):
     cfg = load_config(None, TINY + ["train.precision=bf16", "dist.zero_stage=1", f"model.tie_embeddings={tied}"])
     draws = recorded_draws(monkeypatch)
-    model = startup.build_model(cfg, torch.device("cpu"), None, initialise=True)
+    model = builder.build_model(cfg, torch.device("cpu"), None, initialise=True)
     assert draws and set(draws) == {torch.float32}  # never a draw in bf16: the values would differ
     torch.manual_seed(cfg.train.seed)
     reference = Transformer(cfg.model)  # as one plain process initialises it, in fp32
@@ -58,14 +58,14 @@ def test_tied_weights_stay_tied_on_every_rank():
     """Ranks > 0 allocate from the meta device; to_empty() unties, which changed their parameter lists."""
     cfg = load_config(None, TINY + ["model.tie_embeddings=true"])
     for initialise in (True, False):
-        model = startup.build_model(cfg, torch.device("cpu"), None, initialise=initialise)
+        model = builder.build_model(cfg, torch.device("cpu"), None, initialise=initialise)
         assert model.output.weight is model.tok_embeddings.weight
         assert len(list(model.parameters())) == len(list(Transformer(cfg.model).parameters()))
 
 
 # Builds a bf16 model whose weights dominate the process, and prints the growth of its peak resident memory.
 BUILD = """import json, sys, torch
-from hvd_llama import startup
+from hvd_llama.training import builder
 from hvd_llama.config import load_config
 from hvd_llama.model import Transformer
 def peak():
@@ -75,7 +75,7 @@ with torch.device("meta"):  # torch's one-time cost of its first meta-device mod
     Transformer(cfg.model)
 torch.empty(8).normal_()
 before = peak()
-model = startup.build_model(cfg, torch.device("cpu"), None, initialise=True)
+model = builder.build_model(cfg, torch.device("cpu"), None, initialise=True)
 print(json.dumps({"growth": peak() - before}))
 """
 

@@ -13,9 +13,9 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from hvd_llama.cli import sha256_file
-from hvd_llama.corpus import Doc, Example, read_doc
-from hvd_llama.shards import ShardWriter
+from hvd_llama.files import sha256_file
+from hvd_llama.prep.corpus import Doc, Example, read_doc
+from hvd_llama.prep.token_shards import ShardWriter
 
 ENCODE_BATCH_BYTES = 1 << 20
 

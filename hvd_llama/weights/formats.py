@@ -14,7 +14,8 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import load_file
 
-from hvd_llama.cli import UserError, read_json
+from hvd_llama.cli import UserError
+from hvd_llama.files import read_json
 from hvd_llama.model import ModelConfig, Transformer, ffn_hidden_dim
 
 # hvd_llama (Meta) module names -> Hugging Face module names.

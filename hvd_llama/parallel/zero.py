@@ -43,7 +43,15 @@ from typing import Callable
 import horovod.torch as hvd
 import torch
 
-from hvd_llama.sharding import MAX_IN_FLIGHT, STATE_FORMAT, FlatLayout, Piece, SliceIndex, bucket_size, check_slices
+from hvd_llama.training.zero_layout import (
+    MAX_IN_FLIGHT,
+    STATE_FORMAT,
+    FlatLayout,
+    Piece,
+    SliceIndex,
+    bucket_size,
+    check_slices,
+)
 
 IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 

@@ -9,12 +9,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from hvd_llama import checkpoint
 from hvd_llama.cli import UserError
-from hvd_llama.formats import check_tensors
 from hvd_llama.model import Transformer
-from hvd_llama.pretrained import is_foreign_folder, read_weights, resolve_weights
 from hvd_llama.tokenizer import Tokenizer
+from hvd_llama.weights import checkpoint
+from hvd_llama.weights.formats import check_tensors
+from hvd_llama.weights.pretrained import (
+    is_foreign_folder,
+    read_weights,
+    resolve_weights,
+)
 
 QUANTIZE_CHOICES = ("int8",)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --dtype: the weights' type for inference

@@ -14,7 +14,6 @@ from torch import nn
 
 from hvd_llama.cli import UserError
 
-
 # ----------------------------------------------------------------------------------------------- sampling
 
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hvd_llama.cli import UserError, sha256_file
+from hvd_llama.cli import UserError
+from hvd_llama.files import sha256_file
 
 SHARD_MAGIC = int.from_bytes(b"HVDLLAMA", "little")
 SHARD_VERSION = 1

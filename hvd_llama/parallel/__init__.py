@@ -6,7 +6,6 @@ zero.py holds the data-parallel optimizers: replicated (stage 0) and ZeRO-sharde
 """
 from __future__ import annotations
 
-import copy
 import os
 import socket
 from typing import Any, Callable, Optional, Sequence
@@ -15,24 +14,22 @@ import torch
 
 try:
     import horovod.torch as hvd
-    from horovod.common.elastic import ObjectState
 except ImportError as err:  # pip cannot build Horovod 0.28.1 for torch >= 2.1 unpatched; the installer can
     raise ImportError(f"Horovod is missing or not built for this torch ({err}); run launch/install.sh") from None
 
 from hvd_llama.cli import UserError
 from hvd_llama.config import DistConfig
 from hvd_llama.device import cuda_device_index, gpu_uuid, shared_gpu
-from hvd_llama.sharding import backward_buckets, merge_slices  # noqa: F401 (public)
-from hvd_llama.dist.zero import ReplicatedOptimizer, ShardedOptimizer, allgather_tensor  # noqa: F401
+from hvd_llama.parallel.zero import ReplicatedOptimizer, ShardedOptimizer
+from hvd_llama.procs import LAUNCHER_ENV
+from hvd_llama.training.zero_layout import backward_buckets
 
 ZERO_STAGES = (0, 1, 2)
 
 
-# What each launcher tells its processes about the world it started, in the order they are trusted: a launcher
-# started inside another (mpirun in a Slurm allocation) sets its own variable. SLURM_STEP_NUM_TASKS, not
-# SLURM_NTASKS: srun sets it for the tasks of its step, while SLURM_NTASKS is also set in the batch script
-# itself, where one process may legitimately run alone or start its own launcher.
-LAUNCHER_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
+# The world sizes launchers other than horovodrun report, in the order they are trusted: a launcher started inside
+# another (mpirun in a Slurm allocation) sets its own variable.
+LAUNCHER_SIZE_VARIABLES = tuple(size for _, _, size in LAUNCHER_ENV[1:])
 
 
 def check_world_size(size: int, env) -> None:
@@ -176,7 +173,7 @@ def build_data_parallel_optimizer(model: torch.nn.Module, param_groups: list[dic
                                   bucket_elements: int = 0):
     """AdamW over `param_groups` (optim.param_groups) with `optim_kwargs` (lr, betas, eps), data parallel:
     stage 0 replicated (hvd.DistributedOptimizer), 1 optimizer state sharded, 2 gradients sharded too.
-    Every stage has the interface of dist/zero.py: param_groups, reduce_gradients, scale_gradients,
+    Every stage has the interface of parallel/zero.py: param_groups, reduce_gradients, scale_gradients,
     clip_grad_norm_, step, zero_grad, state_dict, load_state_dict, state_bytes.
     """
     if stage not in ZERO_STAGES:
@@ -206,104 +203,6 @@ def _broadcast(model: torch.nn.Module, torch_optimizer) -> None:
     # Horovod has no bfloat16: bf16 weights (sharded bf16 runs) travel bit-exactly as int16 views of themselves.
     hvd.broadcast_parameters({name: t.view(torch.int16) if t.dtype == torch.bfloat16 else t
                               for name, t in model.state_dict().items()}, root_rank=0)
-
-
-def host_copy(value, previous=None):
-    """A copy of a state_dict tree (dicts, lists, tensors, numbers) in host memory: CUDA tensors go to pinned
-    buffers, copied asynchronously. `previous`, an earlier copy of the same tree, lends its buffers where the
-    shapes match (pinning memory at every commit would cost more than the copy)."""
-    if isinstance(value, torch.Tensor):
-        reuse = isinstance(previous, torch.Tensor) and previous.shape == value.shape and previous.dtype == value.dtype
-        if reuse:
-            return previous.copy_(value, non_blocking=value.is_cuda)
-        if value.is_cuda:
-            return torch.empty(value.shape, dtype=value.dtype, pin_memory=True).copy_(value, non_blocking=True)
-        return value.detach().clone()
-    if isinstance(value, dict):
-        old = previous if isinstance(previous, dict) else {}
-        return {key: host_copy(item, old.get(key)) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        old = previous if isinstance(previous, type(value)) and len(previous) == len(value) else [None] * len(value)
-        return type(value)(host_copy(item, before) for item, before in zip(value, old))
-    return copy.deepcopy(value)
-
-
-class _ElasticState(ObjectState):
-    """Horovod Elastic's state of a training run, as hvd.elastic.TorchState keeps it, with two differences.
-
-    Committed copies live in host memory (pinned when CUDA): TorchState deep-copies the model and optimizer
-    state on their device at every commit, +12 bytes per parameter of GPU memory with AdamW.
-    The data position is a plain value (train.Progress), so there is no sampler to keep.
-    Its sync skips Horovod's dummy optimizer step on an empty state: TorchState syncs the optimizer with
-    broadcast_optimizer_state, which at the first sync (empty AdamW state) applies weight decay once on every
-    rank, and a worker joining later would have its freshly synced weights moved by it. broadcast_state avoids both.
-    """
-
-    def __init__(self, model, optimizer, **values):
-        self._model, self._optimizer, self._committed = model, optimizer, None
-        self._after_reset = False
-        super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank, **values)
-        self._save_tensors()
-
-    def _save_tensors(self):
-        old_model, old_optimizer = self._committed or (None, None)
-        self._committed = (host_copy(self._model.state_dict(), old_model),
-                           host_copy(self._optimizer.state_dict(), old_optimizer))
-        if torch.cuda.is_initialized():
-            torch.cuda.synchronize()  # the asynchronous copies to pinned memory are complete
-
-    def save(self):
-        self._save_tensors()
-        super().save()
-
-    def restore(self):
-        model_state, optimizer_state = self._committed
-        self._model.load_state_dict(model_state)  # copies into the parameters, on their device
-        # load_state_dict adopts CPU tensors as they are (no copy): training would then update the committed copy
-        self._optimizer.load_state_dict(copy.deepcopy(optimizer_state))
-        super().restore()
-
-    def reset(self):
-        self._after_reset = True
-
-    def sync(self):
-        if self._after_reset:  # any worker this reset added waits in elastic_joining(): rank 0 answers it
-            broadcast_object(True, name=JOINING)
-            self._after_reset = False
-        has_state = broadcast_object(len(self._optimizer.state) > 0, name="elastic.has_state")
-        _broadcast(self._model, self._optimizer if has_state else None)
-        super().sync()  # the plain Python values
-
-
-def elastic_state(model, optimizer, **values) -> ObjectState:
-    """`optimizer`: a stage-0 data-parallel optimizer (elastic needs replicated state: Horovod re-syncs it by
-    broadcast from rank 0)."""
-    return _ElasticState(model, optimizer.optimizer, **values)
-
-
-elastic_run = hvd.elastic.run
-JOINING = "elastic.joining"
-
-
-def elastic_joining() -> bool:
-    """Horovod Elastic: whether this worker joins a job that is already training (a host added, or back after
-    its blacklist cooldown) rather than starting with the others. Horovod runs the whole script on a new
-    worker while the others, back from their reset, go straight to the state's sync: a newcomer that made the
-    start-up collectives (run dir, pretrained weights, resume) would wait in them forever, and so would the
-    others in the sync. Every worker calls this right after init; the workers already training make the same
-    collective first in their sync after a reset, where rank 0 (never a newcomer: Horovod ranks the hosts it
-    had first) answers True."""
-    return broadcast_object(False, name=JOINING)
-
-
-def leave_elastic_job() -> None:
-    """End an elastic worker's process now that everything it wrote is flushed: Horovod shuts down, then the
-    process exits without Python's finalization. Seen here: workers that horovodrun's elastic driver stopped
-    with SIGTERM (a scheduler's signal to the job) checkpointed, printed their summary, and then hung in the
-    interpreter's final garbage collection, under load, until the driver SIGKILLed them 5 s later and the
-    job reported failure."""
-    hvd.shutdown()
-    os._exit(0)
 
 
 def broadcast_object(obj: Any, name: str) -> Any:

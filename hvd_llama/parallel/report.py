@@ -20,7 +20,7 @@ import horovod
 import horovod.torch as hvd
 import torch
 
-from hvd_llama import dist
+from hvd_llama import parallel
 from hvd_llama.config import DistConfig
 
 COLLECTIVES = ("allreduce", "allgather", "broadcast", "reducescatter")
@@ -46,10 +46,10 @@ def nccl_version(code: int) -> str:
 
 
 def init(cfg: DistConfig, device: str) -> torch.device:
-    """dist.init with the timeline switchable at run time, which collective_backends needs; what would stop
-    training on GPUs (dist.gpu_error) does not stop the doctor, which reports it."""
+    """parallel.init with the timeline switchable at run time, which collective_backends needs; what would stop
+    training on GPUs (parallel.gpu_error) does not stop the doctor, which reports it."""
     os.environ["HOROVOD_TIMELINE"] = "DYNAMIC"
-    return dist.init(cfg, device, check_gpus=False)
+    return parallel.init(cfg, device, check_gpus=False)
 
 
 def controllers() -> dict:
@@ -71,7 +71,7 @@ def collective_backends(devices: Sequence[torch.device], timeout: float = 10.0) 
         hvd.start_timeline(str(path))
         names = {}
         for device in devices:
-            x = torch.ones(4 * dist.size(), device=device)
+            x = torch.ones(4 * parallel.size(), device=device)
             for op in COLLECTIVES:
                 name = f"doctor.probe.{device.type}.{op}"
                 names[(device.type, op)] = name
@@ -84,12 +84,12 @@ def collective_backends(devices: Sequence[torch.device], timeout: float = 10.0) 
                 else:
                     hvd.reducescatter(x, op=hvd.Sum, name=name)
         hvd.stop_timeline()
-        seen = _timeline_backends(path, len(names), timeout) if dist.is_main() else {}
+        seen = _timeline_backends(path, len(names), timeout) if parallel.is_main() else {}
     found = {key: seen.get(f"{key[1]}.{name}") for key, name in names.items()}
     result: dict = {}
     for (device_type, op), backend in found.items():
         result.setdefault(device_type, {})[op] = backend
-    return dist.broadcast_object(result, name="doctor.backends")
+    return parallel.broadcast_object(result, name="doctor.backends")
 
 
 def _timeline_backends(path: Path, expected: int, timeout: float) -> dict:
@@ -116,7 +116,7 @@ def allreduces_bfloat16() -> Optional[str]:
 def allreduce_bandwidth(device: torch.device, sizes: Sequence[int], iterations: int) -> list:
     """Bus bandwidth of a sum allreduce per message size, as nccl-tests reports it: 2(n-1)/n x bytes / time
     (the bytes each rank sends and receives in a ring), with the median time of `iterations` calls."""
-    n = dist.size()
+    n = parallel.size()
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     rows = []
     for size in sizes:

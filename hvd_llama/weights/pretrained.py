@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from hvd_llama import checkpoint
 from hvd_llama.cli import UserError
 from hvd_llama.config import split_targets
-from hvd_llama.formats import import_hf, import_meta
 from hvd_llama.lora import apply_lora, load_lora_state_dict, merged_state_dict
 from hvd_llama.model import ModelConfig, Transformer
+from hvd_llama.weights import checkpoint
+from hvd_llama.weights.formats import import_hf, import_meta
 
 
 def is_hf_folder(path: Path) -> bool:

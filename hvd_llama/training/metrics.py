@@ -3,14 +3,10 @@ from __future__ import annotations
 
 import json
 import math
-import re
-import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
-import torch
-
-from hvd_llama.cli import atomic_write_text
+from hvd_llama.files import atomic_write_text
 from hvd_llama.procs import show
 
 TENSORBOARD_TAGS = {  # metrics.jsonl key -> TensorBoard tag
@@ -18,87 +14,6 @@ TENSORBOARD_TAGS = {  # metrics.jsonl key -> TensorBoard tag
     "tokens_per_s": "perf/tokens_per_s", "mfu": "perf/mfu", "val_loss": "val/loss", "val_ppl": "val/ppl",
     "val_windows": "val/windows", "val_tokens": "val/tokens",
 }
-
-
-# Dense bf16/fp16 tensor-core FLOP/s from NVIDIA's datasheets (the "with sparsity" figures are twice these).
-# Searched in order in torch.cuda.get_device_name(): the first pattern found names the GPU.
-GPU_DATASHEET = (
-    (r"H100.*NVL", "H100 NVL", 835e12),
-    (r"H100.*PCIe", "H100 PCIe", 756e12),
-    (r"H100", "H100 SXM", 989e12),
-    (r"H200.*NVL", "H200 NVL", 835e12),
-    (r"H200", "H200 SXM", 989e12),
-    (r"A100", "A100", 312e12),
-    (r"L40S", "L40S", 362e12),
-    (r"\bL4\b", "L4", 121e12),
-    (r"\bA10\b", "A10", 125e12),
-)
-
-
-def datasheet_peak(device_name: str, dtype: torch.dtype) -> Optional[tuple[str, float]]:
-    """(GPU, dense FLOP/s) from the datasheet table, for bf16/fp16 only: an fp32 matmul's peak depends on
-    whether TF32 is allowed, which a measurement sees and a table does not."""
-    if dtype not in (torch.bfloat16, torch.float16):
-        return None
-    for pattern, label, flops in GPU_DATASHEET:
-        if re.search(pattern, device_name):
-            return label, flops
-    return None
-
-
-def matmul_size(device: torch.device, dtype: torch.dtype) -> int:
-    """Square matmul size for the peak: 1024 on a CPU (cheap); on a GPU 8192, large enough to fill every SM,
-    halved until the three matrices take under a quarter of the free memory."""
-    if device.type != "cuda":
-        return 1024
-    free, _ = torch.cuda.mem_get_info(device)
-    n = 8192
-    while n > 1024 and 3 * n * n * dtype.itemsize > free / 4:
-        n //= 2
-    return n
-
-
-def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: Optional[int] = None,
-                       seconds: float = 0.3, sync: Optional[Callable[[], object]] = None) -> float:
-    """FLOP/s this device reaches on large square matmuls: the best of timed batches of back-to-back matmuls.
-
-    The device is synchronised once per batch, not after each matmul: a per-matmul sync would time the host's
-    launch latency too, which on a GPU is as long as a small matmul. Batches double until one lasts a tenth of
-    `seconds`, so launch and sync costs are amortised on any device.
-    """
-    n = n or matmul_size(device, dtype)
-    sync = sync or ((lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None))
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    out = torch.empty(n, n, device=device, dtype=dtype)
-    torch.matmul(a, b, out=out)  # warm-up: thread pools, kernel selection
-    sync()
-    best, batch, deadline = 0.0, 1, time.perf_counter() + seconds
-    while True:
-        start = time.perf_counter()
-        for _ in range(batch):
-            torch.matmul(a, b, out=out)
-        sync()
-        elapsed = time.perf_counter() - start
-        best = max(best, 2 * n**3 * batch / elapsed)
-        if time.perf_counter() >= deadline:
-            return best
-        if elapsed < seconds / 10:
-            batch *= 2
-
-
-def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """One rank's MFU denominator and where it comes from: the datasheet for a known GPU in bf16/fp16
-    ("datasheet H100 SXM"), else a measurement ("measured")."""
-    if device.type == "cuda":
-        known = datasheet_peak(torch.cuda.get_device_name(device), dtype)
-        if known:
-            return known[1], f"datasheet {known[0]}"
-    return measure_peak_flops(device, dtype), "measured"
-
-
-def format_flops(flops: float) -> str:
-    return f"{flops / 1e12:,.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:,.1f} GFLOP/s"
 
 
 def format_duration(seconds: float) -> str:
@@ -129,7 +44,9 @@ class MetricsLogger:
         self.enabled = True
         self.truncate_after(step)
         if self.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # rank 0 only: other ranks need not import it
+            from torch.utils.tensorboard import (
+                SummaryWriter,  # rank 0 only: other ranks need not import it
+            )
             # purge_step drops events a crashed run logged after the checkpoint we resume from.
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=(step + 1) if step else None)
 

@@ -22,13 +22,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from hvd_llama import checkpoint
 from hvd_llama.cli import UserError
 from hvd_llama.config import Config
-from hvd_llama.faults import Fault
 from hvd_llama.lora import load_lora_state_dict, lora_state_dict
-from hvd_llama.optim import LossScaler
 from hvd_llama.procs import show
+from hvd_llama.training.faults import Fault
+from hvd_llama.training.optim import LossScaler
+from hvd_llama.weights import checkpoint
 
 
 @dataclass
@@ -62,7 +62,7 @@ def set_rng_state(state: dict) -> None:
 
 
 class Checkpointer:
-    """Save and resume one training run on the ranks `ranks` (hvd_llama.dist, or compute.OneProcess)."""
+    """Save and resume one training run on the ranks `ranks` (hvd_llama.parallel, or compute.OneProcess)."""
 
     def __init__(self, cfg: Config, run_dir: Path, model: torch.nn.Module, optimizer,
                  scaler: Optional[LossScaler], ranks, fault: Fault = Fault()):

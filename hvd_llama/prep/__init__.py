@@ -1,0 +1,1 @@
+"""Raw text to token shards: cleaning, reading corpora, encoding, the shard file format."""

@@ -1,0 +1,1 @@
+"""Using a trained model: loading it for inference, and decoding."""

@@ -1,0 +1,1 @@
+"""Model weights on disk: hvd_llama checkpoints, Hugging Face and Meta formats."""
