@@ -27,13 +27,7 @@ try:
     import torch
 
     from hvd_llama.config import DistConfig, load_config
-    from hvd_llama.device import (
-        datasheet_peak,
-        format_flops,
-        gpu_uuid,
-        matmul_size,
-        measure_peak_flops,
-    )
+    from hvd_llama.device import datasheet_peak, format_flops, gpu_uuid, matmul_size, measure_peak_flops
 except ImportError as err:  # no torch: doctor says so in one line rather than a traceback
     TORCH_MISSING: Optional[ImportError] = err
 else:

@@ -39,13 +39,7 @@ from hvd_llama.procs import HOROVOD_LAUNCHERS
 from hvd_llama.tokenizer import Tokenizer
 from hvd_llama.training.compute import OneProcess, score
 from hvd_llama.training.data import SPLITS, ArrayWindows, open_split, read_meta
-from hvd_llama.use.inference import (
-    DTYPES,
-    QUANTIZE_CHOICES,
-    check_dtype,
-    load_model,
-    require_tokenizer,
-)
+from hvd_llama.use.inference import DTYPES, QUANTIZE_CHOICES, check_dtype, load_model, require_tokenizer
 
 
 @dataclass
@@ -108,9 +102,7 @@ def start_ranks(device_kind: str, threads: int):
         if threads:
             torch.set_num_threads(threads)
         return OneProcess, torch.device(device_kind)
-    from hvd_llama import (
-        parallel,  # imported only under a launcher, so that one process never loads Horovod
-    )
+    from hvd_llama import parallel  # imported only under a launcher, so that one process never loads Horovod
     return parallel, parallel.init(DistConfig(threads_per_rank=threads), device_kind)
 
 

@@ -16,17 +16,7 @@ from typing import Optional, Sequence
 
 from hvd_llama.cli import UserError, run_main
 from hvd_llama.config import load_config
-from hvd_llama.training.memory import (
-    GiB,
-    Plan,
-    count_params,
-    gib,
-    max_batch_size,
-    plan,
-    plan_at,
-    with_dist,
-    with_train,
-)
+from hvd_llama.training.memory import GiB, Plan, count_params, gib, max_batch_size, plan, plan_at, with_dist, with_train
 
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,

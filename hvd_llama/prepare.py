@@ -47,19 +47,8 @@ from hvd_llama.prep.corpus import (
     split_by_hash,
     split_corpus,
 )
-from hvd_llama.prep.encode import (
-    encode_example_splits,
-    encode_splits,
-    start_encoding_server,
-)
-from hvd_llama.prep.text import (
-    CHAR_STEPS,
-    CLEAN_STEPS,
-    DEFAULT_CLEAN,
-    Cleaner,
-    parse_steps,
-    sentence_chunks,
-)
+from hvd_llama.prep.encode import encode_example_splits, encode_splits, start_encoding_server
+from hvd_llama.prep.text import CHAR_STEPS, CLEAN_STEPS, DEFAULT_CLEAN, Cleaner, parse_steps, sentence_chunks
 from hvd_llama.prep.token_shards import META_FORMAT, META_VERSION, token_dtype
 from hvd_llama.tokenizer import Tokenizer, train_tokenizer
 

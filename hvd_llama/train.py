@@ -26,31 +26,14 @@ from hvd_llama.device import allow_tf32, device_peak_flops, format_flops, resolv
 from hvd_llama.files import atomic_write_text
 from hvd_llama.parallel import elastic
 from hvd_llama.procs import StopFlag, rank_name, say, show
-from hvd_llama.training.builder import (
-    build_model,
-    check_data,
-    device_memory,
-    load_pretrained,
-    lora_summary,
-)
+from hvd_llama.training.builder import build_training, check_data, device_memory, load_pretrained, lora_summary
 from hvd_llama.training.checkpointing import Checkpointer, Progress
-from hvd_llama.training.compute import (
-    AUTOCAST_DTYPES,
-    score,
-    spread_selection,
-    train_step,
-)
+from hvd_llama.training.compute import AUTOCAST_DTYPES, score, spread_selection, train_step
 from hvd_llama.training.data import SampleOrder, StepBatches, open_split
 from hvd_llama.training.faults import Fault
 from hvd_llama.training.memory import check_fits
 from hvd_llama.training.metrics import MetricsLogger, format_duration
-from hvd_llama.training.optim import (
-    LossScaler,
-    adamw_kwargs,
-    lr_at,
-    param_groups,
-    set_lr,
-)
+from hvd_llama.training.optim import lr_at, set_lr
 from hvd_llama.weights import checkpoint
 
 
@@ -80,16 +63,8 @@ class Trainer:
         """`init_state`: pretrained weights (rank 0 only; the others receive them in resume())."""
         self.cfg, self.run_dir, self.device, self.fault = cfg, run_dir, device, fault
         t = cfg.train
-        self.model = build_model(cfg, device, init_state, initialise=parallel.is_main())
-        if t.activation_checkpointing:
-            self.model.set_activation_checkpointing(True)
-        if t.compile:
-            self.model.compile_blocks()
-        self.optimizer = parallel.build_data_parallel_optimizer(
-            self.model, param_groups(self.model, cfg.optim.weight_decay), adamw_kwargs(cfg.optim), cfg.dist,
-            stage=cfg.dist.zero_stage, grad_accum=t.grad_accum, fused=device.type == "cuda",
-            bucket_elements=cfg.dist.zero_bucket_elements)
-        self.scaler = LossScaler() if t.precision == "fp16" else None
+        built = build_training(cfg, device, init_state, initialise=parallel.is_main())
+        self.model, self.optimizer, self.scaler = built.model, built.optimizer, built.scaler
         self.checkpointer = Checkpointer(cfg, run_dir, self.model, self.optimizer, self.scaler, parallel, fault)
         self.train_data = open_split(cfg.data.dir, "train", t.seq_len)
         self.val_data = open_split(cfg.data.dir, "val", t.seq_len, scoring=True) \
@@ -237,9 +212,9 @@ def default_run_dir(config_path: Optional[str]) -> Path:
     return Path("runs") / (Path(config_path).stem if config_path else "default")
 
 
-def prepare_run_dir(run_dir: Path, resume: Optional[str], cfg: Config) -> checkpoint.RunDirLock:
-    """Rank 0: refuse to mix a fresh run into an old one, or to share the run dir with a live job; remove what
-    killed saves left; record the resolved config. The returned lock is held for the job's life."""
+def prepare_run_dir(run_dir: Path, resume: Optional[str], cfg: Config) -> None:
+    """Rank 0: refuse to mix a fresh run into an old one, or to share the run dir with a live job (rank 0 holds
+    the run dir's lock for the job's life); remove what killed saves left; record the resolved config."""
     if not resume and checkpoint.list_checkpoints(run_dir):
         raise UserError(f"{run_dir} already holds checkpoints: pass --resume auto to continue it, "
                         "or choose another --run-dir")
@@ -248,7 +223,6 @@ def prepare_run_dir(run_dir: Path, resume: Optional[str], cfg: Config) -> checkp
     if removed:
         show(removed)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return lock
 
 
 def summary_line(record: dict, before: Progress, after: Progress, seconds: float, run_dir: Path,
@@ -280,8 +254,7 @@ def _main(argv: Optional[Sequence[str]]) -> None:
     # brings it up to date.
     joining = cfg.dist.elastic and elastic.joining()
     if not joining:
-        # Rank 0 holds the run dir's lock until this function returns, when the job ends.
-        run_dir_lock = parallel.run_on_main(lambda: prepare_run_dir(run_dir, args.resume, cfg), name="run_dir")
+        parallel.run_on_main(lambda: prepare_run_dir(run_dir, args.resume, cfg), name="run_dir")
     init_state = load_pretrained(cfg, meta, joining) if cfg.finetune.init_from else None
     check_fits(cfg, parallel.size(), device_memory(device), device.type)  # before allocating: every rank alike
     trainer = Trainer(cfg, run_dir, device, init_state, fault)

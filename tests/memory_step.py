@@ -11,30 +11,18 @@ import sys
 import torch
 
 from hvd_llama import parallel
+from hvd_llama.bench.train_steps import peak_rss
 from hvd_llama.config import load_config
-from hvd_llama.model import Transformer
+from hvd_llama.training.builder import build_training
 from hvd_llama.training.compute import train_step
-from hvd_llama.training.optim import adamw_kwargs, param_groups
-
-
-def peak_rss() -> int:
-    """VmHWM: the most resident memory this process has had, in bytes."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def main() -> None:
     cfg = load_config(None, sys.argv[1:])
     t = cfg.train
     device = parallel.init(cfg.dist, "cpu")
-    torch.manual_seed(t.seed)
-    model = Transformer(cfg.model)
-    model.set_activation_checkpointing(t.activation_checkpointing)
-    if t.precision == "bf16" and cfg.dist.zero_stage >= 1:  # as training builds it: bf16 weights, fp32 master slices
-        model.to(torch.bfloat16)
-    optimizer = parallel.build_data_parallel_optimizer(model, param_groups(model, cfg.optim.weight_decay),
-                                                   adamw_kwargs(cfg.optim), cfg.dist, stage=cfg.dist.zero_stage,
-                                                   grad_accum=t.grad_accum)
+    built = build_training(cfg, device)  # as training builds it: bf16 weights with bf16 and a sharded optimizer
+    model, optimizer = built.model, built.optimizer
     for _ in range(2):
         batches = [torch.randint(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1)) for _ in range(t.grad_accum)]
         train_step(model, optimizer, batches, device, t.precision, cfg.optim.grad_clip, ranks=parallel)

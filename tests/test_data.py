@@ -9,12 +9,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from hvd_llama import prepare
 from hvd_llama.cli import UserError
-from hvd_llama.prep.token_shards import (
-    HEADER_BYTES,
-    META_FORMAT,
-    META_VERSION,
-    ShardWriter,
-)
+from hvd_llama.prep.token_shards import HEADER_BYTES, META_FORMAT, META_VERSION, ShardWriter
 from hvd_llama.tokenizer import Tokenizer
 from hvd_llama.training.data import SampleOrder, StepBatches, TokenWindows, read_meta
 

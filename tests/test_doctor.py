@@ -21,12 +21,7 @@ from trainrun import metrics, train_single
 
 from hvd_llama import device as device_module
 from hvd_llama import doctor
-from hvd_llama.device import (
-    datasheet_peak,
-    device_peak_flops,
-    format_flops,
-    measure_peak_flops,
-)
+from hvd_llama.device import datasheet_peak, device_peak_flops, format_flops, measure_peak_flops
 
 CORES = len(os.sched_getaffinity(0))
 SUMMARY = re.compile(r"^doctor: (\d+) warnings?, (\d+) problems?$")

@@ -10,17 +10,7 @@ from statistics import mean
 
 import pytest
 from conftest import micro_overrides
-from jobkill import (
-    finish,
-    job_processes,
-    kill_all,
-    last_step,
-    output,
-    ranks_of,
-    start_command,
-    survivors,
-    wait_for,
-)
+from jobkill import finish, job_processes, kill_all, last_step, output, ranks_of, start_command, survivors, wait_for
 from multiproc import REPO
 from trainrun import metrics
 

@@ -6,13 +6,7 @@ import pytest
 import torch
 import yaml
 
-from hvd_llama.model import (
-    ModelConfig,
-    Transformer,
-    apply_rotary_emb,
-    ffn_hidden_dim,
-    rope_cos_sin,
-)
+from hvd_llama.model import ModelConfig, Transformer, apply_rotary_emb, ffn_hidden_dim, rope_cos_sin
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=32)

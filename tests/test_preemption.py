@@ -12,17 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import micro_overrides
-from jobkill import (
-    LAUNCHERS,
-    SCRIPTS,
-    finish,
-    job_processes,
-    output,
-    signal_job,
-    start,
-    survivors,
-    wait_for,
-)
+from jobkill import LAUNCHERS, SCRIPTS, finish, job_processes, output, signal_job, start, survivors, wait_for
 from multiproc import REPO, finish_job, job_env, start_job
 from trainrun import losses, train_args
 

@@ -19,12 +19,7 @@ from hvd_llama.files import sha256_file
 from hvd_llama.prep import encode
 from hvd_llama.prep.corpus import stdlib_files
 from hvd_llama.prep.text import Cleaner, document_hash
-from hvd_llama.prep.token_shards import (
-    HEADER_BYTES,
-    ShardWriter,
-    read_shard_header,
-    token_dtype,
-)
+from hvd_llama.prep.token_shards import HEADER_BYTES, ShardWriter, read_shard_header, token_dtype
 from hvd_llama.tokenizer import Tokenizer
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "

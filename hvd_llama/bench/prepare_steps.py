@@ -25,12 +25,7 @@ from hvd_llama.bench.synthetic import unique_documents
 from hvd_llama.cli import UserError, run_main
 from hvd_llama.files import atomic_write_text
 from hvd_llama.prep.corpus import DocumentStore, read_doc
-from hvd_llama.prep.encode import (
-    ENCODE_BATCH_BYTES,
-    batch_docs,
-    encode_batches,
-    start_encoding_server,
-)
+from hvd_llama.prep.encode import ENCODE_BATCH_BYTES, batch_docs, encode_batches, start_encoding_server
 from hvd_llama.prep.token_shards import token_dtype
 from hvd_llama.tokenizer import Tokenizer
 

@@ -5,14 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hvd_llama.bench.common import (
-    Bench,
-    horovodrun,
-    job_step_s,
-    num_params,
-    python_module,
-    run_evaluate,
-)
+from hvd_llama.bench.common import Bench, horovodrun, job_step_s, num_params, python_module, run_evaluate
 from hvd_llama.config import load_config
 from hvd_llama.training.data import read_meta
 

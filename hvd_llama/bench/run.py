@@ -31,15 +31,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from hvd_llama.bench import (
-    generation,
-    memory,
-    prepare,
-    quality,
-    scaling,
-    stages,
-    throughput,
-)
+from hvd_llama.bench import generation, memory, prepare, quality, scaling, stages, throughput
 from hvd_llama.bench.common import CONTROLLERS, Bench, BenchFailure
 from hvd_llama.cli import UserError, run_main
 from hvd_llama.config import load_config

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from hvd_llama.bench.common import (
-    Bench,
-    flops_per_token,
-    num_params,
-    python_module,
-    read_measurement,
-    table,
-)
+from hvd_llama.bench.common import Bench, flops_per_token, num_params, python_module, read_measurement, table
 
 ROUNDS = 2  # without --rounds
 

@@ -29,9 +29,10 @@ from hvd_llama.config import Config, load_config
 from hvd_llama.device import measure_peak_flops
 from hvd_llama.files import atomic_write_text
 from hvd_llama.model import Transformer
-from hvd_llama.training.builder import build_model
+from hvd_llama.training.builder import build_training
 from hvd_llama.training.compute import train_step
-from hvd_llama.training.optim import adamw_kwargs, build_optimizer, param_groups
+from hvd_llama.training.memory import with_train
+from hvd_llama.training.optim import build_optimizer
 
 PRECISION = "fp32"  # what every benchmarked step computes in (the presets' precision on CPU)
 
@@ -107,14 +108,12 @@ def new_model(cfg: Config) -> Transformer:
 
 
 def horovod_model(cfg: Config) -> tuple[Transformer, object]:
-    """hvd_llama's own set-up, as train.Trainer does it (after parallel.init), at cfg.dist.zero_stage: rank 0
-    initialises, bf16 weights with bf16 and a sharded optimizer, weights broadcast from rank 0."""
-    model = build_model(cfg, torch.device("cpu"), None, initialise=parallel.is_main())
-    optimizer = parallel.build_data_parallel_optimizer(model, param_groups(model, cfg.optim.weight_decay),
-                                                   adamw_kwargs(cfg.optim), cfg.dist, stage=cfg.dist.zero_stage,
-                                                   grad_accum=1, bucket_elements=cfg.dist.zero_bucket_elements)
-    parallel.broadcast_state(model, optimizer, has_optimizer_state=False)
-    return model, optimizer
+    """hvd_llama's own set-up, as training builds it (after parallel.init), at cfg.dist.zero_stage, for steps of
+    one micro-batch: rank 0 initialises, bf16 weights with bf16 and a sharded optimizer, weights broadcast from
+    rank 0."""
+    built = build_training(with_train(cfg, grad_accum=1), torch.device("cpu"), initialise=parallel.is_main())
+    parallel.broadcast_state(built.model, built.optimizer, has_optimizer_state=False)
+    return built.model, built.optimizer
 
 
 def measure_throughput(cfg: Config, args: argparse.Namespace) -> dict:

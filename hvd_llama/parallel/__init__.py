@@ -22,6 +22,7 @@ from hvd_llama.config import DistConfig
 from hvd_llama.device import cuda_device_index, gpu_uuid, shared_gpu
 from hvd_llama.parallel.zero import ReplicatedOptimizer, ShardedOptimizer
 from hvd_llama.procs import LAUNCHER_ENV
+from hvd_llama.training.optim import DataParallelOptimizer
 from hvd_llama.training.zero_layout import backward_buckets
 
 ZERO_STAGES = (0, 1, 2)
@@ -170,12 +171,9 @@ def wrap_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, cfg
 
 def build_data_parallel_optimizer(model: torch.nn.Module, param_groups: list[dict], optim_kwargs: dict,
                                   cfg: DistConfig, stage: int, grad_accum: int, fused: bool = False,
-                                  bucket_elements: int = 0):
+                                  bucket_elements: int = 0) -> DataParallelOptimizer:
     """AdamW over `param_groups` (optim.param_groups) with `optim_kwargs` (lr, betas, eps), data parallel:
-    stage 0 replicated (hvd.DistributedOptimizer), 1 optimizer state sharded, 2 gradients sharded too.
-    Every stage has the interface of parallel/zero.py: param_groups, reduce_gradients, scale_gradients,
-    clip_grad_norm_, step, zero_grad, state_dict, load_state_dict, state_bytes.
-    """
+    stage 0 replicated (hvd.DistributedOptimizer), 1 optimizer state sharded, 2 gradients sharded too."""
     if stage not in ZERO_STAGES:
         raise ValueError(f"ZeRO stage must be one of {ZERO_STAGES}, got {stage!r}")
     if stage == 0:

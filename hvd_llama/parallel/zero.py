@@ -24,13 +24,7 @@ ranks; padding is zero), step() runs torch.optim.AdamW on per-parameter views of
 as stage 0, weight decay on the decay group's pieces only) and all-gathers every bucket's updated slices back
 into the parameters.
 
-One training step, the same code at every stage (no Horovod calls in the loop):
-
-    for batch in micro_batches: loss(batch).backward()
-    opt.reduce_gradients(); opt.scale_gradients(1 / loss_scale)   # the latter for fp16 only
-    norm = opt.clip_grad_norm_(max_norm)                          # identical on every rank
-    if torch.isfinite(norm): opt.step()
-    opt.zero_grad()
+Both follow the DataParallelOptimizer protocol (training/optim.py), which shows one training step.
 
 Horovod 0.28.1 has no bfloat16 in any op: gradients travel as fp32 (or fp16 compression) and bf16 weights are
 all-gathered bit-exactly as int16. Every rank must run the same steps (hvd.join covers allreduce only).

@@ -16,13 +16,7 @@ from typing import BinaryIO, Callable, Iterator, NamedTuple, Sequence
 from tqdm import tqdm
 
 from hvd_llama.cli import UserError
-from hvd_llama.prep.text import (
-    Cleaner,
-    decode_utf8,
-    document_hash,
-    normalize_unicode,
-    remove_control_chars,
-)
+from hvd_llama.prep.text import Cleaner, decode_utf8, document_hash, normalize_unicode, remove_control_chars
 
 STDLIB = "stdlib"
 STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}

@@ -1,8 +1,10 @@
-"""What training builds before its loop: the data check, the model (allocated, not initialised, on every rank
-but 0), pretrained weights read by rank 0, and the memory a rank may use."""
+"""The one training builder: what training (and its benchmarks and tests) builds before the loop. The data check,
+the model in the dtype it trains in (allocated, not initialised, on every rank but 0), LoRA, pretrained weights
+read by rank 0, the data-parallel optimizer of the ZeRO stage, the fp16 loss scaler, and the memory a rank may use."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -14,6 +16,7 @@ from hvd_llama.lora import apply_lora, trainable_param_count
 from hvd_llama.model import Transformer
 from hvd_llama.tokenizer import Tokenizer
 from hvd_llama.training.data import read_meta
+from hvd_llama.training.optim import DataParallelOptimizer, LossScaler, adamw_kwargs, param_groups
 from hvd_llama.weights.pretrained import load_weights
 
 
@@ -46,6 +49,31 @@ def build_model(cfg: Config, device: torch.device, init_state: Optional[dict], i
     if f.lora_rank:  # after loading: the adapters start at zero on top of the pretrained weights
         apply_lora(model, f.lora_rank, f.lora_alpha, f.lora_dropout, split_targets(f.lora_targets))
     return model
+
+
+@dataclass
+class Training:
+    """What a run trains: the model, its data-parallel optimizer, and the fp16 loss scaler (None otherwise)."""
+    model: Transformer
+    optimizer: DataParallelOptimizer
+    scaler: Optional[LossScaler]
+
+
+def build_training(cfg: Config, device: torch.device, init_state: Optional[dict] = None,
+                   initialise: bool = True) -> Training:
+    """The model (build_model), as the config runs it (activation checkpointing, compiled blocks), and the data-
+    parallel optimizer over it: AdamW with weight decay on matrices, at dist.zero_stage (Horovod must be
+    initialised: parallel.init)."""
+    t = cfg.train
+    model = build_model(cfg, device, init_state, initialise)
+    model.set_activation_checkpointing(t.activation_checkpointing)
+    if t.compile:
+        model.compile_blocks()
+    optimizer = parallel.build_data_parallel_optimizer(
+        model, param_groups(model, cfg.optim.weight_decay), adamw_kwargs(cfg.optim), cfg.dist,
+        stage=cfg.dist.zero_stage, grad_accum=t.grad_accum, fused=device.type == "cuda",
+        bucket_elements=cfg.dist.zero_bucket_elements)
+    return Training(model, optimizer, LossScaler() if t.precision == "fp16" else None)
 
 
 def weights_dtype(cfg: Config) -> torch.dtype:

@@ -14,13 +14,7 @@ from torch.utils.data import Dataset
 
 from hvd_llama.cli import UserError
 from hvd_llama.files import sha256_file
-from hvd_llama.prep.token_shards import (
-    HEADER_BYTES,
-    META_FORMAT,
-    META_VERSION,
-    RERUN_HINT,
-    read_shard_header,
-)
+from hvd_llama.prep.token_shards import HEADER_BYTES, META_FORMAT, META_VERSION, RERUN_HINT, read_shard_header
 
 SPLITS = ("train", "val")
 KINDS = ("pretrain", "sft")

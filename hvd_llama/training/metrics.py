@@ -44,9 +44,7 @@ class MetricsLogger:
         self.enabled = True
         self.truncate_after(step)
         if self.tensorboard:
-            from torch.utils.tensorboard import (
-                SummaryWriter,  # rank 0 only: other ranks need not import it
-            )
+            from torch.utils.tensorboard import SummaryWriter  # rank 0 only: other ranks need not import it
             # purge_step drops events a crashed run logged after the checkpoint we resume from.
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=(step + 1) if step else None)
 

@@ -2,10 +2,44 @@
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 
 from hvd_llama.config import OptimConfig
+
+
+class DataParallelOptimizer(Protocol):
+    """What training needs of a data-parallel optimizer, at every ZeRO stage (parallel/zero.py): stage 0 wraps
+    hvd.DistributedOptimizer (gradients allreduced during backward), stages 1-2 shard the optimizer state (and
+    the gradients) over the ranks. One step, the same code at every stage:
+
+        for batch in micro_batches: loss(batch).backward()
+        opt.reduce_gradients(); opt.scale_gradients(1 / loss_scale)   # the latter for fp16 only
+        norm = opt.clip_grad_norm_(max_norm)                          # identical on every rank
+        if torch.isfinite(norm): opt.step()
+        opt.zero_grad()
+    """
+    stage: int  # the ZeRO stage
+
+    @property
+    def param_groups(self) -> list[dict]: ...  # AdamW's groups: set_lr writes each one's "lr"
+
+    def reduce_gradients(self) -> None: ...  # after the last micro-batch's backward: averaged over the ranks
+
+    def scale_gradients(self, factor: float) -> None: ...
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor: ...  # the global norm, before clipping
+
+    def step(self) -> None: ...
+
+    def zero_grad(self) -> None: ...
+
+    def state_dict(self) -> dict: ...  # stage 0: the whole AdamW state; 1-2: this rank's slice
+
+    def load_state_dict(self, state) -> None: ...  # 1-2: every rank's slices of a checkpoint, at any world size
+
+    def state_bytes(self) -> dict: ...  # bytes this rank holds: weights, gradients, optimizer
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -14,11 +14,7 @@ from hvd_llama.model import Transformer
 from hvd_llama.tokenizer import Tokenizer
 from hvd_llama.weights import checkpoint
 from hvd_llama.weights.formats import check_tensors
-from hvd_llama.weights.pretrained import (
-    is_foreign_folder,
-    read_weights,
-    resolve_weights,
-)
+from hvd_llama.weights.pretrained import is_foreign_folder, read_weights, resolve_weights
 
 QUANTIZE_CHOICES = ("int8",)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --dtype: the weights' type for inference

@@ -44,6 +44,7 @@ TOKENIZER_FILE = "tokenizer.model"
 TRAIN_STATE_FILE = "train_state.pt"
 STEP_PREFIX = "step_"
 LOCK_FILE = ".lock"
+_HELD: list = []  # the run-dir locks this process holds
 STAGING_MARK = re.compile(r"\.(tmp|old)-")  # cli.staging_dir's folders: being written, or being replaced
 
 
@@ -220,7 +221,7 @@ def read_optimizer_slices(ckpt_dir) -> list:
 
 
 class RunDirLock:
-    """An exclusive lock on a run dir for the life of the job that trains in it (rank 0 takes it at start-up).
+    """An exclusive lock on a run dir for the life of the process that takes it (training's rank 0, at start-up).
 
     A second job started in the same run dir stops in one line instead of interleaving checkpoints; and since no
     live job can then be writing into it, the folders that killed saves left behind (`.step_*.tmp-*`, as large as
@@ -242,6 +243,7 @@ class RunDirLock:
             self.held = False
             return
         self.held = True
+        _HELD.append(self)  # released when the process ends, however it ends
         self.file.truncate(0)
         self.file.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
         self.file.flush()
