@@ -34,6 +34,7 @@ from hvd_llama.lora import load_lora_state_dict, lora_state_dict
 from hvd_llama.metrics import MetricsLogger, device_peak_flops, format_duration, format_flops
 from hvd_llama.pretrained import ADAPTER_FILE
 from hvd_llama.optim import LossScaler, adamw_kwargs, lr_at, param_groups, set_lr
+from hvd_llama.preemption import MIN_GRACE_S, StopTime, save_delay_s
 from hvd_llama.procs import StopFlag, rank_name, say, show
 
 
@@ -95,24 +96,26 @@ def set_rng_state(state: dict) -> None:
 
 @dataclass(frozen=True)
 class Fault:
-    """Fault injection for tests and drills: HVD_LLAMA_FAULT=KIND:STEP:RANK, read once at start-up."""
+    """Fault injection for tests and drills: HVD_LLAMA_FAULT=KIND:STEP:RANK and HVD_LLAMA_SAVE_DELAY_S=SECONDS,
+    read once at start-up."""
     kind: str = ""  # nan | raise | exit | diskfull; "" injects nothing
     step: int = 0
     rank: int = 0
+    save_delay_s: float = 0.0  # every checkpoint save waits this long before writing (preemption.StopTime)
 
     KINDS = ("nan", "raise", "exit", "diskfull")
 
     @classmethod
     def from_env(cls) -> "Fault":
-        spec = os.environ.get("HVD_LLAMA_FAULT", "")
+        spec, delay = os.environ.get("HVD_LLAMA_FAULT", ""), save_delay_s(os.environ)
         if not spec:
-            return cls()
+            return cls(save_delay_s=delay)
         kind, _, rest = spec.partition(":")
         step, _, rank = rest.partition(":")
         if kind not in cls.KINDS or not step.isdigit() or not rank.isdigit():
             raise UserError(f"HVD_LLAMA_FAULT={spec}: expected KIND:STEP:RANK with KIND one of "
                             f"{', '.join(cls.KINDS)} and STEP, RANK whole numbers")
-        return cls(kind, int(step), int(rank))
+        return cls(kind, int(step), int(rank), delay)
 
     def at(self, kind: str, step: int) -> bool:
         """Whether this rank injects `kind` at `step` (the rank is read now: elastic runs renumber ranks)."""
@@ -141,7 +144,7 @@ class Trainer:
         self.order = SampleOrder(len(self.train_data), seed=t.seed)
         self.progress = Progress(world_size=dist.size())
         self.lr_scale = 1.0  # elastic: world size / the size the job started with (linear scaling rule)
-        self.stop_flag = StopFlag(cfg.train.stop_grace_s)
+        self.stop_flag = StopFlag(cfg.train.stop_grace_s or MIN_GRACE_S)  # sized in run() when 0
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def resume(self, resume: Optional[str]) -> None:
@@ -281,6 +284,8 @@ class Trainer:
         self.tokens_per_step = t.batch_size * t.grad_accum * t.seq_len * dist.size()
         self.flops_per_token, (self.peak, peak_source) = self.model.flops_per_token(t.seq_len), self.peak_flops()
         logger.message(f"MFU peak: {format_flops(self.peak)} over {dist.size()} rank(s) ({peak_source})")
+        stop = StopTime.begin(self.stop_flag, t.stop_grace_s, self.model, logger.last_save, dist,
+                              self.fault.save_delay_s)
         session_start, first_step, record, bad_in_a_row = time.perf_counter(), p.step, {}, 0
         if t.eval_at_start and p.step == 0 and self.val_data is not None:
             logger.log_eval(0, self.validation(whole=False))
@@ -302,6 +307,7 @@ class Trainer:
             record = self.step_record(loss_sum / max(result.n_targets, 1), lr, result, step_start)
             record["eta_s"] = (t.max_steps - p.step) * (time.perf_counter() - session_start) / (p.step - first_step)
             logger.log_step(record, t.max_steps)
+            stop.stepped(time.perf_counter() - step_start)
             # An fp16 overflow (gradients not finite, every rank's loss finite: the allreduced sum says so) is the
             # loss scaler's business, normal early in training; only other skipped steps are bad ones.
             overflow = self.scaler is not None and math.isfinite(loss_sum)
@@ -318,7 +324,7 @@ class Trainer:
                 commit()
             every = self.cfg.checkpoint.every
             if stop_votes > 0 or p.step == t.max_steps or (every and p.step % every == 0):
-                path = self.save()
+                path = stop.save(self.save, logger)  # timed, logged; resizes the stop grace
                 if stop_votes > 0:
                     logger.message(f"stop requested by {self.stop_flag.reason or 'another rank'}: saved {path} "
                                    f"at step {p.step}; resubmit with --resume auto to continue")

@@ -17,7 +17,7 @@ FLOW = [
     "shards", "corpus", "encode", "prepare",
     # token shards -> training
     "data", "sharding", "dist.zero", "dist", "dist.report", "optim", "metrics", "lora", "memory", "compute", "checkpoint",
-    "formats", "pretrained", "startup", "train", "plan",
+    "formats", "pretrained", "startup", "preemption", "train", "plan",
     # checkpoints -> numbers, text, other formats
     "inference", "decoding", "evaluate", "generate", "convert", "doctor",
     # benchmarks of all of the above
