@@ -55,8 +55,8 @@ class StopBudget:
 
     @property
     def grace_s(self) -> float:
-        """train.stop_grace_s=0: twice what a stop needs (a filesystem's speed varies from save to save), and never
-        less than MIN_GRACE_S."""
+        """train.stop_grace_s=0: twice what a stop needs (a request during a periodic save waits for it, a step and
+        its own save; a filesystem's speed varies from save to save), and never less than MIN_GRACE_S."""
         return max(MIN_GRACE_S, 2 * self.needed_s)
 
     def describe(self) -> str:

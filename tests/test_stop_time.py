@@ -178,7 +178,8 @@ def test_the_warning_is_given_once(capsys, monkeypatch):
         stop.stepped(1.0)
     warnings = capsys.readouterr().err.splitlines()
     assert len(warnings) == 1 and warnings[0].startswith("warning: the launcher (HVD_LLAMA_STOP_NOTICE_S=120, ")
-    assert warnings[0].endswith("#SBATCH --signal=USR1@602 in launch/train_slurm.sbatch (and HVD_LLAMA_STOP_NOTICE_S=602)")
+    assert warnings[0].endswith("e.g. #SBATCH --signal=USR1@602 in launch/train_slurm.sbatch "
+                                "(and HVD_LLAMA_STOP_NOTICE_S=602)")
 
 
 def run(run_dir, overrides, *more, env):
