@@ -234,10 +234,11 @@ def activate(tmp_path_factory):
 def test_plain_commands_in_the_venv_give_a_slow_save_its_time(cell, activate, data_dir, tmp_path):
     launcher, sig = cell
     run_dir = tmp_path / "run"
-    # log.every=10: mpirun relays no output while it counts down; a rank printing every step would fill the pipe
-    # (some 20 KB) and block before it reaches the step boundary
-    args = train_args(run_dir, overrides(data_dir, **{"train.max_steps": 100_000, "train.stop_grace_s": 0,
-                                                      "log.every": 10}))
+    # train.stop_grace_s as the plain command has it (the default: sized from the checkpoint). log.every=10: mpirun
+    # relays no output while it counts down; a rank printing every step would fill the pipe (some 20 KB) and block
+    # before it reaches the step boundary.
+    args = train_args(run_dir, micro_overrides(data_dir, **{"train.max_steps": 100_000, "log.tensorboard": False,
+                                                            "log.every": 10}))
     # a user's shell: without the suite's pin of Open MPI's default (multiproc.job_env), then the venv's activate
     shell = ["bash", "-c", 'unset OMPI_MCA_odls_base_sigkill_timeout; source "$0" && exec "$@"', str(activate)]
     outcome = signal_job(launcher, SIGNALS[sig], "group", args, run_dir, tmp_path,
