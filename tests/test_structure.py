@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hvd_llama"
 # import graph, which therefore has no cycle). A new module takes its place here.
 FLOW = [
     # foundations
-    "cli", "procs", "faults", "text", "model", "config", "tokenizer", "device",
+    "cli", "procs", "preemption", "faults", "text", "model", "config", "tokenizer", "device",
     # raw text -> token shards
     "shards", "corpus", "encode", "prepare",
     # token shards -> training
