@@ -54,8 +54,9 @@ class TrainConfig:
     tf32: bool = True  # CUDA: fp32 matmuls on TF32 tensor cores (fp32 precision and autocast's fp32 ops)
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
     max_bad_steps: int = 5  # non-finite steps in a row (each skipped on every rank) before training stops
-    stop_grace_s: float = 60.0  # after a stop request (signal, stop file, launcher gone): seconds to checkpoint and
-    # exit before a rank exits anyway (the previous checkpoint stays intact)
+    stop_grace_s: float = 0.0  # after a stop request (signal, stop file, launcher gone): seconds to checkpoint and
+    # exit before a rank exits anyway (the previous checkpoint stays intact); 0 = twice a step and a save at the last
+    # save's speed, at least 60 (training/preemption.py)
 
 
 @dataclass
@@ -171,13 +172,13 @@ def apply_overrides(values: dict, overrides: Sequence[str]) -> dict:
 # The limits of every bounded key outside model (ModelConfig.validate checks those); validate() checks each one,
 # and tests/test_config.py gives every key a wrong type, a negative, a zero and an unknown choice.
 POSITIVE = ("optim.lr", "optim.eps", "train.seq_len", "train.batch_size", "train.grad_accum", "train.max_steps",
-            "train.stop_grace_s", "log.every", "dist.gradient_predivide_factor", "dist.commit_every",
+            "log.every", "dist.gradient_predivide_factor", "dist.commit_every",
             "finetune.lora_alpha")
 NON_NEGATIVE = ("optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.seed",
                 "train.eval_every", "train.eval_windows", "train.max_bad_steps", "checkpoint.every", "checkpoint.keep",
                 "log.peak_flops", "dist.threads_per_rank", "dist.allreduce_bucket_elements",
                 "dist.zero_bucket_elements", "finetune.lora_rank",
-                "train.loss_chunk")
+                "train.loss_chunk", "train.stop_grace_s")
 FRACTIONS = ("optim.beta1", "optim.beta2", "finetune.lora_dropout")  # 0 <= value < 1
 CHOICES = {"train.precision": PRECISIONS, "train.device": ("auto", "cpu", "cuda"),
            "dist.compression": ("none", "fp16"), "dist.op": ("average", "adasum"), "dist.zero_stage": (0, 1, 2)}

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 
 from hvd_llama.cli import UserError, run_main
 from hvd_llama.files import atomic_write_text
+from hvd_llama.training.preemption import MIN_GRACE_S, SIGKILL_VARIABLE, open_mpi_sigkill_timeout
 
 try:
     import torch
@@ -207,7 +208,15 @@ def collect(args: argparse.Namespace) -> dict:
         collect_horovod(report, horovod, device, args)
     if rank == 0:
         report["versions"] = versions()
+        report["mpirun_stop"] = mpirun_stop() if report["versions"]["mpi"] else None
     return report
+
+
+def mpirun_stop() -> Optional[dict]:
+    """How long plain mpirun (and horovodrun's MPI mode) lets a rank checkpoint after forwarding a SIGTERM or Ctrl-C:
+    Open MPI's odls_base_sigkill_timeout, as this shell would start mpirun."""
+    found = open_mpi_sigkill_timeout(os.environ)
+    return {"sigkill_timeout_s": found[0], "source": found[1]} if found else None
 
 
 def collect_horovod(report: dict, horovod: Horovod, device, args: argparse.Namespace) -> None:
@@ -272,6 +281,13 @@ def diagnose(r: dict) -> tuple[list, list]:
         if (info["torch"], info["horovod"]) != (r["versions"]["torch"], h["version"]):
             warnings.append(f"{host} runs torch {info['torch']}, Horovod {info['horovod']}; rank 0 runs "
                             f"torch {r['versions']['torch']}, Horovod {h['version']}")
+    stop = r.get("mpirun_stop")
+    if stop and stop["sigkill_timeout_s"] < MIN_GRACE_S:
+        warnings.append(f"plain mpirun (and horovodrun's MPI mode) SIGKILLs the ranks {stop['sigkill_timeout_s']} s "
+                        f"after it forwards a SIGTERM or Ctrl-C (odls_base_sigkill_timeout, from {stop['source']}): "
+                        f"too soon for a checkpoint; source the venv's activate (launch/install.sh sets "
+                        f"{MIN_GRACE_S:.0f} s) or export {SIGKILL_VARIABLE}={MIN_GRACE_S:.0f} (the launch/ scripts "
+                        "need neither)")
     if h.get("bfloat16_error"):
         notes.append("Horovod cannot allreduce bfloat16 tensors; training keeps fp32 master weights, so gradients "
                      "travel in fp32 (or fp16 with dist.compression=fp16)")
@@ -298,6 +314,7 @@ def format_report(r: dict) -> list:
              row("torch", f"{v['torch']} (CUDA {v['cuda'] or 'none'}, cuDNN {v['cudnn'] or 'none'}, "
                           f"NCCL {v['nccl_torch'] or 'none'})"),
              row("horovod", v["horovod"] or "not installed"), row("mpi", v["mpi"] or "no mpirun on PATH"),
+             *mpirun_stop_rows(r.get("mpirun_stop")),
              row("sentencepiece", v["sentencepiece"] or "not installed"), "horovod"]
     if h["error"]:
         lines.append(row("status", "cannot be used (the problem below)"))
@@ -339,6 +356,13 @@ def format_report(r: dict) -> list:
     lines += [f"problem: {p}" for p in r["problems"]]
     lines.append(summary_line(r))
     return lines
+
+
+def mpirun_stop_rows(stop: Optional[dict]) -> list:
+    if not stop:
+        return []
+    return [row("mpirun stop", f"SIGKILL {stop['sigkill_timeout_s']} s after SIGTERM/Ctrl-C "
+                               f"(odls_base_sigkill_timeout, from {stop['source']})")]
 
 
 def plural(n: int, word: str) -> str:

@@ -195,9 +195,9 @@ class StopFlag:
             if self.reason and not announced:
                 announced = True
                 say(f"rank {rank_name()}: stop requested by {self.reason}; stopping at the next step boundary "
-                     f"(train.stop_grace_s={self.grace_s:g})")
+                     f"(grace {round(self.grace_s, 1):g} s: train.stop_grace_s)")
             if self.reason and time.monotonic() - self.since > self.grace_s:
-                say(f"error: rank {rank_name()} still running {self.grace_s:g} s after the stop request "
+                say(f"error: rank {rank_name()} still running {round(self.grace_s, 1):g} s after the stop request "
                      "(train.stop_grace_s): exiting now; the last checkpoint written is intact")
                 os._exit(1)
 

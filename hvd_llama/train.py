@@ -34,6 +34,7 @@ from hvd_llama.training.faults import Fault
 from hvd_llama.training.memory import check_fits
 from hvd_llama.training.metrics import MetricsLogger, format_duration
 from hvd_llama.training.optim import lr_at, set_lr
+from hvd_llama.training.preemption import MIN_GRACE_S, StopTime
 from hvd_llama.weights import checkpoint
 
 
@@ -72,7 +73,7 @@ class Trainer:
         self.order = SampleOrder(len(self.train_data), seed=t.seed)
         self.progress = Progress(world_size=parallel.size())
         self.lr_scale = 1.0  # elastic: world size / the size the job started with (linear scaling rule)
-        self.stop_flag = StopFlag(cfg.train.stop_grace_s)
+        self.stop_flag = StopFlag(cfg.train.stop_grace_s or MIN_GRACE_S)  # sized in run() when 0
 
     def resume(self, resume: Optional[str]) -> None:
         """Every rank starts from rank 0's weights, or from the checkpoint `resume` names (checkpointing.py)."""
@@ -129,6 +130,8 @@ class Trainer:
         if self.device.type == "cuda":  # max_memory_gib: training's peak, not set-up's (resume, the peak's matmuls)
             torch.cuda.reset_peak_memory_stats(self.device)
         logger.message(f"MFU peak: {format_flops(self.peak)} over {parallel.size()} rank(s) ({peak_source})")
+        stop = StopTime.begin(self.stop_flag, t.stop_grace_s, self.model, logger.last_save, parallel,
+                              self.fault.save_delay_s)
         session_start, first_step, record, bad_in_a_row = time.perf_counter(), p.step, {}, 0
         if t.eval_at_start and p.step == 0 and self.val_data is not None:
             logger.log_eval(0, self.validation(whole=False))
@@ -151,6 +154,7 @@ class Trainer:
             record = self.step_record(loss_sum / max(result.n_targets, 1), lr, result, step_start)
             record["eta_s"] = (t.max_steps - p.step) * (time.perf_counter() - session_start) / (p.step - first_step)
             logger.log_step(record, t.max_steps)
+            stop.stepped(time.perf_counter() - step_start)
             # An fp16 overflow (gradients not finite, every rank's loss finite: the allreduced sum says so) is the
             # loss scaler's business, normal early in training; only other skipped steps are bad ones.
             overflow = self.scaler is not None and math.isfinite(loss_sum)
@@ -167,7 +171,7 @@ class Trainer:
                 commit()
             every = self.cfg.checkpoint.every
             if stop_votes > 0 or p.step == t.max_steps or (every and p.step % every == 0):
-                path = self.save()
+                path = stop.save(self.save, logger)  # timed, logged; resizes the stop grace
                 if stop_votes > 0:
                     logger.message(f"stop requested by {self.stop_flag.reason or 'another rank'}: saved {path} "
                                    f"at step {p.step}; resubmit with --resume auto to continue")

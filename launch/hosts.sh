@@ -53,8 +53,12 @@ print_command() {
 # train.stop_grace_s. The launcher never sees the signal itself: mpirun would kill the ranks 1 s after its
 # SIGTERM, horovodrun --gloo 5 s after, and horovodrun's MPI mode would leave them running. Ranks on this host
 # also watch this script (HVD_LLAMA_LAUNCHER_PID): if it is killed, they checkpoint and exit by themselves.
+# So Open MPI's sigkill timeout only paces the end of a job whose rank died (SIGTERM to the others after it, SIGKILL
+# after twice it; the survivors, stuck in a collective, cannot checkpoint): back to Open MPI's 1 s, whatever the
+# venv's activate set for plain mpirun (launch/install.sh).
 run_supervised() {
   local rc
+  export OMPI_MCA_odls_base_sigkill_timeout=1
   export HVD_LLAMA_STOP_FILE=${HVD_LLAMA_STOP_FILE:-$(mktemp -u "${TMPDIR:-/tmp}/hvd_llama_stop.XXXXXX")}
   export HVD_LLAMA_LAUNCHER_PID=$$ HVD_LLAMA_LAUNCHER_HOST=$HOSTNAME
   trap 'rm -f "$HVD_LLAMA_STOP_FILE"' EXIT

@@ -12,6 +12,7 @@
 #   PYTHON             interpreter for a new venv          (default: python3)
 #   TORCH_VERSION      torch to install when none is there (default: 2.13.0)
 #   HVD_LLAMA_NO_APT=1 never run apt-get; print what to install instead
+#   HVD_LLAMA_MPI_STOP_GRACE_S  seconds plain mpirun/horovodrun give a stopping rank before SIGKILL (default: 60)
 #   HVD_LLAMA_DRY_RUN=1, HVD_LLAMA_TEST_TOOLS=1: as --dry-run, --with-test-tools
 #   HOROVOD_NCCL_HOME (or HOROVOD_NCCL_INCLUDE + HOROVOD_NCCL_LIB): where NCCL is, if not in the venv's nvidia-nccl
 #                      package (CUDA torch wheels install it), the CUDA toolkit or /usr
@@ -23,6 +24,7 @@ VENV=${HVD_LLAMA_VENV:-$REPO/.venv}
 CACHE=${HVD_LLAMA_CACHE:-$HOME/.cache/hvd_llama}
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+MPI_STOP_GRACE_S=${HVD_LLAMA_MPI_STOP_GRACE_S:-60}
 HOROVOD_VERSION=0.28.1
 DRY_RUN=${HVD_LLAMA_DRY_RUN:-0}
 TEST_TOOLS=${HVD_LLAMA_TEST_TOOLS:-0}
@@ -70,6 +72,24 @@ ensure_venv() {
   say "creating virtual environment $VENV"
   "$PYTHON" -m venv "$VENV" || die "'$PYTHON -m venv $VENV' failed (Debian: apt-get install python3-venv)"
   "$PY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+}
+
+set_mpi_stop_grace() {
+  # Plain mpirun, and horovodrun's MPI mode which runs it, SIGKILL the ranks odls_base_sigkill_timeout seconds
+  # (Open MPI's default: 1) after they forward a SIGTERM or Ctrl-C: too soon for any checkpoint. The venv's
+  # activate gives the README's commands the 60 s train.stop_grace_s takes at least (mpirun passes OMPI_MCA_
+  # settings on to its daemons on other nodes); a value already in the shell wins. The launch/ scripts never
+  # let mpirun see the signal and need none of it.
+  local activate="$VENV/bin/activate" marker="# hvd_llama: plain mpirun's stop grace (launch/install.sh)"
+  if [ ! -f "$activate" ]; then
+    say "note: no $activate: export OMPI_MCA_odls_base_sigkill_timeout=$MPI_STOP_GRACE_S before plain mpirun/horovodrun"
+    return 0
+  fi
+  { grep -vF "$marker" "$activate" || true; } >"$activate.tmp"  # a new value replaces the old line
+  echo "export OMPI_MCA_odls_base_sigkill_timeout=\${OMPI_MCA_odls_base_sigkill_timeout:-$MPI_STOP_GRACE_S}  $marker" \
+    >>"$activate.tmp"
+  mv "$activate.tmp" "$activate"
+  say "plain mpirun and horovodrun give a stopping job ${MPI_STOP_GRACE_S} s before SIGKILL once $activate is sourced"
 }
 
 probe_torch() {  # sets TORCH_FOUND (version), TORCH_CUDA (CUDA version it is built for, or "") and PY_VERSION
@@ -287,7 +307,7 @@ parse_args() {
       --cpu) DEVICE=cpu ;;
       --dry-run) DRY_RUN=1 ;;
       --with-test-tools) TEST_TOOLS=1 ;;
-      -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+      -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
       *) echo "[install] error: unknown argument '$1' (expected --cuda, --cpu, --dry-run, --with-test-tools)" >&2
          exit 2 ;;
     esac
@@ -297,6 +317,8 @@ parse_args() {
 
 main() {
   parse_args "$@"
+  [[ $MPI_STOP_GRACE_S =~ ^[1-9][0-9]*$ ]] \
+    || die "HVD_LLAMA_MPI_STOP_GRACE_S=$MPI_STOP_GRACE_S: expected a whole number of seconds > 0"
   if [ "$DRY_RUN" = 1 ]; then  # nothing installed, nothing written: the venv and its torch must be there
     PY="$VENV/bin/python"
     probe_torch || die "dry run: no torch in $VENV yet (run launch/install.sh once first)"
@@ -308,6 +330,7 @@ main() {
   ensure_mpi
   [ "$TEST_TOOLS" != 1 ] || ensure_test_tools
   ensure_venv
+  set_mpi_stop_grace
   ensure_torch
   choose_build
   ensure_horovod

@@ -9,7 +9,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from multiproc import BIN, REPO, job_env, launcher_command
 
@@ -57,9 +57,11 @@ def command(launcher: str, train_args: list, tmp_path: Path) -> tuple[list, dict
     return [script, *module_args], env
 
 
-def start(launcher: str, train_args: list, tmp_path: Path, env: Optional[dict] = None) -> subprocess.Popen:
+def start(launcher: str, train_args: list, tmp_path: Path, env: Optional[dict] = None,
+          shell: Sequence[str] = ()) -> subprocess.Popen:
+    """`shell`: a command that execs the launcher's argv after it (e.g. bash sourcing an activate script)."""
     argv, extra = command(launcher, train_args, tmp_path)
-    return start_command(argv, tmp_path / f"{launcher}.log", {**extra, **(env or {})})
+    return start_command([*shell, *argv], tmp_path / f"{launcher}.log", {**extra, **(env or {})})
 
 
 def start_command(argv: list, log_path: Path, env: Optional[dict] = None) -> subprocess.Popen:
@@ -161,11 +163,12 @@ def checkpoints(run_dir: Path) -> tuple[list, list]:
 
 
 def signal_job(launcher: str, sig: int, target: str, train_args: list, run_dir: Path, tmp_path: Path,
-               at_step: int = 3, then: Optional[int] = None) -> Outcome:
-    """Run a job; once `at_step` is logged, send `sig` to the launcher alone, to its whole process group, or
-    (target "rank") to one rank. `then`: `sig` is expected to be ignored: check that training goes on for
+               at_step: int = 3, then: Optional[int] = None, env: Optional[dict] = None,
+               shell: Sequence[str] = ()) -> Outcome:
+    """Run a job (see start); once `at_step` is logged, send `sig` to the launcher alone, to its whole process
+    group, or (target "rank") to one rank. `then`: `sig` is expected to be ignored: check that training goes on for
     1 s, say so in the output, and send `then` to the group."""
-    proc = start(launcher, train_args, tmp_path)
+    proc = start(launcher, train_args, tmp_path, env, shell)
     try:
         wait_for(lambda: last_step(run_dir) >= at_step, proc, f"step {at_step}")
         processes = job_processes(proc)

@@ -42,8 +42,11 @@ def launcher_command(launcher: str, np: int, extra: Sequence[str] = ()) -> list:
 
 def job_env(extra: Optional[dict] = None) -> dict:
     """hvd_llama's job environment (this Python's scripts on PATH, this hvd_llama importable), with one
-    OpenMP thread per process unless the caller's environment or `extra` says otherwise."""
-    return bench_job_env({"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(extra or {})})
+    OpenMP thread per process unless the caller's environment or `extra` says otherwise, and Open MPI's own
+    sigkill timeout unless `extra` says otherwise: the suite's stop and crash timings are Open MPI's, which a shell
+    that sourced the venv's activate (launch/install.sh: 60 s) would stretch to minutes."""
+    return bench_job_env({"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+                          "OMPI_MCA_odls_base_sigkill_timeout": "1", **(extra or {})})
 
 
 # Runs a command's main() and then reports, as stderr's last line, whether anything imported Horovod.

@@ -40,8 +40,9 @@ def run_doctor(tmp_path: Path, *args: str, np: int = 0, launcher: str = "horovod
     job = run_job(["-m", "hvd_llama.doctor", "--json", str(out), *args], np=np, launcher=launcher, env=env,
                   timeout=timeout)
     lines = job.lines(0) if np else job.output.splitlines()
-    # mpirun --tag-output may glue the tag of an empty trailing chunk to rank 0's last line.
-    lines = [re.sub(r"\[\d+,\d+\]<stdout>:$", "", line) for line in lines]
+    # mpirun --tag-output tags each chunk it reads: a report longer than one of its reads has a tag inside a
+    # line, and the tag of an empty trailing chunk may be glued to rank 0's last line.
+    lines = [re.sub(r"\[\d+,\d+\]<stdout>:", "", line) for line in lines]
     return job, lines, json.loads(out.read_text()) if out.exists() else None
 
 
@@ -160,9 +161,15 @@ def traps(report: dict) -> list:
 
 def test_diagnose_fires_each_warning_when_its_condition_is_constructed(one_rank):
     def changed(**fields):
-        return {**json.loads(json.dumps(one_rank[2])), "cpu_bf16_flags": ["avx512_bf16"], **fields}
+        return {**json.loads(json.dumps(one_rank[2])), "cpu_bf16_flags": ["avx512_bf16"],
+                "mpirun_stop": {"sigkill_timeout_s": 60, "source": "OMPI_MCA_odls_base_sigkill_timeout"}, **fields}
 
-    assert traps(changed()) == []  # one rank, train's default threads, OMP_NUM_THREADS=1
+    assert traps(changed()) == []  # one rank, train's default threads, OMP_NUM_THREADS=1, the venv's mpirun grace
+    assert traps(changed(mpirun_stop=None)) == []  # no Open MPI
+    [mpirun] = traps(changed(mpirun_stop={"sigkill_timeout_s": 1, "source": "default"}))
+    assert mpirun.startswith("plain mpirun (and horovodrun's MPI mode) SIGKILLs the ranks 1 s after it forwards a "
+                             "SIGTERM or Ctrl-C (odls_base_sigkill_timeout, from default)")
+    assert "export OMPI_MCA_odls_base_sigkill_timeout=60" in mpirun
 
     no_bf16 = traps(changed(cpu_bf16_flags=[], precision="bf16", device="cpu"))
     assert len(no_bf16) == 1 and "without native bf16" in no_bf16[0]
@@ -239,6 +246,12 @@ def test_one_process_reports_consistent_figures(one_rank):
                                                      for op in ("allreduce", "allgather", "broadcast",
                                                                 "reducescatter")}}
     assert report["bandwidth"] is None and report["bandwidth_note"].startswith("not applicable: 1 rank")
+    # multiproc's job environment gives mpirun Open MPI's own 1 s: doctor reports it, and where it comes from
+    assert report["mpirun_stop"] == {"sigkill_timeout_s": 1, "source": "OMPI_MCA_odls_base_sigkill_timeout"}
+    assert doctor.row("mpirun stop", "SIGKILL 1 s after SIGTERM/Ctrl-C (odls_base_sigkill_timeout, from "
+                                     "OMPI_MCA_odls_base_sigkill_timeout)") in lines
+    assert any(w.startswith("plain mpirun (and horovodrun's MPI mode) SIGKILLs the ranks 1 s")
+               for w in report["warnings"])
     assert report["threads_per_rank"]["intra_op"] == max(1, os.cpu_count() // 1)  # train's default
     assert report["torch_threads_at_start"]["intra_op"] == 1  # OMP_NUM_THREADS=1
     # bf16 was asked for on this CPU: the warning fires exactly when the CPU lacks native bf16.

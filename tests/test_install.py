@@ -378,3 +378,34 @@ def test_ci_runs_readme_command_2_verbatim():
     command = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert command == "./launch/install.sh --with-test-tools && .venv/bin/python -m pytest"
     assert "# 2. set up everything" in readme and f"\n{command}\n```" in readme
+
+
+ACTIVATE = "# the venv's own activate script\nexport VIRTUAL_ENV=/somewhere/venv\n"
+
+
+def sourced(activate: Path, **env_vars: str) -> str:
+    """OMPI_MCA_odls_base_sigkill_timeout in a shell that sourced `activate`."""
+    env = {k: v for k, v in os.environ.items() if k != "OMPI_MCA_odls_base_sigkill_timeout"}
+    return subprocess.run(["bash", "-c", f"source '{activate}' && echo \"$OMPI_MCA_odls_base_sigkill_timeout\""],
+                          env={**env, **env_vars}, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_the_venvs_activate_gives_plain_mpirun_a_stop_grace_once(tmp_path):
+    """Plain mpirun (and horovodrun's MPI mode) SIGKILLs the ranks 1 s after forwarding a SIGTERM: sourcing the
+    venv's activate gives them 60 s, or HVD_LLAMA_MPI_STOP_GRACE_S; a value the shell already has wins."""
+    venv = fake_venv(tmp_path, torch_cuda=None)
+    activate = venv / "bin" / "activate"
+    activate.write_text(ACTIVATE)
+    done = install(tmp_path, {"nvcc"}, venv=venv)
+    assert done.returncode == 0, done.stderr
+    assert activate.read_text().startswith(ACTIVATE)
+    assert sourced(activate) == "60"
+    assert sourced(activate, OMPI_MCA_odls_base_sigkill_timeout="5") == "5"
+    again = install(tmp_path, {"nvcc"}, venv=venv, HVD_LLAMA_MPI_STOP_GRACE_S="90")
+    assert again.returncode == 0, again.stderr
+    assert activate.read_text().count("odls_base_sigkill_timeout") == 2  # one line (the variable twice), replaced
+    assert sourced(activate) == "90"
+    bad = install(tmp_path, {"nvcc"}, venv=venv, HVD_LLAMA_MPI_STOP_GRACE_S="1.5")
+    assert (bad.returncode, bad.stderr) == (1, "[install] error: HVD_LLAMA_MPI_STOP_GRACE_S=1.5: expected a whole "
+                                               "number of seconds > 0\n")
+    assert sourced(activate) == "90"

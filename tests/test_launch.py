@@ -65,6 +65,26 @@ def test_slurm_passes_cpus_per_task_to_srun(tmp_path, cpus_per_task):
                     "--resume", "auto", "--config", "my config.yaml"]
 
 
+def test_slurm_tells_the_ranks_the_notice_of_its_signal(tmp_path):
+    """SLURM exports nothing of --signal: the script reads its own #SBATCH line (USR1@120) for the ranks' start-up
+    check (training/preemption.py); a value exported at submission (with sbatch --signal=...@N) wins."""
+    executable(tmp_path / "bin" / "srun", "#!/bin/sh\necho \"notice=$HVD_LLAMA_STOP_NOTICE_S\"\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HVD_LLAMA_"))}
+    env.update(PATH=f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}", SLURM_JOB_ID="42")
+    assert run_script("train_slurm.sbatch", env=env).stdout == "notice=120\n"
+    assert run_script("train_slurm.sbatch", env={**env, "HVD_LLAMA_STOP_NOTICE_S": "300"}).stdout == "notice=300\n"
+
+
+def test_the_scripts_give_mpirun_open_mpis_own_sigkill_timeout(tmp_path):
+    """A supervised mpirun never sees a stop signal, so its sigkill timeout only paces the end of a job whose rank
+    died: Open MPI's 1 s, whatever the venv's activate set for plain mpirun (60 s: launch/install.sh)."""
+    executable(tmp_path / "bin" / "mpirun", "#!/bin/sh\necho \"sigkill=$OMPI_MCA_odls_base_sigkill_timeout\"\n")
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
+               OMPI_MCA_odls_base_sigkill_timeout="60")
+    out = run_script("train_mpirun.sh", "-H", "node1:2", "--", "--config", "c.yaml", env=env).stdout
+    assert out.splitlines()[-1] == "sigkill=1"
+
+
 FORWARDED = {"PATH": "/usr/bin:/bin", "PYTHONPATH": "/repo", "LD_LIBRARY_PATH": "/opt/nccl/lib",
              "LD_PRELOAD": "/opt/aws-ofi-nccl/lib/libnccl-net.so", "OMP_NUM_THREADS": "8",
              "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",

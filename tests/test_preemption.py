@@ -208,6 +208,50 @@ def test_every_launcher_resumes_a_stopped_run_exactly(launcher, matrix, resumed,
     resumes_exactly(resumed[cell], straight_losses)
 
 
+# The grace test: the README's plain commands (plain mpirun, horovodrun's MPI mode) in a shell that sourced the venv's
+# activate as launch/install.sh leaves it, with a save the drill slows to several seconds. Open MPI's default would
+# SIGKILL the ranks in the middle of it: mpirun forwards a SIGTERM 1 s after the signal came, SIGKILL 1 s later.
+SAVE_DELAY_S = 3
+MPI_GRACE_S = 15  # what the installer writes for this test's venv (its default, 60 s, makes mpirun take 2 minutes)
+# Ctrl-C of mpirun: the ranks learn of it when mpirun forwards its SIGTERM; a scheduler's SIGTERM to horovodrun's
+# group: its `sh -c mpirun` dies and the ranks see their launcher gone at once, while mpirun counts down.
+GRACE_CELLS = [("mpirun", "INT"), ("horovodrun", "TERM")]
+
+
+@pytest.fixture(scope="module")
+def activate(tmp_path_factory):
+    """A venv's activate script after launch/install.sh (a stand-in venv: nothing is built)."""
+    from test_install import fake_venv, install
+    root = tmp_path_factory.mktemp("venv")
+    venv = fake_venv(root, torch_cuda=None)
+    (venv / "bin" / "activate").write_text("# the venv's activate script\n")
+    done = install(root, {"nvcc"}, venv=venv, HVD_LLAMA_MPI_STOP_GRACE_S=str(MPI_GRACE_S))
+    assert done.returncode == 0, done.stderr
+    return venv / "bin" / "activate"
+
+
+@pytest.mark.parametrize("cell", GRACE_CELLS, ids=["-".join(c) for c in GRACE_CELLS])
+def test_plain_commands_in_the_venv_give_a_slow_save_its_time(cell, activate, data_dir, tmp_path):
+    launcher, sig = cell
+    run_dir = tmp_path / "run"
+    # train.stop_grace_s as the plain command has it (the default: sized from the checkpoint). log.every=10: mpirun
+    # relays no output while it counts down; a rank printing every step would fill the pipe (some 20 KB) and block
+    # before it reaches the step boundary.
+    args = train_args(run_dir, micro_overrides(data_dir, **{"train.max_steps": 100_000, "log.tensorboard": False,
+                                                            "log.every": 10}))
+    # a user's shell: without the suite's pin of Open MPI's default (multiproc.job_env), then the venv's activate
+    shell = ["bash", "-c", 'unset OMPI_MCA_odls_base_sigkill_timeout; source "$0" && exec "$@"', str(activate)]
+    outcome = signal_job(launcher, SIGNALS[sig], "group", args, run_dir, tmp_path,
+                         env={"HVD_LLAMA_SAVE_DELAY_S": str(SAVE_DELAY_S)}, shell=shell)
+    stop_checkpoint = f"step_{outcome.stop_step:08d}"
+    assert outcome.checkpoints == [stop_checkpoint] and not outcome.corrupt, (outcome.returncode, outcome.seconds,
+                                                                              outcome.output[-3000:])
+    assert f"saved {run_dir / 'checkpoints' / stop_checkpoint} at step {outcome.stop_step}" in outcome.output
+    assert "exiting now" not in outcome.output and "signal 9" not in outcome.output  # no rank gave up or was killed
+    assert not outcome.left
+    assert outcome.returncode == (1 if launcher == "mpirun" else -SIGNALS[sig])  # as without the grace
+
+
 REAPED_TREE = """
 import subprocess, sys, time
 from hvd_llama import procs

@@ -16,7 +16,7 @@ FLOW = [
     # prep/: raw text -> token shards (the prepare command)
     "prep", "prep.text", "prep.token_shards", "prep.corpus", "prep.encode", "prepare",
     # training/ and parallel/: token shards -> a trained model (the train and plan commands)
-    "training", "training.data", "training.zero_layout", "training.faults", "training.optim", "training.metrics",
+    "training", "training.data", "training.zero_layout", "training.preemption", "training.faults", "training.optim", "training.metrics",
     "training.memory", "training.compute", "parallel.zero", "parallel", "parallel.elastic", "parallel.report",
     # weights/: checkpoints and other formats on disk
     "weights", "weights.checkpoint", "weights.formats", "weights.pretrained",

@@ -1,4 +1,5 @@
-"""Fault injection for tests and drills: HVD_LLAMA_FAULT=KIND:STEP:RANK, read once at start-up."""
+"""Fault injection for tests and drills: HVD_LLAMA_FAULT=KIND:STEP:RANK and HVD_LLAMA_SAVE_DELAY_S=SECONDS, read once
+at start-up."""
 from __future__ import annotations
 
 import errno
@@ -6,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 from hvd_llama.cli import UserError
+from hvd_llama.training.preemption import save_delay_s
 
 
 @dataclass(frozen=True)
@@ -15,20 +17,21 @@ class Fault:
     kind: str = ""  # "" injects nothing
     step: int = 0
     rank: int = 0
+    save_delay_s: float = 0.0  # every checkpoint save waits this long before writing (preemption.StopTime)
 
     KINDS = ("nan", "raise", "exit", "diskfull", "saveerror")
 
     @classmethod
     def from_env(cls) -> "Fault":
-        spec = os.environ.get("HVD_LLAMA_FAULT", "")
+        spec, delay = os.environ.get("HVD_LLAMA_FAULT", ""), save_delay_s(os.environ)
         if not spec:
-            return cls()
+            return cls(save_delay_s=delay)
         kind, _, rest = spec.partition(":")
         step, _, rank = rest.partition(":")
         if kind not in cls.KINDS or not step.isdigit() or not rank.isdigit():
             raise UserError(f"HVD_LLAMA_FAULT={spec}: expected KIND:STEP:RANK with KIND one of "
                             f"{', '.join(cls.KINDS)} and STEP, RANK whole numbers")
-        return cls(kind, int(step), int(rank))
+        return cls(kind, int(step), int(rank), delay)
 
     def at(self, kind: str, step: int, rank: int) -> bool:
         """Whether rank `rank` injects `kind` at `step` (the caller reads its rank now: elastic runs renumber)."""

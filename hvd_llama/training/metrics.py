@@ -13,6 +13,7 @@ TENSORBOARD_TAGS = {  # metrics.jsonl key -> TensorBoard tag
     "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
     "tokens_per_s": "perf/tokens_per_s", "mfu": "perf/mfu", "val_loss": "val/loss", "val_ppl": "val/ppl",
     "val_windows": "val/windows", "val_tokens": "val/tokens",
+    "save_s": "checkpoint/save_s", "save_bytes_per_s": "checkpoint/write_bytes_per_s",
 }
 
 
@@ -30,6 +31,8 @@ class MetricsLogger:
         self.run_dir, self.tensorboard, self.console_every = Path(run_dir), tensorboard, console_every
         self.jsonl = self.run_dir / "metrics.jsonl"
         self.enabled, self.file, self.writer = False, None, None
+        self.last = None  # (offset in metrics.jsonl, record) of the last record written
+        self.last_save: Optional[dict] = None  # the last record a save annotated, as read on resume
         self.set_enabled(enabled, resume_step or 0)
 
     def set_enabled(self, enabled: bool, step: int) -> None:
@@ -55,20 +58,34 @@ class MetricsLogger:
         if self.file is not None:
             self.file.close()
         if self.jsonl.exists():
-            kept = [line for line in self.jsonl.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= step]
-            atomic_write_text(self.jsonl, "".join(line + "\n" for line in kept))
-        self.file = open(self.jsonl, "a")
+            records = [(line, json.loads(line)) for line in self.jsonl.read_text().splitlines() if line.strip()]
+            kept = [(line, record) for line, record in records if record["step"] <= step]
+            atomic_write_text(self.jsonl, "".join(line + "\n" for line, _ in kept))
+            self.last_save = next((record for _, record in reversed(kept) if "save_s" in record), None)
+        self.file, self.last = open(self.jsonl, "a"), None
 
     def log_step(self, record: dict, max_steps: int) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        self._write_scalars(record)
+        self._append(record)
         step = record["step"]
         if step % self.console_every == 0 or step == max_steps or "val_loss" in record:
             show(self.console_line(record, max_steps))
+
+    def _append(self, record: dict, scalars: Optional[dict] = None) -> None:
+        self.last = (self.file.tell(), record)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        self._write_scalars(scalars or record)
+
+    def annotate_last(self, fields: dict) -> None:
+        """Add `fields` to the last record: a checkpoint's figures to the step it was saved at (the save follows
+        the step's record). The line is rewritten in place; TensorBoard gets the new fields only."""
+        if not self.enabled or self.last is None:
+            return
+        offset, record = self.last
+        self.file.truncate(offset)  # the file is opened for appending: the write lands at the new end
+        self._append({**record, **fields}, scalars={"step": record["step"], **fields})
 
     def _write_scalars(self, record: dict) -> None:
         if self.writer is not None:
@@ -92,9 +109,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, **validation}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        self._write_scalars(record)
+        self._append(record)
         show(f"step {step} | val {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f}, "
              f"{record['val_windows']} windows)")
 
