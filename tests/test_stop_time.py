@@ -10,11 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import micro_overrides
-from hvd_llama.metrics import MetricsLogger
 from multiproc import REPO, job_env
 from trainrun import metrics, train_args
 
 from hvd_llama.cli import UserError
+from hvd_llama.training.metrics import MetricsLogger
 from hvd_llama.training.preemption import (
     ASSUMED_BYTES_PER_S,
     MIN_GRACE_S,
@@ -108,7 +108,7 @@ def test_shortfall_names_the_shorter_limit_and_what_to_ask_for():
 
 
 class OneRank:
-    """hvd_llama.dist for one process, as StopTime uses it."""
+    """hvd_llama.parallel for one process, as StopTime uses it."""
     @staticmethod
     def broadcast_object(obj, name):
         return obj

@@ -166,7 +166,7 @@ class StopTime:
     save_s, save_bytes, save_bytes_per_s, stop_grace_s; a console line) and resizes the grace; rank 0 warns once
     when the launcher's notice or an explicit train.stop_grace_s is shorter than a stop needs.
     `delay_s` (HVD_LLAMA_SAVE_DELAY_S) is a drill's slow filesystem: every save waits that long before writing.
-    `ranks` is hvd_llama.dist (broadcast_object, is_main), or a stand-in for one process."""
+    `ranks` is hvd_llama.parallel (broadcast_object, is_main), or a stand-in for one process."""
 
     def __init__(self, flag: StopFlag, configured_s: float, budget: StopBudget, ranks, delay_s: float = 0.0):
         self.flag, self.configured_s, self.budget, self.ranks, self.delay_s = flag, configured_s, budget, ranks, delay_s
