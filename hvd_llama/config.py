@@ -102,6 +102,18 @@ def split_targets(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
+def check_lora_targets(targets) -> tuple[str, ...]:
+    """The projections LoRA adapts, each once; ValueError naming an unknown one, or none given."""
+    if isinstance(targets, str):
+        targets = (targets,)
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown:
+        raise ValueError(f"unknown LoRA target {unknown[0]!r}; choose from {', '.join(LORA_TARGETS)}")
+    if not targets:
+        raise ValueError(f"no LoRA targets given; choose from {', '.join(LORA_TARGETS)}")
+    return tuple(dict.fromkeys(targets))
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -207,11 +219,10 @@ def _check_limits(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
         if value_of(cfg, key) not in allowed:
             raise UserError(f"{key}={value_of(cfg, key)!r}: expected one of {', '.join(map(str, allowed))}")
-    targets = split_targets(cfg.finetune.lora_targets)
-    unknown = [t for t in targets if t not in LORA_TARGETS]
-    if unknown or not targets:
-        raise UserError(f"finetune.lora_targets={cfg.finetune.lora_targets!r}: expected a comma-separated list "
-                        f"of {', '.join(LORA_TARGETS)}")
+    try:
+        check_lora_targets(split_targets(cfg.finetune.lora_targets))
+    except ValueError as err:
+        raise UserError(f"finetune.lora_targets={cfg.finetune.lora_targets!r}: {err}") from None
 
 
 def validate(cfg: Config) -> None:

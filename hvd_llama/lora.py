@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hvd_llama.config import LORA_TARGETS
-from hvd_llama.model import ModelConfig, init_fp32_
+from hvd_llama.config import check_lora_targets
+from hvd_llama.model import init_fp32_
 
 DEFAULT_TARGETS = ("wq", "wv")  # the paper's choice, and PEFT's default for LLaMA
 LORA_PARAMS = ("lora_A", "lora_B")
@@ -79,17 +79,6 @@ def check_hyperparameters(rank: int, alpha: float, dropout: float) -> None:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
 
 
-def check_targets(targets: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(targets, str):
-        targets = (targets,)
-    unknown = [t for t in targets if t not in LORA_TARGETS]
-    if unknown:
-        raise ValueError(f"unknown LoRA target {unknown[0]!r}; choose from {', '.join(LORA_TARGETS)}")
-    if not targets:
-        raise ValueError(f"no LoRA targets given; choose from {', '.join(LORA_TARGETS)}")
-    return tuple(dict.fromkeys(targets))
-
-
 def is_lora_name(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in LORA_PARAMS
 
@@ -98,7 +87,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
                targets: Sequence[str] = DEFAULT_TARGETS) -> list[str]:
     """Adapt every nn.Linear whose name ends in one of `targets` in place, freeze all other parameters
     (requires_grad=False), and return the adapted module names, e.g. "layers.0.attention.wq"."""
-    targets = check_targets(targets)
+    targets = check_lora_targets(targets)
     check_hyperparameters(rank, alpha, dropout)
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("the model already has LoRA adapters")
@@ -155,19 +144,6 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, module in lora_modules(model).items():
         state[f"{name}.weight"] = (module.weight + module.delta_weight()).to(module.weight.dtype)
     return state
-
-
-def lora_param_count(cfg: ModelConfig, rank: int, targets: Sequence[str] = DEFAULT_TARGETS) -> int:
-    """Adapter parameters apply_lora adds to a Transformer(cfg), from the layer shapes: rank * (in + out) per
-    adapted matrix, per layer except the output head."""
-    targets = check_targets(targets)
-    check_hyperparameters(rank, 1.0, 0.0)
-    q, kv, hidden = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.ffn_hidden_dim
-    in_out = {"wq": (cfg.dim, q), "wk": (cfg.dim, kv), "wv": (cfg.dim, kv), "wo": (q, cfg.dim),
-              "w1": (cfg.dim, hidden), "w2": (hidden, cfg.dim), "w3": (cfg.dim, hidden)}
-    per_layer = sum(rank * sum(in_out[t]) for t in targets if t != "output")
-    head = rank * (cfg.dim + cfg.vocab_size) if "output" in targets else 0
-    return cfg.n_layers * per_layer + head
 
 
 def trainable_param_count(model: nn.Module) -> int:

@@ -225,21 +225,22 @@ def test_rng_state_without_cuda_in_use_has_no_cuda_part(monkeypatch):
 PEAK = """import sys, torch
 from pathlib import Path
 from types import SimpleNamespace
-from hvd_llama import parallel, train
+from hvd_llama import parallel
 from hvd_llama.config import load_config
+from hvd_llama.training import trainer as loop
 from hvd_llama.training.metrics import MetricsLogger
 run_dir, events = Path(sys.argv[1]), []
 cfg = load_config(None, sys.argv[3::2])  # the values of --set k=v
 parallel.init(cfg.dist, "cpu")
-trainer = train.Trainer(cfg, run_dir, torch.device("cpu"))
+trainer = loop.Trainer(cfg, run_dir, torch.device("cpu"))
 trainer.device = torch.device("cuda", 0)  # run()'s CUDA path; nothing below touches the device
-trainer.peak_flops = lambda: events.append("peak measured") or (1e12, "stub")
+loop.job_peak_flops = lambda cfg, device: events.append("peak measured") or (1e12, "stub")
 torch.cuda.reset_peak_memory_stats = lambda device: events.append(f"peak statistic reset on {device}")
 torch.cuda.max_memory_allocated = lambda device: 3 * 2**29
 def step(*args, **kwargs):
     events.append("step")
     return SimpleNamespace(loss_sum=1.0, n_targets=1, grad_norm=0.5, stepped=True)
-train.train_step = step
+loop.train_step = step
 run_dir.mkdir(parents=True)
 trainer.run(MetricsLogger(run_dir, True, False, 1))
 print("events:", events)

@@ -2,6 +2,7 @@
 Horovod stays behind hvd_llama/parallel/, the model needs torch alone, no command imports another, modules
 stay small, and the tests read nothing beside the repository."""
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ FLOW = [
     "training.memory", "training.compute", "parallel.zero", "parallel", "parallel.elastic", "parallel.report",
     # weights/: checkpoints and other formats on disk
     "weights", "weights.checkpoint", "weights.formats", "weights.pretrained",
-    "training.checkpointing", "training.builder", "train", "plan",
+    "training.checkpointing", "training.builder", "training.trainer", "train", "plan",
     # use/: checkpoints -> numbers, text, other formats (evaluate, generate, convert, doctor)
     "use", "use.inference", "use.decoding", "evaluate", "generate", "convert", "doctor",
     # benchmarks of all of the above
@@ -103,3 +104,22 @@ def test_tests_name_no_folder_beside_the_repository():
     named = [(path.name, ast.unparse(node)) for path in sorted(here.parent.glob("*.py")) if path != here
              for node in ast.walk(ast.parse(path.read_text())) if names_it(node)]
     assert not named
+
+
+def test_the_readmes_module_table_names_every_module_that_exists():
+    """README's Architecture table and FLOW describe the same map: every module is in the table (as its file, or in
+    a folder the table names whole), and every file the table names exists."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    table = readme[readme.index("## Architecture"):readme.index("Libraries beyond the required ones")]
+    names = set(re.findall(r"^\|[^|]*\|\s*(.*?)\s*\|", table, re.M))  # the module column
+    paths = {p for cell in names for p in re.findall(r"`([\w/]+\.py|[\w]+/)`", cell)}
+    files = {p.removesuffix(".py").replace("/", ".") for p in paths if p.endswith(".py")}
+    folders = {p.rstrip("/") for p in paths if p.endswith("/")}
+    assert files <= set(MODULES), f"the README names modules that do not exist: {sorted(files - set(MODULES))}"
+    packages = {name.split(".")[0] for name in MODULES if "." in name}
+
+    def covered(name: str) -> bool:
+        return name in files or name.split(".")[0] in folders or \
+            (name in packages and any(m.startswith(name + ".") for m in files))
+
+    assert [name for name in FLOW if not covered(name)] == []

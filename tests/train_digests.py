@@ -11,9 +11,9 @@ from pathlib import Path
 
 from hvd_llama import parallel
 from hvd_llama.config import load_config
-from hvd_llama.train import Trainer
 from hvd_llama.training.builder import check_data, load_pretrained
 from hvd_llama.training.metrics import MetricsLogger
+from hvd_llama.training.trainer import Trainer
 
 
 def digest(named) -> str:
