@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hvd_llama.config import check_lora_targets
+from hvd_llama.config import FinetuneConfig, check_lora_targets, split_targets
 from hvd_llama.model import init_fp32_
 
 DEFAULT_TARGETS = ("wq", "wv")  # the paper's choice, and PEFT's default for LLaMA
@@ -103,6 +103,13 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
     for name, p in model.named_parameters():
         p.requires_grad_(is_lora_name(name))
     return [name for name, _ in chosen]
+
+
+def apply_finetune_lora(model: nn.Module, cfg: FinetuneConfig) -> list[str]:
+    """apply_lora as the config's finetune section asks for it (nothing when finetune.lora_rank is 0)."""
+    if not cfg.lora_rank:
+        return []
+    return apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, split_targets(cfg.lora_targets))
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

@@ -11,8 +11,8 @@ import torch
 
 from hvd_llama import parallel
 from hvd_llama.cli import UserError
-from hvd_llama.config import Config, half_weights, split_targets, validate
-from hvd_llama.lora import apply_lora, trainable_param_count
+from hvd_llama.config import Config, half_weights, validate
+from hvd_llama.lora import apply_finetune_lora, trainable_param_count
 from hvd_llama.model import Transformer
 from hvd_llama.tokenizer import Tokenizer
 from hvd_llama.training.data import read_meta
@@ -38,7 +38,6 @@ def build_model(cfg: Config, device: torch.device, init_state: Optional[dict], i
     The other ranks only allocate theirs, since resume() overwrites every weight by broadcast: eight ranks
     initialising a 7B model on one node's host would need 216 GB of host memory for nothing.
     """
-    f = cfg.finetune
     with torch.device("meta"):
         model = Transformer(cfg.model).materialise(device, weights_dtype(cfg))
     torch.manual_seed(cfg.train.seed)
@@ -46,8 +45,7 @@ def build_model(cfg: Config, device: torch.device, init_state: Optional[dict], i
         model.load_state_dict(init_state)
     elif initialise:
         model.init_weights()
-    if f.lora_rank:  # after loading: the adapters start at zero on top of the pretrained weights
-        apply_lora(model, f.lora_rank, f.lora_alpha, f.lora_dropout, split_targets(f.lora_targets))
+    apply_finetune_lora(model, cfg.finetune)  # after loading: the adapters start at zero on the pretrained weights
     return model
 
 

@@ -15,8 +15,8 @@ from typing import Optional
 import torch
 
 from hvd_llama.cli import UserError
-from hvd_llama.config import Config, half_weights, split_targets
-from hvd_llama.lora import apply_lora
+from hvd_llama.config import Config, half_weights
+from hvd_llama.lora import apply_finetune_lora
 from hvd_llama.model import ModelConfig, Transformer
 from hvd_llama.training.zero_layout import MAX_IN_FLIGHT, FlatLayout, bucket_size
 
@@ -53,9 +53,7 @@ def count_params(cfg: Config) -> ParamCounts:
     """Counted on the meta device from the real modules (LoRA applied as train applies it): no memory used."""
     with torch.device("meta"):
         model = Transformer(cfg.model)
-        f = cfg.finetune
-        if f.lora_rank:
-            apply_lora(model, f.lora_rank, f.lora_alpha, f.lora_dropout, split_targets(f.lora_targets))
+        apply_finetune_lora(model, cfg.finetune)
     params = dict(model.named_parameters())  # named_parameters yields a tied matrix once
     trainable = [p for p in params.values() if p.requires_grad]
     embedding = model.tok_embeddings.weight
