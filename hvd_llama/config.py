@@ -86,7 +86,10 @@ class DistConfig:
     # Stages 1-2: parameters per reduce-scatter/all-gather bucket; 0 = 25M, or fewer for a model under 100M
     # parameters so that it spans at least 4 buckets (sharding.bucket_size).
     zero_bucket_elements: int = 0
-    zero_stage: int = 0  # 0 = replicated (hvd.DistributedOptimizer); 1 = optimizer state sharded; 2 = gradients sharded too
+    # 0 = replicated (hvd.DistributedOptimizer); 1 = optimizer state sharded; 2 = gradients sharded too; 3 = the
+    # parameters too (each rank keeps 1/N of every weight, gathered per block as it computes: parallel/zero3.py)
+    zero_stage: int = 0
+    zero3_prefetch: int = 1  # stage 3: units whose all-gather is in flight while the current one computes
 
 
 @dataclass
@@ -189,11 +192,11 @@ POSITIVE = ("optim.lr", "optim.eps", "train.seq_len", "train.batch_size", "train
 NON_NEGATIVE = ("optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.seed",
                 "train.eval_every", "train.eval_windows", "train.max_bad_steps", "checkpoint.every", "checkpoint.keep",
                 "log.peak_flops", "dist.threads_per_rank", "dist.allreduce_bucket_elements",
-                "dist.zero_bucket_elements", "finetune.lora_rank",
+                "dist.zero_bucket_elements", "dist.zero3_prefetch", "finetune.lora_rank",
                 "train.loss_chunk", "train.stop_grace_s")
 FRACTIONS = ("optim.beta1", "optim.beta2", "finetune.lora_dropout")  # 0 <= value < 1
 CHOICES = {"train.precision": PRECISIONS, "train.device": ("auto", "cpu", "cuda"),
-           "dist.compression": ("none", "fp16"), "dist.op": ("average", "adasum"), "dist.zero_stage": (0, 1, 2)}
+           "dist.compression": ("none", "fp16"), "dist.op": ("average", "adasum"), "dist.zero_stage": (0, 1, 2, 3)}
 
 
 def half_weights(cfg: Config) -> bool:

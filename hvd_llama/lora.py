@@ -53,10 +53,9 @@ class LoRALinear(nn.Linear):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_lora_parameters()
 
-    @torch.no_grad()
     def reset_lora_parameters(self) -> None:
-        init_fp32_(self.lora_A, nn.init.kaiming_uniform_, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+        init_adapter_("lora_A", self.lora_A)
+        init_adapter_("lora_B", self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
@@ -77,6 +76,16 @@ def check_hyperparameters(rank: int, alpha: float, dropout: float) -> None:
         raise ValueError(f"LoRA alpha must be positive, got {alpha!r}")
     if not 0 <= dropout < 1:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+
+
+@torch.no_grad()
+def init_adapter_(name: str, value: torch.Tensor) -> None:
+    """Initialise `value`, an adapter tensor (the parameter, or a copy of its shape) named `name`: lora_A as
+    nn.Linear initialises its weight, from the default generator, lora_B zeros."""
+    if name.endswith("lora_A"):
+        init_fp32_(value, nn.init.kaiming_uniform_, a=math.sqrt(5))
+    else:
+        nn.init.zeros_(value)
 
 
 def is_lora_name(name: str) -> bool:

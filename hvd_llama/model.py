@@ -274,14 +274,20 @@ class Transformer(nn.Module):
         variance at the output about the same whatever the depth, and deep models start training stably.
         Values are drawn in fp32 whatever the weights' dtype, so bf16 weights are the fp32 ones rounded.
         """
-        std = self.cfg.init_std
         for name, p in self.named_parameters():
-            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-                init_fp32_(p, nn.init.normal_, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
-            elif p.ndim == 2:
-                init_fp32_(p, nn.init.normal_, mean=0.0, std=std)
-            else:
-                nn.init.ones_(p)
+            self.init_parameter(name, p)
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, value: torch.Tensor) -> None:
+        """Initialise `value`, a tensor of the shape of parameter `name` (the parameter itself, or a copy of it
+        that ZeRO stage 3 keeps a slice of), drawing from the default generator as init_weights does."""
+        std = self.cfg.init_std
+        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            init_fp32_(value, nn.init.normal_, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
+        elif value.ndim == 2:
+            init_fp32_(value, nn.init.normal_, mean=0.0, std=std)
+        else:
+            nn.init.ones_(value)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each block in the backward pass instead of storing its activations (less memory, ~1/3

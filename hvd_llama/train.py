@@ -72,11 +72,12 @@ def prepare_run_dir(run_dir: Path, resume: Optional[str], cfg: Config) -> None:
 
 
 def summary_line(record: dict, before: Progress, after: Progress, seconds: float, run_dir: Path,
-                 replicas_identical: bool) -> str:
+                 replicas_identical: Optional[bool]) -> str:
     """The last line a person reads: where the run ended, how good, how fast (this session's average)."""
     val = f" | val loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f}, {record['val_tokens']:,} tokens)" \
         if "val_loss" in record else ""
-    replicas = "replicas identical" if replicas_identical else "WARNING: replicas differ"
+    replicas = {True: "replicas identical", False: "WARNING: replicas differ",
+                None: "weights sharded (ZeRO stage 3)"}[replicas_identical]
     tokens_per_s = (after.tokens - before.tokens) / max(after.elapsed_s - before.elapsed_s, 1e-9)
     return (f"done: {after.step} steps ({after.step - before.step} this session) in {format_duration(seconds)}"
             f" | train loss {record.get('loss', float('nan')):.4f}{val} | {replicas}"
@@ -118,7 +119,7 @@ def _main(argv: Optional[Sequence[str]]) -> None:
         record = run_elastic(trainer, logger) if cfg.dist.elastic else trainer.run(logger)
     finally:
         logger.close()
-    identical = replicas_identical(trainer.model)
+    identical = replicas_identical(trainer.model, cfg.dist.zero_stage)
     logger.message(summary_line(record, before, trainer.progress, time.perf_counter() - start, run_dir, identical))
     if cfg.dist.elastic:
         elastic.leave_job()

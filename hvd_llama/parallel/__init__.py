@@ -21,11 +21,12 @@ from hvd_llama.cli import UserError
 from hvd_llama.config import DistConfig
 from hvd_llama.device import cuda_device_index, gpu_uuid, shared_gpu
 from hvd_llama.parallel.zero import ReplicatedOptimizer, ShardedOptimizer
+from hvd_llama.parallel.zero3 import FullyShardedOptimizer, ShardedParameters
 from hvd_llama.procs import LAUNCHER_ENV
 from hvd_llama.training.optim import DataParallelOptimizer
 from hvd_llama.training.zero_layout import backward_buckets
 
-ZERO_STAGES = (0, 1, 2)
+ZERO_STAGES = (0, 1, 2, 3)
 
 
 # The world sizes launchers other than horovodrun report, in the order they are trusted: a launcher started inside
@@ -171,17 +172,27 @@ def wrap_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, cfg
 
 def build_data_parallel_optimizer(model: torch.nn.Module, param_groups: list[dict], optim_kwargs: dict,
                                   cfg: DistConfig, stage: int, grad_accum: int, fused: bool = False,
-                                  bucket_elements: int = 0) -> DataParallelOptimizer:
+                                  bucket_elements: int = 0,
+                                  shards: Optional[ShardedParameters] = None) -> DataParallelOptimizer:
     """AdamW over `param_groups` (optim.param_groups) with `optim_kwargs` (lr, betas, eps), data parallel:
-    stage 0 replicated (hvd.DistributedOptimizer), 1 optimizer state sharded, 2 gradients sharded too."""
+    stage 0 replicated (hvd.DistributedOptimizer), 1 optimizer state sharded, 2 gradients sharded too, 3 the
+    parameters too (`shards`: shard_parameters' of the model)."""
     if stage not in ZERO_STAGES:
         raise ValueError(f"ZeRO stage must be one of {ZERO_STAGES}, got {stage!r}")
     if stage == 0:
         optimizer = torch.optim.AdamW(param_groups, **optim_kwargs, fused=fused or None)
         return ReplicatedOptimizer(wrap_optimizer(optimizer, model, cfg, grad_accum), model)
-    return ShardedOptimizer(model, param_groups, optim_kwargs, stage, grad_accum, compression=_compression(cfg),
-                            gradient_predivide_factor=cfg.gradient_predivide_factor, fused=fused,
-                            bucket_elements=bucket_elements)
+    options = dict(grad_accum=grad_accum, compression=_compression(cfg), fused=fused,
+                   gradient_predivide_factor=cfg.gradient_predivide_factor, bucket_elements=bucket_elements)
+    if stage == 3:
+        return FullyShardedOptimizer(model, shards, param_groups, optim_kwargs, **options)
+    return ShardedOptimizer(model, param_groups, optim_kwargs, stage, **options)
+
+
+def shard_parameters(model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+                     prefetch: int) -> ShardedParameters:
+    """ZeRO stage 3: every parameter of `model` (built on the meta device) replaced by this rank's slices."""
+    return ShardedParameters(model, device, dtype, prefetch)
 
 
 def broadcast_state(model: torch.nn.Module, optimizer, has_optimizer_state: bool) -> None:
@@ -192,6 +203,8 @@ def broadcast_state(model: torch.nn.Module, optimizer, has_optimizer_state: bool
     step (applying weight decay once and starting the step counter at 1), which would make step 1 differ from
     a plain PyTorch loop. That dummy step also touches the other ranks' weights, so the weights go last.
     """
+    if optimizer.stage == 3:
+        return  # no weight is replicated: every rank initialised or loaded its own slices
     _broadcast(model, optimizer.optimizer if has_optimizer_state and optimizer.stage == 0 else None)
 
 
@@ -236,4 +249,18 @@ def run_on_main(fn: Callable[[], Any], name: str) -> Any:
     if error:
         kind, message = error
         raise UserError(message) if kind == "user" else RuntimeError(f"rank 0 failed ({name}): {message}")
+    return result
+
+
+def run_on_all(fn: Callable[[], Any], name: str) -> Any:
+    """Run `fn` on every rank; if it raised a UserError on any rank, every rank raises the first one (by rank),
+    so that no rank goes on alone into a collective the others never reach."""
+    result, error = None, None
+    try:
+        result = fn()
+    except UserError as err:
+        error = str(err)
+    errors = [e for e in allgather_object(error, name=f"{name}.errors") if e]
+    if errors:
+        raise UserError(errors[0])
     return result

@@ -148,8 +148,8 @@ class ShardedOptimizer:
     def __init__(self, model: torch.nn.Module, param_groups: list[dict], optim_kwargs: dict, stage: int,
                  grad_accum: int, compression=hvd.Compression.none, gradient_predivide_factor: float = 1.0,
                  fused: bool = False, bucket_elements: int = 0):
-        if stage not in (1, 2):
-            raise ValueError(f"ShardedOptimizer is for ZeRO stages 1 and 2, got {stage}")
+        if stage not in (1, 2, 3):
+            raise ValueError(f"ShardedOptimizer is for ZeRO stages 1 to 3, got {stage}")
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be at least 1, got {grad_accum}")
         self.stage, self.model, self.grad_accum = stage, model, grad_accum
@@ -166,7 +166,7 @@ class ShardedOptimizer:
         self.dtype = self.params[0].dtype if self.params else torch.float32
         device = self.params[0].device if self.params else torch.device("cpu")
         numels = [p.numel() for p in self.params]
-        self.layout = FlatLayout(numels, hvd.size(), hvd.rank(), bucket_size(sum(numels), bucket_elements))
+        self.layout = self._make_layout(numels, bucket_elements)
         fp32 = dict(dtype=torch.float32, device=device)
         n = self.layout.shard_numel
         self.exp_avg, self.exp_avg_sq = (torch.zeros(n, **fp32) for _ in range(2))
@@ -174,13 +174,12 @@ class ShardedOptimizer:
         # The averaged gradient slice in the weights' precision when they are bf16 (ZeRO's 2 + 14/N bytes per
         # parameter), else fp32: rounded once, after the fp32 accumulation and reduction. Kept in fp32 it moved
         # a bf16 run no closer to stage 0 (README "Sharding") and costs 2/N bytes per parameter more.
-        grad_dtype = torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float32
+        grad_dtype = torch.bfloat16 if self.dtype == torch.bfloat16 and stage < 3 else torch.float32
         self.grad_shard = torch.zeros(n, dtype=grad_dtype, device=device)
         self.scatter_by_allreduce = allreduce_beats_reducescatter(device)
         self._master_ready = False
         # What AdamW updates: the own part of each parameter, in its storage (fp32) or in the master copy.
-        self._param_views = [self.params[pc.index].detach().view(-1)[pc.start:pc.end]
-                             for pc in self.layout.pieces]
+        self._param_views = self._own_views()
         targets = self._param_views if self.master is None else \
             [self.master[pc.shard_offset:pc.shard_offset + pc.numel] for pc in self.layout.pieces]
         self.optimizer = torch.optim.AdamW(self._inner_groups(param_groups, targets), **optim_kwargs,
@@ -192,7 +191,14 @@ class ShardedOptimizer:
         self._accum: dict[int, torch.Tensor] = {}  # bucket index: fp32 sum of this step's passes (grad_accum > 1)
         self._reset_backward()
         self._hook_handles = [p.register_post_accumulate_grad_hook(self._make_hook(i))
-                              for i, p in enumerate(self.params)] if stage == 2 or grad_accum > 1 else []
+                              for i, p in enumerate(self.params)] if stage >= 2 or grad_accum > 1 else []
+
+    def _make_layout(self, numels: list[int], bucket_elements: int) -> FlatLayout:
+        return FlatLayout(numels, hvd.size(), hvd.rank(), bucket_size(sum(numels), bucket_elements))
+
+    def _own_views(self) -> list[torch.Tensor]:
+        """This rank's piece of each parameter, as the model holds it (stages 1-2: in the parameter's storage)."""
+        return [self.params[pc.index].detach().view(-1)[pc.start:pc.end] for pc in self.layout.pieces]
 
     def _inner_groups(self, param_groups: list[dict], targets: list) -> list[dict]:
         """The caller's groups (weight decay, lr) holding the views of their parameters' pieces."""
@@ -221,6 +227,7 @@ class ShardedOptimizer:
         self._passes = [0] * len(self.params)
         self._waiting = [b.last - b.first for b in self.layout.buckets]
         self.launched = 0
+        self.passes = 0  # backward passes reduced so far this step (stage 3 reduces each one: names differ)
 
     def _make_hook(self, index: int):
         def hook(param: torch.Tensor) -> None:
@@ -232,13 +239,17 @@ class ShardedOptimizer:
                 self._accumulate(index, param)
             if self.stage == 1 or self._passes[index] < self.grad_accum:
                 return  # accumulate locally, like backward_passes_per_step; stage 1 reduces in reduce_gradients()
-            bucket = self.layout.bucket_of[index]
-            self._waiting[bucket] -= 1
-            # Launch in bucket order only: every rank then submits the same sequence, so waiting on the
-            # oldest in-flight bucket can never deadlock against another rank.
-            while self.launched < len(self._waiting) and self._waiting[self.launched] == 0:
-                self._launch(self.launched)
+            self._gradient_done(index)
         return hook
+
+    def _gradient_done(self, index: int) -> None:
+        """Parameter `index` has its gradient: launch every bucket, in order, whose parameters all have theirs."""
+        bucket = self.layout.bucket_of[index]
+        self._waiting[bucket] -= 1
+        # Launch in bucket order only: every rank then submits the same sequence, so waiting on the
+        # oldest in-flight bucket can never deadlock against another rank.
+        while self.launched < len(self._waiting) and self._waiting[self.launched] == 0:
+            self._launch(self.launched)
 
     def _flat_zeros(self, b: int) -> torch.Tensor:
         """A zeroed fp32 buffer of bucket b, padding included."""
@@ -267,7 +278,7 @@ class ShardedOptimizer:
             p, offset = self.params[i], self.layout.starts[i] - bucket.global_start
             if p.grad is not None:
                 flat[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
-            if self.stage == 2:
+            if self.stage >= 2:
                 p.grad = None  # the bucket buffer holds it now; after the scatter only our slice stays
         return flat
 
@@ -279,10 +290,10 @@ class ShardedOptimizer:
         if self.predivide != 1.0:
             wire.mul_(1.0 / self.predivide)
         if self.scatter_by_allreduce:  # in place: no buffer beyond the flat one; the slice is taken after
-            handle = hvd.allreduce_async_(wire, name=f"zero.grad.{b}", op=hvd.Average,
+            handle = hvd.allreduce_async_(wire, name=f"zero.grad.{b}.{self.passes}", op=hvd.Average,
                                           postscale_factor=self.predivide)
         else:
-            handle = hvd.reducescatter_async(wire, name=f"zero.grad.{b}", op=hvd.Average,
+            handle = hvd.reducescatter_async(wire, name=f"zero.grad.{b}.{self.passes}", op=hvd.Average,
                                              postscale_factor=self.predivide)
         self._in_flight.append((b, handle, ctx))
         self.launched = b + 1
@@ -298,7 +309,11 @@ class ShardedOptimizer:
             own = self.layout.rank * bucket.shard_numel
             reduced = reduced[own:own + bucket.shard_numel]
         assert reduced.numel() == bucket.shard_numel, (reduced.shape, bucket.shard_numel)
-        self.grad_shard[bucket.shard_offset:bucket.shard_offset + bucket.shard_numel].copy_(reduced)
+        self._keep_slice(self.grad_shard[bucket.shard_offset:bucket.shard_offset + bucket.shard_numel], reduced)
+
+    @staticmethod
+    def _keep_slice(own: torch.Tensor, reduced: torch.Tensor) -> None:
+        own.copy_(reduced)  # one reduction per step (stage 3 reduces every backward pass and adds them up)
 
     def reduce_gradients(self) -> None:
         """After the last micro-batch's backward: this rank's slice of the averaged gradients is ready."""
@@ -341,6 +356,10 @@ class ShardedOptimizer:
         if self.master is not None:
             for param, master in zip(self._param_views, self._targets):
                 param.copy_(master)  # rounded to the model's dtype
+        self._publish()
+
+    def _publish(self) -> None:
+        """Stages 1-2: every rank's updated slices into every rank's parameters (stage 3 gathers them lazily)."""
         self._allgather_params()
 
     @torch.no_grad()

@@ -12,7 +12,7 @@ import torch
 from hvd_llama import parallel
 from hvd_llama.cli import UserError
 from hvd_llama.config import Config, half_weights, validate
-from hvd_llama.lora import apply_finetune_lora, trainable_param_count
+from hvd_llama.lora import apply_finetune_lora, init_adapter_, is_lora_name, trainable_param_count
 from hvd_llama.model import Transformer
 from hvd_llama.tokenizer import Tokenizer
 from hvd_llama.training.data import read_meta
@@ -49,6 +49,33 @@ def build_model(cfg: Config, device: torch.device, init_state: Optional[dict], i
     return model
 
 
+def build_sharded_model(cfg: Config, device: torch.device,
+                        init_state: Optional[dict]) -> tuple[Transformer, parallel.ShardedParameters]:
+    """ZeRO stage 3: the model built on the meta device (LoRA applied), every parameter replaced by this rank's
+    slices, which every rank fills itself: from `init_state` (the pretrained weights, read one tensor at a time),
+    or with the draws one process initialising the whole model makes, one parameter's fp32 tensor at a time, so
+    that any world size starts from the same weights."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    apply_finetune_lora(model, cfg.finetune)
+    shards = parallel.shard_parameters(model, device, weights_dtype(cfg), cfg.dist.zero3_prefetch)
+    torch.manual_seed(cfg.train.seed)
+    adapters = []
+    for i, (name, shape) in enumerate(zip(shards.names, shards.shapes)):
+        if is_lora_name(name):
+            adapters.append(i)  # drawn after the base, as apply_lora draws them
+            continue
+        value = init_state[name] if init_state is not None else torch.empty(shape, device=device)
+        if init_state is None:
+            model.init_parameter(name, value)
+        shards.load(i, value)
+    for i in adapters:
+        value = torch.empty(shards.shapes[i], device=device)
+        init_adapter_(shards.names[i], value)
+        shards.load(i, value)
+    return model, shards
+
+
 @dataclass
 class Training:
     """What a run trains: the model, its data-parallel optimizer, and the fp16 loss scaler (None otherwise)."""
@@ -63,14 +90,17 @@ def build_training(cfg: Config, device: torch.device, init_state: Optional[dict]
     parallel optimizer over it: AdamW with weight decay on matrices, at dist.zero_stage (Horovod must be
     initialised: parallel.init)."""
     t = cfg.train
-    model = build_model(cfg, device, init_state, initialise)
+    if cfg.dist.zero_stage == 3:
+        model, shards = build_sharded_model(cfg, device, init_state)
+    else:
+        model, shards = build_model(cfg, device, init_state, initialise), None
     model.set_activation_checkpointing(t.activation_checkpointing)
     if t.compile:
         model.compile_blocks()
     optimizer = parallel.build_data_parallel_optimizer(
         model, param_groups(model, cfg.optim.weight_decay), adamw_kwargs(cfg.optim), cfg.dist,
         stage=cfg.dist.zero_stage, grad_accum=t.grad_accum, fused=device.type == "cuda",
-        bucket_elements=cfg.dist.zero_bucket_elements)
+        bucket_elements=cfg.dist.zero_bucket_elements, shards=shards)
     return Training(model, optimizer, LossScaler() if t.precision == "fp16" else None)
 
 
@@ -79,7 +109,8 @@ def weights_dtype(cfg: Config) -> torch.dtype:
 
 
 def load_pretrained(cfg: Config, meta: dict, joining: bool = False) -> Optional[dict]:
-    """Rank 0 reads the pretrained weights; every rank adopts their architecture. Returns rank 0's state.
+    """Rank 0 reads the pretrained weights (at ZeRO stage 3 every rank does); every rank adopts their
+    architecture. Returns the state (rank 0's, or every rank's at stage 3; None elsewhere).
     `joining`: an elastic worker added to a running job, which reads the architecture itself (no collectives:
     the others are training) and receives the weights in the state's sync."""
     if joining:
@@ -97,10 +128,14 @@ def load_pretrained(cfg: Config, meta: dict, joining: bool = False) -> Optional[
                             f"{cfg.data.dir}'s tokenizer has {meta['vocab_size']} tokens")
         return state, model_cfg
 
-    loaded = parallel.run_on_main(read, name="init_from")
-    cfg.model = parallel.broadcast_object(loaded[1] if loaded else None, name="init_from.model")
+    if cfg.dist.zero_stage == 3:  # every rank keeps its own pieces (memory-mapped: one tensor at a time)
+        state, cfg.model = parallel.run_on_all(read, name="init_from")
+    else:
+        loaded = parallel.run_on_main(read, name="init_from")
+        state = loaded[0] if loaded else None
+        cfg.model = parallel.broadcast_object(loaded[1] if loaded else None, name="init_from.model")
     validate(cfg)  # e.g. train.seq_len against the pretrained max_seq_len, on every rank alike
-    return loaded[0] if loaded else None
+    return state
 
 
 def lora_summary(model: torch.nn.Module, cfg: Config) -> str:

@@ -114,9 +114,12 @@ class Checkpointer:
         checkpoint.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep)
         return path
 
-    def _weights(self) -> dict:
+    def _weights(self) -> Optional[dict]:
         """The weights as the model holds them (fp32, or bf16 with bf16 weights: widening them would only add
-        zeros, and a whole-model fp32 copy on the device). torch.save copies one tensor at a time to host memory."""
+        zeros, and a whole-model fp32 copy on the device). torch.save copies one tensor at a time to host memory.
+        None at ZeRO stage 3: every rank's slice of the weights is in its optimizer slice."""
+        if self.optimizer.stage == 3:
+            return None
         return lora_state_dict(self.model) if self.lora else self.model.state_dict()
 
     def _train_state(self, rngs: list, progress: Progress) -> dict:
@@ -140,6 +143,8 @@ class Checkpointer:
             return None
         if self.optimizer.stage:
             self.optimizer.load_state_dict(checkpoint.read_optimizer_slices(Path(shared["path"])))
+        if self.optimizer.stage == 3 and not self.optimizer.weights_loaded:  # a checkpoint of stage 1 or 2
+            self._load_weight_pieces(Path(shared["path"]))
         if self.scaler and shared["scaler"]:  # every rank scales its loss by the same factor
             self.scaler.load_state_dict(shared["scaler"])
         rng = shared["rng"]
@@ -150,6 +155,15 @@ class Checkpointer:
                  f"at item {progress.samples:,} of the global sample order")
         progress.world_size = r.size()
         return progress
+
+    def _load_weight_pieces(self, path: Path) -> None:
+        """ZeRO stage 3 resuming a checkpoint of stages 1-2: this rank's pieces of the weights of its model.pt
+        (or adapter.pt), memory-mapped: the pages of the pieces it keeps are all it reads."""
+        weights = checkpoint.read_adapters(path) if self.lora else checkpoint.read_model_checkpoint(path)[0]
+        shards = self.optimizer.shards
+        for i, name in enumerate(shards.names):
+            if name in weights:
+                shards.load(i, weights[name])
 
     def _load_on_main(self, resume: str) -> Optional[dict]:
         path = checkpoint.find_latest_checkpoint(self.run_dir) if resume == "auto" else \
@@ -162,7 +176,9 @@ class Checkpointer:
         if (saved_stage == 0) != (stage == 0):
             raise UserError(f"{path} was written at dist.zero_stage={saved_stage}; resume it with --set "
                             f"dist.zero_stage={saved_stage}{' (or the other sharded stage)' if saved_stage else ''}")
-        if self.lora:  # the base weights came from finetune.init_from
+        if stage == 3:
+            pass  # every rank reads its own slices of the weights (resume)
+        elif self.lora:  # the base weights came from finetune.init_from
             load_lora_state_dict(self.model, checkpoint.read_adapters(path))
         else:
             self.model.load_state_dict(checkpoint.read_model_checkpoint(path)[0])  # verified when found

@@ -197,8 +197,11 @@ def run_elastic(trainer: Trainer, logger: MetricsLogger) -> dict:
     return train(state)
 
 
-def replicas_identical(model: torch.nn.Module) -> bool:
-    """Compare a fingerprint of every rank's weights (float64 sum and sum of squares per tensor)."""
+def replicas_identical(model: torch.nn.Module, stage: int) -> Optional[bool]:
+    """Compare a fingerprint of every rank's weights (float64 sum and sum of squares per tensor); None at ZeRO
+    stage 3, where every rank holds other weights (its slices)."""
+    if stage == 3:
+        return None
     with torch.no_grad():
         fingerprint = [(p.double().sum().item(), p.double().square().sum().item()) for p in model.parameters()]
     return len({repr(f) for f in parallel.allgather_object(fingerprint, name="replicas")}) == 1

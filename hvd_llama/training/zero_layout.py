@@ -82,7 +82,10 @@ class FlatLayout:
     bucket 0 is ready first); bucket order is also the order every rank launches their reduce-scatters in.
     """
 
-    def __init__(self, numels: Sequence[int], world: int, rank: int, bucket_elements: int):
+    def __init__(self, numels: Sequence[int], world: int, rank: int, bucket_elements: int = 0,
+                 bounds: Optional[Sequence[tuple[int, int]]] = None):
+        """`bounds`: the buckets' [first, last) parameter ranges in bucket order, instead of buckets of about
+        `bucket_elements` (ZeRO stage 3: one bucket per unit's parameters)."""
         self.numels, self.world, self.rank = list(numels), world, rank
         self.starts = [0]
         for n in self.numels:
@@ -90,7 +93,7 @@ class FlatLayout:
         self.numel = self.starts[-1]
         self.buckets: list[Bucket] = []
         shard_offset = 0
-        for first, last in backward_buckets(self.numels, bucket_elements):
+        for first, last in bounds if bounds is not None else backward_buckets(self.numels, bucket_elements):
             bucket = self._bucket(first, last, shard_offset)
             self.buckets.append(bucket)
             shard_offset += bucket.shard_numel
@@ -161,6 +164,16 @@ class SliceIndex:
             at, k = stop, k + 1
         return torch.cat(parts)
 
+    def parameters(self, params: list, name: str) -> dict:
+        """The tensor `name` (exp_avg, master, param, ...) of every parameter of `params` ((name, shape) in the
+        index space's order), shaped like it: one tensor read at a time."""
+        tensors, start = {}, 0
+        for param, shape in params:
+            end = start + math.prod(shape)
+            tensors[param] = self.read(name, start, end).reshape(shape)
+            start = end
+        return tensors
+
 
 def merge_slices(slices: list) -> dict:
     """All ranks' slices into full per-parameter state: {"step", "state": {name: {"exp_avg", "exp_avg_sq"[,
@@ -168,9 +181,6 @@ def merge_slices(slices: list) -> dict:
     slices = check_slices(list(slices))
     index = SliceIndex(slices)
     names = [n for n in SLICE_TENSORS if n != "master" or index.has_master]
-    state, start = {}, 0
-    for name, shape in slices[0]["params"]:
-        end = start + math.prod(shape)
-        state[name] = {t: index.read(t, start, end).reshape(shape) for t in names}
-        start = end
-    return {"step": index.step, "state": state}
+    tensors = {t: index.parameters(slices[0]["params"], t) for t in names}
+    return {"step": index.step, "state": {param: {t: tensors[t][param] for t in names}
+                                          for param, _ in slices[0]["params"]}}

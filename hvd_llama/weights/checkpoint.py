@@ -36,6 +36,7 @@ import yaml
 from hvd_llama.cli import UserError
 from hvd_llama.files import atomic_write_text, new_staging_dir, sha256_file, staging_dir
 from hvd_llama.model import ModelConfig
+from hvd_llama.training.zero_layout import SliceIndex, check_slices
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.pt"  # the weights as training holds them (fp32, or bf16 with bf16 weights)
@@ -88,19 +89,21 @@ def begin_checkpoint(ckpt_dir) -> Path:
     return new_staging_dir(ckpt_dir)
 
 
-def save_checkpoint(ckpt_dir, model_state: dict, config: dict, tokenizer_path=None,
+def save_checkpoint(ckpt_dir, model_state: Optional[dict], config: dict, tokenizer_path=None,
                     train_state: Optional[dict] = None, step: int = 0, weights_file: str = MODEL_FILE,
                     staging: Optional[Path] = None, written: Optional[dict] = None) -> Path:
     """Write a complete checkpoint into a temporary folder, then rename it into place.
 
     `staging`/`written`: a folder from begin_checkpoint that already holds files (each rank's optimizer
-    slice) with their sha256. A crash or a full disk leaves either the old folder or the new one, never a mix:
+    slice) with their sha256; `model_state` None: the weights are in those slices (ZeRO stage 3). A crash or a
+    full disk leaves either the old folder or the new one, never a mix:
     the temporary folder is removed on failure and the error propagates so the caller can report it.
     """
     ckpt_dir = Path(ckpt_dir)
     with staging_dir(ckpt_dir, staging) as tmp:  # re-saving a step swaps folders: a valid copy at every instant
         files = dict(written or {})
-        files[weights_file] = write_torch(tmp / weights_file, model_state)
+        if model_state is not None:
+            files[weights_file] = write_torch(tmp / weights_file, model_state)
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         files["config.yaml"] = sha256_file(tmp / "config.yaml")
         if tokenizer_path is not None:
@@ -157,7 +160,7 @@ def resolve_checkpoint(path) -> Path:
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint path {path} does not exist")
-    if (path / MANIFEST).is_file() or (path / MODEL_FILE).is_file():
+    if (path / MANIFEST).is_file() or (path / MODEL_FILE).is_file():  # a checkpoint folder, not a run folder
         verify_checkpoint(path)
         return path
     latest = find_latest_checkpoint(path)
@@ -184,7 +187,7 @@ def read_model_checkpoint(ckpt: Path):
         model_cfg = ModelConfig(**model_fields)
     except TypeError as err:
         raise UserError(f"{ckpt}/config.yaml: incompatible model section ({err})") from None
-    state = load_tensors(ckpt / MODEL_FILE)
+    state = load_tensors(ckpt / MODEL_FILE) if (ckpt / MODEL_FILE).is_file() else weights_from_slices(ckpt)
     tokenizer = ckpt / TOKENIZER_FILE
     return state, model_cfg, (tokenizer if tokenizer.is_file() else None)
 
@@ -204,7 +207,16 @@ def load_tensors(path: Path):
 
 def read_adapters(ckpt: Path) -> dict:
     """The LoRA adapters of a LoRA checkpoint."""
-    return load_tensors(ckpt / ADAPTER_FILE)
+    return load_tensors(ckpt / ADAPTER_FILE) if (ckpt / ADAPTER_FILE).is_file() else weights_from_slices(ckpt)
+
+
+def weights_from_slices(ckpt: Path) -> dict:
+    """The trainable weights of a ZeRO stage-3 checkpoint, assembled one tensor at a time from every rank's slice
+    (memory-mapped: each tensor's ranges are read as it is assembled): the whole model, or LoRA's adapters."""
+    slices = read_optimizer_slices(ckpt)
+    if not all("param" in s for s in slices):
+        raise UserError(f"{ckpt} holds neither {MODEL_FILE} nor the weights in its optimizer slices")
+    return SliceIndex(check_slices(slices)).parameters(slices[0]["params"], "param")
 
 
 def load_train_state(ckpt_dir) -> dict:
