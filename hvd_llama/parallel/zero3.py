@@ -32,7 +32,14 @@ import torch
 from torch import nn
 
 from hvd_llama.parallel.zero import ShardedOptimizer, _tensor_bytes, allgather_async
-from hvd_llama.training.zero_layout import Bucket, FlatLayout, SliceIndex
+from hvd_llama.training.zero_layout import (
+    Bucket,
+    FlatLayout,
+    SliceIndex,
+    transformer_units,
+    unit_layouts,
+    unit_of_parameters,
+)
 
 
 @dataclass
@@ -54,27 +61,6 @@ class Unit:
     def widths(self) -> tuple[int, int]:
         """This rank's elements of the unit: trainable, frozen."""
         return (self.t.shard_numel if self.t else 0), (self.f.shard_numel if self.f else 0)
-
-
-def transformer_units(model: nn.Module) -> list[tuple[str, list, bool]]:
-    """(name, modules, sticky) of hvd_llama's Transformer, in forward order: the embedding, the head (gathered
-    right after it, kept to the end), every block."""
-    return ([("embedding", [model.tok_embeddings], True), ("head", [model.norm, model.output], True)]
-            + [(f"block {i}", [layer], False) for i, layer in enumerate(model.layers)])
-
-
-def unit_bounds(unit_of: list[int]) -> tuple[list[tuple[int, int]], dict[int, int]]:
-    """Buckets [first, last) of consecutive parameters of one unit, last unit first (backward's order), and each
-    unit's bucket index."""
-    bounds, bucket_of_unit, last = [], {}, len(unit_of)
-    while last > 0:
-        first = last
-        while first > 0 and unit_of[first - 1] == unit_of[last - 1]:
-            first -= 1
-        bucket_of_unit[unit_of[last - 1]] = len(bounds)
-        bounds.append((first, last))
-        last = first
-    return bounds, bucket_of_unit
 
 
 class PostBackward(torch.autograd.Function):
@@ -100,15 +86,17 @@ class ShardedParameters:
                  units: Optional[list[tuple[str, list, bool]]] = None):
         self.model, self.device, self.dtype, self.prefetch = model, device, dtype, prefetch
         self.world, self.rank = hvd.size(), hvd.rank()
-        self.units = [Unit(i, name, modules, sticky) for i, (name, modules, sticky)
-                      in enumerate(units or transformer_units(model))]
+        spec = units or transformer_units(model)
+        self.units = [Unit(i, name, modules, sticky) for i, (name, modules, sticky) in enumerate(spec)]
         named = list(model.named_parameters())  # a tied parameter once, where model order first meets it
         self.names, self.shapes = [n for n, _ in named], [tuple(p.shape) for _, p in named]
-        unit_of = self._unit_of(named)
-        self.trainable = [i for i, (_, p) in enumerate(named) if p.requires_grad]
-        self.frozen = [i for i, (_, p) in enumerate(named) if not p.requires_grad]
-        self.layouts = [self._layout(indices, unit_of, kind) for kind, indices in
-                        enumerate((self.trainable, self.frozen))]
+        unit_of = unit_of_parameters(named, spec)
+        self.layout = unit_layouts([p.numel() for _, p in named], [p.requires_grad for _, p in named], unit_of,
+                                   self.world, self.rank)
+        self.trainable, self.frozen = self.layout.indices
+        self.layouts = self.layout.layouts
+        for unit in self.units:
+            unit.t, unit.f = (buckets.get(unit.index) for buckets in self.layout.buckets)
         self.shards = [torch.zeros(layout.shard_numel, dtype=dtype, device=device) for layout in self.layouts]
         self.params = self._materialise(named, unit_of)
         self.on_backward_end: list[Callable[[], None]] = []  # the optimizer's end of a backward pass
@@ -116,50 +104,29 @@ class ShardedParameters:
         self._register_hooks()
 
     # ---- layout ------------------------------------------------------------------------------------------------
-    def _unit_of(self, named: list) -> list[int]:
-        owner: dict[int, int] = {}
-        for unit in self.units:
-            for module in unit.modules:
-                for p in module.parameters():
-                    owner.setdefault(id(p), unit.index)
-        missing = [n for n, p in named if id(p) not in owner]
-        if missing:
-            raise ValueError(f"parameters in no unit: {missing[:3]}")
-        return [owner[id(p)] for _, p in named]
-
-    def _layout(self, indices: list[int], unit_of: list[int], kind: int) -> FlatLayout:
-        """The flat layout of the trainable (kind 0) or frozen (1) parameters, one bucket per unit."""
-        bounds, bucket_of_unit = unit_bounds([unit_of[i] for i in indices])
-        layout = FlatLayout([_numel(self.shapes[i]) for i in indices], self.world, self.rank, bounds=bounds)
-        for unit_index, b in bucket_of_unit.items():
-            setattr(self.units[unit_index], "tf"[kind], layout.buckets[b])
-        return layout
-
     def _materialise(self, named: list, unit_of: list[int]) -> list[nn.Parameter]:
-        """Replace every parameter by one on this rank's device that is a view of its unit's full buffer (whose
-        storage is then freed): views made once, valid whenever the buffer is gathered."""
+        """Replace every parameter by one on this rank's device that is a view of its unit's full buffer, unit by
+        unit, each buffer's storage freed before the next is allocated: views made once, valid whenever the
+        buffer is gathered."""
         new: dict[int, nn.Parameter] = {}
+        position = {i: (kind, local) for kind in (0, 1) for local, i in enumerate(self.layout.indices[kind])}
         for unit in self.units:
             unit.full = [torch.empty(width * self.world, dtype=self.dtype, device=self.device)
                          for width in unit.widths]
-        for kind, indices in enumerate((self.trainable, self.frozen)):
-            layout = self.layouts[kind]
-            for local, i in enumerate(indices):
-                unit, param = self.units[unit_of[i]], named[i][1]
-                bucket = (unit.t, unit.f)[kind]
-                at = layout.starts[local] - bucket.global_start
-                view = unit.full[kind][at:at + _numel(self.shapes[i])].view(self.shapes[i])
+            for i in (i for i, u in enumerate(unit_of) if u == unit.index):
+                kind, local = position[i]
+                at = self.layouts[kind].starts[local] - (unit.t, unit.f)[kind].global_start
+                param = named[i][1]
                 # A version counter of its own (not the buffer's, which every refill bumps): what autograd saved
                 # of the weights in forward is still valid when backward refills the storage.
                 new[id(param)] = nn.Parameter(torch.empty(0, dtype=self.dtype, device=self.device),
                                               requires_grad=param.requires_grad)
-                new[id(param)].data = view
+                new[id(param)].data = unit.full[kind][at:at + param.numel()].view(self.shapes[i])
+            self.free(unit)
         for module in self.model.modules():  # tied parameters stay one parameter
             for key, param in module._parameters.items():
                 if param is not None:
                     module._parameters[key] = new[id(param)]
-        for unit in self.units:
-            self.free(unit)
         return [new[id(p)] for _, p in named]
 
     def pieces(self, i: int) -> list[tuple[int, int, torch.Tensor]]:
@@ -217,7 +184,7 @@ class ShardedParameters:
     # ---- hooks -------------------------------------------------------------------------------------------------
     def _register_hooks(self) -> None:
         blocks = [u for u in self.units if not u.sticky]
-        self.forward_order = self.units  # sticky units first: the embedding, then the head
+        self.forward_order = self.units
         self.backward_order = blocks[::-1]
         for unit in self.units:
             for module in unit.modules:
@@ -268,13 +235,6 @@ class ShardedParameters:
     def state_bytes(self) -> int:
         """Weights this rank holds now: its slices, and the units gathered."""
         return _tensor_bytes(self.shards) + sum(f.untyped_storage().nbytes() for u in self.units for f in u.full)
-
-
-def _numel(shape: tuple) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 class FullyShardedOptimizer(ShardedOptimizer):

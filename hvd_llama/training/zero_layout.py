@@ -184,3 +184,62 @@ def merge_slices(slices: list) -> dict:
     tensors = {t: index.parameters(slices[0]["params"], t) for t in names}
     return {"step": index.step, "state": {param: {t: tensors[t][param] for t in names}
                                           for param, _ in slices[0]["params"]}}
+
+
+# ---- ZeRO stage 3: units, and the layouts of their parameters ------------------------------------------------
+def transformer_units(model: torch.nn.Module) -> list[tuple[str, list, bool]]:
+    """(name, modules, sticky) of hvd_llama's Transformer, in forward order: the embedding, every block, the head
+    (the final norm and the output projection). Sticky units stay gathered from their first use to the end of
+    backward: the embedding (the head uses it when tied) and the head (called once per loss chunk)."""
+    return ([("embedding", [model.tok_embeddings], True)]
+            + [(f"block {i}", [layer], False) for i, layer in enumerate(model.layers)]
+            + [("head", [model.norm, model.output], True)])
+
+
+def unit_bounds(unit_of: list[int]) -> tuple[list[tuple[int, int]], dict[int, int]]:
+    """Buckets [first, last) of consecutive parameters of one unit, last unit first (backward's order), and each
+    unit's bucket index."""
+    bounds, bucket_of_unit, last = [], {}, len(unit_of)
+    while last > 0:
+        first = last
+        while first > 0 and unit_of[first - 1] == unit_of[last - 1]:
+            first -= 1
+        bucket_of_unit[unit_of[last - 1]] = len(bounds)
+        bounds.append((first, last))
+        last = first
+    return bounds, bucket_of_unit
+
+
+def unit_of_parameters(named: list, units: list[tuple[str, list, bool]]) -> list[int]:
+    """The unit of each parameter of `named` ((name, parameter) in model order): the first unit whose modules
+    hold it (a tied parameter is the embedding's)."""
+    owner: dict[int, int] = {}
+    for index, (_, modules, _) in enumerate(units):
+        for module in modules:
+            for p in module.parameters():
+                owner.setdefault(id(p), index)
+    missing = [n for n, p in named if id(p) not in owner]
+    if missing:
+        raise ValueError(f"parameters in no unit: {missing[:3]}")
+    return [owner[id(p)] for _, p in named]
+
+
+@dataclass
+class UnitLayouts:
+    """Stage 3's flat layouts: the trainable parameters' (the optimizer's index space) and the frozen ones', one
+    bucket per unit that has such parameters; `buckets[kind][unit]`: that bucket (kind 0 trainable, 1 frozen)."""
+    indices: tuple[list[int], list[int]]  # the model-order positions of the trainable and the frozen parameters
+    layouts: tuple[FlatLayout, FlatLayout]
+    buckets: tuple[dict, dict]
+
+
+def unit_layouts(numels: list[int], trainable: list[bool], unit_of: list[int], world: int, rank: int) -> UnitLayouts:
+    """The layouts of parameters of sizes `numels` (model order), trainable or not, in units `unit_of`."""
+    indices = ([i for i, t in enumerate(trainable) if t], [i for i, t in enumerate(trainable) if not t])
+    layouts, buckets = [], []
+    for kind in (0, 1):
+        bounds, bucket_of_unit = unit_bounds([unit_of[i] for i in indices[kind]])
+        layout = FlatLayout([numels[i] for i in indices[kind]], world, rank, bounds=bounds)
+        layouts.append(layout)
+        buckets.append({unit: layout.buckets[b] for unit, b in bucket_of_unit.items()})
+    return UnitLayouts(indices, tuple(layouts), tuple(buckets))
