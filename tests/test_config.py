@@ -66,7 +66,7 @@ ZERO_ALLOWED = {"optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "opt
                 "optim.beta2", "train.seed", "train.eval_every", "train.eval_windows", "train.max_bad_steps",
                 "checkpoint.every", "checkpoint.keep", "log.peak_flops", "dist.threads_per_rank", "dist.zero_stage",
                 "finetune.lora_rank", "finetune.lora_dropout", "train.loss_chunk", "dist.allreduce_bucket_elements",
-                "dist.zero_bucket_elements", "train.stop_grace_s"}
+                "dist.zero_bucket_elements", "train.stop_grace_s", "dist.zero3_prefetch"}
 ENUMS = {"train.precision", "train.device", "dist.compression", "dist.op", "dist.zero_stage", "finetune.lora_targets"}
 FREE_TEXT = {"data.dir", "finetune.init_from"}  # paths: checked when used
 

@@ -164,7 +164,7 @@ def test_fits_boundary(capsys):
 
 @pytest.mark.parametrize("args", [("--device-memory", "80 parsecs"), ("--device-memory", "0GB"),
                                   ("--device-memory", "8GiB", "--world-size", "0"),
-                                  ("--device-memory", "8GiB", "--set", "dist.zero_stage=3")])
+                                  ("--device-memory", "8GiB", "--set", "dist.zero_stage=4")])
 def test_bad_values_exit_2_in_one_line(capsys, args):
     code, out, err = run_plan(capsys, *TINY, *args)
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and err.startswith("error: ")
@@ -191,13 +191,17 @@ def test_check_fits_names_the_fixes():
         check_fits(cfg, 8, 80 * 10**9)
     message = str(err.value)
     assert "\n" not in message
-    for fix in ("dist.zero_stage=2", "train.activation_checkpointing=true", "more ranks"):
+    for fix in ("dist.zero_stage=3", "train.activation_checkpointing=true", "more ranks"):
         assert fix in message
     fitting = load_config("configs/llama2-7b.yaml", ["dist.zero_stage=2", "train.activation_checkpointing=true",
                                                      "train.batch_size=1"])
     check_fits(fitting, 8, 80 * 10**9)  # no error
-    with pytest.raises(UserError, match="ZeRO stage 3"):  # 70B's bf16 weights alone exceed 80 GB
-        check_fits(load_config("configs/llama2-70b.yaml"), 64, 80 * 10**9)
+    seventy = ["train.batch_size=1", "train.grad_accum=1"]
+    with pytest.raises(UserError, match="dist.zero_stage=3"):  # 70B's bf16 weights alone exceed 80 GB at stage 2
+        check_fits(load_config("configs/llama2-70b.yaml", seventy), 64, 80 * 10**9)
+    check_fits(load_config("configs/llama2-70b.yaml", [*seventy, "dist.zero_stage=3"]), 32, 79 * 2**30)
+    with pytest.raises(UserError, match="even dist.zero_stage=3 with activation checkpointing .* more ranks"):
+        check_fits(load_config("configs/llama2-70b.yaml", [*seventy, "dist.zero_stage=3"]), 4, 79 * 2**30)
 
 
 # The papers' recipes, written from the papers, not the presets (LLaMA, Touvron et al. 2023a, section 2.3 and

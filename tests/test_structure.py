@@ -18,7 +18,8 @@ FLOW = [
     "prep", "prep.text", "prep.token_shards", "prep.corpus", "prep.encode", "prepare",
     # training/ and parallel/: token shards -> a trained model (the train and plan commands)
     "training", "training.data", "training.zero_layout", "training.preemption", "training.faults", "training.optim", "training.metrics",
-    "training.memory", "training.compute", "parallel.zero", "parallel", "parallel.elastic", "parallel.report",
+    "training.memory", "training.compute", "parallel.zero", "parallel.zero3", "parallel", "parallel.elastic",
+    "parallel.report",
     # weights/: checkpoints and other formats on disk
     "weights", "weights.checkpoint", "weights.formats", "weights.pretrained",
     "training.checkpointing", "training.builder", "training.trainer", "train", "plan",

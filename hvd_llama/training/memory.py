@@ -18,7 +18,15 @@ from hvd_llama.cli import UserError
 from hvd_llama.config import Config, half_weights
 from hvd_llama.lora import apply_finetune_lora
 from hvd_llama.model import ModelConfig, Transformer
-from hvd_llama.training.zero_layout import MAX_IN_FLIGHT, FlatLayout, bucket_size
+from hvd_llama.training.zero_layout import (
+    MAX_IN_FLIGHT,
+    FlatLayout,
+    UnitLayouts,
+    bucket_size,
+    transformer_units,
+    unit_layouts,
+    unit_of_parameters,
+)
 
 GiB = 1 << 30
 FUSION_BUFFER = 128 << 20  # Horovod's HOROVOD_FUSION_THRESHOLD default: the stage-0 allreduce staging buffer
@@ -37,6 +45,8 @@ class ParamCounts:
     matmul: int  # weights that enter matmuls (autocast casts them to half precision in every forward)
     numels: tuple  # the sizes of the trainable (requires_grad) tensors, in model order: the ZeRO layout's input
     largest: int = 0  # the largest parameter tensor (start-up draws it in fp32 for bf16 weights)
+    params: tuple = ()  # every parameter as (numel, trainable, unit) in model order: ZeRO stage 3's layouts
+    sticky: tuple = ()  # per unit (training/zero_layout.py's transformer_units): gathered from first use to backward
 
     @property
     def trainable(self) -> int:
@@ -58,8 +68,12 @@ def count_params(cfg: Config) -> ParamCounts:
     trainable = [p for p in params.values() if p.requires_grad]
     embedding = model.tok_embeddings.weight
     matmul = sum(p.numel() for p in params.values() if p.ndim == 2 and (p is not embedding or cfg.model.tie_embeddings))
+    units = transformer_units(model)
+    unit_of = unit_of_parameters(list(params.items()), units)
     return ParamCounts(total=sum(p.numel() for p in params.values()), matmul=matmul,
-                       numels=tuple(p.numel() for p in trainable), largest=max(p.numel() for p in params.values()))
+                       numels=tuple(p.numel() for p in trainable), largest=max(p.numel() for p in params.values()),
+                       params=tuple((p.numel(), p.requires_grad, u) for p, u in zip(params.values(), unit_of)),
+                       sticky=tuple(sticky for _, _, sticky in units))
 
 
 def zero_layout(counts: ParamCounts, world_size: int, bucket_elements: int = 0) -> FlatLayout:
@@ -67,8 +81,43 @@ def zero_layout(counts: ParamCounts, world_size: int, bucket_elements: int = 0) 
     return FlatLayout(counts.numels, world_size, 0, bucket_size(counts.trainable, bucket_elements))
 
 
+@dataclass(frozen=True)
+class UnitSizes:
+    """ZeRO stage 3's figures of one unit, in elements."""
+    full: int  # gathered: every rank's slices, padding included
+    trainable: int  # its trainable parameters (their param.grad, whole, until the unit's reduction)
+    reduced: int  # the flat fp32 buffer its gradients are reduced in (the trainable bucket, padded)
+    sticky: bool
+
+
+def zero3_sizes(counts: ParamCounts, world_size: int) -> tuple[UnitLayouts, list[UnitSizes]]:
+    """The layouts parallel/zero3.py builds for these parameters, and every unit's sizes."""
+    numels, trainable, unit_of = zip(*counts.params)
+    layouts = unit_layouts(list(numels), list(trainable), list(unit_of), world_size, 0)
+    sizes = []
+    for unit, sticky in enumerate(counts.sticky):
+        t, f = (buckets.get(unit) for buckets in layouts.buckets)
+        own_t, own_f = (t.shard_numel if t else 0), (f.shard_numel if f else 0)
+        sizes.append(UnitSizes(world_size * (own_t + own_f), t.numel if t else 0, world_size * own_t, sticky))
+    return layouts, sizes
+
+
+def zero3_state_bytes(counts: ParamCounts, world_size: int, half: bool, prefetch: int) -> dict:
+    """Stage 3: the rank's slices of every weight (2 or 4 bytes each), of the fp32 gradients and of AdamW (12 or 8
+    bytes per trainable element), plus at the peak the units gathered (the embedding and the head, the block
+    computing and `prefetch` more) and one unit's whole param.grad before its reduction."""
+    layouts, sizes = zero3_sizes(counts, world_size)
+    width = 2 if half else 4
+    slices_t, slices_f = (layout.shard_numel for layout in layouts.layouts)
+    blocks = [u.full for u in sizes if not u.sticky]
+    gathered = sum(u.full for u in sizes if u.sticky) + sum(sorted(blocks, reverse=True)[:prefetch + 1])
+    return {"weights": width * (slices_t + slices_f + gathered),
+            "gradients": 4 * slices_t + width * max(u.trainable for u in sizes),
+            "optimizer": (12 if half else 8) * slices_t}
+
+
 def model_state_bytes(counts: ParamCounts, stage: int, world_size: int, half: bool, grad_accum: int,
-                      bucket_elements: int = 0) -> dict:
+                      bucket_elements: int = 0, prefetch: int = 1) -> dict:
     """Bytes per rank of weights, gradients and optimizer state: the figures parallel/zero.py's state_bytes() reports.
 
     P = all parameters, T = trainable ones, S = this rank's slice of zero_layout (ceil(T / N) plus under one
@@ -84,9 +133,12 @@ def model_state_bytes(counts: ParamCounts, stage: int, world_size: int, half: bo
         bucket padded to a multiple of N (4NS: Megatron-LM's main_grad), whole until the last micro-step
         reduces them; param.grad is freed as each pass adds it in.
     LoRA: frozen base weights count in P only; gradients and optimizer state exist for the adapters (T).
+    stage 3: zero3_state_bytes.
     """
     P, T = counts.total, counts.trainable
     width = 2 if half else 4  # bytes per element of the model's weights and of param.grad
+    if stage == 3:
+        return zero3_state_bytes(counts, world_size, half, prefetch)
     if stage == 0:
         return {"weights": 4 * P, "gradients": 4 * T, "optimizer": 8 * T + 4 * counts.tensors}
     S = zero_layout(counts, world_size, bucket_elements).shard_numel
@@ -97,10 +149,21 @@ def model_state_bytes(counts: ParamCounts, stage: int, world_size: int, half: bo
     return {"weights": width * P, "gradients": width * S + whole_grads, "optimizer": (12 if half else 8) * S}
 
 
-def startup_bytes(counts: ParamCounts, half: bool) -> int:
-    """Start-up's peak (startup.build_model): the weights, allocated in their own dtype, plus one tensor's fp32
-    draws at a time when they are bf16 (model.init_fp32_)."""
-    return (2 if half else 4) * counts.total + (4 * counts.largest if half else 0)
+def startup_bytes(counts: ParamCounts, half: bool, stage: int = 0, world_size: int = 1) -> int:
+    """Start-up's peak (builder.build_model): the weights, allocated in their own dtype, plus one tensor's fp32
+    draws at a time when they are bf16 (model.init_fp32_). Stage 3: the rank's slices, one unit's full buffer
+    (allocated to make the parameters its views) and one parameter drawn in fp32."""
+    width = 2 if half else 4
+    if stage != 3:
+        return width * counts.total + (4 * counts.largest if half else 0)
+    layouts, sizes = zero3_sizes(counts, world_size)
+    return width * (sum(layout.shard_numel for layout in layouts.layouts) + max(u.full for u in sizes)) \
+        + 4 * counts.largest
+
+
+def width_of(half: bool) -> int:
+    """Bytes per element of the model's weights and of param.grad: bf16 or fp32."""
+    return 2 if half else 4
 
 
 def _regime(cfg: Config) -> str:
@@ -180,15 +243,20 @@ def weight_copy_bytes(counts: ParamCounts, regime: str) -> int:
 
 
 def buffer_bytes(counts: ParamCounts, stage: int, world_size: int, half: bool, grad_accum: int = 1,
-                 bucket_elements: int = 0) -> int:
+                 bucket_elements: int = 0, prefetch: int = 1) -> int:
     """Communication buffers: Horovod's fusion buffer at stage 0; with a sharded optimizer as many all-gathered
     buckets of weights as are in flight (MAX_IN_FLIGHT + 1 at the peak) and, with one backward pass per step,
     the fp32 flat buffers of as many reduce-scatters and, at stage 2, the param.grad tensors waiting for their
     bucket to fill (with grad_accum > 1 the accumulation buffers, counted as gradients, are reduced themselves)."""
     if stage == 0:
         return FUSION_BUFFER if world_size > 1 else 0
+    if stage == 3:  # the reductions in flight, and the all-gathers' outputs before they are copied out
+        _, sizes = zero3_sizes(counts, world_size)
+        in_flight = min(MAX_IN_FLIGHT + 1, sum(1 for u in sizes if u.trainable))
+        blocks = sorted((u.full for u in sizes if not u.sticky), reverse=True)
+        return 4 * max(u.reduced for u in sizes) * in_flight + width_of(half) * sum(blocks[:prefetch + 1])
     buckets = zero_layout(counts, world_size, bucket_elements).buckets
-    width, bucket = (2 if half else 4), max(b.numel for b in buckets)  # a parameter larger than the size: alone
+    width, bucket = width_of(half), max(b.numel for b in buckets)  # a parameter larger than the size: alone
     in_flight = min(MAX_IN_FLIGHT + 1, len(buckets))
     reductions = 0 if grad_accum > 1 else bucket * (4 * in_flight + (width if stage == 2 else 0))
     return width * bucket * in_flight + reductions
@@ -230,16 +298,17 @@ def plan_at(cfg: Config, world_size: int, device_memory: int, device: str = "cud
     t, stage, regime = cfg.train, cfg.dist.zero_stage, _regime(cfg)
     half = regime == "half"
     bucket = cfg.dist.zero_bucket_elements
-    state = model_state_bytes(counts, stage, world_size, half, t.grad_accum, bucket)
+    prefetch = cfg.dist.zero3_prefetch
+    state = model_state_bytes(counts, stage, world_size, half, t.grad_accum, bucket, prefetch)
     acts = {ckpt: activation_bytes(cfg.model, t.batch_size, t.seq_len, regime, ckpt) for ckpt in (False, True)}
     activations = acts[t.activation_checkpointing]
     copies = weight_copy_bytes(counts, regime)
-    buffers = buffer_bytes(counts, stage, world_size, half, t.grad_accum, bucket)
+    buffers = buffer_bytes(counts, stage, world_size, half, t.grad_accum, bucket, prefetch)
     # Every line can be resident at once: with grad_accum > 1 the gradients live through the next micro-batch's
     # forward, and with 1 the memory of the gradients zero_grad() freed stays reserved for the next forward
     # (PyTorch's caching allocator on a GPU; glibc's heap on a CPU, measured here to within 5%).
     tensors = state["weights"] + state["gradients"] + state["optimizer"] + activations + copies + buffers
-    startup = startup_bytes(counts, half)
+    startup = startup_bytes(counts, half, stage, world_size)
     tensors = max(tensors, startup)  # start-up's transient is gone before the first step's tensors exist
     fixed, fragmentation = (CUDA_FIXED, CUDA_FRAGMENTATION) if device == "cuda" else (CPU_FIXED, CPU_FRAGMENTATION)
     overhead = fixed + int(fragmentation * tensors)
@@ -293,8 +362,8 @@ def check_fits(cfg: Config, world_size: int, device_memory_bytes: int, device: s
     if p.fits:
         return
     fixes = []
-    if cfg.dist.zero_stage < 2:
-        fixes.append("--set dist.zero_stage=2")
+    if cfg.dist.zero_stage < 3:
+        fixes.append(f"--set dist.zero_stage={3 if world_size > 1 else 2}")
     if not cfg.train.activation_checkpointing:
         fixes.append("--set train.activation_checkpointing=true")
     largest = max_batch_size(cfg, world_size, device_memory_bytes, device, counts)
@@ -303,12 +372,11 @@ def check_fits(cfg: Config, world_size: int, device_memory_bytes: int, device: s
     fixes.append("more ranks" + (" (with dist.zero_stage >= 1)" if cfg.dist.zero_stage == 0 else ""))
     message = (f"this run needs {gib(p.total)} per rank ({breakdown(p)}), more than the "
                f"{gib(device_memory_bytes)} of the device; try {', '.join(fixes)}")
-    leanest = plan_at(with_train(with_dist(cfg, zero_stage=2), activation_checkpointing=True, batch_size=1),
+    leanest = plan_at(with_train(with_dist(cfg, zero_stage=3), activation_checkpointing=True, batch_size=1),
                       world_size, device_memory_bytes, device, counts)
     if not leanest.fits:
-        message += (f"; even dist.zero_stage=2 with activation checkpointing at train.batch_size=1 needs "
-                     f"{gib(leanest.total)}, and the weights alone {gib(leanest.weights)} on every rank "
-                     "(sizes beyond that need parameter sharding, ZeRO stage 3)")
+        message += (f"; even dist.zero_stage=3 with activation checkpointing at train.batch_size=1 needs "
+                    f"{gib(leanest.total)} per rank: more ranks")
     raise UserError(message + " (python -m hvd_llama.plan shows the arithmetic)")
 
 
