@@ -4,7 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
-from multiproc import run_job
+import torch
+from conftest import micro_overrides
+from multiproc import run_job, run_one_process
+from trainrun import losses, metrics, stopped_copy, train_job, train_single
+
+from hvd_llama.use.inference import load_model
 
 pytestmark = pytest.mark.distributed
 JOB = Path(__file__).with_name("zero3_job.py")
@@ -42,3 +47,47 @@ def test_stage_3_equals_stage_0(np_, launcher, tmp_path):
         assert 4 * (slices_t + slices_f) < r["peak_weights"] <= r["planned_weights"], case
         if case == "lora":  # the frozen base is sharded too; only the adapters have gradients
             assert slices_f > 5 * slices_t
+
+
+@pytest.mark.slow  # six jobs
+def test_resume_at_another_world_size_and_stage(small_data, tmp_path):
+    """Stage 3 at np=2 (batch 3) for 5 steps, resumed at np=3 (batch 2) for 5 more, equals np=1 with batch 6 for 10
+    steps; so does the same stage-3 checkpoint resumed at stage 2, and a stage-2 checkpoint resumed at stage 3."""
+    values = {"train.max_steps": 10, "checkpoint.every": 5, "checkpoint.keep": 0}
+
+    def run(run_dir: Path, stage: int, batch: int, np_: int, *more: str) -> None:
+        job = train_job(run_dir, micro_overrides(small_data, **values, **{"train.batch_size": batch,
+                                                                         "dist.zero_stage": stage}), *more, np=np_)
+        assert job.returncode == 0, job.output[-3000:]
+
+    one = tmp_path / "one"
+    assert train_single(one, micro_overrides(small_data, **values, **{"train.batch_size": 6})).returncode == 0
+    run(tmp_path / "three", 3, 3, 2)
+    assert not (tmp_path / "three" / "checkpoints" / "step_00000005" / "model.pt").exists()  # weights in the slices
+    run(stopped_copy(tmp_path / "three", tmp_path / "at_three", at_step=5), 3, 2, 3, "--resume", "auto")
+    run(stopped_copy(tmp_path / "three", tmp_path / "to_two", at_step=5), 2, 3, 2, "--resume", "auto")
+    run(tmp_path / "two", 2, 3, 2)
+    run(stopped_copy(tmp_path / "two", tmp_path / "from_two", at_step=5), 3, 2, 3, "--resume", "auto")
+    for resumed in ("at_three", "to_two", "from_two"):
+        assert losses(tmp_path / resumed) == pytest.approx(losses(one), rel=1e-5), resumed
+
+
+def test_a_stage_3_checkpoint_evaluates_and_exports(small_data, tmp_path):
+    """The final val_loss (the whole val split) equals `evaluate` on the checkpoint the run wrote, and its
+    `convert export` loads in transformers with the logits of our model."""
+    transformers = pytest.importorskip("transformers")
+    run_dir = tmp_path / "run"
+    job = train_job(run_dir, micro_overrides(small_data, **{"dist.zero_stage": 3, "train.eval_every": 5}))
+    assert job.returncode == 0, job.output[-3000:]
+    final = metrics(run_dir)[-1]["val_loss"]
+    evaluated = run_one_process("hvd_llama.evaluate", "--checkpoint", run_dir, "--json", tmp_path / "eval.json")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads((tmp_path / "eval.json").read_text())["loss_per_token"] == pytest.approx(final, rel=1e-5)
+    hf = tmp_path / "hf"
+    exported = run_one_process("hvd_llama.convert", "export", "--checkpoint", run_dir, "--out", hf)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    model, _, _ = load_model(run_dir)
+    tokens = torch.randint(0, 512, (2, 20))
+    reference = transformers.LlamaForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.allclose(reference(tokens).logits, model(tokens), atol=1e-4)
