@@ -1,5 +1,5 @@
 """Run alone or under a launcher: two training steps of a model built from config values (random tokens), then
-print this rank's peak resident memory as JSON.
+print this rank's peak resident memory and model state (bytes) as JSON.
 
     python tests/memory_step.py section.key=value ...
 
@@ -26,7 +26,8 @@ def main() -> None:
     for _ in range(2):
         batches = [torch.randint(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1)) for _ in range(t.grad_accum)]
         train_step(model, optimizer, batches, device, t.precision, cfg.optim.grad_clip, ranks=parallel)
-    print(json.dumps({"rank": parallel.rank(), "peak_rss": peak_rss()}), flush=True)
+    model_state = sum(optimizer.state_bytes().values())  # after a step: weights, gradients, AdamW on this rank
+    print(json.dumps({"rank": parallel.rank(), "peak_rss": peak_rss(), "model_state": model_state}), flush=True)
 
 
 if __name__ == "__main__":

@@ -279,9 +279,17 @@ class FullyShardedOptimizer(ShardedOptimizer):
             self._finish_oldest()
         self._reset_backward()
 
+    def _launch(self, b: int) -> None:
+        if not self.grad_shard.untyped_storage().nbytes():  # the step's first reduction: a zeroed gradient slice
+            self.grad_shard.untyped_storage().resize_(self.grad_shard.numel() * self.grad_shard.element_size())
+            self.grad_shard.zero_()
+        super()._launch(b)
+
     def zero_grad(self) -> None:
+        """The gradient slice is freed between steps (FSDP2's set_to_none): at rest a rank holds its weights and
+        AdamW's state alone."""
         super().zero_grad()
-        self.grad_shard.zero_()
+        self.grad_shard.untyped_storage().resize_(0)
 
     def _publish(self) -> None:
         pass  # the next forward gathers the updated slices
@@ -303,4 +311,6 @@ class FullyShardedOptimizer(ShardedOptimizer):
                 self.shards.shards[0][offset:offset + end - start].copy_(index.read("param", start, end))
 
     def state_bytes(self) -> dict:
-        return {**super().state_bytes(), "weights": self.shards.state_bytes()}
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return {**super().state_bytes(), "weights": self.shards.state_bytes(),
+                "gradients": self.grad_shard.untyped_storage().nbytes() + _tensor_bytes(grads)}
