@@ -6,8 +6,8 @@ CASE: base | tied | lora | sft. For each case both stages are built by the train
 training starts: at stage 0 rank 0 initialises and broadcasts; at stage 3 every rank draws its own slices), then
 train STEPS steps of GRAD_ACCUM micro-steps with clipping on the same global batches (rank r of N trains on its
 r-th share), and rank 0 writes to OUT a JSON object per case: both stages' losses and norms, the largest difference of their
-initial and of their final weights, the stage-3 model state against the planner's figures, and the most weight
-bytes a rank held at once. The model has odd sizes (vocabulary 37, width 20: no tensor a multiple of 3).
+initial and of their final weights, the stage-3 model state after the steps, and the most weight and gradient
+bytes a rank held at once, against the planner's figures. The model has odd sizes (vocabulary 37, width 20: no tensor a multiple of 3).
 """
 import json
 import sys
@@ -81,13 +81,15 @@ def run(case: str, stage: int, record_peak: bool = False) -> dict:
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     weights = (lambda: stage3_weights(optimizer)) if stage == 3 else \
         (lambda: {n: p.detach().clone() for n, p in trainable.items()})
-    result = {"initial": weights(), "losses": [], "norms": [], "peak_weights": 0}
-    if record_peak:  # the weight bytes held right after every gather: slices and the units gathered
+    result = {"initial": weights(), "losses": [], "norms": [], "peak": {"weights": 0, "gradients": 0}}
+    if record_peak:  # the bytes held right after every gather: slices and the units gathered, gradients
         gather = optimizer.shards.gather
 
         def recording(unit):
             gather(unit)
-            result["peak_weights"] = max(result["peak_weights"], optimizer.shards.state_bytes())
+            for kind, held in optimizer.state_bytes().items():
+                if kind in result["peak"]:
+                    result["peak"][kind] = max(result["peak"][kind], held)
         optimizer.shards.gather = recording
     for step in range(STEPS):
         set_lr(optimizer, LR)
@@ -111,13 +113,13 @@ def main() -> None:
         counts, cfg = three["counts"]
         layouts, _ = zero3_sizes(counts, parallel.size())
         slices_t, slices_f = (layout.shard_numel for layout in layouts.layouts)
-        planned = zero3_state_bytes(counts, parallel.size(), False, cfg.dist.zero3_prefetch)["weights"]
+        planned = zero3_state_bytes(counts, parallel.size(), False, cfg.dist.zero3_prefetch)
         results.append({"case": case, "losses": losses, "norms": [zero["norms"], three["norms"]],
                         "initial_diff": largest_difference(zero["initial"], three["initial"]),
                         "final_diff": largest_difference(zero["final"], three["final"]),
                         "moved": largest_difference(zero["initial"], zero["final"]),
                         "state_bytes": three["state_bytes"], "slices": [slices_t, slices_f],
-                        "peak_weights": three["peak_weights"], "planned_weights": planned})
+                        "peak": three["peak"], "planned": planned})
     if parallel.is_main():
         Path(sys.argv[1]).write_text(json.dumps(results))
 
