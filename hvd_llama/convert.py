@@ -68,6 +68,7 @@ def import_(args) -> str:
     out = Path(args.out)
     refuse_existing(out)
     state, cfg, tokenizer = import_hf(Path(args.hf)) if args.hf else import_meta(Path(args.meta))
+    state = dict(state)  # read: a checkpoint's model.pt holds the tensors themselves
     if args.max_seq_len is not None:
         cfg = validated(replace(cfg, max_seq_len=args.max_seq_len), "--max-seq-len")
     if args.tokenizer:

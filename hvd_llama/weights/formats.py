@@ -7,12 +7,14 @@ the way in, as in transformers' convert_llama_weights_to_hf.py.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import sentencepiece as spm
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from hvd_llama.cli import UserError
 from hvd_llama.files import read_json
@@ -139,13 +141,54 @@ def hf_state_dict(state: dict, cfg: ModelConfig) -> dict:
 
 # ------------------------------------------------------------------------------------------------------- in
 
-def load_tensors(path: Path) -> dict:
+class LazyState(Mapping):
+    """A state dict under hvd_llama's names whose tensors are read (and converted) only when asked for, one at a
+    time: a rank of a ZeRO stage-3 run keeps its slices of each and lets the rest go. Shapes are known unread."""
+
+    def __init__(self, shapes: dict, read: Callable[[str], torch.Tensor]):
+        self.shapes, self._read = shapes, read
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.shapes:
+            raise KeyError(key)
+        return self._read(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+@dataclass
+class Stored:
+    """A tensor in a weights file, read when load() is called."""
+    shape: tuple
+    load: Callable[[], torch.Tensor]
+
+
+def stored_tensors(path: Path) -> dict[str, Stored]:
+    """The tensors of a weights file, unread: safetensors through safe_open (each tensor read alone when loaded),
+    torch's files memory-mapped (their pages count in the resident memory as they are read: page cache)."""
     try:
         if path.suffix == ".safetensors":
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            with safe_open(str(path), framework="pt") as handle:
+                return {name: Stored(tuple(handle.get_slice(name).get_shape()),
+                                     lambda name=name: _read_stored(path, name)) for name in handle.keys()}
+        tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # a truncated or foreign file: name it rather than show a traceback
         raise UserError(f"cannot read weights file {path}: {err}") from None
+    return {name: Stored(tuple(t.shape), lambda t=t: t) for name, t in tensors.items()}
+
+
+def _read_stored(path: Path, name: str) -> torch.Tensor:
+    """One tensor of a safetensors file, through a mapping of the file closed right after: the file's pages it
+    touched leave the process's resident memory with it (a mapping kept open would count every page read)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.get_tensor(name)
+    except Exception as err:
+        raise UserError(f"cannot read tensor {name} of {path}: {err}") from None
 
 
 def hf_weight_files(folder: Path) -> list[Path]:
@@ -200,25 +243,34 @@ def import_hf(folder: Path) -> tuple[dict, ModelConfig, Optional[Path]]:
     files = hf_weight_files(folder)
     tensors = {}
     for f in files:
-        tensors.update(load_tensors(f))
+        tensors.update(stored_tensors(f))
     shapes = expected_shapes(cfg)
+    stored_shapes = {k: v for k, v in shapes.items() if not (cfg.tie_embeddings and k == "output.weight")}
     if cfg.tie_embeddings:
-        shapes.pop("output.weight")
         tensors.pop("lm_head.weight", None)  # some tied exports still store the shared matrix twice
-    check_tensors(tensors, shapes, str(files[0] if len(files) == 1 else folder), name=hf_name)
-    state = {}
-    for key in shapes:
+    check_tensors(tensors, stored_shapes, str(files[0] if len(files) == 1 else folder), name=hf_name)
+
+    def read(key: str) -> torch.Tensor:
+        key = "tok_embeddings.weight" if key == "output.weight" and cfg.tie_embeddings else key
         heads = rotary_heads(key, cfg)
-        tensor = tensors[hf_name(key)].float()
-        state[key] = (rotary_from_hf(tensor, heads) if heads else tensor).contiguous()
-    if cfg.tie_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
+        tensor = tensors[hf_name(key)].load().float()
+        return (rotary_from_hf(tensor, heads) if heads else tensor).contiguous()
+
     tokenizer = folder / "tokenizer.model"
-    return state, cfg, tokenizer if tokenizer.is_file() else None
+    return LazyState(shapes, read), cfg, tokenizer if tokenizer.is_file() else None
 
 
-def merge_meta_shards(shards: list[dict], files: list[Path], dim: int) -> dict:
-    """Concatenate model-parallel shards along the dimension each tensor was split on."""
+def meta_split_dim(key: str, first: Stored, dim: int) -> Optional[int]:
+    """The dimension model-parallel shards of `key` were split on, or None for a replicated tensor."""
+    module = key.removesuffix(".weight").rsplit(".", 1)[-1]
+    if len(first.shape) == 1 or key.endswith(IGNORED):
+        return None
+    return 1 if module == "tok_embeddings" and first.shape[1] != dim else META_SHARD_DIM.get(module, 0)
+
+
+def merge_meta_shards(shards: list[dict], files: list[Path], dim: int) -> dict[str, Stored]:
+    """Model-parallel shards (stored, unread) as whole tensors concatenated along the dimension each tensor was
+    split on when loaded, one at a time."""
     merged = {}
     for key, first in shards[0].items():
         parts = []
@@ -226,16 +278,17 @@ def merge_meta_shards(shards: list[dict], files: list[Path], dim: int) -> dict:
             if key not in shard:
                 raise UserError(f"{f}: missing tensor {key} (present in {files[0].name})")
             parts.append(shard[key])
-        module = key.removesuffix(".weight").rsplit(".", 1)[-1]
-        if len(parts) == 1 or first.ndim == 1 or key.endswith(IGNORED):
+        split = meta_split_dim(key, first, dim) if len(parts) > 1 else None
+        if split is None:
             merged[key] = first  # replicated
             continue
-        split = 1 if module == "tok_embeddings" and first.shape[1] != dim else META_SHARD_DIM.get(module, 0)
-        try:
-            merged[key] = torch.cat(parts, dim=split)
-        except RuntimeError:
+        shape = list(first.shape)
+        shape[split] = sum(p.shape[split] for p in parts)
+        if any(p.shape[:split] + p.shape[split + 1:] != first.shape[:split] + first.shape[split + 1:] for p in parts):
             raise UserError(f"{files[0].parent}: shards of {key} have incompatible shapes "
-                            f"{[list(p.shape) for p in parts]}") from None
+                            f"{[list(p.shape) for p in parts]}")
+        merged[key] = Stored(tuple(shape), lambda parts=parts, split=split: torch.cat([p.load() for p in parts],
+                                                                                     dim=split))
     return merged
 
 
@@ -249,7 +302,7 @@ def import_meta(folder: Path) -> tuple[dict, ModelConfig, Optional[Path]]:
         raise UserError(f"{source}: use_scaled_rope (Llama 3.1 RoPE scaling) is not supported by hvd_llama's model")
     if "dim" not in params:
         raise UserError(f"{source}: missing field dim")
-    state = merge_meta_shards([load_tensors(f) for f in files], files, params["dim"])
+    state = state_of = merge_meta_shards([stored_tensors(f) for f in files], files, params["dim"])
     weights = str(files[0]) if len(files) == 1 else f"{folder}/consolidated.*.pth"
     vocab_size = params.get("vocab_size", -1)
     if vocab_size <= 0:  # LLaMA 1/2 write -1 (the tokenizer decides); the embedding table knows
@@ -268,7 +321,7 @@ def import_meta(folder: Path) -> tuple[dict, ModelConfig, Optional[Path]]:
     cfg = validated(cfg, source)
     shapes = expected_shapes(cfg)
     check_tensors(state, shapes, weights)
-    state = {key: state[key].float().contiguous() for key in shapes}
+    state = LazyState(shapes, lambda key: state_of[key].load().float().contiguous())
     tokenizer = next((p for p in (folder / "tokenizer.model", folder.parent / "tokenizer.model") if p.is_file()), None)
     return state, cfg, tokenizer
 
