@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from multiproc import REPO, job_env
+from support.multiproc import REPO, job_env
 
 from hvd_llama.config import load_config
 from hvd_llama.model import Transformer

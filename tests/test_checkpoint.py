@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from multiproc import REPO, job_env
+from support.multiproc import REPO, job_env
 
 from hvd_llama.cli import UserError
 from hvd_llama.model import ModelConfig, Transformer

@@ -2,7 +2,7 @@ import typing
 
 import pytest
 import yaml
-from multiproc import run_job
+from support.multiproc import run_job
 
 from hvd_llama.cli import UserError
 from hvd_llama.config import Config, load_config, value_of

@@ -9,10 +9,19 @@ from pathlib import Path
 from statistics import mean
 
 import pytest
-from conftest import micro_overrides
-from jobkill import finish, job_processes, kill_all, last_step, output, ranks_of, start_command, survivors, wait_for
-from multiproc import REPO
-from trainrun import metrics
+from support.jobkill import (
+    finish,
+    job_processes,
+    kill_all,
+    last_step,
+    output,
+    ranks_of,
+    start_command,
+    survivors,
+    wait_for,
+)
+from support.multiproc import REPO
+from support.trainrun import metrics, micro_overrides
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

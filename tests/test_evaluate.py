@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from multiproc import REPO, job_env, run_job, run_one_process
+from support.multiproc import REPO, job_env, run_job, run_one_process
 
 from hvd_llama.evaluate import token_byte_lengths
 from hvd_llama.training.compute import item_batches

@@ -7,9 +7,8 @@ import sys
 import time
 
 import pytest
-from conftest import micro_overrides
-from multiproc import finish_job, start_job
-from trainrun import losses, metrics, train_args, train_job, train_single
+from support.multiproc import finish_job, start_job
+from support.trainrun import losses, metrics, micro_overrides, train_args, train_job, train_single
 
 from hvd_llama.cli import UserError
 from hvd_llama.files import sha256_file

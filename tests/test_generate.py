@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from multiproc import REPO, job_env, run_one_process
+from support.multiproc import REPO, job_env, run_one_process
 from torch import nn
 
 from hvd_llama.bench import generation

@@ -5,9 +5,8 @@ import sys
 
 import pytest
 import torch
-from conftest import micro_overrides
-from multiproc import REPO, job_env, run_snippet
-from trainrun import train_args
+from support.multiproc import REPO, job_env, run_snippet
+from support.trainrun import micro_overrides, train_args
 
 from hvd_llama.cli import UserError
 from hvd_llama.device import cuda_device_index, shared_gpu
@@ -250,7 +249,7 @@ print("events:", events)
 def test_the_logged_peak_memory_starts_after_set_up(small_data, tmp_path):
     """Set-up (rank 0's pretrained weights, a resume, the matmuls of the peak measurement) can reach a higher
     peak than training's own steps: max_memory_gib is what the memory planner predicts only without them."""
-    from trainrun import metrics
+    from support.trainrun import metrics
     job = run_snippet(PEAK, tmp_path, [str(tmp_path / "run"), *micro_overrides(small_data, **{"train.max_steps": 2})],
                       np=0)
     assert job.returncode == 0, job.output[-3000:]
@@ -342,7 +341,7 @@ def test_chunked_loss_under_bf16_autocast_is_as_accurate_and_equal_without_grad(
 @pytest.mark.slow
 def test_training_with_a_chunked_loss_takes_the_same_steps_on_two_ranks(data_dir, tmp_path):
     """Under Horovod's gradient hooks: the head's gradient, summed over 5 chunks of 24/8 tokens, is reduced once."""
-    from trainrun import losses, train_job
+    from support.trainrun import losses, train_job
     runs = {}
     for chunk in (0, 24):  # 4 x 32 tokens per rank: chunks of 24, the last one 8
         run_dir = tmp_path / f"chunk{chunk}"
@@ -354,7 +353,7 @@ def test_training_with_a_chunked_loss_takes_the_same_steps_on_two_ranks(data_dir
 
 # ---- 9d. bf16 weights in evaluate and generate ----------------------------------------------------------------
 def one_process_json(module, tmp_path, name, *args):
-    from multiproc import run_one_process
+    from support.multiproc import run_one_process
     out = tmp_path / f"{name}.json"
     result = run_one_process(module, *args, "--json", out)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -373,7 +372,7 @@ def test_bf16_evaluate_is_within_two_percent_of_fp32(micro_run, tmp_path):
 
 
 def test_bf16_generate_runs_and_returns_text(micro_run):
-    from multiproc import run_one_process
+    from support.multiproc import run_one_process
     result = run_one_process("hvd_llama.generate", "--checkpoint", micro_run, "--prompt", "def main(",
                              "--max-new-tokens", 12, "--temperature", 0, "--dtype", "bf16")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -8,9 +8,8 @@ import sys
 
 import pytest
 import torch
-from conftest import micro_overrides
-from multiproc import REPO, job_env
-from trainrun import losses, metrics, train_job, train_single
+from support.multiproc import REPO, job_env
+from support.trainrun import losses, metrics, micro_overrides, train_job, train_single
 
 from hvd_llama.tokenizer import Tokenizer
 from hvd_llama.training.compute import count_targets, spread_selection

@@ -1,4 +1,4 @@
-"""Multi-node for real: two hosts made of network namespaces (tests/netns.py), jobs started across them by
+"""Multi-node for real: two hosts made of network namespaces (tests/support/netns.py), jobs started across them by
 mpirun through a launch agent and by horovodrun through ssh, as on a cluster."""
 import json
 import os
@@ -8,12 +8,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import netns
 import pytest
-from conftest import micro_overrides
-from multiproc import REPO, finish_job, job_env
-from netns import IFACE
-from trainrun import losses, metrics, train_single
+from support import netns
+from support.multiproc import REPO, finish_job, job_env
+from support.netns import IFACE
+from support.trainrun import losses, metrics, micro_overrides, train_single
 
 from hvd_llama.weights import checkpoint
 

@@ -11,10 +11,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import micro_overrides
-from jobkill import LAUNCHERS, SCRIPTS, finish, job_processes, output, signal_job, start, survivors, wait_for
-from multiproc import REPO, finish_job, job_env, start_job
-from trainrun import losses, train_args
+from support.jobkill import LAUNCHERS, SCRIPTS, finish, job_processes, output, signal_job, start, survivors, wait_for
+from support.multiproc import REPO, finish_job, job_env, start_job
+from support.trainrun import losses, micro_overrides, train_args
 
 from hvd_llama import procs
 from hvd_llama.procs import StopFlag

@@ -9,9 +9,8 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from conftest import micro_overrides
-from multiproc import REPO, job_env
-from trainrun import metrics, train_args
+from support.multiproc import REPO, job_env
+from support.trainrun import metrics, micro_overrides, train_args
 
 from hvd_llama.cli import UserError
 from hvd_llama.training.metrics import MetricsLogger

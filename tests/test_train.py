@@ -2,9 +2,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import micro_overrides
+from support.trainrun import losses, metrics, micro_overrides, stopped_copy, train_single
 from torch.utils.data import DistributedSampler
-from trainrun import losses, metrics, stopped_copy, train_single
 
 from hvd_llama.config import load_config
 from hvd_llama.model import Transformer

@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from multiproc import BIN, REPO, job_env, launcher_command
-
 from hvd_llama import procs
 from hvd_llama.cli import UserError
 from hvd_llama.weights import checkpoint
+from support.multiproc import BIN, REPO, job_env, launcher_command
 
 # horovodrun without --gloo hands the job to mpirun when Horovod has MPI (it has, here); the scripts are ours.
 LAUNCHERS = ("horovodrun", "horovodrun-gloo", "mpirun", "train_single_node.sh", "train_mpirun.sh",
