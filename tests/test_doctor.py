@@ -15,7 +15,8 @@ import horovod
 import horovod.torch as hvd
 import pytest
 import torch
-from support.multiproc import REPO, job_env, run_job
+from support import REPO
+from support.multiproc import job_env, run_job
 from support.trainrun import metrics, micro_overrides, train_single
 
 from hvd_llama import device as device_module

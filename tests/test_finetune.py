@@ -7,7 +7,8 @@ import sys
 
 import pytest
 import torch
-from support.multiproc import REPO, job_env, run_job
+from support import REPO
+from support.multiproc import job_env, run_job
 from support.trainrun import TRAIN_DIGESTS, losses, metrics, micro_overrides, train_job, train_single
 
 from hvd_llama.config import load_config

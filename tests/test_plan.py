@@ -5,7 +5,8 @@ import sys
 
 import pytest
 import torch
-from support.multiproc import REPO, job_env, run_job
+from support import REPO
+from support.multiproc import job_env, run_job
 
 from hvd_llama.cli import UserError
 from hvd_llama.config import OptimConfig, load_config

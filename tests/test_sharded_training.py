@@ -8,7 +8,8 @@ import time
 
 import pytest
 import torch
-from support.multiproc import REPO, job_env
+from support import REPO
+from support.multiproc import job_env
 from support.trainrun import losses, metrics, micro_overrides, stopped_copy, train_job, train_single
 
 from hvd_llama.weights import checkpoint

@@ -5,7 +5,8 @@ import math
 
 import pytest
 import torch
-from support.multiproc import REPO, run_job
+from support import REPO
+from support.multiproc import run_job
 from support.zero_job import ACCUM, GRAD_ACCUM, LR, MAX_NORM, POISON_STEP, SMALL_BUCKETS
 
 from hvd_llama.training.memory import ParamCounts, model_state_bytes

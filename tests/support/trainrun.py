@@ -6,8 +6,10 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
-from support.multiproc import REPO, job_env, run_job
+from support import REPO
+from support.multiproc import job_env, run_job
 
 TRAIN_DIGESTS = Path(__file__).with_name("train_digests.py")  # trains, then prints parameter digests per rank
 
@@ -26,8 +28,10 @@ def train_args(run_dir: Path, overrides: list, *more: str) -> list:
     return ["-m", "hvd_llama.train", "--run-dir", str(run_dir), *overrides, *more]
 
 
-def train_single(run_dir: Path, overrides: list, *more: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *train_args(run_dir, overrides, *more)], cwd=REPO, env=job_env(),
+def train_single(run_dir: Path, overrides: list, *more: str, timeout: float = 120,
+                 env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """The train command as one plain process; `env`: variables beside job_env's."""
+    return subprocess.run([sys.executable, *train_args(run_dir, overrides, *more)], cwd=REPO, env=job_env(env),
                           capture_output=True, text=True, timeout=timeout)
 
 
