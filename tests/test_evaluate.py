@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from multiproc import REPO, job_env, run_job, run_one_process
+from support import REPO
+from support.multiproc import job_env, run_job, run_one_process
 
 from hvd_llama.cli import UserError
 from hvd_llama.evaluate import EvaluateConfig, parse_args, token_byte_lengths

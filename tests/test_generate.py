@@ -10,7 +10,8 @@ import time
 
 import pytest
 import torch
-from multiproc import REPO, job_env, run_one_process
+from support import REPO
+from support.multiproc import job_env, run_one_process
 from torch import nn
 
 from hvd_llama.bench import generation
@@ -131,15 +132,15 @@ def test_generation_speed_counts_every_token_of_the_best_run(loaded, monkeypatch
     assert 12 / speed == pytest.approx(min(seconds for seconds, _ in runs[1:]), rel=0.2, abs=2e-3)
 
 
-def run_cli(module, *args):
+def generate_cli(module, *args):
     result = run_one_process(module, *args)
     assert result.stderr.splitlines()[-1] == "horovod imported: False"  # one process: Horovod not even loaded
     return result
 
 
 def test_cli_int8_stream(micro_run):
-    result = run_cli("hvd_llama.generate", "--checkpoint", micro_run, "--prompt", "def main(", "--stream",
-                     "--max-new-tokens", 16, "--temperature", 0, "--quantize", "int8")
+    result = generate_cli("hvd_llama.generate", "--checkpoint", micro_run, "--prompt", "def main(", "--stream",
+                          "--max-new-tokens", 16, "--temperature", 0, "--quantize", "int8")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("def main(") and len(result.stdout) > len("def main(\n")
     assert "| int8 |" in result.stderr and "Warning" not in result.stderr
@@ -147,8 +148,8 @@ def test_cli_int8_stream(micro_run):
 
 def test_cli_fp32_greedy_prints_what_generate_returns(loaded, micro_run):
     model, tokenizer = loaded
-    result = run_cli("hvd_llama.generate", "--checkpoint", micro_run, "--prompt", "def main(", "--max-new-tokens", 16,
-                     "--temperature", 0)
+    result = generate_cli("hvd_llama.generate", "--checkpoint", micro_run, "--prompt", "def main(",
+                          "--max-new-tokens", 16, "--temperature", 0)
     assert result.returncode == 0, result.stderr
     prompt = encode(tokenizer, "def main(")
     assert result.stdout == tokenizer.decode(prompt[0] + greedy(model, prompt, 16, eos_id=tokenizer.eos_id)[0]) + "\n"

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 import torch
-from multiproc import REPO, job_env, run_job
+from support import REPO
+from support.multiproc import job_env, run_job
 
 from hvd_llama.cli import UserError
 from hvd_llama.config import OptimConfig, load_config
@@ -240,7 +241,7 @@ def test_peak_rss_within_15_percent_of_the_plan(np, stage):
     """fp32: one plain process (np=0) at stage 0, then 2 ranks under horovodrun at ZeRO stage 2 (each rank
     measures itself)."""
     values = [*MODEL_100M, f"dist.zero_stage={stage}"]
-    result = run_job([str(REPO / "tests" / "memory_step.py"), *values], np=np, timeout=900)
+    result = run_job([str(REPO / "tests" / "support" / "memory_step.py"), *values], np=np, timeout=900)
     assert result.returncode == 0, result.output[-3000:]
     peaks = [json.loads(line.split(">:", 1)[-1])["peak_rss"] for line in result.output.splitlines()
              if "peak_rss" in line]
