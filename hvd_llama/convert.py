@@ -14,8 +14,9 @@ import argparse
 import json
 import shutil
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Optional, Sequence, Union
 
 from safetensors.torch import save_file
 
@@ -40,12 +41,29 @@ def count_params(state: dict, cfg: ModelConfig) -> int:
     return sum(v.numel() for k, v in state.items() if not (cfg.tie_embeddings and k == "output.weight"))
 
 
+@dataclass
+class ExportConfig:
+    """`convert export`'s options."""
+    checkpoint: str  # checkpoint folder, or a run folder (its newest complete checkpoint is used)
+    out: str  # new folder for config.json, model.safetensors and the tokenizer files
+
+
+@dataclass
+class ImportConfig:
+    """`convert import`'s options: the source is hf or meta (argparse requires exactly one)."""
+    out: str  # new checkpoint folder
+    hf: Optional[str] = None  # Hugging Face folder: config.json + *.safetensors or *.bin
+    meta: Optional[str] = None  # Meta's release folder: params.json + consolidated.*.pth
+    tokenizer: Optional[str] = None  # tokenizer.model to include; None: the source folder's (for meta: or its parent's)
+    max_seq_len: Optional[int] = None  # context length to record; None: hf's max_position_embeddings, meta's 2048
+
+
 def refuse_existing(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists; choose a new folder")
 
 
-def export(args) -> str:
+def export(args: ExportConfig) -> str:
     out = Path(args.out)
     refuse_existing(out)
     state, cfg, tokenizer = load_weights(args.checkpoint)  # LoRA checkpoints arrive merged
@@ -64,7 +82,7 @@ def export(args) -> str:
     return f"exported {count_params(state, cfg):,} parameters to {out} ({', '.join(written)})"
 
 
-def import_(args) -> str:
+def import_(args: ImportConfig) -> str:
     out = Path(args.out)
     refuse_existing(out)
     state, cfg, tokenizer = import_hf(Path(args.hf)) if args.hf else import_meta(Path(args.meta))
@@ -101,10 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Optional[Sequence[str]]) -> Union[ExportConfig, ImportConfig]:
+    options = vars(build_parser().parse_args(argv))
+    return (ExportConfig if options.pop("command") == "export" else ImportConfig)(**options)
+
+
 def _main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     start = time.perf_counter()
-    summary = export(args) if args.command == "export" else import_(args)
+    summary = export(args) if isinstance(args, ExportConfig) else import_(args)
     print(f"{summary} in {time.perf_counter() - start:.1f} s", flush=True)
 
 

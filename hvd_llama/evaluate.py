@@ -114,7 +114,34 @@ def figures(loss_sum: float, tokens: int, characters: Optional[int], utf8_bytes:
             "bits_per_byte": loss_sum / math.log(2) / utf8_bytes if utf8_bytes else None}
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+@dataclass
+class EvaluateConfig:
+    """The evaluate command's options: parse_args reads them from the flags (whose defaults these are)."""
+    checkpoint: str  # checkpoint folder, run folder (newest checkpoint) or Hugging Face LLaMA folder
+    data: Optional[str] = None  # prepared data folder; None (and no text): the checkpoint's data.dir
+    text: Optional[str] = None  # a text file to score instead (.jsonl: one document per line's "text"; .gz ok)
+    split: str = "val"  # the data folder's split: one of training.data.SPLITS
+    batch_size: int = 8  # windows per forward pass on each rank
+    seq_len: Optional[int] = None  # window length; None: the checkpoint's train.seq_len, else model.max_seq_len
+    quantize: Optional[str] = None  # int8: dynamic int8 Linear layers (CPU); None: none
+    dtype: str = "fp32"  # the weights' type, a key of inference.DTYPES
+    precision: Optional[str] = None  # autocast as in training; None: the checkpoint's train.precision, else fp32
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # CPU threads per rank; 0 = cores / ranks on this node
+    json_path: Optional[str] = None  # also write the figures to this JSON file (atomically)
+
+    def validate(self) -> None:
+        """What argparse cannot check, each as one line naming the flag; before any checkpoint is read."""
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size {self.batch_size} must be at least 1")
+        if self.threads < 0:
+            raise UserError(f"--threads {self.threads} must be >= 0")
+        check_dtype(self.dtype, self.quantize)
+        if self.text and not Path(self.text).is_file():
+            raise UserError(f"--text {self.text} does not exist")
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> EvaluateConfig:
     parser = argparse.ArgumentParser(
         prog="python -m hvd_llama.evaluate", description=__doc__.split("\n\n")[0],
         epilog="Example: horovodrun -np 2 -H localhost:2 python -m hvd_llama.evaluate --checkpoint runs/tiny "
@@ -135,8 +162,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="autocast as in training (default: the checkpoint's train.precision, else fp32)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per rank; 0 = cores / ranks on this node")
-    parser.add_argument("--json", metavar="OUT", help="also write the figures to this JSON file (atomically)")
-    return parser.parse_args(argv)
+    parser.add_argument("--json", dest="json_path", metavar="OUT",
+                        help="also write the figures to this JSON file (atomically)")
+    cfg = EvaluateConfig(**vars(parser.parse_args(argv)))
+    cfg.validate()
+    return cfg
 
 
 def default_data_dir(config: dict) -> Path:
@@ -154,35 +184,28 @@ def pick_seq_len(requested: Optional[int], config: dict, max_seq_len: int) -> in
     return seq_len
 
 
-def _main(argv: Optional[Sequence[str]]) -> dict:
-    args = parse_args(argv)
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size} must be at least 1")
-    if args.threads < 0:
-        raise UserError(f"--threads {args.threads} must be >= 0")
-    check_dtype(args.dtype, args.quantize)
-    if args.text and not Path(args.text).is_file():
-        raise UserError(f"--text {args.text} does not exist")
-    ranks, device = start_ranks(resolve_device(args.device, "--device", args.quantize).type, args.threads)
-    model, tokenizer, config = load_model(args.checkpoint, device, args.quantize, args.dtype)
-    seq_len = pick_seq_len(args.seq_len, config, model.cfg.max_seq_len)
-    if args.text:
-        text = text_file_items(Path(args.text), require_tokenizer(tokenizer, args.checkpoint), seq_len)
+def evaluate(cfg: EvaluateConfig) -> dict:
+    """Score cfg's text with cfg's checkpoint, print the figures on the main rank (and write cfg.json_path)."""
+    ranks, device = start_ranks(resolve_device(cfg.device, "--device", cfg.quantize).type, cfg.threads)
+    model, tokenizer, config = load_model(cfg.checkpoint, device, cfg.quantize, cfg.dtype)
+    seq_len = pick_seq_len(cfg.seq_len, config, model.cfg.max_seq_len)
+    if cfg.text:
+        text = text_file_items(Path(cfg.text), require_tokenizer(tokenizer, cfg.checkpoint), seq_len)
     else:
-        data_dir = Path(args.data) if args.data else default_data_dir(config)
-        text = data_split_items(data_dir, args.split, tokenizer, seq_len)
-    precision = args.precision or (config.get("train") or {}).get("precision") or "fp32"
+        data_dir = Path(cfg.data) if cfg.data else default_data_dir(config)
+        text = data_split_items(data_dir, cfg.split, tokenizer, seq_len)
+    precision = cfg.precision or (config.get("train") or {}).get("precision") or "fp32"
     start = time.perf_counter()
-    sums = score(model, text.items, range(len(text.items)), args.batch_size, device, precision, text.byte_lengths,
+    sums = score(model, text.items, range(len(text.items)), cfg.batch_size, device, precision, text.byte_lengths,
                  ranks=ranks, progress=ranks.is_main() and sys.stderr.isatty(), loss_chunk=TrainConfig.loss_chunk)
     seconds = time.perf_counter() - start
     utf8_bytes = text.utf8_bytes if text.utf8_bytes is not None else sums["bytes"]
-    result = {"checkpoint": str(args.checkpoint), "source": text.name, "tokens": sums["tokens"],
+    result = {"checkpoint": str(cfg.checkpoint), "source": text.name, "tokens": sums["tokens"],
               "windows": sums["items"], "characters": text.characters, "bytes": utf8_bytes,
               **figures(sums["loss_sum"], sums["tokens"], text.characters, utf8_bytes),
-              "loss_sum_nats": sums["loss_sum"], "seq_len": seq_len, "precision": precision, "dtype": args.dtype,
-              "quantize": args.quantize or "none", "ranks": ranks.size(), "device": device.type, "seconds": seconds}
-    ranks.run_on_main(lambda: report(result, args.json), name="evaluate.report")
+              "loss_sum_nats": sums["loss_sum"], "seq_len": seq_len, "precision": precision, "dtype": cfg.dtype,
+              "quantize": cfg.quantize or "none", "ranks": ranks.size(), "device": device.type, "seconds": seconds}
+    ranks.run_on_main(lambda: report(result, cfg.json_path), name="evaluate.report")
     return result
 
 
@@ -202,6 +225,10 @@ def report(result: dict, json_path: Optional[str]) -> None:
             atomic_write_text(path, json.dumps(result, indent=2) + "\n")
         except OSError as err:
             raise UserError(f"cannot write --json {json_path}: {err}") from None
+
+
+def _main(argv: Optional[Sequence[str]]) -> dict:
+    return evaluate(parse_args(argv))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -46,7 +47,42 @@ class StreamPrinter:
             self.printed = len(text)
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+@dataclass
+class GenerateConfig:
+    """The generate command's options: parse_args reads them from the flags (whose defaults these are)."""
+    checkpoint: str  # checkpoint folder, run folder (newest checkpoint) or Hugging Face LLaMA folder
+    prompt: list[str] = field(default_factory=list)  # prompt texts (with prompt_file's: a batch)
+    prompt_file: list[str] = field(default_factory=list)  # files whose whole content is one prompt each
+    max_new_tokens: Optional[int] = None  # per sample; None: DEFAULT_MAX_NEW_TOKENS, or what fits in the context
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 200  # sample from the k most likely tokens; 0 = all
+    top_p: float = 1.0  # nucleus sampling mass in (0, 1]; 1 = off
+    seed: int = 1337  # the same seed gives the same samples
+    num_samples: int = 1  # samples per prompt
+    stream: bool = False  # print tokens as they are generated (one sample)
+    no_kv_cache: bool = False  # recompute the whole sequence for every token
+    quantize: Optional[str] = None  # int8: dynamic int8 Linear layers (CPU); None: none
+    dtype: str = "fp32"  # the weights' type, a key of inference.DTYPES
+    device: str = "auto"  # auto | cpu | cuda
+
+    def validate(self) -> None:
+        """What argparse cannot check, each as one line naming the flag; before any checkpoint is read."""
+        check_sampling(self.temperature, self.top_k, self.top_p)
+        check_dtype(self.dtype, self.quantize)
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens {self.max_new_tokens} must be at least 1")
+        if self.num_samples < 1:
+            raise UserError(f"--num-samples {self.num_samples} must be at least 1")
+        missing = [name for name in self.prompt_file if not Path(name).is_file()]
+        if missing:
+            raise UserError(f"--prompt-file {missing[0]} does not exist")
+        if not self.prompt and not self.prompt_file:
+            raise UserError("give at least one --prompt TEXT or --prompt-file FILE")
+        if self.stream and (len(self.prompt) + len(self.prompt_file)) * self.num_samples > 1:
+            raise UserError("--stream prints one sample: give one prompt and --num-samples 1")
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> GenerateConfig:
     parser = argparse.ArgumentParser(
         prog="python -m hvd_llama.generate", description=__doc__.split("\n\n")[0],
         epilog="Example: python -m hvd_llama.generate --checkpoint runs/tiny --prompt 'def main(' --stream")
@@ -69,66 +105,49 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
                         help="the weights' type: bf16 halves their memory (fast on GPUs, slow on most CPUs)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    return parser.parse_args(argv)
+    cfg = GenerateConfig(**vars(parser.parse_args(argv)))
+    cfg.validate()
+    return cfg
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
-    prompts = list(args.prompt)
-    for name in args.prompt_file:
-        path = Path(name)
-        if not path.is_file():
-            raise UserError(f"--prompt-file {name} does not exist")
-        prompts.append(path.read_text(encoding="utf-8"))
-    if not prompts:
-        raise UserError("give at least one --prompt TEXT or --prompt-file FILE")
-    return prompts
-
-
-def check_args(args: argparse.Namespace) -> None:
-    check_sampling(args.temperature, args.top_k, args.top_p)
-    check_dtype(args.dtype, args.quantize)
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
-    if args.num_samples < 1:
-        raise UserError(f"--num-samples {args.num_samples} must be at least 1")
-
-
-def _main(argv: Optional[Sequence[str]]) -> None:
-    args = parse_args(argv)
-    check_args(args)
-    texts = read_prompts(args)
-    if args.stream and len(texts) * args.num_samples > 1:
-        raise UserError("--stream prints one sample: give one prompt and --num-samples 1")
-    device = resolve_device(args.device, "--device", args.quantize)
-    model, tokenizer, _ = load_model(args.checkpoint, device, args.quantize, args.dtype)
-    if not args.quantize:
+def generate_samples(cfg: GenerateConfig) -> None:
+    """Print cfg.num_samples continuations of each of cfg's prompts (streamed with cfg.stream), then the speed on
+    stderr."""
+    texts = cfg.prompt + [Path(name).read_text(encoding="utf-8") for name in cfg.prompt_file]
+    device = resolve_device(cfg.device, "--device", cfg.quantize)
+    model, tokenizer, _ = load_model(cfg.checkpoint, device, cfg.quantize, cfg.dtype)
+    if not cfg.quantize:
         layout_for_decoding(model)
-    tokenizer = require_tokenizer(tokenizer, args.checkpoint)
-    prompts = [tokenizer.encode(t, bos=True) for t in texts for _ in range(args.num_samples)]
-    max_new = args.max_new_tokens
+    tokenizer = require_tokenizer(tokenizer, cfg.checkpoint)
+    prompts = [tokenizer.encode(t, bos=True) for t in texts for _ in range(cfg.num_samples)]
+    max_new = cfg.max_new_tokens
     if max_new is None:  # the default shrinks to fit the context; an explicit value must fit
         max_new = max(1, min(DEFAULT_MAX_NEW_TOKENS, model.cfg.max_seq_len - max(len(p) for p in prompts)))
     check_context([len(p) for p in prompts], max_new, model.cfg.max_seq_len)
 
-    streamer = StreamPrinter(tokenizer, prompts[0]) if args.stream else None
+    streamer = StreamPrinter(tokenizer, prompts[0]) if cfg.stream else None
     if streamer:
         print(texts[0], end="", flush=True)
     start = time.perf_counter()
-    outputs = generate(model, prompts, max_new, args.temperature, args.top_k, args.top_p,
-                       eos_id=tokenizer.eos_id, generator=torch.Generator(device).manual_seed(args.seed),
-                       use_kv_cache=not args.no_kv_cache, on_token=streamer)
+    outputs = generate(model, prompts, max_new, cfg.temperature, cfg.top_k, cfg.top_p,
+                       eos_id=tokenizer.eos_id, generator=torch.Generator(device).manual_seed(cfg.seed),
+                       use_kv_cache=not cfg.no_kv_cache, on_token=streamer)
     seconds = time.perf_counter() - start
     if streamer:
         print(flush=True)
     else:
         for i, (prompt, new) in enumerate(zip(prompts, outputs)):
             if len(outputs) > 1:
-                print(f"--- sample {i % args.num_samples + 1} of prompt {i // args.num_samples + 1} ---")
+                print(f"--- sample {i % cfg.num_samples + 1} of prompt {i // cfg.num_samples + 1} ---")
             print(tokenizer.decode(prompt + new), flush=True)
     n_new = sum(len(o) for o in outputs)
     print(f"generated {n_new} tokens in {len(outputs)} sample(s), {seconds:.2f} s ({n_new / seconds:.1f} tok/s) | "
-          f"{'no KV cache' if args.no_kv_cache else 'KV cache'} | {args.quantize or args.dtype} | {device.type}",
+          f"{'no KV cache' if cfg.no_kv_cache else 'KV cache'} | {cfg.quantize or cfg.dtype} | {device.type}",
           file=sys.stderr, flush=True)
+
+
+def _main(argv: Optional[Sequence[str]]) -> None:
+    generate_samples(parse_args(argv))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -1,11 +1,10 @@
 import signal
-from pathlib import Path
 
 import pytest
-from strict_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401 (hooks)
-from trainrun import train_single
+from support.data import CORPUS_CHARS, stdlib_text
+from support.strict_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401 (hooks)
+from support.trainrun import micro_overrides, train_single
 
-from hvd_llama.prep.corpus import stdlib_files
 from hvd_llama.prepare import main as prepare_main
 
 # A suite started in the background by a non-interactive shell inherits SIGINT ignored, and so would every job
@@ -13,27 +12,11 @@ from hvd_llama.prepare import main as prepare_main
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-# Tiny Shakespeare's size: text enough for a 512-piece tokenizer and a 110,000-character validation split, prepared
-# in about 2 s.
-CORPUS_CHARS = 1_100_000
-
 
 @pytest.fixture(params=["horovodrun", "mpirun"])
 def launcher(request):
     """Run a distributed test under both launchers users have."""
     return request.param
-
-
-def stdlib_text(chars: int) -> str:
-    """The first `chars` characters of the running Python's standard-library sources, concatenated in the order
-    `prepare --input stdlib` reads them: text every machine with Python has, the same on every run."""
-    parts, total = [], 0
-    for path in stdlib_files():
-        if total >= chars:
-            break
-        parts.append(path.read_text(encoding="utf-8", errors="replace"))
-        total += len(parts[-1])
-    return "".join(parts)[:chars]
 
 
 @pytest.fixture(scope="session")
@@ -51,16 +34,6 @@ def data_dir(corpus_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "prepared"
     prepare_main(["--input", str(corpus_path), "--out", str(out), "--vocab-size", "512"])
     return out
-
-
-def micro_overrides(data_dir: Path, **extra) -> list:
-    """--set values for a model small enough that a 2-rank step takes milliseconds."""
-    values = {"data.dir": str(data_dir), "model.dim": 64, "model.n_layers": 2, "model.n_heads": 4,
-              "model.n_kv_heads": 2, "model.vocab_size": 512, "model.max_seq_len": 64, "train.seq_len": 32,
-              "train.batch_size": 4, "train.max_steps": 5, "train.eval_every": 0, "optim.warmup_steps": 2,
-              "optim.lr": 3e-3, "optim.min_lr": 3e-4, "checkpoint.every": 0, "log.peak_flops": 1e11}
-    values.update(extra)
-    return [item for key, value in values.items() for item in ("--set", f"{key}={value}")]
 
 
 @pytest.fixture(scope="session")

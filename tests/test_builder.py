@@ -5,7 +5,8 @@ import sys
 
 import pytest
 import torch
-from multiproc import REPO, job_env
+from support import REPO
+from support.multiproc import job_env
 
 from hvd_llama.config import load_config
 from hvd_llama.model import Transformer

@@ -4,10 +4,12 @@ import sys
 
 import pytest
 import torch
-from multiproc import REPO, job_env
+from support import REPO
+from support.multiproc import job_env
 
 from hvd_llama.cli import UserError
 from hvd_llama.model import ModelConfig, Transformer
+from hvd_llama.training.checkpointing import rng_state, set_rng_state
 from hvd_llama.weights import checkpoint
 
 CFG = ModelConfig(dim=32, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=16)
@@ -143,3 +145,52 @@ def test_a_save_copies_neither_the_weights_nor_the_optimizer_slices(tmp_path):
     saved = checkpoint.read_model_checkpoint(ckpt)[0]
     assert {t.dtype for t in saved.values()} == {torch.bfloat16}  # as the model holds them: nothing lost
     assert len(list(ckpt.glob(checkpoint.SLICE_GLOB))) == 1
+
+
+# training/checkpointing.py's RNG state on a GPU: the rank's own device, whatever the devices a resume sees.
+class FakeCudaRng:
+    """torch.cuda's RNG functions for a process that pins `current` among `count` visible devices."""
+
+    def __init__(self, current: int, count: int):
+        self.current, self.count, self.states = current, count, {}
+
+    def get_rng_state(self, device="cuda"):
+        return torch.tensor([100 + self.index(device)], dtype=torch.uint8)
+
+    def set_rng_state(self, state, device="cuda"):
+        self.states[self.index(device)] = int(state[0])
+
+    def index(self, device) -> int:
+        index = device if isinstance(device, int) else torch.device(device).index
+        index = self.current if index is None else index
+        if not 0 <= index < self.count:
+            raise IndexError(f"device {index} of {self.count}")
+        return index
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: self.count)
+        for name in ("get_rng_state", "set_rng_state"):
+            monkeypatch.setattr(torch.cuda, name, getattr(self, name))
+        for name in ("get_rng_state_all", "set_rng_state_all"):  # every device's state: must not be used
+            monkeypatch.setattr(torch.cuda, name, lambda *a: pytest.fail(f"torch.cuda.{name} called"))
+
+
+def test_cuda_rng_state_is_the_ranks_own_device_and_restores_with_fewer_visible(monkeypatch):
+    FakeCudaRng(current=3, count=8).install(monkeypatch)  # rank 3 of a node where every rank sees 8 GPUs
+    state = rng_state()
+    assert int(state["cuda"][0]) == 103
+    resumed = FakeCudaRng(current=0, count=1)  # resumed under srun --gpus-per-task=1: one visible GPU
+    resumed.install(monkeypatch)
+    set_rng_state(state)
+    assert resumed.states == {0: 103}
+
+
+def test_rng_state_without_cuda_in_use_has_no_cuda_part(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    state = rng_state()
+    assert state["cuda"] is None
+    before = torch.rand(3)
+    set_rng_state(state)
+    assert torch.equal(torch.rand(3), before)

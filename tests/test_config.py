@@ -2,7 +2,7 @@ import typing
 
 import pytest
 import yaml
-from multiproc import run_job
+from support.multiproc import run_job
 
 from hvd_llama.cli import UserError
 from hvd_llama.config import Config, load_config, value_of
@@ -122,3 +122,13 @@ def test_bad_config_stops_every_rank_with_one_line_and_exit_2(tmp_path):
         assert lines == [f"[{rank}]<stderr>:error: dist.commit_every must be > 0, got 0"], job.output[-2000:]
     assert "Exit code: 2" in job.output  # horovodrun names the first rank to exit, with its code
     assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_adasum_is_refused_at_validation_with_the_reason():
+    with pytest.raises(UserError) as err:
+        load_config(overrides=["dist.op=adasum"])
+    assert "dist.op=adasum is not supported" in str(err.value) and "clipping" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert load_config(overrides=["dist.op=average"]).dist.op == "average"
+    with pytest.raises(UserError, match="dist.op='sum': expected one of average"):
+        load_config(overrides=["dist.op=sum"])

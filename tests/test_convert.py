@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from support import REPO
 
 from hvd_llama.convert import main
 from hvd_llama.model import ModelConfig, Transformer, ffn_hidden_dim
@@ -18,7 +19,6 @@ from hvd_llama.weights.formats import ffn_settings
 
 transformers = pytest.importorskip("transformers")
 
-REPO = Path(__file__).resolve().parents[1]
 BASE = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, multiple_of=16, max_seq_len=64,
                    init_std=0.1)  # a larger init than 0.02 so logits differ clearly between tokens
 CONFIGS = {

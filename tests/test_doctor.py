@@ -15,9 +15,9 @@ import horovod
 import horovod.torch as hvd
 import pytest
 import torch
-from conftest import micro_overrides
-from multiproc import REPO, job_env, run_job
-from trainrun import metrics, train_single
+from support import REPO
+from support.multiproc import job_env, run_job
+from support.trainrun import metrics, micro_overrides, train_single
 
 from hvd_llama import device as device_module
 from hvd_llama import doctor

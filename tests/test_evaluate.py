@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from multiproc import REPO, job_env, run_job, run_one_process
+from support import REPO
+from support.multiproc import job_env, run_job, run_one_process
 
-from hvd_llama.evaluate import token_byte_lengths
+from hvd_llama.cli import UserError
+from hvd_llama.evaluate import EvaluateConfig, parse_args, token_byte_lengths
 from hvd_llama.training.compute import item_batches
 from hvd_llama.training.data import ArrayWindows, TokenWindows, read_meta
 from hvd_llama.use.inference import load_model
@@ -143,3 +145,16 @@ def test_bad_input_is_one_line_exit_2(case, bad_evaluate_runs):
     assert returncode == 2, stderr
     assert len(stderr.splitlines()) == 1 and stderr.startswith("error: "), stderr
     assert BAD_EVALUATE[case][1] in stderr
+
+
+def test_the_flags_become_an_evaluate_config_with_its_defaults():
+    """Flags land in their fields, and a flag left out gets the dataclass's default (the two lists agree)."""
+    cfg = parse_args(["--checkpoint", "ckpt", "--batch-size", "3", "--json", "eval.json"])
+    assert cfg == EvaluateConfig("ckpt", batch_size=3, json_path="eval.json")
+
+
+@pytest.mark.parametrize("args, message", [(["--threads", "-1"], "--threads -1 must be >= 0"),
+                                           (["--dtype", "bf16", "--quantize", "int8"], "exclude each other")])
+def test_bad_options_are_refused_before_any_checkpoint_is_read(args, message, tmp_path):
+    with pytest.raises(UserError, match=message):
+        parse_args(["--checkpoint", str(tmp_path / "absent"), *args])

@@ -7,26 +7,15 @@ import sys
 import time
 
 import pytest
-from conftest import micro_overrides
-from multiproc import finish_job, start_job
-from trainrun import losses, metrics, train_args, train_job, train_single
+from support.jobkill import wait_for_step
+from support.multiproc import finish_job, start_job
+from support.trainrun import losses, metrics, micro_overrides, train_args, train_job, train_single
 
 from hvd_llama.cli import UserError
 from hvd_llama.files import sha256_file
 from hvd_llama.training.faults import Fault
 
 pytestmark = pytest.mark.distributed
-
-
-def wait_for_step(run_dir, step: int, proc, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    path = run_dir / "metrics.jsonl"
-    while time.monotonic() < deadline and proc.poll() is None:
-        lines = path.read_text().splitlines() if path.exists() else []
-        if lines and json.loads(lines[-1])["step"] >= step:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"the run never reached step {step}")
 
 
 def interrupted_then_resumed(overrides, tmp_path, np, launcher, sig):

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
-from conftest import micro_overrides
-from multiproc import REPO, job_env, run_job
-from trainrun import TRAIN_DIGESTS, losses, metrics, train_job, train_single
+from support import REPO
+from support.multiproc import job_env, run_job
+from support.trainrun import TRAIN_DIGESTS, losses, metrics, micro_overrides, train_job, train_single
 
 from hvd_llama.config import load_config
 from hvd_llama.training.builder import load_pretrained

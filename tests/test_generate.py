@@ -10,11 +10,14 @@ import time
 
 import pytest
 import torch
-from multiproc import REPO, job_env, run_one_process
+from support import REPO
+from support.multiproc import job_env, run_one_process
 from torch import nn
 
 from hvd_llama.bench import generation
 from hvd_llama.bench.generation import tokens_per_second
+from hvd_llama.cli import UserError
+from hvd_llama.generate import GenerateConfig, parse_args
 from hvd_llama.use.decoding import filter_top_k, filter_top_p, generate, sample_next
 from hvd_llama.use.inference import layout_for_decoding, load_model
 from hvd_llama.weights.checkpoint import load_model_checkpoint, save_checkpoint
@@ -129,15 +132,15 @@ def test_generation_speed_counts_every_token_of_the_best_run(loaded, monkeypatch
     assert 12 / speed == pytest.approx(min(seconds for seconds, _ in runs[1:]), rel=0.2, abs=2e-3)
 
 
-def run_cli(module, *args):
+def generate_cli(module, *args):
     result = run_one_process(module, *args)
     assert result.stderr.splitlines()[-1] == "horovod imported: False"  # one process: Horovod not even loaded
     return result
 
 
 def test_cli_int8_stream(micro_run):
-    result = run_cli("hvd_llama.generate", "--checkpoint", micro_run, "--prompt", "def main(", "--stream",
-                     "--max-new-tokens", 16, "--temperature", 0, "--quantize", "int8")
+    result = generate_cli("hvd_llama.generate", "--checkpoint", micro_run, "--prompt", "def main(", "--stream",
+                          "--max-new-tokens", 16, "--temperature", 0, "--quantize", "int8")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("def main(") and len(result.stdout) > len("def main(\n")
     assert "| int8 |" in result.stderr and "Warning" not in result.stderr
@@ -145,8 +148,8 @@ def test_cli_int8_stream(micro_run):
 
 def test_cli_fp32_greedy_prints_what_generate_returns(loaded, micro_run):
     model, tokenizer = loaded
-    result = run_cli("hvd_llama.generate", "--checkpoint", micro_run, "--prompt", "def main(", "--max-new-tokens", 16,
-                     "--temperature", 0)
+    result = generate_cli("hvd_llama.generate", "--checkpoint", micro_run, "--prompt", "def main(",
+                          "--max-new-tokens", 16, "--temperature", 0)
     assert result.returncode == 0, result.stderr
     prompt = encode(tokenizer, "def main(")
     assert result.stdout == tokenizer.decode(prompt[0] + greedy(model, prompt, 16, eos_id=tokenizer.eos_id)[0]) + "\n"
@@ -194,3 +197,28 @@ def test_bad_input_is_one_line_exit_2(case, bad_generate_runs):
     assert returncode == 2, stderr
     assert len(stderr.splitlines()) == 1 and stderr.startswith("error: "), stderr
     assert BAD_GENERATE[case][1] in stderr
+
+
+def test_the_flags_become_a_generate_config_with_its_defaults(tmp_path):
+    """Flags land in their fields, and a flag left out gets the dataclass's default (the two lists agree)."""
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("def ")
+    cfg = parse_args(["--checkpoint", "ckpt", "--prompt", "a", "--prompt-file", str(prompt_file), "--top-k", "5",
+                      "--no-kv-cache"])
+    assert cfg == GenerateConfig("ckpt", prompt=["a"], prompt_file=[str(prompt_file)], top_k=5, no_kv_cache=True)
+
+
+BAD_OPTIONS = {
+    "no prompt": ([], "give at least one --prompt TEXT or --prompt-file FILE"),
+    "a stream of two samples": (["--prompt", "a", "--stream", "--num-samples", "2"], "--stream prints one sample"),
+    "zero samples": (["--prompt", "a", "--num-samples", "0"], "--num-samples 0 must be at least 1"),
+    "zero new tokens": (["--prompt", "a", "--max-new-tokens", "0"], "--max-new-tokens 0 must be at least 1"),
+    "bf16 and int8": (["--prompt", "a", "--dtype", "bf16", "--quantize", "int8"], "exclude each other"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_OPTIONS)
+def test_bad_options_are_refused_before_any_checkpoint_is_read(case, tmp_path):
+    args, message = BAD_OPTIONS[case]
+    with pytest.raises(UserError, match=message):
+        parse_args(["--checkpoint", str(tmp_path / "absent"), *args])

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
-
-REPO = Path(__file__).resolve().parents[1]
+from support import REPO
+from support.files import executable
 
 
 def path_without(tmp_path, missing: set) -> str:
@@ -145,13 +145,6 @@ printf 'Horovod v0.28.1:\\n\\nAvailable Frameworks:\\n    [ ] TensorFlow\\n    [
 printf 'Available Controllers:\\n    [X] MPI\\n    [X] Gloo\\n\\n'
 printf 'Available Tensor Operations:\\n    [{nccl}] NCCL\\n    [ ] DDL\\n    [ ] CCL\\n    [X] MPI\\n    [X] Gloo\\n'
 """
-
-
-def executable(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    path.chmod(0o755)
-    return path
 
 
 def nccl_header(version: str) -> str:

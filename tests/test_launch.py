@@ -6,16 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import REPO
+from support.files import executable
 
-REPO = Path(__file__).resolve().parents[1]
 NVIDIA_SMI_8 = "#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: NVIDIA H100 80GB HBM3 (UUID: GPU-$i)\"; done\n"
-
-
-def executable(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    path.chmod(0o755)
-    return path
 
 
 def run_script(script: str, *args: str, env: dict) -> subprocess.CompletedProcess:

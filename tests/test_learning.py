@@ -1,7 +1,7 @@
 """The tiny preset learns real text: validation loss falls well below the unigram entropy in minutes."""
 import numpy as np
 import pytest
-from trainrun import metrics, train_job
+from support.trainrun import metrics, train_job
 
 from hvd_llama.training.data import TokenWindows
 

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from support.models import tiny_model, tokens
 
 from hvd_llama.config import LORA_TARGETS
 from hvd_llama.lora import (
@@ -20,19 +21,10 @@ CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, mu
 RANK, ALPHA = 4, 8.0
 
 
-def tiny_model(seed=0) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(CFG)
-
-
-def tokens(seed=1, batch=3, length=16) -> torch.Tensor:
-    return torch.randint(0, CFG.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
 def train_adapters(model, steps=5, lr=1e-2):
     """A few AdamW steps (with weight decay) on the trainable parameters only; returns the losses."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.1)
-    batch, losses = tokens(seed=2, length=17), []
+    batch, losses = tokens(3, 17, seed=2, vocab=CFG.vocab_size), []
     for _ in range(steps):
         logits = model(batch[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
@@ -44,7 +36,7 @@ def train_adapters(model, steps=5, lr=1e-2):
 
 
 def test_default_targets_count_matches_the_hand_count():
-    model = tiny_model()
+    model = tiny_model(CFG)
     names = apply_lora(model, RANK, ALPHA)
     assert names == [f"layers.{i}.attention.{w}" for i in range(2) for w in ("wq", "wv")]
     # per layer: wq 64 -> 64, wv 64 -> 2 kv heads * 16 = 32; rank * (in + out) each
@@ -55,7 +47,7 @@ def test_default_targets_count_matches_the_hand_count():
 
 
 def test_all_targets_count_matches_the_hand_count():
-    model = tiny_model()
+    model = tiny_model(CFG)
     names = apply_lora(model, RANK, ALPHA, targets=LORA_TARGETS)
     assert len(names) == 7 * CFG.n_layers + 1 and names[-1] == "output"
     hidden = CFG.ffn_hidden_dim
@@ -63,17 +55,17 @@ def test_all_targets_count_matches_the_hand_count():
     per_layer = RANK * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 3 * (64 + hidden))
     expected = CFG.n_layers * per_layer + RANK * (64 + CFG.vocab_size)
     assert trainable_param_count(model) == expected
-    w2_only = tiny_model()
+    w2_only = tiny_model(CFG)
     apply_lora(w2_only, 2, ALPHA, targets=("w2",))
     assert trainable_param_count(w2_only) == CFG.n_layers * 2 * (hidden + 64)
 
 
 def test_adapting_keeps_base_keys_and_tensors_and_starts_from_the_base_model():
-    model = tiny_model()
+    model = tiny_model(CFG)
     base_keys = set(model.state_dict())
     reference = {k: v.clone() for k, v in model.state_dict().items()}
     wq_storage = model.layers[0].attention.wq.weight.data_ptr()
-    batch = tokens()
+    batch = tokens(3, 16, vocab=CFG.vocab_size)
     with torch.no_grad():
         before = model(batch)
     apply_lora(model, RANK, ALPHA, targets=("wq", "wv", "w2"))
@@ -93,7 +85,7 @@ def test_adapting_keeps_base_keys_and_tensors_and_starts_from_the_base_model():
 
 
 def test_training_moves_only_the_adapters_and_merging_is_exact():
-    model = tiny_model()
+    model = tiny_model(CFG)
     apply_lora(model, RANK, ALPHA, targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"))
     base = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
     losses = train_adapters(model, steps=6)
@@ -108,16 +100,16 @@ def test_training_moves_only_the_adapters_and_merging_is_exact():
     assert set(merged) == set(base) and not any("lora_" in k for k in merged)
     plain = Transformer(CFG)
     plain.load_state_dict(merged, strict=True)
-    batch = tokens(seed=3)
+    batch = tokens(3, 16, seed=3, vocab=CFG.vocab_size)
     with torch.no_grad():
-        adapted, folded, original = model(batch), plain(batch), tiny_model()(batch)
+        adapted, folded, original = model(batch), plain(batch), tiny_model(CFG)(batch)
     assert torch.allclose(folded, adapted, atol=1e-5, rtol=0)
     assert (folded - original).abs().max() > 1e-3  # the merge really changed the model
     assert torch.equal(model.state_dict()["output.weight"], base["output.weight"])  # merging left the model alone
 
 
 def test_lora_state_dict_round_trip():
-    model = tiny_model()
+    model = tiny_model(CFG)
     apply_lora(model, RANK, ALPHA, targets=("wq", "wv", "w3"))
     train_adapters(model, steps=3)
     state = {k: v.clone() for k, v in lora_state_dict(model).items()}
@@ -125,9 +117,9 @@ def test_lora_state_dict_round_trip():
                           for w in ("attention.wq", "attention.wv", "feed_forward.w3") for ab in ("lora_A", "lora_B")}
     assert sum(v.numel() for v in state.values()) == trainable_param_count(model)
 
-    other = tiny_model()  # same base weights, fresh adapters
+    other = tiny_model(CFG)  # same base weights, fresh adapters
     apply_lora(other, RANK, ALPHA, targets=("wq", "wv", "w3"))
-    batch = tokens()
+    batch = tokens(3, 16, vocab=CFG.vocab_size)
     with torch.no_grad():
         assert not torch.allclose(other(batch), model(batch))
         load_lora_state_dict(other, state)
@@ -135,10 +127,10 @@ def test_lora_state_dict_round_trip():
 
 
 def test_dropout_applies_to_the_adapter_input_in_training_only():
-    model = tiny_model()
+    model = tiny_model(CFG)
     apply_lora(model, RANK, ALPHA, dropout=0.5)
     train_adapters(model, steps=2)
-    batch = tokens()
+    batch = tokens(3, 16, vocab=CFG.vocab_size)
     with torch.no_grad():
         model.train()
         assert not torch.equal(model(batch), model(batch))
@@ -157,7 +149,7 @@ def test_dropout_applies_to_the_adapter_input_in_training_only():
     ({"targets": ()}, "no LoRA targets given"),
 ])
 def test_bad_arguments(kwargs, pattern):
-    model = tiny_model()
+    model = tiny_model(CFG)
     args = {"rank": RANK, "alpha": ALPHA, **kwargs}
     with pytest.raises(ValueError, match=pattern):
         apply_lora(model, **args)
@@ -166,7 +158,7 @@ def test_bad_arguments(kwargs, pattern):
 
 
 def test_other_errors():
-    model = tiny_model()
+    model = tiny_model(CFG)
     with pytest.raises(ValueError, match="has no LoRA adapters; call apply_lora"):
         load_lora_state_dict(model, {})
     apply_lora(model, RANK, ALPHA)
@@ -179,7 +171,7 @@ def test_other_errors():
     partial = dict(list(state.items())[1:])
     with pytest.raises(ValueError, match=r"1 \(layers\.0\.attention\.wq\.lora_A\) missing, 0 unexpected"):
         load_lora_state_dict(model, partial)
-    wider = tiny_model()
+    wider = tiny_model(CFG)
     apply_lora(wider, RANK * 2, ALPHA)
     with pytest.raises(ValueError, match=r"has shape \(8, 64\), the model's has \(4, 64\); was the same rank used"):
         load_lora_state_dict(model, lora_state_dict(wider))

@@ -8,12 +8,13 @@ import sys
 
 import pytest
 import torch
-from conftest import micro_overrides
-from multiproc import REPO, job_env
-from trainrun import losses, metrics, train_job, train_single
+from support import REPO
+from support.models import MICRO, tiny_model, tokens
+from support.multiproc import job_env
+from support.trainrun import losses, metrics, micro_overrides, train_job, train_single
 
 from hvd_llama.tokenizer import Tokenizer
-from hvd_llama.training.compute import count_targets, spread_selection
+from hvd_llama.training.compute import count_targets, model_token_losses, spread_selection
 from hvd_llama.training.data import SFTExamples, inputs_and_targets
 
 WORDS = ("the king and queen of england shall speak to thee my lord good night sweet prince what light through "
@@ -105,3 +106,71 @@ def test_spread_selection_covers_the_split_evenly():
     assert picked == spread_selection(1000, 10, seed=3) != spread_selection(1000, 10, seed=4)
     assert [p // 100 for p in picked] == list(range(10))  # one per tenth of the split
     assert spread_selection(7, 0, seed=1) == spread_selection(7, 9, seed=1) == list(range(7))
+
+
+# The loss a chunk of tokens at a time (train.loss_chunk): the same losses and gradients, less saved for backward.
+def losses_grads_saved(model, inputs, targets, chunk: int, precision: str = "fp32"):
+    """Per-token losses, every gradient, and the bytes autograd saved for backward during the forward."""
+    model.zero_grad()
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        losses = model_token_losses(model, inputs, targets, torch.device("cpu"), precision, chunk)
+    losses.sum().backward()
+    return losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, sum(saved)
+
+
+@pytest.mark.parametrize("chunk", [32, 48])  # 128 tokens: 4 equal chunks, or 48 + 48 + 32
+def test_chunked_loss_equals_the_whole_one_and_saves_less(chunk):
+    model = tiny_model(MICRO)
+    batch = tokens(4, 33, seed=1, vocab=MICRO.vocab_size)
+    inputs, targets = batch[:, :-1], batch[:, 1:].clone()
+    targets[0, :5] = -100  # masked targets (a fine-tuning prompt) inside the first chunk
+    whole, whole_grads, whole_saved = losses_grads_saved(model, inputs, targets, chunk=0)
+    chunked, chunked_grads, chunked_saved = losses_grads_saved(model, inputs, targets, chunk)
+    assert chunked.shape == whole.shape == (128,) and bool((chunked[:5] == 0).all())
+    assert (chunked - whole).abs().max().item() <= 1e-6
+    for name, grad in whole_grads.items():  # the output head's gradient is a sum over chunks: fp32 rounding
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+    # The whole loss keeps full-vocabulary tensors (log_softmax's output: 4 bytes x 128 tokens x 512); the
+    # chunked one keeps none: checkpointing holds only each chunk's hidden-state input (a view, 4 x 128 x 64
+    # bytes in all, not seen by the hooks), and recomputes its logits in backward.
+    logits_bytes, hidden_bytes = 4 * 128 * 512, 4 * 128 * 64
+    assert chunked_saved + hidden_bytes <= whole_saved - logits_bytes
+
+
+def relative_error(grads: dict, reference: dict) -> float:
+    return max(((grads[n] - g).norm() / g.norm()).item() for n, g in reference.items())
+
+
+def test_chunked_loss_under_bf16_autocast_is_as_accurate_and_equal_without_grad():
+    model = tiny_model(MICRO)
+    batch = tokens(2, 65, seed=2, vocab=MICRO.vocab_size)
+    inputs, targets, cpu = batch[:, :-1], batch[:, 1:], torch.device("cpu")
+    _, reference, _ = losses_grads_saved(model, inputs, targets, 0, "fp32")
+    whole, whole_grads, _ = losses_grads_saved(model, inputs, targets, 0, "bf16")
+    chunked, chunked_grads, _ = losses_grads_saved(model, inputs, targets, 40, "bf16")
+    assert (chunked - whole).abs().max().item() <= 1e-6
+    # bf16 matmul gradients differ from fp32 by bf16 rounding (~1% here); each chunk's head gradient is
+    # rounded on its own, and summed in fp32: no further from fp32 than the whole loss's.
+    whole_error = relative_error(whole_grads, reference)
+    assert whole_error < 0.02 and relative_error(chunked_grads, reference) <= 1.25 * whole_error
+    with torch.no_grad():
+        scored = model_token_losses(model, inputs, targets, cpu, "fp32", 40)
+        assert (scored - model_token_losses(model, inputs, targets, cpu, "fp32", 0)).abs().max().item() <= 1e-6
+
+
+@pytest.mark.slow
+def test_training_with_a_chunked_loss_takes_the_same_steps_on_two_ranks(data_dir, tmp_path):
+    """Under Horovod's gradient hooks: the head's gradient, summed over 5 chunks of 24/8 tokens, is reduced once."""
+    runs = {}
+    for chunk in (0, 24):  # 4 x 32 tokens per rank: chunks of 24, the last one 8
+        run_dir = tmp_path / f"chunk{chunk}"
+        job = train_job(run_dir, micro_overrides(data_dir, **{"train.loss_chunk": chunk, "train.max_steps": 4}))
+        assert job.returncode == 0, job.output[-3000:]
+        runs[chunk] = losses(run_dir)
+    assert len(runs[0]) == 4 and runs[24] == pytest.approx(runs[0], rel=1e-5, abs=1e-6)

@@ -1,25 +1,15 @@
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from support import REPO
+from support.models import MICRO, TINY, tiny_model, tokens
 
 from hvd_llama.model import ModelConfig, Transformer, apply_rotary_emb, ffn_hidden_dim, rope_cos_sin
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TINY = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=32)
-
-
-def tiny_model(seed=0, **changes) -> Transformer:
-    torch.manual_seed(seed)
-    # A larger init than 0.02 so attention patterns and logits differ clearly between positions.
-    return Transformer(replace(TINY, init_std=0.1, **changes)).eval()
-
-
-def tokens(batch, length, seed=1, vocab=TINY.vocab_size):
-    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+CONFIGS = REPO / "configs"
 
 
 def test_shapes_names_and_no_buffers():
@@ -281,3 +271,46 @@ def test_torch_compile_matches_eager():
     model = tiny_model()
     x = tokens(2, 16)
     torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=0, atol=1e-5)
+
+
+class MarkedBlock(torch.nn.Module):
+    """A block, run as it is (compiled or not), that records when backward reaches its output: the moment just
+    before its own backward starts."""
+
+    def __init__(self, block, index: int, events: list):
+        super().__init__()
+        self.block, self.index, self.events = block, index, events
+
+    @property
+    def attention(self):  # Transformer reads the KV cache state from its first layer's attention
+        return self.block.attention
+
+    def forward(self, x, *args):
+        out = self.block(x, *args)
+        out.register_hook(lambda grad: self.events.append(("backward reaches block", self.index)))
+        return out
+
+
+def test_per_block_compile_keeps_gradients_ready_block_by_block():
+    """Horovod's DistributedOptimizer allreduces each gradient from a hook run when it is accumulated. Per-block
+    compile must keep those hooks firing block by block. The aot_eager backend builds the same autograd structure
+    as Inductor (one autograd function per compiled region; Inductor only generates the kernels inside) in
+    seconds instead of a minute on this CPU; a GPU node runs Inductor itself (launch/gpu_check.sh)."""
+    model, eager, events = tiny_model(MICRO), tiny_model(MICRO), []
+    n_layers = len(model.layers)
+    model.compile_blocks(backend="aot_eager")
+    assert all(layer._compiled_call_impl is not None for layer in model.layers)  # each block compiled on its own
+    assert [name for name, _ in model.named_parameters()] == [name for name, _ in eager.named_parameters()]
+    for index, layer in enumerate(model.layers):
+        for name, param in layer.named_parameters():
+            param.register_post_accumulate_grad_hook(lambda p, index=index: events.append(("grad ready", index)))
+        model.layers[index] = MarkedBlock(layer, index, events)
+    x = tokens(2, 16, seed=3, vocab=MICRO.vocab_size)
+    logits = model(x)
+    torch.testing.assert_close(logits, eager(x), rtol=1e-5, atol=1e-5)
+    logits.square().mean().backward()
+    # Backward reaches the last block, all its gradients are ready, then it reaches the block before, and so on.
+    params_per_block = len(list(eager.layers[0].parameters()))
+    expected = [event for index in reversed(range(n_layers))
+                for event in [("backward reaches block", index)] + [("grad ready", index)] * params_per_block]
+    assert events == expected

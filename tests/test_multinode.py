@@ -1,4 +1,4 @@
-"""Multi-node for real: two hosts made of network namespaces (tests/netns.py), jobs started across them by
+"""Multi-node for real: two hosts made of network namespaces (tests/support/netns.py), jobs started across them by
 mpirun through a launch agent and by horovodrun through ssh, as on a cluster."""
 import json
 import os
@@ -8,12 +8,13 @@ import subprocess
 import time
 from pathlib import Path
 
-import netns
 import pytest
-from conftest import micro_overrides
-from multiproc import REPO, finish_job, job_env
-from netns import IFACE
-from trainrun import losses, metrics, train_single
+from support import REPO, netns
+from support.files import executable
+from support.jobkill import wait_for
+from support.multiproc import finish_job, job_env
+from support.netns import IFACE
+from support.trainrun import losses, metrics, micro_overrides, train_single
 
 from hvd_llama.weights import checkpoint
 
@@ -69,7 +70,7 @@ def script_command(cluster: netns.TwoHosts, launcher: str, run_dir: Path, train_
     return [str(REPO / "launch" / "train_mpirun.sh"), *common, "-a", str(cluster.write_agent()), "--", *args]
 
 
-def overrides(data_dir, **extra) -> list:
+def host_overrides(data_dir, **extra) -> list:
     # One thread per rank: each "host" thinks it has the machine's cores to itself.
     return micro_overrides(data_dir, **{"dist.threads_per_rank": 1, **extra})
 
@@ -131,7 +132,7 @@ def test_one_rank_per_host_and_allreduce_crosses_the_link(hosts, launcher, tmp_p
 @pytest.fixture(scope="module")
 def one_process_losses(data_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("one_process") / "run"
-    single = train_single(run_dir, overrides(data_dir, **{"train.batch_size": 8}))
+    single = train_single(run_dir, host_overrides(data_dir, **{"train.batch_size": 8}))
     assert single.returncode == 0, single.stderr[-3000:]
     return losses(run_dir)
 
@@ -143,8 +144,8 @@ def test_training_across_hosts_equals_one_process_with_double_batch(hosts, launc
     run_dir = tmp_path / "run"
     env = launcher_env(hosts, launcher, tmp_path / "home")
     before = [host.counter("tx_bytes") for host in hosts.hosts]
-    job = finish_job(start_on_first_host(hosts, script_command(hosts, launcher, run_dir, overrides(data_dir)), env),
-                     timeout=120)
+    command = script_command(hosts, launcher, run_dir, host_overrides(data_dir))
+    job = finish_job(start_on_first_host(hosts, command, env), timeout=120)
     assert job.returncode == 0, job.output[-3000:]
     assert job.output.startswith(f"+ {launcher} ")  # the script shows the command it runs
     assert "replicas identical" in job.output
@@ -164,11 +165,11 @@ LINK_LOST = {"horovodrun": "Timed out waiting", "mpirun": "ORTE has lost communi
 def test_cutting_the_link_fails_the_job_in_time_and_keeps_the_checkpoint(hosts, launcher, data_dir, tmp_path):
     run_dir = tmp_path / "run"
     env = launcher_env(hosts, launcher, tmp_path / "home")
-    train_overrides = overrides(data_dir, **{"train.max_steps": 100000, "checkpoint.every": 10, "checkpoint.keep": 2})
+    train_overrides = host_overrides(data_dir, **{"train.max_steps": 100000, "checkpoint.every": 10,
+                                                  "checkpoint.keep": 2})
     command = script_command(hosts, launcher, run_dir, train_overrides, "-t", str(NETWORK_TIMEOUT_S))
     proc = start_on_first_host(hosts, command, env)
-    netns.wait_for(lambda: proc.poll() is not None or checkpoint.list_checkpoints(run_dir),
-                   "the run wrote no checkpoint", timeout=90)
+    wait_for(lambda: proc.poll() is not None or checkpoint.list_checkpoints(run_dir), "a checkpoint", timeout=90)
     assert proc.poll() is None, proc.stdout.read()[-3000:]
     hosts.hosts[1].set_link(up=False)
     cut = time.monotonic()
@@ -177,8 +178,8 @@ def test_cutting_the_link_fails_the_job_in_time_and_keeps_the_checkpoint(hosts, 
     assert job.returncode != 0
     assert took < NETWORK_TIMEOUT_S + 30, f"the job took {took:.0f} s to notice"
     assert LINK_LOST[launcher] in job.output, job.output[-3000:]
-    netns.wait_for(lambda: not [c for c in hosts.hosts[1].command_lines() if "hvd_llama.train" in c],
-                   "rank 1 kept running on the cut-off host", timeout=NETWORK_TIMEOUT_S + 20)
+    wait_for(lambda: not [c for c in hosts.hosts[1].command_lines() if "hvd_llama.train" in c],
+             "the end of rank 1 on the cut-off host", timeout=NETWORK_TIMEOUT_S + 20)
     newest = checkpoint.list_checkpoints(run_dir)[-1]
     checkpoint.verify_checkpoint(newest)  # raises if the cut left it half-written
     assert checkpoint.find_latest_checkpoint(run_dir) == newest
@@ -193,7 +194,7 @@ def test_hosts_vanish_afterwards_also_after_a_failure(tmp_path):
             namespaces = [host.namespace for host in one.hosts + two.hosts]
             assert len(set(namespaces)) == 4  # parallel runs do not share names
             left_behind = subprocess.Popen(one.hosts[1].command(["sleep", "600"]))
-            netns.wait_for(lambda: "sleep 600" in one.hosts[1].command_lines(), "sleep did not start")
+            wait_for(lambda: "sleep 600" in one.hosts[1].command_lines(), "sleep's start", timeout=15)
             raise RuntimeError("the test failed")
     assert left_behind.wait(timeout=10) < 0  # killed
     listed = netns.ip("netns", "list").stdout
@@ -203,11 +204,9 @@ def test_hosts_vanish_afterwards_also_after_a_failure(tmp_path):
 
 def fake_slurm(tmp_path) -> dict:
     """An allocation of gpu01 and gpu02 with 8 tasks each, with an `scontrol` that expands its node list."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    scontrol = bin_dir / "scontrol"
-    scontrol.write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[01-02]" ] && printf "gpu01\\ngpu02\\n"\n')
-    scontrol.chmod(0o755)
+    scontrol = executable(tmp_path / "bin" / "scontrol",
+                          '#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[01-02]" ] && printf "gpu01\\ngpu02\\n"\n')
+    bin_dir = scontrol.parent
     return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu[01-02]",
             "SLURM_TASKS_PER_NODE": "8(x2)"}
 

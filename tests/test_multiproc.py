@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from multiproc import run_snippet
+from support.multiproc import run_snippet
 
 pytestmark = pytest.mark.distributed
 

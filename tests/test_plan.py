@@ -5,7 +5,8 @@ import sys
 
 import pytest
 import torch
-from multiproc import REPO, job_env, run_job
+from support import REPO
+from support.multiproc import job_env, run_job
 
 from hvd_llama.cli import UserError
 from hvd_llama.config import OptimConfig, load_config
@@ -240,7 +241,7 @@ MODEL_100M = ["model.dim=768", "model.n_layers=12", "model.n_heads=12", "model.v
 
 def memory_steps(values: list, np: int) -> list[dict]:
     """Each rank's peak RSS and model state after two steps of tests/memory_step.py."""
-    result = run_job([str(REPO / "tests" / "memory_step.py"), *values], np=np, timeout=900)
+    result = run_job([str(REPO / "tests" / "support" / "memory_step.py"), *values], np=np, timeout=900)
     assert result.returncode == 0, result.output[-3000:]
     ranks = [json.loads(line.split(">:", 1)[-1]) for line in result.output.splitlines() if "peak_rss" in line]
     assert len(ranks) == max(np, 1)

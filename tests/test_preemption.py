@@ -11,10 +11,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import micro_overrides
-from jobkill import LAUNCHERS, SCRIPTS, finish, job_processes, output, signal_job, start, survivors, wait_for
-from multiproc import REPO, finish_job, job_env, start_job
-from trainrun import losses, train_args
+from support import REPO
+from support.jobkill import LAUNCHERS, SCRIPTS, finish, job_processes, output, signal_job, start, survivors, wait_for
+from support.multiproc import finish_job, job_env, start_job
+from support.trainrun import losses, micro_overrides, train_args
 
 from hvd_llama import procs
 from hvd_llama.procs import StopFlag
@@ -269,8 +269,8 @@ def test_reaped_tree_dies_with_its_parent_even_by_sigkill():
     root = int(parent.stdout.readline())
     def sessions():  # the background sleep calls setsid() a moment after it is forked
         return {os.getsid(pid) for pid in [root, *procs.descendants(root)]}
-    wait_for(lambda: len(procs.descendants(root)) >= 2 and len(sessions()) == 2, parent, "the tree's start",
-             timeout=30)
+    wait_for(lambda: len(procs.descendants(root)) >= 2 and len(sessions()) == 2, "the tree's start", timeout=30,
+             proc=parent)
     tree = [(pid, procs.start_time(pid), "") for pid in [root, *procs.descendants(root)]]
     parent.kill()
     parent.wait()
@@ -286,7 +286,7 @@ def test_bench_killed_leaves_no_process(tmp_path):
                              text=True, start_new_session=True)
     try:
         wait_for(lambda: any(cmd.startswith(sys.executable) and "horovodrun" not in cmd and "train_steps" in cmd
-                             for _, _, cmd in job_processes(bench)), bench, "a measurement rank", timeout=120)
+                             for _, _, cmd in job_processes(bench)), "a measurement rank", proc=bench)
         processes = [p for p in job_processes(bench) if p[0] != bench.pid]
         assert len({os.getsid(pid) for pid, _, _ in processes}) >= 2  # horovodrun's helpers: sessions of their own
         bench.kill()

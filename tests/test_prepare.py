@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.data import run_prepare
+from support.files import no_temp_folders
 
 from hvd_llama import prepare
 from hvd_llama.cli import UserError
@@ -64,10 +66,6 @@ def corpus(tmp_path_factory):
     expected = [c for rel in sorted(raw) for text in raw[rel] if (c := cleaner(text)) is not None]
     assert len(expected) == 25
     return root, expected
-
-
-def run_prepare(*args, workers=1) -> dict:
-    return prepare.prepare([str(a) for a in args] + ["--workers", str(workers)])
 
 
 def split_tokens(data_dir: Path, split: str) -> np.ndarray:
@@ -267,10 +265,6 @@ def assert_one_line_error(result, pattern):
     last = result.stderr.strip().splitlines()[-1]
     assert re.fullmatch(f"error: .*{pattern}.*", last), last
     assert "Traceback" not in result.stderr
-
-
-def no_temp_folders(parent: Path) -> bool:
-    return not [p for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
 def test_cli_help():

@@ -11,6 +11,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from support.data import run_prepare
+from support.files import no_temp_folders
 from torch.utils.data import DataLoader
 
 from hvd_llama import prepare
@@ -75,10 +77,6 @@ def expected_split(examples, fraction=0.1):
     return train, [e for i, e in enumerate(examples) if i in val_ids]
 
 
-def run_prepare(*args):
-    return prepare.prepare([str(a) for a in args] + ["--workers", "1"])
-
-
 @pytest.fixture(scope="module")
 def sft(tmp_path_factory):
     """(folder, meta, expected (prompt, response) pairs per split) of a prepare --sft run that trains its tokenizer."""
@@ -91,10 +89,6 @@ def sft(tmp_path_factory):
 
 def encode_example(tok, prompt, response):
     return [tok.bos_id] + tok.encode(prompt) + tok.encode(response) + [tok.eos_id]
-
-
-def no_temp_folders(parent):
-    return not [p for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
 # ------------------------------------------------------------------------------------------------ prepare --sft

@@ -8,9 +8,9 @@ import time
 
 import pytest
 import torch
-from conftest import micro_overrides
-from multiproc import REPO, job_env
-from trainrun import losses, metrics, stopped_copy, train_job, train_single
+from support import REPO
+from support.multiproc import job_env
+from support.trainrun import losses, metrics, micro_overrides, stopped_copy, train_job, train_single
 
 from hvd_llama.weights import checkpoint
 

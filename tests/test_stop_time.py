@@ -4,14 +4,10 @@ a stop needs."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
-from conftest import micro_overrides
-from multiproc import REPO, job_env
-from trainrun import metrics, train_args
+from support.trainrun import metrics, micro_overrides, train_single
 
 from hvd_llama.cli import UserError
 from hvd_llama.training.metrics import MetricsLogger
@@ -191,17 +187,12 @@ def test_the_warning_is_given_once(capsys, monkeypatch):
                                 "(and HVD_LLAMA_STOP_NOTICE_S=602)")
 
 
-def run(run_dir, overrides, *more, env):
-    return subprocess.run([sys.executable, *train_args(run_dir, overrides, *more)], cwd=REPO, env=job_env(env),
-                          capture_output=True, text=True, timeout=180)
-
-
 def test_a_resumed_run_sizes_its_stop_from_the_last_saves_speed_and_warns_at_start_up(data_dir, tmp_path):
     """Session 1 saves slowly (the drill's 2 s) and logs it; session 2, whose own saves are fast, starts from that
     measurement: the SLURM notice of 1 s it is given is too short, and it says so before it saves anything."""
     run_dir = tmp_path / "run"
-    first = run(run_dir, micro_overrides(data_dir, **{"train.max_steps": 3, "log.tensorboard": False}),
-                env={"HVD_LLAMA_SAVE_DELAY_S": "2"})
+    first = train_single(run_dir, micro_overrides(data_dir, **{"train.max_steps": 3, "log.tensorboard": False}),
+                         env={"HVD_LLAMA_SAVE_DELAY_S": "2"}, timeout=180)
     assert first.returncode == 0, first.stderr[-3000:]
     saved = metrics(run_dir)[-1]
     assert saved["step"] == 3 and saved["save_s"] >= 2
@@ -209,9 +200,9 @@ def test_a_resumed_run_sizes_its_stop_from_the_last_saves_speed_and_warns_at_sta
     assert (f"checkpoint step_00000003: {saved['save_bytes'] / 1e6:.1f} MB in {saved['save_s']:.2f} s"
             in first.stdout)
     assert "warning" not in first.stderr  # no launcher, no notice
-    second = run(run_dir, micro_overrides(data_dir, **{"train.max_steps": 6, "log.tensorboard": False,
-                                                       "checkpoint.every": 0}), "--resume", "auto",
-                 env={"HVD_LLAMA_STOP_NOTICE_S": "1"})
+    second = train_single(run_dir, micro_overrides(data_dir, **{"train.max_steps": 6, "log.tensorboard": False,
+                                                                "checkpoint.every": 0}), "--resume", "auto",
+                          env={"HVD_LLAMA_STOP_NOTICE_S": "1"}, timeout=180)
     assert second.returncode == 0, second.stderr[-3000:]
     [warning] = [line for line in second.stderr.splitlines() if line.startswith("warning: ")]
     speed = saved["save_bytes_per_s"] / 1e6

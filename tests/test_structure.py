@@ -1,14 +1,17 @@
 """The package's shape, read from its source with ast: imports follow the data flow (so there is no cycle),
 Horovod stays behind hvd_llama/parallel/, the model needs torch alone, no command imports another, modules
-stay small, and the tests read nothing beside the repository."""
+stay small; and the tests' shape: test files beside conftest.py, their helpers in tests/support/, each defined
+once, nothing read beside the repository."""
 import ast
 import re
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hvd_llama"
+TESTS = Path(__file__).resolve().parent
 # Every module, upstream first: each may import only modules listed before it (a topological order of the
 # import graph, which therefore has no cycle). A new module takes its place here.
 FLOW = [
@@ -102,7 +105,7 @@ def test_tests_name_no_folder_beside_the_repository():
         return isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and \
             any(isinstance(side, ast.Constant) and side.value == "shared" for side in (node.left, node.right))
 
-    named = [(path.name, ast.unparse(node)) for path in sorted(here.parent.glob("*.py")) if path != here
+    named = [(path.name, ast.unparse(node)) for path in sorted(TESTS.rglob("*.py")) if path != here
              for node in ast.walk(ast.parse(path.read_text())) if names_it(node)]
     assert not named
 
@@ -124,3 +127,55 @@ def test_the_readmes_module_table_names_every_module_that_exists():
             (name in packages and any(m.startswith(name + ".") for m in files))
 
     assert [name for name in FLOW if not covered(name)] == []
+
+
+def test_tests_folder_holds_test_files_and_conftest_and_support_the_helpers():
+    """A module beside the tests is a test file or conftest.py (pytest's hooks and fixtures): whatever the tests
+    share is a module of tests/support/, a package the tests import as support.<module>."""
+    assert [p.name for p in TESTS.glob("*.py") if p.name != "conftest.py" and not p.name.startswith("test_")] == []
+    assert (TESTS / "support" / "__init__.py").is_file()
+    assert [p.relative_to(TESTS) for p in TESTS.glob("*/**/*.py") if p.parent != TESTS / "support"] == []
+
+
+def is_fixture(node: ast.AST) -> bool:
+    return any(ast.unparse(d.func if isinstance(d, ast.Call) else d) == "pytest.fixture"
+               for d in getattr(node, "decorator_list", []))
+
+
+def helpers(tree: ast.Module) -> set[str]:
+    """The functions and classes a module defines for its tests to call: not the tests themselves, pytest's hooks
+    or fixtures (pytest resolves those by name per module, by design)."""
+    return {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+            and not node.name.startswith(("test_", "Test", "pytest_")) and not is_fixture(node)}
+
+
+def is_job_script(tree: ast.Module) -> bool:
+    """A support module run as a program of its own (`python tests/support/x.py`): its helpers serve its own
+    processes, which cannot import the support package."""
+    return any(isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) for node in tree.body)
+
+
+def test_no_helper_is_defined_twice():
+    """A helper two test files need lives once in tests/support/; two helpers of one name in two modules are a copy,
+    or two meanings of one name: either way, one of them goes (or takes a name of its own)."""
+    defined = defaultdict(list)
+    for path in sorted(TESTS.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        if not is_job_script(tree):
+            for name in helpers(tree):
+                defined[name].append(str(path.relative_to(TESTS)))
+    assert {name: paths for name, paths in defined.items() if len(paths) > 1} == {}
+
+
+def test_test_files_do_not_redefine_conftests_fixtures():
+    """conftest.py's fixtures are the suite's shared ones: a test file defining one again would use its own copy."""
+    def fixtures(path: Path) -> set[str]:
+        return {node.name for node in ast.parse(path.read_text()).body if is_fixture(node)}
+
+    shared = fixtures(TESTS / "conftest.py")
+    assert {path.name: fixtures(path) & shared for path in TESTS.glob("test_*.py") if fixtures(path) & shared} == {}
+
+
+def test_test_modules_stay_small():
+    assert [(str(p.relative_to(TESTS)), n) for p in sorted(TESTS.rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > MAX_LINES] == []

@@ -2,9 +2,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import micro_overrides
+from support.multiproc import run_snippet
+from support.trainrun import losses, metrics, micro_overrides, stopped_copy, train_single
 from torch.utils.data import DistributedSampler
-from trainrun import losses, metrics, stopped_copy, train_single
 
 from hvd_llama.config import load_config
 from hvd_llama.model import Transformer
@@ -112,3 +112,39 @@ def test_fresh_start_refuses_a_run_with_checkpoints(data_dir, tmp_path):
     assert train_single(tmp_path / "run", overrides).returncode == 0
     again = train_single(tmp_path / "run", overrides)
     assert again.returncode == 2 and "--resume auto" in again.stderr
+
+
+# Trainer.run on its CUDA path in one process, the steps faked (no GPU here): when the peak statistic is reset.
+PEAK = """import sys, torch
+from pathlib import Path
+from types import SimpleNamespace
+from hvd_llama import parallel
+from hvd_llama.config import load_config
+from hvd_llama.training import trainer as loop
+from hvd_llama.training.metrics import MetricsLogger
+run_dir, events = Path(sys.argv[1]), []
+cfg = load_config(None, sys.argv[3::2])  # the values of --set k=v
+parallel.init(cfg.dist, "cpu")
+trainer = loop.Trainer(cfg, run_dir, torch.device("cpu"))
+trainer.device = torch.device("cuda", 0)  # run()'s CUDA path; nothing below touches the device
+loop.job_peak_flops = lambda cfg, device: events.append("peak measured") or (1e12, "stub")
+torch.cuda.reset_peak_memory_stats = lambda device: events.append(f"peak statistic reset on {device}")
+torch.cuda.max_memory_allocated = lambda device: 3 * 2**29
+def step(*args, **kwargs):
+    events.append("step")
+    return SimpleNamespace(loss_sum=1.0, n_targets=1, grad_norm=0.5, stepped=True)
+loop.train_step = step
+run_dir.mkdir(parents=True)
+trainer.run(MetricsLogger(run_dir, True, False, 1))
+print("events:", events)
+"""
+
+
+def test_the_logged_peak_memory_starts_after_set_up(small_data, tmp_path):
+    """Set-up (rank 0's pretrained weights, a resume, the matmuls of the peak measurement) can reach a higher
+    peak than training's own steps: max_memory_gib is what the memory planner predicts only without them."""
+    job = run_snippet(PEAK, tmp_path, [str(tmp_path / "run"), *micro_overrides(small_data, **{"train.max_steps": 2})],
+                      np=0)
+    assert job.returncode == 0, job.output[-3000:]
+    assert "events: ['peak measured', 'peak statistic reset on cuda:0', 'step', 'step']" in job.output
+    assert [r["max_memory_gib"] for r in metrics(tmp_path / "run")] == [1.5, 1.5]

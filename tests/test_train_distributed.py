@@ -2,9 +2,8 @@
 import time
 
 import pytest
-from conftest import micro_overrides
-from multiproc import run_job
-from trainrun import TRAIN_DIGESTS, losses, metrics, stopped_copy, train_job, train_single
+from support.multiproc import run_job
+from support.trainrun import TRAIN_DIGESTS, losses, metrics, micro_overrides, stopped_copy, train_job, train_single
 
 pytestmark = pytest.mark.distributed
 

@@ -1,18 +1,18 @@
 """ZeRO stages 1-2 (hvd_llama/parallel/zero.py): the flat layout, slice state, and real multi-process training
-against stage 0 (hvd.DistributedOptimizer) and plain torch.optim.AdamW. The jobs run tests/zero_job.py."""
+against stage 0 (hvd.DistributedOptimizer) and plain torch.optim.AdamW. The jobs run tests/support/zero_job.py."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from multiproc import run_job
-from zero_job import ACCUM, GRAD_ACCUM, LR, MAX_NORM, POISON_STEP, SMALL_BUCKETS
+from support import REPO
+from support.multiproc import run_job
+from support.zero_job import ACCUM, GRAD_ACCUM, LR, MAX_NORM, POISON_STEP, SMALL_BUCKETS
 
 from hvd_llama.training.memory import ParamCounts, model_state_bytes
 from hvd_llama.training.zero_layout import STATE_FORMAT, FlatLayout, merge_slices
 
-ZERO_JOB = Path(__file__).with_name("zero_job.py")
+ZERO_JOB = REPO / "tests" / "support" / "zero_job.py"
 
 
 def results(job, rank: int) -> list:

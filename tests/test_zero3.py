@@ -1,18 +1,19 @@
-"""ZeRO stage 3 (hvd_llama/parallel/zero3.py): parameter sharding against stage 0 with real processes, and the
-training command at stage 3: resume at other world sizes and stages, evaluate and export of its checkpoints."""
+"""ZeRO stage 3 (hvd_llama/parallel/zero3.py): parameter sharding against stage 0 with real processes (the jobs
+run tests/support/zero3_job.py), and the training command at stage 3: resume at other world sizes and stages,
+evaluate and export of its checkpoints, the sharded --init-from."""
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import micro_overrides
-from multiproc import run_job, run_one_process
-from trainrun import losses, metrics, stopped_copy, train_job, train_single
+from support import REPO
+from support.multiproc import run_job, run_one_process
+from support.trainrun import losses, metrics, micro_overrides, stopped_copy, train_job, train_single
 
 from hvd_llama.use.inference import load_model
 
 pytestmark = pytest.mark.distributed
-JOB = Path(__file__).with_name("zero3_job.py")
+JOB = REPO / "tests" / "support" / "zero3_job.py"
 CASES = ("base", "tied", "lora", "sft")
 
 

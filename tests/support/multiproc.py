@@ -12,8 +12,8 @@ from typing import Optional, Sequence
 
 from hvd_llama.bench.common import job_env as bench_job_env
 from hvd_llama.procs import LAUNCHER_ENV
+from support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # horovodrun tags lines "[1]<stdout>:", mpirun --tag-output "[1,1]<stdout>:" (job, rank).
 TAGGED_LINE = re.compile(r"^\[(?:\d+,)?(\d+)\]<(stdout|stderr)>:?(.*)$")

@@ -1,6 +1,6 @@
 """Run under a launcher: ZeRO stage 3 against stage 0 on the same data, in one job.
 
-    python tests/zero3_job.py OUT CASE [CASE ...]
+    python tests/support/zero3_job.py OUT CASE [CASE ...]
 
 CASE: base | tied | lora | sft. For each case both stages are built by the training builder from one config (as
 training starts: at stage 0 rank 0 initialises and broadcasts; at stage 3 every rank draws its own slices), then

@@ -1,7 +1,7 @@
 """Run alone or under a launcher: two training steps of a model built from config values (random tokens), then
 print this rank's peak resident memory and model state (bytes) as JSON.
 
-    python tests/memory_step.py section.key=value ...
+    python tests/support/memory_step.py section.key=value ...
 
 The second step is the steady state the planner describes: AdamW's state already exists from the first.
 """

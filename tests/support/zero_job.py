@@ -1,6 +1,6 @@
 """Run under a launcher (or alone): train a small model with the data-parallel optimizers and print results.
 
-    python tests/zero_job.py MODE [DIR]
+    python tests/support/zero_job.py MODE [DIR]
 
 MODE: equivalence | reshard-save DIR | reshard-load DIR | bf16 | accum | single. Each rank prints `RESULT <json>`
 lines that tests/test_zero.py checks. The model is a Transformer with odd sizes plus an output bias of vocabulary size

@@ -1,6 +1,6 @@
 """Run under a launcher: train with the given config values, then print digests of this rank's parameters.
 
-    python tests/train_digests.py RUN_DIR section.key=value ...
+    python tests/support/train_digests.py RUN_DIR section.key=value ...
 
 Prints `BASE <sha256>` over the base weights and `LORA <sha256>` over the LoRA adapters (empty without LoRA),
 each over the tensors' bytes in parameter-name order, so ranks (or a checkpoint) can be compared exactly.

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from multiproc import BIN, REPO, job_env, launcher_command
-
 from hvd_llama import procs
 from hvd_llama.cli import UserError
 from hvd_llama.weights import checkpoint
+from support import REPO
+from support.files import executable
+from support.multiproc import BIN, job_env, launcher_command
 
 # horovodrun without --gloo hands the job to mpirun when Horovod has MPI (it has, here); the scripts are ours.
 LAUNCHERS = ("horovodrun", "horovodrun-gloo", "mpirun", "train_single_node.sh", "train_mpirun.sh",
@@ -44,15 +45,10 @@ def command(launcher: str, train_args: list, tmp_path: Path) -> tuple[list, dict
     if launcher == "train_mpirun.sh":
         return [script, "-H", "localhost:2", "--", *module_args], env
     if launcher == "train_elastic.sh":  # horovodrun --gloo with a discovery script, between 1 and 2 ranks
-        discovery = tmp_path / "discover_hosts.sh"
-        discovery.write_text("#!/bin/sh\necho localhost:2\n")
-        discovery.chmod(0o755)
+        discovery = executable(tmp_path / "discover_hosts.sh", "#!/bin/sh\necho localhost:2\n")
         return [script, "-n", "2", "--min-np", "1", "--max-np", "2", "-i", "lo", "-d", str(discovery), "--",
                 *module_args], env
-    srun = tmp_path / "bin" / "srun"
-    srun.parent.mkdir(parents=True, exist_ok=True)
-    srun.write_text(STUB_SRUN)
-    srun.chmod(0o755)
+    srun = executable(tmp_path / "bin" / "srun", STUB_SRUN)
     env["PATH"] = f"{srun.parent}{os.pathsep}{job_env()['PATH']}"
     return [script, *module_args], env
 
@@ -87,13 +83,22 @@ def last_step(run_dir: Path) -> int:
         return 0
 
 
-def wait_for(predicate: Callable[[], bool], proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 120,
+             proc: Optional[subprocess.Popen] = None) -> None:
+    """Poll `condition` every 50 ms until it holds. AssertionError saying `what` never happened after `timeout`
+    seconds, or as soon as `proc` (a job) has ended, with the end of the job's output."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if predicate():
+    while time.monotonic() < deadline and (proc is None or proc.poll() is None):
+        if condition():
             return
         time.sleep(0.05)
-    raise AssertionError(f"{what} never happened (exit code {proc.poll()}):\n{output(proc)[-3000:]}")
+    job = "" if proc is None else f" (exit code {proc.poll()}):\n{output(proc)[-3000:]}"
+    raise AssertionError(f"{what} never happened{job}")
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen) -> None:
+    """Until the job has logged `step` (it fails the wait by ending first)."""
+    wait_for(lambda: last_step(run_dir) >= step, f"step {step}", proc=proc)
 
 
 def job_processes(proc: subprocess.Popen) -> list[tuple[int, int, str]]:
@@ -170,7 +175,7 @@ def signal_job(launcher: str, sig: int, target: str, train_args: list, run_dir: 
     1 s, say so in the output, and send `then` to the group."""
     proc = start(launcher, train_args, tmp_path, env, shell)
     try:
-        wait_for(lambda: last_step(run_dir) >= at_step, proc, f"step {at_step}")
+        wait_for_step(run_dir, at_step, proc)
         processes = job_processes(proc)
         if target == "rank":
             os.kill(ranks_of(processes)[-1], sig)

@@ -6,18 +6,32 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
-from multiproc import REPO, job_env, run_job
+from support import REPO
+from support.multiproc import job_env, run_job
 
 TRAIN_DIGESTS = Path(__file__).with_name("train_digests.py")  # trains, then prints parameter digests per rank
+
+
+def micro_overrides(data_dir: Path, **extra) -> list:
+    """--set values for a model small enough that a 2-rank step takes milliseconds."""
+    values = {"data.dir": str(data_dir), "model.dim": 64, "model.n_layers": 2, "model.n_heads": 4,
+              "model.n_kv_heads": 2, "model.vocab_size": 512, "model.max_seq_len": 64, "train.seq_len": 32,
+              "train.batch_size": 4, "train.max_steps": 5, "train.eval_every": 0, "optim.warmup_steps": 2,
+              "optim.lr": 3e-3, "optim.min_lr": 3e-4, "checkpoint.every": 0, "log.peak_flops": 1e11}
+    values.update(extra)
+    return [item for key, value in values.items() for item in ("--set", f"{key}={value}")]
 
 
 def train_args(run_dir: Path, overrides: list, *more: str) -> list:
     return ["-m", "hvd_llama.train", "--run-dir", str(run_dir), *overrides, *more]
 
 
-def train_single(run_dir: Path, overrides: list, *more: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *train_args(run_dir, overrides, *more)], cwd=REPO, env=job_env(),
+def train_single(run_dir: Path, overrides: list, *more: str, timeout: float = 120,
+                 env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """The train command as one plain process; `env`: variables beside job_env's."""
+    return subprocess.run([sys.executable, *train_args(run_dir, overrides, *more)], cwd=REPO, env=job_env(env),
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,6 +1,6 @@
 """HVD_LLAMA_STRICT_SKIPS=1 (set by .ci/run): every skipped test or test module becomes a failure that gives
 the skip's reason, so a missing corpus, tool or permission cannot hide a test on CI. conftest.py uses these
-hooks; `pytest -p strict_skips` loads them anywhere."""
+hooks; `pytest -p support.strict_skips` loads them anywhere (with tests/ on PYTHONPATH)."""
 import os
 
 import pytest

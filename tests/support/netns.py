@@ -19,10 +19,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
+
+from support.files import executable
+from support.jobkill import wait_for
 
 IFACE = "hvd0"
 PREFIX = "hvdtest"  # namespace names: hvdtest-<pid>-<random>-<host index>
@@ -158,8 +160,7 @@ class TwoHosts:
         """Open MPI's launch agent (plm_rsh_agent) for these hosts: `agent HOST COMMAND...` runs COMMAND on
         HOST as ssh would, through a shell with a login's environment, not the caller's."""
         cases = "\n".join(f"  {host.address}) ns={host.namespace} ;;" for host in self.hosts)
-        agent = self.workdir / "agent"
-        agent.write_text(f"""#!/bin/sh
+        return executable(self.workdir / "agent", f"""#!/bin/sh
 host=$1; shift
 case "$host" in
 {cases}
@@ -168,8 +169,6 @@ esac
 exec env -i HOME="$HOME" SHELL=/bin/sh PATH={LOGIN_PATH} \\
   ip netns exec "$ns" /bin/sh -c "$*"
 """)
-        agent.chmod(0o755)
-        return agent
 
     def start_sshd(self) -> Path:
         """An sshd on port 22 of each host, with throwaway keys; returns a folder holding an `ssh` that uses
@@ -200,8 +199,8 @@ UsePAM no
             sshd = host.command([find_tool("sshd"), "-D", "-e", "-f", str(config)])  # -D -e: foreground, log to log
             self._processes.append((subprocess.Popen(sshd, stdout=log, stderr=subprocess.STDOUT), log))
             try:
-                wait_for(lambda: "Server listening" in log_path.read_text(), "sshd did not start")
-            except RuntimeError:
+                wait_for(lambda: "Server listening" in log_path.read_text(), "sshd's start", timeout=15)
+            except AssertionError:
                 raise RuntimeError(f"sshd on {host.address} did not start: {log_path.read_text()[-500:]}") from None
         client_config = ssh_dir / "ssh_config"
         client_config.write_text(f"""Host *
@@ -214,17 +213,6 @@ UsePAM no
   ConnectTimeout 10
   LogLevel ERROR
 """)
-        bin_dir = ssh_dir / "bin"
-        bin_dir.mkdir(exist_ok=True)
-        ssh = bin_dir / "ssh"
-        ssh.write_text(f'#!/bin/sh\nexec {shlex.quote(find_tool("ssh"))} -F {shlex.quote(str(client_config))} "$@"\n')
-        ssh.chmod(0o755)
-        return bin_dir
-
-
-def wait_for(condition, message: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise RuntimeError(message)
-        time.sleep(0.05)
+        ssh = executable(ssh_dir / "bin" / "ssh",
+                         f'#!/bin/sh\nexec {shlex.quote(find_tool("ssh"))} -F {shlex.quote(str(client_config))} "$@"\n')
+        return ssh.parent
