@@ -67,14 +67,14 @@ def report(p: Plan, name: str) -> list[str]:
     return lines
 
 
-TABLE_WORLD_SIZES, TABLE_STAGES = (8, 16, 64), (0, 1, 2)
+TABLE_WORLD_SIZES, TABLE_STAGES = (8, 16, 32, 64), (0, 2, 3)
 
 
 def table(paths: Sequence[str], device_memory: int, overrides: Sequence[str] = ()) -> list[str]:
     """Markdown: for each preset and stage, the largest micro-batch without / with activation checkpointing
     and the model state per rank, at each world size."""
     head = "| preset | parameters | seq_len | stage | " + " | ".join(f"{n} GPUs" for n in TABLE_WORLD_SIZES) + " |"
-    lines, need_stage3 = [head, "|" + " --- |" * (4 + len(TABLE_WORLD_SIZES))], []
+    lines, fit_nowhere = [head, "|" + " --- |" * (4 + len(TABLE_WORLD_SIZES))], []
     for path in paths:
         base = load_config(path, list(overrides))
         counts, name, fits_somewhere = count_params(base), path.rsplit("/", 1)[-1].removesuffix(".yaml"), False
@@ -93,10 +93,10 @@ def table(paths: Sequence[str], device_memory: int, overrides: Sequence[str] = (
             lines.append(f"| {name} | {counts.total / 1e9:.1f}B | {base.train.seq_len} | {stage} | "
                          + " | ".join(cells) + " |")
         if not fits_somewhere:
-            need_stage3.append(name)
+            fit_nowhere.append(name)
     lines += ["", "Cells: largest micro-batch (train.batch_size) without / with activation checkpointing "
                   "(– = not even 1) · model state per rank (weights + gradients + optimizer)."]
-    lines.append("Need parameter sharding (stage 3) even at 64 GPUs: " + (", ".join(need_stage3) or "none") + ".")
+    lines.append(f"Fit at no stage on {TABLE_WORLD_SIZES[-1]} GPUs or fewer: " + (", ".join(fit_nowhere) or "none") + ".")
     return lines
 
 
