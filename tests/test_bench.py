@@ -318,6 +318,24 @@ def test_stages_step_time_ratios_and_timelines(tmp_path):
     assert 3 * 2 * steps * min(c["stages"][s]["step_s"]["min"] for s in "012") < r["wall_s"]
 
 
+@pytest.mark.slow  # five jobs
+def test_fsdp2_side_by_side_with_stage_3(tmp_path):
+    """hvd_llama at stage 3 (and 0) and PyTorch FSDP2 on the same model, initial weights and batches: the first
+    steps' losses agree to 1e-4 on every rank; the ratios are those of the medians, the verdicts those targets."""
+    r = run_bench(tmp_path, "fsdp", *MICRO, "--warmup", "1", "--steps", "2", "--stage-rounds", "1",
+                  "--controllers", "gloo")["results"]["fsdp"]
+    assert set(r["runs"]) == {"fsdp2", "hvd_gloo_stage3", "hvd_gloo_stage0"}
+    fsdp, three = r["runs"]["fsdp2"], r["runs"]["hvd_gloo_stage3"]
+    for mine, theirs in zip(three["losses"], fsdp["losses"]):  # per rank: warm-up and timed steps
+        assert len(mine) == 3 and mine == pytest.approx(theirs, rel=1e-4)
+    assert three["losses"][0] != pytest.approx(three["losses"][1], rel=1e-4)  # the ranks had their own batches
+    c = r["checks"]["gloo"]
+    assert c["losses_equal"]
+    assert close(c["vs_fsdp2"]["ratio"], three["step_s"]["median"] / fsdp["step_s"]["median"])
+    assert c["vs_fsdp2"]["met"] == (c["vs_fsdp2"]["ratio"] <= 1.15)
+    assert c["memory_vs_fsdp2"]["met"] == (three["peak_rss"] <= fsdp["peak_rss"]) and fsdp["peak_rss"] > 100 << 20
+
+
 def test_timeline_summary_merges_fused_ops_and_reads_an_unclosed_file(tmp_path):
     """Horovod's trace: one pid per tensor; a fused allreduce shows on each of its tensors but runs once."""
     def op(pid, name, start, end, nested=None):

@@ -1,11 +1,13 @@
 """Benchmarks: training throughput and MFU, Horovod scaling against DDP and the no-communication ceiling, quality
-in a time budget, generation speed, data-preparation speed, and the ZeRO stages' memory and step time.
+in a time budget, generation speed, data-preparation speed, the ZeRO stages' memory and step time, and stage 3
+against PyTorch FSDP2.
 
     python -m hvd_llama.bench all --text tinyshakespeare.txt --out bench_results.json
     python -m hvd_llama.bench throughput --config configs/small.yaml
     python -m hvd_llama.bench scaling --scaling-stages 0 --controllers gloo --fusion-threshold-mb 32
     python -m hvd_llama.bench memory --memory-np 1 2 3
     python -m hvd_llama.bench stages --controllers gloo --stage-rounds 5
+    python -m hvd_llama.bench fsdp --stage-rounds 5
 
 Each measurement runs in processes of its own (hvd_llama.bench.train_steps, hvd_llama.bench.prepare_steps,
 horovodrun, torch.distributed.run, hvd_llama.train/evaluate/prepare); this process launches them, prints a
@@ -31,14 +33,14 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from hvd_llama.bench import generation, memory, prepare, quality, scaling, stages, throughput
+from hvd_llama.bench import fsdp, generation, memory, prepare, quality, scaling, stages, throughput
 from hvd_llama.bench.common import CONTROLLERS, Bench, BenchFailure
 from hvd_llama.cli import UserError, run_main
 from hvd_llama.config import load_config
 from hvd_llama.files import atomic_write_text
 from hvd_llama.training.data import read_meta
 
-MODES = ("throughput", "scaling", "quality", "generation", "prepare", "memory", "stages")
+MODES = ("throughput", "scaling", "quality", "generation", "prepare", "memory", "stages", "fsdp")
 BENCHMARKS: dict[str, tuple[Callable[[Bench], dict], Callable[[dict], list[str]]]] = {
     "throughput": (throughput.bench_throughput, throughput.show_throughput),
     "scaling": (scaling.bench_scaling, scaling.show_scaling),
@@ -47,6 +49,7 @@ BENCHMARKS: dict[str, tuple[Callable[[Bench], dict], Callable[[dict], list[str]]
     "prepare": (prepare.bench_prepare, prepare.show_prepare),
     "memory": (memory.bench_memory, memory.show_memory),
     "stages": (stages.bench_stages, stages.show_stages),
+    "fsdp": (fsdp.bench_fsdp, fsdp.show_fsdp),
 }
 
 
@@ -143,10 +146,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     g.add_argument("--memory-np", type=int, nargs="+", default=[1, 2], help="world sizes measured")
     g.add_argument("--memory-steps", type=int, default=2, help="training steps per job (>= 2: AdamW's state exists "
                                                                "from the first step on)")
-    g = parser.add_argument_group("stages (ZeRO stages 1 and 2 against 0: step time at np=2, --config's model)")
-    g.add_argument("--stage-rounds", type=int, default=3, help="rounds in which the three stages take turns")
+    g = parser.add_argument_group("stages and fsdp (ZeRO stages 1 and 2 against 0; stage 3 against 0 and PyTorch "
+                                  "FSDP2: step time at np=2, --config's model)")
+    g.add_argument("--stage-rounds", type=int, default=3, help="rounds in which the jobs take turns")
     g.add_argument("--controllers", nargs="+", choices=CONTROLLERS, default=list(CONTROLLERS),
-                   help="Horovod controllers measured (by stages and scaling): gloo (horovodrun --gloo), mpi "
+                   help="Horovod controllers measured (by stages, fsdp and scaling): gloo (horovodrun --gloo), mpi "
                         "(horovodrun over mpirun)")
     return parser.parse_args(argv)
 

@@ -2,7 +2,7 @@
 
     python -m hvd_llama.bench.train_steps throughput --json OUT          # plain PyTorch vs Horovod with one rank
     horovodrun --gloo -np N -H localhost:N python -m hvd_llama.bench.train_steps horovod|memory --json-dir DIR
-    python -m torch.distributed.run --standalone --nproc-per-node N -m hvd_llama.bench.train_steps ddp --json-dir DIR
+    python -m torch.distributed.run --standalone --nproc-per-node N -m hvd_llama.bench.train_steps ddp|fsdp --json-dir DIR
 
 Every process times whole steps after warm-up and writes the raw seconds as JSON; hvd_llama.bench turns them
 into tokens/s, MFU and scaling figures. The tokens are random: a step costs the same whatever they are.
@@ -150,19 +150,20 @@ def measure_horovod_rank(cfg: Config, args: argparse.Namespace) -> dict:
     model, optimizer = horovod_model(cfg)
     timers = {phase: MethodTimer(optimizer, phase) for phase in PHASES}
     batch = random_batch(cfg, cfg.train.seed + parallel.rank())
-    step_s, phase_s = [], {phase: [] for phase in PHASES}
+    step_s, phase_s, losses = [], {phase: [] for phase in PHASES}, []
     for i in range(args.warmup + args.steps):
         for timer in timers.values():
             timer.seconds = 0.0
         start = time.perf_counter()
-        train_step(model, optimizer, [batch], device, PRECISION, cfg.optim.grad_clip, ranks=parallel)
+        result = train_step(model, optimizer, [batch], device, PRECISION, cfg.optim.grad_clip, ranks=parallel)
+        losses.append(result.loss_sum / batch[:, 1:].numel())  # this rank's mean, as a plain loop computes it
         if i >= args.warmup:
             step_s.append(time.perf_counter() - start)
             for phase, timer in timers.items():
                 phase_s[phase].append(timer.seconds)
     return {"rank": parallel.rank(), "size": parallel.size(), "zero_stage": optimizer.stage,
             "threads": torch.get_num_threads(), "step_s": step_s, "allreduce_s": phase_s["reduce_gradients"],
-            "phase_s": phase_s}
+            "phase_s": phase_s, "losses": losses, "peak_rss": peak_rss()}
 
 
 def measure_memory_rank(cfg: Config, args: argparse.Namespace) -> dict:
@@ -214,8 +215,41 @@ def measure_ddp_rank(cfg: Config, args: argparse.Namespace) -> dict:
             "no_sync_step_s": no_sync_step_s, "bucket_cap_mb": args.bucket_cap_mb}
 
 
+def measure_fsdp_rank(cfg: Config, args: argparse.Namespace) -> dict:
+    """One rank of PyTorch FSDP2 over Gloo, ZeRO-3 as torchtitan applies it: fully_shard on every block, then on
+    the root, each resharding after forward; the reference step (its clip_grad_norm_ takes the global norm of the
+    sharded gradients) from the same initial weights and batches as hvd_llama's."""
+    import torch.distributed as tdist
+    from torch.distributed.fsdp import fully_shard
+
+    tdist.init_process_group("gloo")
+    rank, size = tdist.get_rank(), tdist.get_world_size()
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+    torch.set_num_threads(cfg.dist.threads_per_rank or max(1, len(os.sched_getaffinity(0)) // local_size))
+    model = new_model(cfg)
+    for layer in model.layers:
+        fully_shard(layer, reshard_after_forward=True)
+    fully_shard(model, reshard_after_forward=True)
+    optimizer = build_optimizer(model, cfg.optim)
+    batch, losses = random_batch(cfg, cfg.train.seed + rank), []
+
+    def step():
+        loss = next_token_loss(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+
+    step_s = timed(step, args.warmup, args.steps)
+    tdist.barrier()
+    tdist.destroy_process_group()
+    return {"rank": rank, "size": size, "threads": torch.get_num_threads(), "step_s": step_s, "losses": losses,
+            "peak_rss": peak_rss()}
+
+
 MEASUREMENTS = {"throughput": measure_throughput, "horovod": measure_horovod_rank, "memory": measure_memory_rank,
-                "ddp": measure_ddp_rank}
+                "ddp": measure_ddp_rank, "fsdp": measure_fsdp_rank}
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -231,7 +265,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--peak-s", type=float, default=1.0, help="throughput: seconds per peak measurement")
     parser.add_argument("--bucket-cap-mb", type=float, default=25.0, help="ddp: gradient bucket size")
     parser.add_argument("--json", type=Path, help="output file (throughput)")
-    parser.add_argument("--json-dir", type=Path, help="output folder, one rank<N>.json per rank (horovod, memory, ddp)")
+    parser.add_argument("--json-dir", type=Path, help="output folder, one rank<N>.json per rank (horovod, memory, ddp, "
+                                                      "fsdp)")
     return parser.parse_args(argv)
 
 
