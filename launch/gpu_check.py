@@ -5,6 +5,7 @@ report line and exits 0, or prints it and exits 1 naming what failed (2 on a bad
     run RUN_DIR             a training run: loss down, MFU <= 100%, peak memory logged (figures after step 10)
     resume RUNS_DIR         bf16_resumed (from step 20) vs bf16, with bf16_again telling GPU non-determinism apart
     np2 RUNS_DIR            np2_b8 = np1_b16 step by step; tokens/s of np2_b16 against np1_b16
+    stages RUNS_DIR         zero2 and zero3 (bf16) within 2% of zero0 step by step; zero3_resumed = zero3 after step 10
 """
 from __future__ import annotations
 
@@ -80,7 +81,25 @@ def np2(runs_dir) -> tuple[str, list]:
     return line, [f"2 ranks differ from 1 (relative {gap:.2g} > 1e-4)"] if gap > 1e-4 or len(one) != len(two) else []
 
 
-CHECKS = {"doctor": doctor, "run": run, "resume": resume, "np2": np2}
+def _relative_gap(a: list, b: list) -> float:
+    return max((abs(x - y) / abs(y) for x, y in zip(a, b)), default=math.inf) if len(a) == len(b) else math.inf
+
+
+def stages(runs_dir) -> tuple[str, list]:
+    runs = Path(runs_dir)
+    losses = {name: [r["loss"] for r in records(runs / name)] for name in ("zero0", "zero2", "zero3")}
+    gaps = {s: _relative_gap(losses[f"zero{s}"], losses["zero0"]) for s in (2, 3)}
+    resumed = [r["loss"] for r in records(runs / "zero3_resumed") if r["step"] > 10]
+    resume_gap = _relative_gap(resumed, [x for r, x in zip(records(runs / "zero3"), losses["zero3"]) if r["step"] > 10])
+    line = (f"bf16, 2 ranks, {len(losses['zero0'])} steps: largest relative loss difference to stage 0 "
+            f"{gaps[2]:.2g} at stage 2, {gaps[3]:.2g} at stage 3; stage 3 resumed from step 10: {resume_gap:.2g}")
+    problems = [f"stage {s} differs from stage 0 by more than 2% ({gap:.2g})" for s, gap in gaps.items() if gap > 0.02]
+    if resume_gap > 1e-3:
+        problems.append(f"the resumed stage-3 run differs from the uninterrupted one ({resume_gap:.2g} > 1e-3)")
+    return line, problems
+
+
+CHECKS = {"doctor": doctor, "run": run, "resume": resume, "np2": np2, "stages": stages}
 
 
 def main(argv) -> int:

@@ -33,7 +33,7 @@ def test_gpu_check_dry_run_prints_every_check_with_valid_settings(tmp_path):
     commands = printed_commands(result.stdout)
     trains = {c[c.index("--run-dir") + 1].rsplit("/", 1)[1]: c for c in commands if "hvd_llama.train" in c}
     assert list(trains) == ["bf16", "fp16", "compiled", "bf16_again", "bf16_resumed", "1b", "np1_b16", "np2_b8",
-                            "np2_b16"]
+                            "np2_b16", "zero0", "zero2", "zero3", "zero3_resumed"]
     for name, command in trains.items():  # every override is one train accepts (the planner's batch aside)
         overrides = [v for k, v in zip(command, command[1:]) if k == "--set" and "<planner" not in v]
         cfg = load_config(str(REPO / "configs" / "small.yaml"), overrides)
@@ -42,6 +42,10 @@ def test_gpu_check_dry_run_prints_every_check_with_valid_settings(tmp_path):
     assert trains["bf16_resumed"][-2:] == ["--resume", str(tmp_path / "check/runs/bf16/checkpoints/step_00000020")]
     assert trains["np2_b8"][:5] == ["horovodrun", "-np", "2", "-H", "localhost:2"]
     assert "train.batch_size=<planner max batch>" in trains["1b"] and "dist.zero_stage=2" in trains["1b"]
+    for stage in (0, 2, 3):
+        assert f"dist.zero_stage={stage}" in trains[f"zero{stage}"] and trains[f"zero{stage}"][:3] == ["horovodrun",
+                                                                                                     "-np", "2"]
+    assert trains["zero3_resumed"][-2:] == ["--resume", str(tmp_path / "check/runs/zero3/checkpoints/step_00000010")]
     doctor = next(c for c in commands if "hvd_llama.doctor" in c)
     assert doctor[:3] == ["horovodrun", "-np", "2"] and "--json" in doctor
     # The planner command runs as printed (on the meta device) and finds a batch for the 1B shape in 80 GiB.
@@ -53,7 +57,7 @@ def test_gpu_check_dry_run_prints_every_check_with_valid_settings(tmp_path):
 
 def test_gpu_check_on_one_gpu_skips_the_two_rank_checks(tmp_path):
     result = gpu_check_dry_run(tmp_path, "-g", "1")
-    assert result.returncode == 0 and "skip np2: 1 GPU" in result.stdout
+    assert result.returncode == 0 and "skip np2, stages: 1 GPU" in result.stdout
     assert not any("horovodrun" == c[0] and "hvd_llama.train" in c for c in printed_commands(result.stdout))
 
 
@@ -126,3 +130,15 @@ def test_gpu_check_np2_equivalence_and_scaling(tmp_path):
     (tmp_path / "np2_b8").rmdir()
     write_run(tmp_path / "np2_b8", [8.0, 7.1, 6.0, 5.5, 5.0, 4.8])
     assert gpu_check_py("np2", tmp_path).returncode == 1
+
+
+@pytest.mark.parametrize("stage3_delta, resumed_delta, ok", [(0.01, 0.0, True), (0.03, 0.0, False), (0.0, 1e-2, False)])
+def test_gpu_check_stages_against_stage_0_and_the_stage_3_resume(tmp_path, stage3_delta, resumed_delta, ok):
+    losses = [8.0 - 0.1 * i for i in range(20)]
+    write_run(tmp_path / "zero0", losses)
+    write_run(tmp_path / "zero2", [x * 1.005 for x in losses])
+    write_run(tmp_path / "zero3", [x * (1 + stage3_delta) for x in losses])
+    write_run(tmp_path / "zero3_resumed", [x * (1 + stage3_delta) + resumed_delta for x in losses[10:]], first_step=11)
+    result = gpu_check_py("stages", tmp_path)
+    assert (result.returncode == 0) == ok, result.stdout
+    assert "0.005 at stage 2" in result.stdout
