@@ -223,10 +223,13 @@ class ShardedParameters:
         self.prefetch_after(unit, self.backward_order)
 
     def _backward_end(self) -> None:
-        """After a backward pass: the sticky units go (they are gathered again by the next forward)."""
+        """After a backward pass: the sticky units go (they are gathered again by the next forward), and so does
+        any gather still in flight: the optimizer's step is about to change the slices it carries."""
         self._backward_started = False
         for unit in self.units:
             unit.in_backward = False
+            if unit.wait is not None:
+                self.gather(unit)
             if unit.ready:
                 self.free(unit)
         for callback in self.on_backward_end:
