@@ -3,6 +3,8 @@
     python -m hvd_llama.convert export --checkpoint runs/x --out hf/x       # a folder transformers loads
     python -m hvd_llama.convert import --hf Llama-2-7b-hf --out ckpt/llama2-7b
     python -m hvd_llama.convert import --meta llama-2-7b --out ckpt/llama2-7b   # consolidated.*.pth + params.json
+    python -m hvd_llama.convert consolidate --checkpoint runs/70b --out ckpt/70b  # a ZeRO stage-3 checkpoint's
+                                                                                   # slices as one model.pt
 
 hvd_llama uses Meta's parameter names and rotary layout; Hugging Face's wq/wk rows are permuted on the way out
 and back on the way in (formats.py). Every tensor's name and shape is checked against the configuration
@@ -58,6 +60,13 @@ class ImportConfig:
     max_seq_len: Optional[int] = None  # context length to record; None: hf's max_position_embeddings, meta's 2048
 
 
+@dataclass
+class ConsolidateConfig:
+    """`convert consolidate`'s options."""
+    checkpoint: str  # checkpoint folder, or a run folder (its newest complete checkpoint is used)
+    out: str  # new checkpoint folder: model.pt, config.yaml, tokenizer.model
+
+
 def refuse_existing(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists; choose a new folder")
@@ -99,10 +108,21 @@ def import_(args: ImportConfig) -> str:
     return f"imported {count_params(state, cfg):,} parameters from {source} to {out} ({', '.join(written)})"
 
 
+def consolidate(args: ConsolidateConfig) -> str:
+    """Any hvd_llama checkpoint (a ZeRO stage-3 one has its weights in every rank's slice; a LoRA one, adapters
+    over a base) as a single-file checkpoint of the whole model: the weights assembled one tensor at a time."""
+    out = Path(args.out)
+    refuse_existing(out)
+    state, cfg, tokenizer = load_weights(args.checkpoint)
+    save_checkpoint(out, state, {"model": asdict(cfg)}, tokenizer_path=tokenizer)
+    written = ", ".join(sorted(p.name for p in out.iterdir()))
+    return f"consolidated {count_params(state, cfg):,} parameters into {out} ({written})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m hvd_llama.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{export,import}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{export,import,consolidate}")
     exp = commands.add_parser("export", help="hvd_llama checkpoint -> Hugging Face LLaMA folder")
     exp.add_argument("--checkpoint", required=True,
                      help="checkpoint folder, or a run folder (its newest complete checkpoint is used)")
@@ -116,18 +136,27 @@ def build_parser() -> argparse.ArgumentParser:
                                          "for --meta also its parent, as in Meta's downloads)")
     imp.add_argument("--max-seq-len", type=int, help="context length to record (default: --hf config.json's "
                                                      "max_position_embeddings; --meta 2048. Llama 2 is 4096)")
+    con = commands.add_parser("consolidate", help="hvd_llama checkpoint (a ZeRO stage-3 one: every rank's slice) -> "
+                                                  "a single-file checkpoint (model.pt)")
+    con.add_argument("--checkpoint", required=True,
+                     help="checkpoint folder, or a run folder (its newest complete checkpoint is used)")
+    con.add_argument("--out", required=True, help="new checkpoint folder (usable by evaluate, generate, train)")
     return parser
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> Union[ExportConfig, ImportConfig]:
+COMMANDS = {"export": (ExportConfig, export), "import": (ImportConfig, import_),
+            "consolidate": (ConsolidateConfig, consolidate)}
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> Union[ExportConfig, ImportConfig, ConsolidateConfig]:
     options = vars(build_parser().parse_args(argv))
-    return (ExportConfig if options.pop("command") == "export" else ImportConfig)(**options)
+    return COMMANDS[options.pop("command")][0](**options)
 
 
 def _main(argv=None) -> None:
     args = parse_args(argv)
     start = time.perf_counter()
-    summary = export(args) if isinstance(args, ExportConfig) else import_(args)
+    summary = next(run for kind, run in COMMANDS.values() if isinstance(args, kind))(args)
     print(f"{summary} in {time.perf_counter() - start:.1f} s", flush=True)
 
 

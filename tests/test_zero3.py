@@ -94,6 +94,36 @@ def test_a_stage_3_checkpoint_evaluates_and_exports(small_data, tmp_path):
     reference = transformers.LlamaForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.allclose(reference(tokens).logits, model(tokens), atol=1e-4)
+    single = tmp_path / "single"  # the slices as one model.pt, for those who want it
+    done = run_one_process("hvd_llama.convert", "consolidate", "--checkpoint", run_dir, "--out", single)
+    assert done.returncode == 0, done.stderr[-3000:]
+    consolidated = torch.load(single / "model.pt", weights_only=True)
+    assert all(torch.equal(consolidated[name], p) for name, p in model.state_dict().items())
+
+
+def test_fp16_overflow_is_skipped_alike_at_stage_3(small_data, tmp_path):
+    """A non-finite step on rank 1 at step 2: every rank skips it and halves the loss scale, as at stage 0."""
+    runs = {}
+    for stage in (0, 3):
+        runs[stage] = tmp_path / f"stage{stage}"
+        values = {"train.precision": "fp16", "dist.zero_stage": stage}
+        job = train_job(runs[stage], micro_overrides(small_data, **values), env={"HVD_LLAMA_FAULT": "nan:2:1"})
+        assert job.returncode == 0, job.output[-3000:]
+    zero, three = metrics(runs[0]), metrics(runs[3])
+    assert [r["skipped"] for r in three] == [r["skipped"] for r in zero] == [False, True, False, False, False]
+    assert [r["loss_scale"] for r in three] == [r["loss_scale"] for r in zero]
+    assert [r["loss"] for r in three[2:]] == pytest.approx([r["loss"] for r in zero[2:]], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_bf16_weights_at_stage_3_stay_within_2_percent_of_stage_0(small_data, tmp_path):
+    values = {"train.precision": "bf16", "train.max_steps": 20}
+    runs = {stage: tmp_path / f"stage{stage}" for stage in (0, 3)}
+    for stage, run_dir in runs.items():
+        job = train_job(run_dir, micro_overrides(small_data, **values, **{"dist.zero_stage": stage}))
+        assert job.returncode == 0, job.output[-3000:]
+    assert losses(runs[3]) == pytest.approx(losses(runs[0]), rel=0.02)
+    assert losses(runs[3])[-1] < losses(runs[3])[0] - 0.1  # it learns
 
 
 # Under a launcher: build the stage-3 training of a Hugging Face folder's model (`--init-from`: every rank reads
