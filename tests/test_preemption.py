@@ -230,6 +230,7 @@ def activate(tmp_path_factory):
     return venv / "bin" / "activate"
 
 
+@pytest.mark.slow  # ~30 s a cell: Open MPI waits twice its 15 s sigkill timeout
 @pytest.mark.parametrize("cell", GRACE_CELLS, ids=["-".join(c) for c in GRACE_CELLS])
 def test_plain_commands_in_the_venv_give_a_slow_save_its_time(cell, activate, data_dir, tmp_path):
     launcher, sig = cell

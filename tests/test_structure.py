@@ -30,7 +30,7 @@ FLOW = [
     "use", "use.inference", "use.decoding", "evaluate", "generate", "convert", "doctor",
     # benchmarks of all of the above
     "bench", "bench.common", "bench.synthetic", "bench.train_steps", "bench.prepare_steps", "bench.throughput",
-    "bench.scaling", "bench.quality", "bench.generation", "bench.prepare", "bench.memory", "bench.stages",
+    "bench.scaling", "bench.quality", "bench.generation", "bench.prepare", "bench.memory", "bench.stages", "bench.fsdp",
     "bench.run", "bench.__main__",
 ]
 MAX_LINES = 450

@@ -51,7 +51,7 @@ def test_bad_config_stops_every_rank_quickly(data_dir, tmp_path, launcher):
     assert job.output.count("error: model:") == 2  # each rank says why
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), 2])
 def test_fp16_resume_gives_every_rank_the_saved_loss_scale(data_dir, tmp_path, stage):
     """A non-finite step (on rank 1) halves the loss scale; a resumed run must continue at the halved scale on
     every rank: a rank back at 2^16 would scale its loss by its own factor and unscale the averaged gradient by it."""
@@ -68,7 +68,7 @@ def test_fp16_resume_gives_every_rank_the_saved_loss_scale(data_dir, tmp_path, s
     assert losses(stopped) == losses(straight)
 
 
-@pytest.mark.parametrize("stage", [0, pytest.param(1, marks=pytest.mark.slow), 2])
+@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow), 2])
 def test_tied_embeddings_train_at_every_stage(data_dir, tmp_path, stage):
     """Ranks > 0 allocate their model from the meta device, which unties the output head: their parameter lists
     differed from rank 0's (stage 0: other Horovod groups; stages 1-2: another flat layout)."""

@@ -24,7 +24,8 @@ def job_results(np_: int, launcher: str, tmp_path: Path) -> dict:
     return {r["case"]: r for r in json.loads(out.read_text())}
 
 
-@pytest.mark.parametrize("np_, launcher", [(2, "horovodrun"), (3, "horovodrun"), (2, "mpirun"),
+@pytest.mark.parametrize("np_, launcher", [(2, "horovodrun"), pytest.param(3, "horovodrun", marks=pytest.mark.slow),
+                                           pytest.param(2, "mpirun", marks=pytest.mark.slow),
                                            pytest.param(3, "mpirun", marks=pytest.mark.slow)])
 def test_stage_3_equals_stage_0(np_, launcher, tmp_path):
     """fp32, grad_accum 2, clipping, activation checkpointing, 5 steps; untied and tied embeddings, LoRA over a
@@ -75,6 +76,7 @@ def test_resume_at_another_world_size_and_stage(small_data, tmp_path):
         assert losses(tmp_path / resumed) == pytest.approx(losses(one), rel=1e-5), resumed
 
 
+@pytest.mark.slow
 def test_a_stage_3_checkpoint_evaluates_and_exports(small_data, tmp_path):
     """The final val_loss (the whole val split) equals `evaluate` on the checkpoint the run wrote, and its
     `convert export` loads in transformers with the logits of our model."""
@@ -101,6 +103,7 @@ def test_a_stage_3_checkpoint_evaluates_and_exports(small_data, tmp_path):
     assert all(torch.equal(consolidated[name], p) for name, p in model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_fp16_overflow_is_skipped_alike_at_stage_3(small_data, tmp_path):
     """A non-finite step on rank 1 at step 2: every rank skips it and halves the loss scale, as at stage 0."""
     runs = {}
@@ -179,3 +182,13 @@ def test_sharded_init_from_a_hugging_face_folder_reads_one_tensor_at_a_time(tmp_
         assert result["exact"], rank
         # its third of the weights and a tensor at a time (the largest, the embedding: 25 MB); an eager read: > 1x
         assert result["slices"] < result["growth"] < 0.5 * model_bytes, (result, model_bytes)
+
+
+@pytest.mark.slow  # compilation: ~15 s
+def test_compiled_blocks_at_stage_3(small_data, tmp_path):
+    """torch.compile per block with the gather and free hooks around each block: the same steps."""
+    runs = {compiled: tmp_path / f"compile_{compiled}" for compiled in ("false", "true")}
+    for compiled, run_dir in runs.items():
+        job = train_job(run_dir, micro_overrides(small_data, **{"dist.zero_stage": 3, "train.compile": compiled}))
+        assert job.returncode == 0, job.output[-3000:]
+    assert losses(runs["true"]) == pytest.approx(losses(runs["false"]), rel=1e-5)
