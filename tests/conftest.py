@@ -5,7 +5,7 @@ import pytest
 from strict_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401 (hooks)
 from trainrun import train_single
 
-from hvd_llama.prep.corpus import stdlib_files
+from hvd_llama.prep.sources import stdlib_files
 from hvd_llama.prepare import main as prepare_main
 
 # A suite started in the background by a non-interactive shell inherits SIGINT ignored, and so would every job

@@ -14,11 +14,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hvd_llama"
 FLOW = [
     # foundations: errors, files, processes, the configuration, the model, the tokenizer, the device
     "cli", "files", "procs", "model", "config", "tokenizer", "device", "lora",
-    # prep/: raw text -> token shards (the prepare command)
-    "prep", "prep.text", "prep.token_shards", "prep.corpus", "prep.encode", "prepare",
+    # prep/: raw text -> token shards (the prepare command, which takes hvd_llama.parallel's ranks under a launcher)
+    "prep", "prep.text", "prep.token_shards", "prep.settings", "prep.sources", "prep.staging", "prep.corpus",
+    "prep.dedup", "prep.split", "prep.encode", "prep.run", "prep.vocabulary", "prep.finish", "prep.build",
     # training/ and parallel/: token shards -> a trained model (the train and plan commands)
     "training", "training.data", "training.zero_layout", "training.preemption", "training.faults", "training.optim", "training.metrics",
-    "training.memory", "training.compute", "parallel.zero", "parallel", "parallel.elastic", "parallel.report",
+    "training.memory", "training.compute", "parallel.zero", "parallel", "parallel.elastic", "parallel.report", "prepare",
     # weights/: checkpoints and other formats on disk
     "weights", "weights.checkpoint", "weights.formats", "weights.pretrained",
     "training.checkpointing", "training.builder", "training.trainer", "train", "plan",

@@ -20,12 +20,13 @@ from collections import deque
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
+
 from hvd_llama.bench.common import best_seconds
 from hvd_llama.bench.synthetic import unique_documents
 from hvd_llama.cli import UserError, run_main
 from hvd_llama.files import atomic_write_text
-from hvd_llama.prep.corpus import DocumentStore, read_doc
-from hvd_llama.prep.encode import ENCODE_BATCH_BYTES, batch_docs, encode_batches, start_encoding_server
+from hvd_llama.prep.encode import ENCODE_BATCH_BYTES, batch_ranges, encode_batches, start_encoding_server
 from hvd_llama.prep.token_shards import token_dtype
 from hvd_llama.tokenizer import Tokenizer
 
@@ -41,14 +42,30 @@ def measure_rusage(args: argparse.Namespace) -> dict:
     return {"command": command, "returncode": returncode, "seconds": seconds, "max_rss_bytes": max_rss_kib * 1024}
 
 
-def sentencepiece_seconds(tokenizer_path: Path, store_path: Path, batches, repeats: int) -> float:
-    """Best time of SentencePiece alone on the batches' texts, read into memory first, with one thread."""
+def sentencepiece_seconds(tokenizer_path: Path, tasks, repeats: int) -> float:
+    """Best time of SentencePiece alone on the tasks' texts, read into memory first, with one thread."""
     import sentencepiece as spm
 
-    with open(store_path, "rb") as f:
-        texts = [[read_doc(f, d) for d in batch] for batch in batches]
+    texts = []
+    for store_path, ranges in tasks:
+        with open(store_path, "rb") as f:
+            texts.append([f.read(int(nbytes)).decode("utf-8") for _, _, nbytes in ranges])
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
     return best_seconds(lambda: [sp.encode(batch, num_threads=1) for batch in texts], repeats)
+
+
+def write_store(path: Path, n_bytes: float) -> np.ndarray:
+    """Documents written back to back until n_bytes, as prepare's stores hold them; their (offset, 0, bytes)."""
+    ranges, offset = [], 0
+    with open(path, "wb") as f:
+        for text in unique_documents():
+            data = text.encode("utf-8")
+            f.write(data)
+            ranges.append((offset, 0, len(data)))
+            offset += len(data)
+            if offset >= n_bytes:
+                return np.array(ranges, dtype=np.int64)
+    raise AssertionError("unreachable: unique_documents never ends")
 
 
 def measure_encode(args: argparse.Namespace) -> dict:
@@ -58,26 +75,20 @@ def measure_encode(args: argparse.Namespace) -> dict:
     started first, as prepare starts it while reading the corpus)."""
     start_encoding_server(args.workers)
     args.folder.mkdir(parents=True, exist_ok=True)
-    store = DocumentStore(args.folder / "documents.tmp")
-    docs = []
-    for text in unique_documents():
-        docs.append(store.add(text))
-        n_bytes = docs[-1].offset + docs[-1].nbytes
-        if n_bytes >= args.mb * 1e6:
-            break
-    store.close()
+    store = args.folder / "store.tmp"
     try:
-        batches = batch_docs(docs, ENCODE_BATCH_BYTES)
+        ranges = write_store(store, args.mb * 1e6)
+        tasks = [(str(store), batch) for batch in batch_ranges(ranges, ENCODE_BATCH_BYTES)]
         tokenizer = Tokenizer(args.tokenizer)
         dtype = token_dtype(tokenizer.vocab_size)
-        sentencepiece_s = sentencepiece_seconds(args.tokenizer, store.path, batches, args.repeats)
-        seconds = {workers: best_seconds(lambda: deque(encode_batches(batches, tokenizer.path, store.path, dtype,
-                                                                      workers), maxlen=0), args.repeats)
+        sentencepiece_s = sentencepiece_seconds(args.tokenizer, tasks, args.repeats)
+        seconds = {workers: best_seconds(lambda: deque(encode_batches(tasks, tokenizer.path, dtype, workers),
+                                                       maxlen=0), args.repeats)
                    for workers in (1, args.workers)}
     finally:
-        store.path.unlink(missing_ok=True)
-    return {"bytes": n_bytes, "documents": len(docs), "workers": args.workers, "repeats": args.repeats,
-            "sentencepiece_single_s": sentencepiece_s, "encode_single_s": seconds[1],
+        store.unlink(missing_ok=True)
+    return {"bytes": int(ranges[:, 2].sum()), "documents": len(ranges), "workers": args.workers,
+            "repeats": args.repeats, "sentencepiece_single_s": sentencepiece_s, "encode_single_s": seconds[1],
             "encode_parallel_s": seconds[args.workers]}
 
 
