@@ -51,8 +51,8 @@ def build(options: PrepareOptions, ranks, workers: int, command: str) -> dict:
         check_selection(run, selection, counts)
         tokenizer = tokenizer_step(run, selection, prefixes)
         peaks = encode_step(run, refs, prefixes, selection, tokenizer)
-        return run.agree("finish", lambda: finish(run, refs, selection, tokenizer, counts, peaks, command, started)
-                         if run.main else None)[0]
+        return run.agree("finish", lambda: finish(run, refs, len(prefixes), selection, tokenizer, counts, peaks,
+                                                  command, started) if run.main else None)[0]
     except UserError:
         if run.main:
             run.staging.remove()
@@ -78,9 +78,12 @@ def read_counts(run: Run, refs: list[dedup.PartRef], selection: split.Selection)
     """meta.json's "inputs" and what cleaning changed, summed over the parts up to the one a cap cuts (which
     another rank than the one that stopped there may have read to its end)."""
     last = len(run.parts) if selection.cut is None else dedup.key_part(selection.cut)
-    return merge_counts(run.agree("counts", lambda: merge_counts([
-        {key: marker[key] for key in ("inputs", "cleaning")}
-        for marker in (run.staging.done(ref.folder / corpus.READ) for ref in run.my_parts(refs) if ref.index <= last)])))
+
+    def mine() -> dict:
+        markers = [run.staging.done(ref.folder / corpus.READ) for ref in run.my_parts(refs) if ref.index <= last]
+        return merge_counts([{key: marker[key] for key in ("inputs", "cleaning")} for marker in markers])
+
+    return merge_counts(run.agree("counts", mine))
 
 
 def check_selection(run: Run, selection: split.Selection, counts: dict) -> None:

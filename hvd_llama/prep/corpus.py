@@ -7,8 +7,8 @@ A part's folder holds
     table.npy   uint64 [7, documents]: the content hash as two big-endian halves (hi, lo), where the document starts
                 in the store, its bytes and characters, and for an example its prompt's bytes and characters (0 for
                 a document)
-    hashes.npy  uint64 [3, documents]: hi, lo and the document's row, sorted by (hi, lo, row): a deduplication
-                bucket reads its slice of hashes from every part
+    hashes.npy  uint64 [4, documents]: hi, lo, the document's row and its characters, sorted by (hi, lo, row): a
+                deduplication bucket reads its slice of hashes from every part
     read.json   the marker: what was read, what cleaning changed, the documents kept, where a cap stopped reading
 """
 from __future__ import annotations
@@ -69,7 +69,7 @@ class PartWriter:
         table = np.stack([np.frombuffer(row, dtype=np.uint64) if len(row) else np.zeros(0, np.uint64)
                           for row in self.rows])
         order = np.lexsort((table[LO], table[HI]))  # stable: rows of one hash stay in reading order
-        hashes = np.stack([table[HI][order], table[LO][order], order.astype(np.uint64)])
+        hashes = np.stack([table[HI][order], table[LO][order], order.astype(np.uint64), table[CHARS][order]])
         return {self.store.path: self.store.close(), **save_array(self.folder / TABLE, table),
                 **save_array(self.folder / HASHES, hashes)}
 

@@ -19,7 +19,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from hvd_llama.prep.corpus import CHARS, read_hashes, read_table, save_array
+from hvd_llama.prep.corpus import read_hashes, save_array
 from hvd_llama.prep.settings import MB
 
 KEY_SHIFT = 40  # a document's key, part << 40 | row, orders documents as the corpus does
@@ -68,12 +68,9 @@ def load_bucket(parts: Sequence[PartRef], index: int, count: int) -> np.ndarray:
     columns = []
     for part in parts:
         hashes = read_hashes(part.folder)
-        where = _slice(hashes[0], low, high)
-        hi, lo, rows = (np.asarray(hashes[k, where]) for k in range(3))
+        hi, lo, rows, chars = np.asarray(hashes[:, _slice(hashes[0], low, high)])
         counted = rows < part.rows
-        hi, lo, rows = hi[counted], lo[counted], rows[counted]
-        chars = np.asarray(read_table(part.folder)[CHARS])[rows]
-        columns.append(np.stack([hi, lo, keys(part.index, rows), chars]))
+        columns.append(np.stack([hi[counted], lo[counted], keys(part.index, rows[counted]), chars[counted]]))
     table = np.concatenate(columns, axis=1) if columns else np.zeros((4, 0), np.uint64)
     # Each part's slice is in (hi, lo, row) order and parts come in order: a stable sort by hash keeps key order.
     return table[:, np.lexsort((table[1], table[0]))]
@@ -108,7 +105,7 @@ def dropped_rows(part: int, prefixes: Sequence[Path]) -> np.ndarray:
 
 def kept_mask(part: PartRef, prefixes: Sequence[Path]) -> np.ndarray:
     """Which rows of the part are kept: counted (before a cap's stop) and not a copy."""
-    mask = np.zeros(len(read_table(part.folder)[CHARS]), dtype=bool)
+    mask = np.zeros(read_hashes(part.folder).shape[1], dtype=bool)
     mask[:part.rows] = True
     mask[dropped_rows(part.index, prefixes).astype(np.int64)] = False
     return mask

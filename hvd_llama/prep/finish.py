@@ -60,8 +60,8 @@ def cleaning_report(run: Run, counts: dict, dropped: dict) -> dict:
             "min_chars": options.clean.min_chars, "removed": removed}
 
 
-def finish(run: Run, refs: list[dedup.PartRef], selection: split.Selection, tokenizer: Tokenizer, counts: dict,
-           peaks: list[dict], command: str, started: float) -> dict:
+def finish(run: Run, refs: list[dedup.PartRef], buckets: int, selection: split.Selection, tokenizer: Tokenizer,
+           counts: dict, peaks: list[dict], command: str, started: float) -> dict:
     """Write meta.json and publish the folder as --out; returns meta.json's content."""
     options, root = run.options, run.staging.root
     encoded = [run.staging.done(ref.folder / ENCODED) for ref in refs]
@@ -77,7 +77,8 @@ def finish(run: Run, refs: list[dedup.PartRef], selection: split.Selection, toke
         **({"sft": {"prompt_field": options.sft.prompt_field, "response_field": options.sft.response_field}}
            if options.sft else {}),
         "command": command, "settings": json.loads(json.dumps(asdict(options))),
-        "work": {"ranks": run.ranks.size(), "parts": len(run.parts), "workers_per_rank": run.workers, "peak_rss_bytes": max(p["main"] for p in peaks),
+        "work": {"ranks": run.ranks.size(), "parts": len(run.parts), "buckets": buckets,
+                 "workers_per_rank": run.workers, "peak_rss_bytes": max(p["main"] for p in peaks),
                  "worker_peak_rss_bytes": max(p["workers"] for p in peaks)},
         "python": platform.python_version(), "seconds": round(time.perf_counter() - started, 3),
     }

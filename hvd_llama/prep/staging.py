@@ -134,11 +134,11 @@ class Staging:
         if job and job["identity"] == identity and job["inputs"] == inputs:
             self.error_path.unlink(missing_ok=True)
             return job, True
+        job = {"identity": identity, "inputs": inputs, "parts": plan(), "token": secrets.token_hex(8)}
         if self.root.exists():
             say(f"note: {self.root} holds an unfinished run of another command or of other inputs: starting over")
             shutil.rmtree(self.root)
         (self.root / "parts").mkdir(parents=True)
-        job = {"identity": identity, "inputs": inputs, "parts": plan(), "token": secrets.token_hex(8)}
         atomic_write_text(job_path, json.dumps(job) + "\n")
         return job, False
 
