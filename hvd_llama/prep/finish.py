@@ -15,7 +15,14 @@ from hvd_llama.files import atomic_write_text, sha256_file
 from hvd_llama.prep import dedup, split
 from hvd_llama.prep.run import Run, merge_counts
 from hvd_llama.prep.staging import check_out_dir
-from hvd_llama.prep.token_shards import META_FORMAT, META_VERSION, VERIFIED, record_verified, token_dtype
+from hvd_llama.prep.token_shards import (
+    META_FORMAT,
+    META_VERSION,
+    VERIFIED,
+    file_signature,
+    record_verified,
+    token_dtype,
+)
 from hvd_llama.tokenizer import Tokenizer
 
 ENCODED = "encoded.json"
@@ -85,7 +92,7 @@ def finish(run: Run, refs: list[dedup.PartRef], buckets: int, selection: split.S
     atomic_write_text(root / "meta.json", json.dumps(meta, indent=2) + "\n")
     outputs = [s["file"] for entry in splits.values() for s in entry["shards"]]
     outputs += [entry["index"]["file"] for entry in splits.values() if "index" in entry]
-    record_verified(root, outputs)
+    record_verified(root, {name: file_signature(root / name) for name in outputs})
     check_out_dir(run.staging.out, options.output.overwrite)  # something may have appeared there meanwhile
     run.staging.publish({"meta.json", tokenizer.path.name, VERIFIED, *outputs})
     return meta

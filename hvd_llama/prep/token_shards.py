@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -106,15 +106,16 @@ def file_signature(path: Path) -> list[int]:
 
 
 def read_verified(folder: Path) -> dict:
-    """verified.json's {file name: signature}; empty when there is none or it is unreadable."""
+    """verified.json's {file name: [size, mtime_ns, when it was verified (ns)]}; empty when there is none or it
+    is unreadable."""
     try:
         return dict(json.loads((folder / VERIFIED).read_text())["files"])
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         return {}
 
 
-def record_verified(folder: Path, names: Iterable[str], signatures: dict | None = None) -> None:
-    """Record files of `folder` as verified now (with `signatures` taken before their check, if given)."""
-    record = read_verified(folder)
-    record.update({name: (signatures or {}).get(name) or file_signature(folder / name) for name in names})
+def record_verified(folder: Path, signatures: dict[str, list[int]]) -> None:
+    """Record files of `folder` as verified now, each with its signature from before its check."""
+    now = time.time_ns()
+    record = {**read_verified(folder), **{name: [*signature, now] for name, signature in signatures.items()}}
     atomic_write_text(folder / VERIFIED, json.dumps({"files": record}) + "\n")
