@@ -16,16 +16,18 @@ from hvd_llama.training.data import read_meta
 
 PREPARE_MB = 1024  # the larger generated corpus
 GROWTH = 4  # the smaller one is PREPARE_MB / GROWTH
+PARTS = 32  # parts of the larger corpus (--part-mb): enough for two ranks to share the smaller one evenly
 ENCODE_EFFICIENCY_TARGET = 0.9
 OPEN_SHARDS = 10_000
 NODE_CORES = (32, 64)  # the nodes the README's hours per TB are given for
 
 
-def measure_prepare(b: Bench, inputs: Sequence[str], out: Path, name: str, ranks: int = 1) -> dict:
+def measure_prepare(b: Bench, inputs: Sequence[str], out: Path, name: str, ranks: int = 1,
+                    options: Sequence = ()) -> dict:
     """Wall time, MB/s (per core), peak memory (the largest process of the tree, and prepare's own per rank and
-    per encoding worker) of `python -m hvd_llama.prepare`, under horovodrun for ranks > 1."""
+    per encoding worker) of `python -m hvd_llama.prepare` with `options`, under horovodrun for ranks > 1."""
     usage_json = b.work / f"{name}_rusage.json"
-    command = python_module("hvd_llama.prepare", "--input", *inputs, "--out", out)
+    command = python_module("hvd_llama.prepare", "--input", *inputs, "--out", out, *options)
     b.run(python_module("hvd_llama.bench.prepare_steps", "rusage", "--json", usage_json, "--",
                         *(horovodrun(ranks, command) if ranks > 1 else command)), f"{name}.log")
     usage, meta = read_measurement(usage_json), read_meta(out)
@@ -51,7 +53,8 @@ def generated_runs(b: Bench, folder: Path) -> dict:
         try:
             for ranks in (1, 2) if mb < b.args.prepare_mb else (1,):
                 name = f"generated_{mb:g}mb_{ranks}rank"
-                runs[name] = {**measure_prepare(b, [str(corpus)], folder / name, f"prepare_{name}", ranks),
+                runs[name] = {**measure_prepare(b, [str(corpus)], folder / name, f"prepare_{name}", ranks,
+                                                ["--part-mb", b.args.prepare_mb / PARTS]),
                               "requested_mb": mb, "corpus_bytes": corpus_bytes, "corpus_write_s": write_s}
                 shutil.rmtree(folder / name, ignore_errors=True)  # gigabytes: do not keep them around
         finally:

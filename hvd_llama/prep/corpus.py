@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from hvd_llama.prep.settings import InputOptions, PrepareOptions
-from hvd_llama.prep.sources import Piece, Record, file_pieces, location, read_piece, record_text
+from hvd_llama.prep.sources import Piece, Record, file_pieces, read_piece, record_text
 from hvd_llama.prep.staging import HashingFile
 from hvd_llama.prep.text import Cleaner, document_hash, normalize_unicode, remove_control_chars
 from hvd_llama.procs import say
@@ -132,8 +132,8 @@ def read_documents(path: Path, text_field: str) -> Iterator[tuple[str, int, int]
     what `evaluate --text` scores."""
     for piece in file_pieces(path, 1 << 62):
         for record in read_piece(piece, {text_field: "--text-field"}):
-            text = record.value if piece.kind == "text" else record_text(
-                record.value, text_field, location(piece, record.number), "text", "--text-field")
+            text = record.value if piece.kind == "text" else record_text(record, piece, text_field, "text",
+                                                                         "--text-field")
             yield text, record.bad, record.position
 
 
@@ -173,8 +173,7 @@ class Documents:
         self.cleaner, self.field = Cleaner(c.steps, c.unicode_form, c.min_chars), options.inputs.text_field
 
     def texts(self, piece: Piece, record: Record) -> Optional[tuple[list[str], bytes]]:
-        text = record.value if piece.kind == "text" else record_text(
-            record.value, self.field, location(piece, record.number), "text", "--text-field")
+        text = record.value if piece.kind == "text" else record_text(record, piece, self.field, "text", "--text-field")
         cleaned = self.cleaner(text)
         return None if cleaned is None else ([cleaned], document_hash(cleaned))
 
@@ -206,8 +205,7 @@ class Examples:
         self.changed = 0
 
     def texts(self, piece: Piece, record: Record) -> tuple[list[str], bytes]:
-        where = location(piece, record.number)
-        raw = [record_text(record.value, field, where, what, option) for field, what, option in self.fields]
+        raw = [record_text(record, piece, field, what, option) for field, what, option in self.fields]
         cleaned = [clean_sft_text(text, self.unicode_form) for text in raw]
         self.changed += cleaned != raw
         return cleaned, example_hash(*cleaned)

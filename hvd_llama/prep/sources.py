@@ -292,14 +292,18 @@ def location(piece: Piece, number: int) -> str:
     return f"{piece.path}:{number}"
 
 
-def record_text(record: object, field: str, where: str, what: str, option: str) -> str:
-    """record[field], or a UserError naming the record and the option that chooses the field."""
-    if not isinstance(record, dict) or field not in record:
-        fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-        raise UserError(f"{where} has no {what} field {field!r} (it has: {fields}); choose one with {option}")
-    if not isinstance(record[field], str):
-        raise UserError(f"{where}: the {what} field {field!r} holds {type(record[field]).__name__}, expected a string")
-    return record[field]
+def record_text(record: Record, piece: Piece, field: str, what: str, option: str) -> str:
+    """record.value[field], or a UserError naming where the record is (worked out only then: it can mean reading
+    the file up to the piece) and the option that chooses the field."""
+    value = record.value
+    if not isinstance(value, dict) or field not in value:
+        fields = ", ".join(value) if isinstance(value, dict) else type(value).__name__
+        raise UserError(f"{location(piece, record.number)} has no {what} field {field!r} (it has: {fields}); choose "
+                        f"one with {option}")
+    if not isinstance(value[field], str):
+        raise UserError(f"{location(piece, record.number)}: the {what} field {field!r} holds "
+                        f"{type(value[field]).__name__}, expected a string")
+    return value[field]
 
 
 def file_signature(path: Path) -> list:
