@@ -120,10 +120,13 @@ def read_options(args: argparse.Namespace) -> PrepareOptions:
         raise UserError(f"--clean: {err}") from None
     if not 0 <= args.val_fraction < 1:
         raise UserError(f"--val-fraction {args.val_fraction} must be in [0, 1)")
-    for name in ("shard_tokens", "workers", "tokenizer_sentences", "max_docs", "max_chars"):
+    for name in ("shard_tokens", "workers", "max_docs", "max_chars"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} {value} must be at least 1")
+    if args.tokenizer_sentences <= 100:
+        raise UserError(f"--tokenizer-sentences {args.tokenizer_sentences} must be more than 100 (SentencePiece's "
+                        "least)")
     for name in ("part_mb", "memory_mb"):
         if not getattr(args, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive")

@@ -347,6 +347,8 @@ def test_bad_corpus(tmp_path, files, pattern):
     (("--val-fraction", "1.5"), r"--val-fraction 1\.5 must be in \[0, 1\)"),
     (("--shard-tokens", "0"), "--shard-tokens 0 must be at least 1"),
     (("--min-chars", "-1"), "--min-chars -1 must be >= 0"),
+    (("--tokenizer-sentences", "100"), r"--tokenizer-sentences 100 must be more than 100 \(SentencePiece's least\)"),
+    (("--memory-mb", "0"), "--memory-mb 0.0 must be positive"),
 ])
 def test_bad_options(tmp_path, args, pattern):
     with pytest.raises(UserError, match=pattern):

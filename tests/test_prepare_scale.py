@@ -199,6 +199,23 @@ def test_caps_keep_the_same_documents_on_two_ranks(mixed, tmp_path):
     assert_same_corpus(tmp_path / "two", two, tmp_path / "one", one, counts=False)
 
 
+@pytest.mark.distributed
+def test_a_tokenizer_sample_smaller_than_each_ranks_share_is_the_same_on_two_ranks(tmp_path):
+    """Each rank's candidates reach the sample's budget (101 chunks of <= 1,000 characters, SentencePiece's
+    least), so only those up to the ranks' smallest last priority travel: the sample, and the tokenizer, must not
+    change."""
+    (tmp_path / "in").mkdir()
+    for i in range(240):
+        (tmp_path / "in" / f"{i:03d}.txt").write_text(" ".join(make_document(i + k) for k in range(4)))
+    args = ["--input", tmp_path / "in", "--vocab-size", 400, "--tokenizer-sentences", 101, "--part-mb", 0.02]
+    one = run_prepare(*args, "--out", tmp_path / "one")
+    job = run_job(["-m", "hvd_llama.prepare", *map(str, args), "--out", str(tmp_path / "two"), "--workers", "1"],
+                  np=2, timeout=240)
+    assert job.returncode == 0, job.output[-3000:]
+    assert "training a 400-piece tokenizer on 101 text chunks" in job.output
+    assert_same_corpus(tmp_path / "two", json.loads((tmp_path / "two/meta.json").read_text()), tmp_path / "one", one)
+
+
 DYING_RANK = """
 import os, sys
 from hvd_llama import prepare

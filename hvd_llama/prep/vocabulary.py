@@ -21,24 +21,30 @@ MARKER = "tokenizer.json"
 
 
 def tokenizer_step(run: Run, selection: split.Selection, prefixes: list[Path]) -> Tokenizer:
-    """Copy --tokenizer, or train one on a sample of the training documents (never on validation text): every
-    rank proposes its buckets' first candidates, rank 0 trains on the union's first ones; every rank loads it."""
+    """Copy --tokenizer, or train one on a sample of the training documents (never on validation text), drawn
+    across the ranks; every rank loads it."""
     options, path = run.options.tokenizer, run.staging.root / "tokenizer.model"
     marker = run.staging.root / MARKER
-    budget = options.sentences * TOKENIZER_SENTENCE_CHARS
     sample = None
     if options.path is None and run.staging.done(marker) is None:
-        def candidates() -> np.ndarray:
-            found = np.zeros((3, 0), np.uint64)
-            for b in run.mine(len(prefixes)):
-                kept = split.kept_in_bucket(prefixes[b], selection.cut)
-                found = split.first_by_priority(np.concatenate(
-                    [found, split.sample_candidates(kept, selection, budget)], axis=1), budget)
-            return found
-
-        sample = split.first_by_priority(np.concatenate(run.agree("sample", candidates), axis=1), budget)
+        sample = draw_sample(run, selection, prefixes, options.sentences * TOKENIZER_SENTENCE_CHARS)
     run.agree("tokenizer", lambda: make_tokenizer(run, path, marker, sample) if run.main else None)
     return load_tokenizer(path)
+
+
+def draw_sample(run: Run, selection: split.Selection, prefixes: list[Path], budget: int) -> np.ndarray:
+    """The sample (split.first_by_priority) of every rank's buckets. Each rank finds its own first candidates
+    worth `budget` characters; none after the smallest of the ranks' last priorities can be in the sample, so
+    only the candidates up to it travel (about one rank's worth in all, not every rank's)."""
+    mine = np.zeros((3, 0), np.uint64)
+    for b in run.mine(len(prefixes)):
+        kept = split.kept_in_bucket(prefixes[b], selection.cut)
+        mine = split.first_by_priority(np.concatenate([mine, split.sample_candidates(kept, selection, budget)],
+                                                      axis=1), budget)
+    full = int(mine[1].astype(np.int64).sum()) >= budget
+    bound = min(run.agree("sample.bound", lambda: int(mine[0, -1]) if full else (1 << 64) - 1))
+    candidates = run.agree("sample", lambda: mine[:, mine[0] <= np.uint64(bound)])
+    return split.first_by_priority(np.concatenate(candidates, axis=1), budget)
 
 
 def make_tokenizer(run: Run, path: Path, marker: Path, sample: Optional[np.ndarray]) -> None:
