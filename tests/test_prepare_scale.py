@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from multiproc import REPO, finish_job, job_env, run_job, run_one_process, run_snippet
+from multiproc import REPO, finish_job, job_env, run_job, run_one_process, run_snippet, start_job
 from netns import IFACE
 from test_multinode import hosts, launcher_env, start_on_first_host  # noqa: F401 (hosts: the fixture)
 from test_prepare import (
@@ -284,6 +284,23 @@ def test_sigterm_stops_in_seconds_and_the_same_command_continues(stdlib_run, tmp
     assert re.search(rf"resuming the unfinished run in .*: {read} of \d+ parts already read", again.stderr)
     assert_same_corpus(out, json.loads((out / "meta.json").read_text()), reference, meta)
     assert stopped_in < json.loads((out / "meta.json").read_text())["seconds"]  # sooner than a whole run
+
+
+@pytest.mark.distributed
+def test_sigterm_to_horovodrun_stops_every_rank_and_one_process_continues(stdlib_run, tmp_path):
+    args, reference, meta = stdlib_run
+    out = tmp_path / "out"
+    job = start_job(["-m", "hvd_llama.prepare", *map(str, args), "--out", str(out)], np=2)
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob(".out.prepare/parts/*/read.json"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    job.send_signal(signal.SIGTERM)
+    stopped = finish_job(job, timeout=60)
+    assert stopped.returncode != 0 and not out.exists()
+    assert len(re.findall(r"<stderr>:prepare stopped; what it finished is kept", stopped.output)) == 2, stopped.output
+    again = run_prepare(*args, "--out", out)
+    assert_same_corpus(out, again, reference, meta)
+    assert no_temp_folders(tmp_path)
 
 
 @pytest.mark.parametrize("seed", [random.randrange(1 << 30)])
