@@ -1,6 +1,7 @@
 """Reading one part of the input (sources.py) into cleaned documents on disk: the part's text store and its table
 of documents, which deduplication, the split, the tokenizer's sample and encoding read back by row. Memory holds
-one document (or Parquet batch) and 56 bytes per document of the part, whatever the corpus.
+one document (or the text column of one Parquet row group) and 56 bytes per document of the part, whatever the
+corpus.
 
 A part's folder holds
     store.bin   the cleaned texts back to back (UTF-8); a fine-tuning example is its prompt, then its response
