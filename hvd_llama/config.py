@@ -23,6 +23,7 @@ LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")  # the proje
 @dataclass
 class DataConfig:
     dir: str = "data/stdlib"  # a folder written by `hvd_llama.prepare` (meta.json, tokenizer.model, shards)
+    verify: bool = False  # check every shard's checksum at start (else only shards changed since their last check)
 
 
 @dataclass

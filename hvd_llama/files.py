@@ -69,18 +69,23 @@ def staging_dir(out: str | os.PathLike, tmp: Optional[Path] = None) -> Iterator[
     tmp = tmp or new_staging_dir(out)
     try:
         yield tmp
-        fsync_dir(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        fsync_dir(out.parent)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Rename the complete folder `tmp` to `out`, swapping out an existing `out` first (then deleting it)."""
+    fsync_dir(tmp)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    fsync_dir(out.parent)
 
 
 def read_json(path: str | os.PathLike, what: str) -> dict:

@@ -51,6 +51,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="start from pretrained weights (hvd_llama checkpoint, Hugging Face or Meta folder); "
                              "optimizer, step and schedule start fresh (same as finetune.init_from)")
     parser.add_argument("--elastic", action="store_true", help="run under Horovod Elastic (same as dist.elastic=true)")
+    parser.add_argument("--verify-data", action="store_true",
+                        help="check every shard's checksum at start (same as data.verify=true)")
     return parser.parse_args(argv)
 
 
@@ -87,6 +89,7 @@ def summary_line(record: dict, before: Progress, after: Progress, seconds: float
 def _main(argv: Optional[Sequence[str]]) -> None:
     args = parse_args(argv)
     overrides = args.set + (["dist.elastic=true"] if args.elastic else []) + \
+        (["data.verify=true"] if args.verify_data else []) + \
         ([f"finetune.init_from={args.init_from}"] if args.init_from else [])
     cfg = load_config(args.config, overrides)
     device_kind = resolve_device(cfg.train.device, "train.device").type

@@ -2,6 +2,7 @@
 its figures agree with each other, with the model and with the time each benchmark took."""
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -197,11 +198,16 @@ def test_generation_without_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_prepare(tmp_path):
     r = run_bench(tmp_path, "prepare", "--prepare-mb", "1", "--encode-mb", "1")["results"]["prepare"]
-    for p in (r["stdlib"], r["generated"]):
+    generated = list(r["generated"].values())
+    for p in [r["stdlib"], *generated]:
         assert all(positive(p[k]) for k in ("input_bytes", "seconds", "mb_per_s", "peak_rss_bytes", "tokens"))
         assert close(p["mb_per_s"], p["input_bytes"] / 1e6 / p["seconds"])
+        assert close(p["mb_per_s_per_core"] * len(os.sched_getaffinity(0)), p["mb_per_s"])
         assert p["prepare_reported_s"] < p["seconds"] < r["wall_s"]  # the process outlasts prepare's own timing
-    assert r["generated"]["corpus_bytes"] >= 1e6 and r["generated"]["input_bytes"] == r["generated"]["corpus_bytes"]
+    assert [(p["requested_mb"], p["ranks"]) for p in generated] == [(0.25, 1), (0.25, 2), (1, 1)]
+    assert all(p["input_bytes"] == p["corpus_bytes"] >= p["requested_mb"] * 1e6 for p in generated)
+    assert close(r["input_growth"], generated[2]["input_bytes"] / generated[0]["input_bytes"])
+    assert close(r["peak_rss_growth"], generated[2]["peak_rss_bytes"] / generated[0]["peak_rss_bytes"])
     e = r["encode"]
     assert e["bytes"] >= 1e6 and all(map(positive, e["mb_per_s"].values()))
     assert close(e["parallel_efficiency"], e["mb_per_s"]["encode_parallel"] / (e["mb_per_s"]["sentencepiece_single"]
@@ -209,6 +215,8 @@ def test_prepare(tmp_path):
     assert e["target_met"] == (e["parallel_efficiency"] >= 0.9)
     best_s = [e["bytes"] / 1e6 / speed for speed in e["mb_per_s"].values()]  # each way's fastest of 3 runs
     assert 3 * sum(best_s) < r["wall_s"]
+    o = r["open"]
+    assert o["shards"] == 10_000 and o["maps_open"] == 64 and 0 < o["open_read_bytes"] < o["bytes"] / 10
 
 
 # ---- ZeRO stages: memory and step time ----------------------------------------------------------------------

@@ -1,6 +1,9 @@
 """Token windows over memory-mapped shards, and the resumable distributed sampler."""
 import json
+import os
 import pickle
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +14,7 @@ from hvd_llama import prepare
 from hvd_llama.cli import UserError
 from hvd_llama.prep.token_shards import HEADER_BYTES, META_FORMAT, META_VERSION, ShardWriter
 from hvd_llama.tokenizer import Tokenizer
-from hvd_llama.training.data import SampleOrder, StepBatches, TokenWindows, read_meta
+from hvd_llama.training.data import OPEN_SHARDS, SampleOrder, StepBatches, TokenWindows, read_meta
 
 
 def write_data_dir(folder, train_tokens, val_tokens, shard_tokens, dtype=np.dtype("<u2")):
@@ -105,9 +108,42 @@ def flip_token(path):
     path.write_bytes(bytes(data))
 
 
-def test_checksum_verification_can_be_skipped(shard_dir):
-    flip_token(shard_dir / "train_0002.bin")
-    assert len(TokenWindows(shard_dir, "train", seq_len=8, verify=False)) == 124
+def flip_token_keeping_size_and_mtime(path):
+    stat = path.stat()
+    flip_token(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_shards_are_checked_once_then_again_only_when_changed_or_asked(shard_dir):
+    TokenWindows(shard_dir, "train", seq_len=8)  # no record yet: every shard is checked, then recorded
+    recorded = json.loads((shard_dir / "verified.json").read_text())["files"]
+    assert sorted(recorded) == [f"train_{k:04d}.bin" for k in range(4)]
+    flip_token_keeping_size_and_mtime(shard_dir / "train_0002.bin")  # what a stat cannot see
+    assert len(TokenWindows(shard_dir, "train", seq_len=8)) == 124  # not read again
+    with pytest.raises(UserError, match="train_0002.bin does not match its checksum"):
+        TokenWindows(shard_dir, "train", seq_len=8, verify=True)  # train --verify-data
+    os.utime(shard_dir / "train_0002.bin")  # a new modification time: checked again
+    with pytest.raises(UserError, match="train_0002.bin does not match its checksum"):
+        TokenWindows(shard_dir, "train", seq_len=8)
+
+
+def read_bytes() -> int:
+    """Bytes this process has read through read(2) and friends so far (Linux)."""
+    return int(re.search(r"^rchar: (\d+)", Path("/proc/self/io").read_text(), re.M).group(1))
+
+
+def test_ten_thousand_shards_open_without_reading_them_and_map_a_few_at_a_time(tmp_path):
+    folder = write_data_dir(tmp_path / "d", np.arange(10_000 * 1000) % 60_000, np.arange(100), shard_tokens=1000)
+    shard_bytes = sum(p.stat().st_size for p in folder.glob("train_*.bin"))
+    TokenWindows(folder, "train", seq_len=100)  # the first open checks them (prepare's own check, for a folder it made)
+    before = read_bytes()
+    windows = TokenWindows(folder, "train", seq_len=100)
+    opened = read_bytes() - before
+    assert len(windows.paths) == 10_000 and len(windows) == 99_999
+    assert opened < shard_bytes / 10, (opened, shard_bytes)  # meta.json and verified.json, not the shards
+    fds = len(os.listdir("/proc/self/fd"))
+    assert [windows[i][0].item() for i in range(0, 99_999, 997)] == [(i * 100) % 60_000 for i in range(0, 99_999, 997)]
+    assert len(windows._maps) == OPEN_SHARDS and len(os.listdir("/proc/self/fd")) <= fds + OPEN_SHARDS
 
 
 def test_other_user_errors(shard_dir, tmp_path):

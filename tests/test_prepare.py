@@ -19,7 +19,7 @@ from hvd_llama import prepare
 from hvd_llama.cli import UserError
 from hvd_llama.files import sha256_file
 from hvd_llama.prep import encode
-from hvd_llama.prep.corpus import stdlib_files
+from hvd_llama.prep.sources import stdlib_files
 from hvd_llama.prep.text import Cleaner, document_hash
 from hvd_llama.prep.token_shards import HEADER_BYTES, ShardWriter, read_shard_header, token_dtype
 from hvd_llama.tokenizer import Tokenizer
@@ -63,8 +63,9 @@ def corpus(tmp_path_factory):
     (root / "image.bin").write_bytes(bytes(range(256)))  # not matched by the default --include
     (root / ".hidden/secret.txt").write_text(make_document(41))  # hidden folders are skipped
     cleaner = Cleaner()
-    expected = [c for rel in sorted(raw) for text in raw[rel] if (c := cleaner(text)) is not None]
-    assert len(expected) == 25
+    cleaned = [c for rel in sorted(raw) for text in raw[rel] if (c := cleaner(text)) is not None]
+    expected = list(dict.fromkeys(cleaned))  # the first of equal documents is kept
+    assert len(expected) == 25 == len(cleaned) - 1
     return root, expected
 
 
@@ -123,8 +124,9 @@ def test_meta_and_shard_files(prepared):
     train_shards = meta["splits"]["train"]["shards"]
     assert len(train_shards) > 1 and all(s["tokens"] == 500 for s in train_shards[:-1])
     files = sorted(p.name for p in out.iterdir())
-    assert files == sorted(["meta.json", "tokenizer.model"] +
-                           [s["file"] for split in meta["splits"].values() for s in split["shards"]])
+    shards = [s["file"] for split in meta["splits"].values() for s in split["shards"]]
+    assert files == sorted(["meta.json", "tokenizer.model", "verified.json"] + shards)
+    assert shards[0] == "train_00000_0000.bin" and shards[-1] == "val_00000_0000.bin"  # one part: one stream
     for split in meta["splits"].values():
         for shard in split["shards"]:
             assert sha256_file(out / shard["file"]) == shard["sha256"]
@@ -133,7 +135,7 @@ def test_meta_and_shard_files(prepared):
     assert meta["cleaning"]["removed"]["dedup"]["documents"] == 1
     assert meta["cleaning"]["removed"]["control"]["documents"] > 0
     assert meta["command"].startswith("python -m hvd_llama.prepare --input ")
-    assert meta["settings"]["vocab_size"] == 600
+    assert meta["settings"]["tokenizer"]["vocab_size"] == 600 and meta["work"]["ranks"] == 1
     assert not list(out.parent.glob(".data.*"))  # no temporary folder left behind
 
 
@@ -199,7 +201,8 @@ def test_stdlib_end_to_end_with_caps(tmp_path):
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 40
     assert meta["split_method"] == "documents" and meta["splits"]["val"]["tokens"] > 0
     assert re.search(r"^prepared 40 documents, [\d,]+ characters -> [\d,]+ tokens \(\d+\.\d\d characters/token\) "
-                     r"in \d+\.\d s \(\d+\.\d\d MB/s\) -> ", result.stdout, re.MULTILINE)
+                     r"in \d+\.\d s \(\d+\.\d\d MB/s, 1 rank\(s\) x \d+ worker\(s\)\), peak RSS \d+ MB per rank"
+                     r"( \+ \d+ MB per worker)? -> ", result.stdout, re.MULTILINE)
     assert "encode" in result.stderr and "B/s" in result.stderr  # progress bar with throughput
     docs = decode_documents(out, "train") + decode_documents(out, "val")
     assert sum(map(len, docs)) == meta["splits"]["train"]["chars"] + meta["splits"]["val"]["chars"]
@@ -337,6 +340,8 @@ def test_bad_corpus(tmp_path, files, pattern):
     (("--val-fraction", "1.5"), r"--val-fraction 1\.5 must be in \[0, 1\)"),
     (("--shard-tokens", "0"), "--shard-tokens 0 must be at least 1"),
     (("--min-chars", "-1"), "--min-chars -1 must be >= 0"),
+    (("--tokenizer-sentences", "100"), r"--tokenizer-sentences 100 must be more than 100 \(SentencePiece's least\)"),
+    (("--memory-mb", "0"), "--memory-mb 0.0 must be positive"),
 ])
 def test_bad_options(tmp_path, args, pattern):
     with pytest.raises(UserError, match=pattern):
@@ -360,32 +365,38 @@ def test_undecodable_bytes_are_replaced_and_counted(tmp_path, capsys):
     assert "3 undecodable bytes" in capsys.readouterr().out
 
 
-def test_ctrl_c_during_encoding_leaves_nothing(tmp_path, corpus, monkeypatch):
+def test_ctrl_c_during_encoding_leaves_no_corpus_and_the_same_command_finishes_it(tmp_path, corpus, prepared,
+                                                                                 monkeypatch, capsys):
     calls = []
 
     def interrupted_write(self, tokens):
         calls.append(len(tokens))
         raise KeyboardInterrupt
 
+    write = ShardWriter.write
     monkeypatch.setattr(ShardWriter, "write", interrupted_write)
     monkeypatch.setattr(encode, "ENCODE_BATCH_BYTES", 2000)  # several batches, so the pool is used
+    args = ["--input", str(corpus[0]), "--out", str(tmp_path / "out"), "--exclude", "skip_*", "--vocab-size", "600",
+            "--shard-tokens", "500", "--workers", "2"]
     with pytest.raises(SystemExit) as exit_info:
-        prepare.main(["--input", str(corpus[0]), "--out", str(tmp_path / "out"), "--vocab-size", "600",
-                      "--workers", "2"])
+        prepare.main(args)
     assert exit_info.value.code == 130 and calls
-    assert not (tmp_path / "out").exists() and no_temp_folders(tmp_path)
+    assert not (tmp_path / "out").exists() and (tmp_path / ".out.prepare/parts/00000/read.json").is_file()
+    assert "run the same command again to continue" in capsys.readouterr().err
+    monkeypatch.setattr(ShardWriter, "write", write)
+    assert prepare.prepare(args)["splits"] == prepared[1]["splits"]
+    assert "resuming the unfinished run" in capsys.readouterr().err and no_temp_folders(tmp_path)
 
 
-def test_sigint_while_reading_removes_the_temp_folder(tmp_path):
+def test_sigint_while_reading_keeps_the_staging_folder_and_no_corpus(tmp_path):
     out = tmp_path / "out"
-    process = subprocess.Popen([sys.executable, "-m", "hvd_llama.prepare", "--input", "stdlib", "--out", str(out)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "hvd_llama.prepare", "--input", "stdlib", "--out", str(out),
+                                "--part-mb", "0.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
-    while not [p for p in tmp_path.iterdir() if ".tmp-" in p.name] and time.monotonic() < deadline:
+    while not list(tmp_path.glob(".out.prepare/parts/*/read.json")) and time.monotonic() < deadline:
         time.sleep(0.01)
-    time.sleep(0.2)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1].startswith("error: interrupted")
-    assert not out.exists() and no_temp_folders(tmp_path)
+    assert not out.exists() and not list(tmp_path.glob(".out.prepare/*.bin"))  # stopped while reading

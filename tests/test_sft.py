@@ -103,7 +103,8 @@ def test_prepare_sft_writes_examples_index_and_meta(sft):
     assert meta["inputs"]["files"] == 2 and meta["inputs"]["records"] == 32
     assert meta["cleaning"]["changed"] == 1 and meta["cleaning"]["duplicates"] == 1
     assert len(expected["val"]) == 3
-    files = {"meta.json", "tokenizer.model", "train_index.npy", "val_index.npy", "train_0000.bin", "val_0000.bin"}
+    files = {"meta.json", "tokenizer.model", "verified.json", "train_index.npy", "val_index.npy", "train_00000_0000.bin",
+             "val_00000_0000.bin"}
     assert {p.name for p in out.iterdir()} == files and no_temp_folders(out.parent)
     for name, examples in expected.items():
         split = meta["splits"][name]
@@ -129,7 +130,7 @@ def test_existing_tokenizer_and_parallel_encoding_give_identical_data(sft, tmp_p
     again = prepare.prepare(["--sft", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "out"),
                              "--tokenizer", str(out / "tokenizer.model"), "--workers", "2"])
     assert again["splits"] == meta["splits"] and again["tokenizer_trained"] is False
-    for name in ("train_index.npy", "val_index.npy", "train_0000.bin", "val_0000.bin"):
+    for name in ("train_index.npy", "val_index.npy", "train_00000_0000.bin", "val_00000_0000.bin"):
         assert (tmp_path / "out" / name).read_bytes() == (out / name).read_bytes()
 
 

@@ -17,12 +17,13 @@ TESTS = Path(__file__).resolve().parent
 FLOW = [
     # foundations: errors, files, processes, the configuration, the model, the tokenizer, the device
     "cli", "files", "procs", "model", "config", "tokenizer", "device", "lora",
-    # prep/: raw text -> token shards (the prepare command)
-    "prep", "prep.text", "prep.token_shards", "prep.corpus", "prep.encode", "prepare",
+    # prep/: raw text -> token shards (the prepare command, which takes hvd_llama.parallel's ranks under a launcher)
+    "prep", "prep.text", "prep.token_shards", "prep.settings", "prep.sources", "prep.staging", "prep.corpus",
+    "prep.dedup", "prep.split", "prep.encode", "prep.run", "prep.vocabulary", "prep.finish", "prep.build",
     # training/ and parallel/: token shards -> a trained model (the train and plan commands)
-    "training", "training.data", "training.zero_layout", "training.preemption", "training.faults", "training.optim", "training.metrics",
-    "training.memory", "training.compute", "parallel.zero", "parallel.zero3", "parallel", "parallel.elastic",
-    "parallel.report",
+    "training", "training.data", "training.zero_layout", "training.preemption", "training.faults", "training.optim",
+    "training.metrics", "training.memory", "training.compute", "parallel.zero", "parallel.zero3", "parallel",
+    "parallel.elastic", "parallel.report", "prepare",
     # weights/: checkpoints and other formats on disk
     "weights", "weights.checkpoint", "weights.formats", "weights.pretrained",
     "training.checkpointing", "training.builder", "training.trainer", "train", "plan",
@@ -30,8 +31,8 @@ FLOW = [
     "use", "use.inference", "use.decoding", "evaluate", "generate", "convert", "doctor",
     # benchmarks of all of the above
     "bench", "bench.common", "bench.synthetic", "bench.train_steps", "bench.prepare_steps", "bench.throughput",
-    "bench.scaling", "bench.quality", "bench.generation", "bench.prepare", "bench.memory", "bench.stages", "bench.fsdp",
-    "bench.run", "bench.__main__",
+    "bench.scaling", "bench.quality", "bench.generation", "bench.prepare", "bench.memory", "bench.stages",
+    "bench.fsdp", "bench.run", "bench.__main__",
 ]
 MAX_LINES = 450
 

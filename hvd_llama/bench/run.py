@@ -136,7 +136,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     g.add_argument("--gen-repeats", type=int, default=3, help="timed runs of each decoding (the fastest is kept)")
     g.add_argument("--checkpoint", help="checkpoint for the fp32 -> int8 perplexity change (default: quality's)")
     g = parser.add_argument_group("prepare")
-    g.add_argument("--prepare-mb", type=float, default=prepare.PREPARE_MB, help="size of the generated corpus")
+    g.add_argument("--prepare-mb", type=float, default=prepare.PREPARE_MB,
+                   help=f"size of the larger generated corpus (the smaller is 1/{prepare.GROWTH} of it)")
     g.add_argument("--encode-mb", type=float, default=32, help="text encoded for the single vs parallel comparison")
     g = parser.add_argument_group("memory (ZeRO stages 0/1/2: state bytes and peak RSS per rank)")
     g.add_argument("--memory-config", default="configs/small.yaml", help="base config of the memory benchmark")

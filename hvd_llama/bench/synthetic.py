@@ -8,7 +8,7 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator
 
-from hvd_llama.prep.corpus import stdlib_files
+from hvd_llama.prep.sources import stdlib_files
 
 
 def unique_documents() -> Iterator[str]:

@@ -1,229 +1,185 @@
-"""Finding and reading inputs: files, folders, the standard library, plain text and JSON lines (optionally .gz),
-read and cleaned into a document store, then split into train and validation by content hash."""
+"""Reading one part of the input (sources.py) into cleaned documents on disk: the part's text store and its table
+of documents, which deduplication, the split, the tokenizer's sample and encoding read back by row. Memory holds
+one document (or the text column of one Parquet row group) and 56 bytes per document of the part, whatever the
+corpus.
+
+A part's folder holds
+    store.bin   the cleaned texts back to back (UTF-8); a fine-tuning example is its prompt, then its response
+    table.npy   uint64 [7, documents]: the content hash as two big-endian halves (hi, lo), where the document starts
+                in the store, its bytes and characters, and for an example its prompt's bytes and characters (0 for
+                a document)
+    hashes.npy  uint64 [4, documents]: hi, lo, the document's row and its characters, sorted by (hi, lo, row): a
+                deduplication bucket reads its slice of hashes from every part
+    read.json   the marker: what was read, what cleaning changed, the documents kept, where a cap stopped reading
+"""
 from __future__ import annotations
 
-import argparse
-import fnmatch
-import gzip
-import json
-import sys
-import sysconfig
-import zlib
-from contextlib import closing, contextmanager
+from array import array
+from contextlib import closing
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
-from tqdm import tqdm
+import numpy as np
 
-from hvd_llama.cli import UserError
-from hvd_llama.prep.text import Cleaner, decode_utf8, document_hash, normalize_unicode, remove_control_chars
+from hvd_llama.prep.settings import InputOptions, PrepareOptions
+from hvd_llama.prep.sources import Piece, Record, file_pieces, read_piece, record_text
+from hvd_llama.prep.staging import HashingFile
+from hvd_llama.prep.text import Cleaner, document_hash, normalize_unicode, remove_control_chars
+from hvd_llama.procs import say
 
-STDLIB = "stdlib"
-STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-SFT_INCLUDE = ("*.jsonl", "*.ndjson")
-DEFAULT_INCLUDE = ("*.txt", "*.md", "*.rst", "*.jsonl", "*.ndjson", "*.py", "*.pyi", "*.c", "*.h", "*.cc",
-                   "*.cpp", "*.hpp", "*.cu", "*.java", "*.js", "*.ts", "*.go", "*.rs", "*.rb", "*.sh", "*.toml",
-                   "*.yaml", "*.yml", "*.tex")
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
-MIN_DOCS_FOR_DOCUMENT_SPLIT = 20  # fewer documents are split by characters (nanoGPT's tiny Shakespeare rule)
+TABLE_ROWS = ("hi", "lo", "offset", "nbytes", "chars", "head_nbytes", "head_chars")
+HI, LO, OFFSET, NBYTES, CHARS, HEAD_NBYTES, HEAD_CHARS = range(len(TABLE_ROWS))
+STORE, TABLE, HASHES, READ = "store.bin", "table.npy", "hashes.npy", "read.json"
 
 
-# ----------------------------------------------------------------------------------------------- input files
-
-def stdlib_files() -> list[Path]:
-    """The running Python's standard library sources, without tests and installed packages."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted((p for p in root.rglob("*.py") if not STDLIB_SKIP_DIRS & set(p.relative_to(root).parts[:-1])),
-                  key=lambda p: p.relative_to(root).as_posix())
+def hash_halves(digest: bytes) -> tuple[int, int]:
+    """A 16-byte hash as two integers that order as the bytes do."""
+    return int.from_bytes(digest[:8], "big"), int.from_bytes(digest[8:], "big")
 
 
-def _matches(relative: str, patterns: Sequence[str]) -> bool:
-    name = relative.rsplit("/", 1)[-1]
-    names = (relative, name, name[:-3] if name.endswith(".gz") else name)  # *.txt also matches a.txt.gz
-    return any(fnmatch.fnmatch(n, p) for n in names for p in patterns)
+def save_array(path: Path, values: np.ndarray) -> dict[Path, dict]:
+    file = HashingFile(path)
+    np.save(file, values, allow_pickle=False)
+    return {path: file.close()}
 
 
-def find_input_files(inputs: Sequence[str], include: Sequence[str], exclude: Sequence[str]) -> list[Path]:
-    """Expand --input values into an ordered list of files. Folders are walked recursively in sorted order,
-    skipping hidden entries; files named explicitly are always read."""
-    files: list[Path] = []
-    for spec in inputs:
-        path = Path(spec)
-        if spec == STDLIB:
-            root = Path(sysconfig.get_paths()["stdlib"])
-            files += [p for p in stdlib_files() if not _matches(p.relative_to(root).as_posix(), exclude)]
-        elif path.is_file():
-            files.append(path)
-        elif path.is_dir():
-            found = []
-            for p in path.rglob("*"):
-                relative = p.relative_to(path).as_posix()
-                if (p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-                        and _matches(relative, include) and not _matches(relative, exclude)):
-                    found.append((relative, p))
-            if not found:
-                raise UserError(f"--input {spec} holds no files matching --include {' '.join(include)}")
-            files += [p for _, p in sorted(found)]
-        else:
-            raise UserError(f"--input {spec} does not exist (expected a file, a folder, or '{STDLIB}')")
-    unique = list(dict.fromkeys(p.resolve() for p in files))
-    if not unique:
-        raise UserError(f"no input files found in {' '.join(inputs)}")
-    return unique
+class PartWriter:
+    """Appends cleaned documents (or examples) to a part's store and table."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.store = HashingFile(folder / STORE)
+        self.rows = [array("Q") for _ in TABLE_ROWS]
+
+    def __len__(self) -> int:
+        return len(self.rows[0])
+
+    def add(self, texts: Sequence[str], digest: bytes) -> None:
+        data = [text.encode("utf-8") for text in texts]
+        offset = self.store.size
+        for chunk in data:
+            self.store.write(chunk)
+        head = (len(data[0]), len(texts[0])) if len(texts) > 1 else (0, 0)
+        values = (*hash_halves(digest), offset, sum(map(len, data)), sum(map(len, texts)), *head)
+        for row, value in zip(self.rows, values):
+            row.append(value)
+
+    def close(self) -> dict[Path, dict]:
+        """Write the table and the sorted hashes; returns the part's files for its marker."""
+        table = np.stack([np.frombuffer(row, dtype=np.uint64) if len(row) else np.zeros(0, np.uint64)
+                          for row in self.rows])
+        order = np.lexsort((table[LO], table[HI]))  # stable: rows of one hash stay in reading order
+        hashes = np.stack([table[HI][order], table[LO][order], order.astype(np.uint64), table[CHARS][order]])
+        return {self.store.path: self.store.close(), **save_array(self.folder / TABLE, table),
+                **save_array(self.folder / HASHES, hashes)}
 
 
-@contextmanager
-def open_input(path: Path) -> Iterator[tuple[BinaryIO, BinaryIO]]:
-    """(raw file, decompressed stream) of an input file that may be gzip-compressed (.gz)."""
-    with open(path, "rb") as raw:
-        try:
-            yield raw, gzip.GzipFile(fileobj=raw) if path.name.endswith(".gz") else raw
-        except (gzip.BadGzipFile, EOFError, zlib.error) as err:
-            raise UserError(f"{path} is not a valid gzip file ({err})") from None
+def read_table(folder: Path) -> np.ndarray:
+    return np.load(folder / TABLE, mmap_mode="r")
 
 
-def read_documents(path: Path, jsonl_field: str) -> Iterator[tuple[str, int, int]]:
-    """Yield (text, undecodable bytes replaced, bytes of the file consumed so far) per document: one per
-    plain-text file, one per line of a JSON-lines file; either may be gzip-compressed (.gz)."""
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
-    if name.endswith(JSONL_SUFFIXES):
-        for (number, record), bad, position in read_json_lines(path):
-            yield record_text(record, jsonl_field, path, number, "text", "--jsonl-field"), bad, position
-        return
-    with open_input(path) as (raw, stream):
-        text, bad = decode_utf8(stream.read())
-        yield text, bad, raw.tell()
+def read_hashes(folder: Path) -> np.ndarray:
+    return np.load(folder / HASHES, mmap_mode="r")
 
 
-def read_json_lines(path: Path) -> Iterator[tuple[tuple[int, object], int, int]]:
-    """Yield ((line number, parsed JSON value), undecodable bytes replaced, bytes of the file consumed so far)
-    per non-blank line."""
-    with open_input(path) as (raw, stream):
-        for number, line in enumerate(stream, 1):
-            if line.strip():
-                text, bad = decode_utf8(line)
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as err:
-                    raise UserError(f"{path}:{number} is not valid JSON ({err.msg}); JSON-lines input needs one "
-                                    "object per line") from None
-                yield (number, record), bad, raw.tell()
+def read_texts(store, table: np.ndarray, row: int, examples: bool) -> list[str]:
+    """A row's texts from an open store: [document], or [prompt, response] of an example."""
+    store.seek(int(table[OFFSET, row]))
+    data = store.read(int(table[NBYTES, row]))
+    head = int(table[HEAD_NBYTES, row])
+    return [data[:head].decode("utf-8"), data[head:].decode("utf-8")] if examples else [data.decode("utf-8")]
 
 
-def record_text(record: object, field: str, path: Path, number: int, what: str, option: str) -> str:
-    """record[field], or a UserError naming the file, the line and the option that chooses the field."""
-    if not isinstance(record, dict) or field not in record:
-        fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-        raise UserError(f"{path}:{number} has no {what} field {field!r} (it has: {fields}); "
-                        f"choose one with {option}")
-    if not isinstance(record[field], str):
-        raise UserError(f"{path}:{number}: the {what} field {field!r} holds {type(record[field]).__name__}, "
-                        "expected a string")
-    return record[field]
+# --------------------------------------------------------------------------------------------------- the caps
+
+class Caps:
+    """--max-docs / --max-chars on one rank, counting distinct documents (when deduplicating) in the order the
+    rank reads them. A rank sees a subset of the documents before any point of the corpus, so when its count
+    reaches a cap the whole corpus's count has reached it by then too: the rank may stop reading there, and the
+    exact cut is made later over every part (split.py). Holds the hashes it has counted, so at most a cap's worth."""
+
+    def __init__(self, inputs: InputOptions, distinct: bool):
+        self.max_docs, self.max_chars = inputs.max_docs, inputs.max_chars
+        self.seen: Optional[set] = set() if distinct else None
+        self.docs = self.chars = 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.max_docs or self.max_chars)
+
+    def add(self, digest: object, chars: int) -> bool:
+        """Count a kept document; True once a cap is reached."""
+        if self.seen is None or digest not in self.seen:
+            if self.seen is not None:
+                self.seen.add(digest)
+            self.docs += 1
+            self.chars += chars
+        return bool((self.max_docs and self.docs >= self.max_docs) or (self.max_chars and self.chars >= self.max_chars))
+
+    def add_part(self, folder: Path) -> Optional[int]:
+        """Count the documents of a part read before (a resumed run); the row where a cap is reached, if it is."""
+        table = read_table(folder)
+        for row, (hi, lo, chars) in enumerate(zip(table[HI].tolist(), table[LO].tolist(), table[CHARS].tolist())):
+            if self.add((hi, lo), chars):
+                return row
+        return None
 
 
-# ------------------------------------------------------------------------------------------ cleaned documents
+# ------------------------------------------------------------------------------------------------ reading a part
 
-class Doc(NamedTuple):
-    """A cleaned document (or part of one) in the document store: UTF-8 bytes [offset, offset + nbytes)."""
-    offset: int
-    nbytes: int
-    chars: int
-
-
-class DocumentStore:
-    """Cleaned documents appended to one UTF-8 file, so the corpus never has to fit in memory and encode
-    workers read their own documents instead of receiving them through a pipe."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._file = open(path, "wb")
-        self._size = 0
-
-    def add(self, text: str) -> Doc:
-        data = text.encode("utf-8")
-        self._file.write(data)
-        self._size += len(data)
-        return Doc(self._size - len(data), len(data), len(text))
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def read_doc(file, doc: Doc) -> str:
-    file.seek(doc.offset)
-    return file.read(doc.nbytes).decode("utf-8")
+def read_documents(path: Path, text_field: str) -> Iterator[tuple[str, int, int]]:
+    """(text, undecodable bytes replaced, bytes of its piece consumed) of each document of one file, uncleaned:
+    what `evaluate --text` scores."""
+    for piece in file_pieces(path, 1 << 62):
+        for record in read_piece(piece, {text_field: "--text-field"}):
+            text = record.value if piece.kind == "text" else record_text(record, piece, text_field, "text",
+                                                                         "--text-field")
+            yield text, record.bad, record.position
 
 
 def input_stats(unit: str) -> dict:
-    """meta.json's "inputs", counted by read_files and the caller (`unit`: documents or JSON records read)."""
+    """meta.json's "inputs" (`unit`: documents or JSON records read)."""
     return {"files": 0, "bytes": 0, unit: 0, "undecodable_bytes": 0, "files_with_undecodable_bytes": 0}
 
 
-def read_files(files: Sequence[Path], read_file: Callable[[Path], Iterator[tuple[object, int, int]]],
-               stats: dict) -> Iterator[tuple[Path, object]]:
-    """(path, item) for the items read_file(path) yields as (item, undecodable bytes, bytes consumed), file by
-    file, with a progress bar; counts files, bytes and undecodable bytes into stats. The caller may stop early."""
-    with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc="read+clean",
-              file=sys.stderr, mininterval=0.5) as bar:
-        for path in files:
-            stats["files"] += 1
-            consumed = bad_in_file = 0
-            try:
-                for item, bad, position in read_file(path):
-                    bar.update(position - consumed)
-                    stats["bytes"] += position - consumed
-                    consumed = position
-                    bad_in_file += bad
-                    yield path, item
-                rest = path.stat().st_size - consumed  # what follows the last item, e.g. blank lines
-                bar.update(rest)
-                stats["bytes"] += rest
-            finally:
-                stats["undecodable_bytes"] += bad_in_file
-                stats["files_with_undecodable_bytes"] += bad_in_file > 0
-                if bad_in_file:
-                    tqdm.write(f"warning: {path}: {bad_in_file} undecodable bytes replaced by U+FFFD", file=sys.stderr)
+def read_records(pieces: Sequence[Piece], columns: dict[str, str], stats: dict,
+                 progress: Callable[[int], object]) -> Iterator[tuple[Piece, Record]]:
+    """Every record of the pieces, counting files, bytes and undecodable bytes into stats as it goes."""
+    for piece in pieces:
+        stats["files"] += piece.first
+        consumed = bad = 0
+        try:
+            for record in read_piece(piece, columns):
+                progress(record.position - consumed)
+                stats["bytes"] += record.position - consumed
+                consumed, bad = record.position, bad + record.bad
+                yield piece, record
+            progress(piece.size - consumed)  # what follows the last record, e.g. blank lines
+            stats["bytes"] += piece.size - consumed
+        finally:
+            stats["undecodable_bytes"] += bad
+            stats["files_with_undecodable_bytes"] += bad > 0
+            if bad:
+                say(f"warning: {piece.path}: {bad} undecodable bytes replaced by U+FFFD")
 
 
-def caps_reached(args: argparse.Namespace, kept: int, kept_chars: int) -> bool:
-    return bool((args.max_docs and kept >= args.max_docs) or (args.max_chars and kept_chars >= args.max_chars))
+class Documents:
+    """Pretraining documents: a text file's text or a record's text field, cleaned."""
 
+    unit = "documents"
 
-def read_corpus(files: Sequence[Path], store: DocumentStore, cleaner: Cleaner,
-                args: argparse.Namespace) -> tuple[list[Doc], list[bytes], dict]:
-    """Read and clean every document into the store until the caps are reached."""
-    docs: list[Doc] = []
-    hashes: list[bytes] = []
-    stats = input_stats("documents")
-    kept_chars = 0
-    with closing(read_files(files, lambda path: read_documents(path, args.jsonl_field), stats)) as texts:
-        for _, text in texts:
-            stats["documents"] += 1
-            cleaned = cleaner(text)
-            if cleaned is not None:
-                docs.append(store.add(cleaned))
-                hashes.append(document_hash(cleaned))
-                kept_chars += len(cleaned)
-            if caps_reached(args, len(docs), kept_chars):
-                break
-    return docs, hashes, stats
+    def __init__(self, options: PrepareOptions):
+        c = options.clean
+        self.cleaner, self.field = Cleaner(c.steps, c.unicode_form, c.min_chars), options.inputs.text_field
 
+    def texts(self, piece: Piece, record: Record) -> Optional[tuple[list[str], bytes]]:
+        text = record.value if piece.kind == "text" else record_text(record, piece, self.field, "text", "--text-field")
+        cleaned = self.cleaner(text)
+        return None if cleaned is None else ([cleaned], document_hash(cleaned))
 
-# ------------------------------------------------------------------------------------- fine-tuning examples
-
-class Example(NamedTuple):
-    """A prompt/response pair, both stored in the document store."""
-    prompt: Doc
-    response: Doc
-
-    @property
-    def nbytes(self) -> int:
-        return self.prompt.nbytes + self.response.nbytes
-
-    @property
-    def chars(self) -> int:
-        return self.prompt.chars + self.response.chars
+    def report(self) -> dict:
+        return self.cleaner.report
 
 
 def clean_sft_text(text: str, unicode_form: str) -> str:
@@ -238,65 +194,43 @@ def example_hash(prompt: str, response: str) -> bytes:
     return document_hash(f"{prompt}\0{response}")
 
 
-def read_examples(files: Sequence[Path], store: DocumentStore,
-                  args: argparse.Namespace) -> tuple[list[Example], list[bytes], dict, dict]:
-    """Read every JSON-lines record's prompt and response into the store, cleaned and deduplicated, until the
-    caps are reached (--max-docs counts examples). Returns examples, hashes, input stats and a cleaning report."""
-    examples: list[Example] = []
-    hashes: list[bytes] = []
-    seen: set[bytes] = set()
-    stats = input_stats("records")
-    cleaning = {"changed": 0, "duplicates": 0}
-    kept_chars = 0
-    with closing(read_files(files, read_json_lines, stats)) as records:
-        for path, (number, record) in records:
-            stats["records"] += 1
-            raw = [record_text(record, field, path, number, what, option) for field, what, option in (
-                (args.prompt_field, "prompt", "--prompt-field"), (args.response_field, "response", "--response-field"))]
-            prompt, response = (clean_sft_text(text, args.unicode_form) for text in raw)
-            cleaning["changed"] += [prompt, response] != raw
-            digest = example_hash(prompt, response)
-            if digest in seen:
-                cleaning["duplicates"] += 1
-                continue
-            seen.add(digest)
-            examples.append(Example(store.add(prompt), store.add(response)))
-            hashes.append(digest)
-            kept_chars += len(prompt) + len(response)
-            if caps_reached(args, len(examples), kept_chars):
-                break
-    return examples, hashes, stats, cleaning
+class Examples:
+    """Fine-tuning examples: each record's prompt and response, cleaned of control characters only."""
+
+    unit = "records"
+
+    def __init__(self, options: PrepareOptions):
+        self.fields = [(options.sft.prompt_field, "prompt", "--prompt-field"),
+                       (options.sft.response_field, "response", "--response-field")]
+        self.unicode_form = options.clean.unicode_form
+        self.changed = 0
+
+    def texts(self, piece: Piece, record: Record) -> tuple[list[str], bytes]:
+        raw = [record_text(record, piece, field, what, option) for field, what, option in self.fields]
+        cleaned = [clean_sft_text(text, self.unicode_form) for text in raw]
+        self.changed += cleaned != raw
+        return cleaned, example_hash(*cleaned)
+
+    def report(self) -> dict:
+        return {"changed": self.changed}
 
 
-# ---------------------------------------------------------------------------------------------------- split
-
-def split_by_hash(items: list, hashes: list[bytes], val_fraction: float) -> tuple[list, list]:
-    """(train, val): validation is the val_fraction of items with the smallest content hash, at least one
-    when val_fraction > 0; independent of input order. Order within each split is kept."""
-    n_val = max(1, round(len(items) * val_fraction)) if val_fraction > 0 else 0
-    val_ids = set(sorted(range(len(items)), key=lambda i: (hashes[i], i))[:n_val])
-    return ([x for i, x in enumerate(items) if i not in val_ids], [x for i, x in enumerate(items) if i in val_ids])
-
-
-def split_corpus(docs: list[Doc], hashes: list[bytes], val_fraction: float,
-                 store_path: Path) -> tuple[list[Doc], list[Doc], str]:
-    """(train, val, method). With enough documents, split_by_hash; with few, validation is the last
-    val_fraction of the concatenated text by characters, cutting one document in two (nanoGPT's convention)."""
-    if len(docs) >= MIN_DOCS_FOR_DOCUMENT_SPLIT:
-        return (*split_by_hash(docs, hashes, val_fraction), "documents")
-    cut = int(sum(d.chars for d in docs) * (1 - val_fraction))
-    train, val, seen = [], [], 0
-    with open(store_path, "rb") as store:
-        for doc in docs:
-            if seen + doc.chars <= cut:
-                train.append(doc)
-            elif seen >= cut:
-                val.append(doc)
-            else:
-                head = read_doc(store, doc)[:cut - seen]
-                head_bytes = len(head.encode("utf-8"))
-                train.append(Doc(doc.offset, head_bytes, len(head)))
-                val.append(Doc(doc.offset + head_bytes, doc.nbytes - head_bytes, doc.chars - len(head)))
-            seen += doc.chars
-    return train, val, "characters"
-
+def read_part(pieces: Sequence[Piece], folder: Path, options: PrepareOptions, caps: Caps,
+              progress: Callable[[int], object]) -> tuple[dict, dict[Path, dict]]:
+    """Read and clean a part into its folder; returns its marker's content and its files. Reading stops at the
+    document that makes this rank's count reach a cap ("stop": its row)."""
+    reader = Examples(options) if options.sft else Documents(options)
+    writer = PartWriter(folder)
+    stats = input_stats(reader.unit)
+    stop = None
+    with closing(read_records(pieces, options.columns(), stats, progress)) as records:
+        for piece, record in records:
+            stats[reader.unit] += 1
+            kept = reader.texts(piece, record)
+            if kept is not None:
+                writer.add(*kept)
+                if caps.active and caps.add(hash_halves(kept[1]), sum(map(len, kept[0]))):
+                    stop = len(writer) - 1
+                    break
+    content = {"inputs": stats, "cleaning": reader.report(), "documents": len(writer), "stop": stop}
+    return content, writer.close()

@@ -1,36 +1,52 @@
-"""Encoding stored documents into token shards, in a pool of worker processes started by a fork server."""
+"""Encoding a part's kept documents into its token shards, in a pool of worker processes started by a fork server.
+
+A part's split is encoded in the corpus's order into {split}_{part:05d}_0000.bin, ...: a split's token stream is
+its parts' shards in part order, so the stream does not depend on which rank encoded what. Fine-tuning examples
+also get a per-part index of (start, prompt length counting bos, total length), merged into {split}_index.npy
+when every part is done.
+"""
 from __future__ import annotations
 
 import itertools
 import multiprocessing
 import multiprocessing.forkserver
 import signal
-import sys
 from contextlib import closing
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
-from hvd_llama.files import sha256_file
-from hvd_llama.prep.corpus import Doc, Example, read_doc
+from hvd_llama.prep.corpus import CHARS, HEAD_NBYTES, NBYTES, OFFSET, read_texts, save_array
 from hvd_llama.prep.token_shards import ShardWriter
 
 ENCODE_BATCH_BYTES = 1 << 20
+RANGE_OFFSET, RANGE_HEAD, RANGE_NBYTES = range(3)  # columns of an array of store ranges
 
 
 class DocEncoder:
-    """Encodes a batch of stored documents into one array of [bos] + tokens + [eos] per document."""
+    """Encodes a batch of stored documents, (store path, int64 [n, 3] ranges of offset, head bytes, bytes), into
+    one array of [bos] + tokens + [eos] per document."""
 
-    def __init__(self, tokenizer_path: Path, store_path: Path, dtype: np.dtype):
+    def __init__(self, tokenizer_path: Path, dtype: np.dtype):
         import sentencepiece as spm
         self.sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
-        self.store = open(store_path, "rb")
         self.dtype = dtype
+        self._store, self._store_path = None, None
 
-    def __call__(self, docs: Sequence[Doc]) -> np.ndarray:
-        encoded = self.sp.encode([read_doc(self.store, d) for d in docs], add_bos=True, add_eos=True,
+    def texts(self, store_path: str, ranges: np.ndarray) -> list[bytes]:
+        if store_path != self._store_path:
+            if self._store is not None:
+                self._store.close()
+            self._store, self._store_path = open(store_path, "rb"), store_path
+        out = []
+        for offset, _, nbytes in ranges.tolist():
+            self._store.seek(offset)
+            out.append(self._store.read(nbytes))
+        return out
+
+    def __call__(self, task: tuple[str, np.ndarray]) -> np.ndarray:
+        encoded = self.sp.encode([t.decode("utf-8") for t in self.texts(*task)], add_bos=True, add_eos=True,
                                  num_threads=1)
         return np.fromiter(itertools.chain.from_iterable(encoded), dtype=self.dtype, count=sum(map(len, encoded)))
 
@@ -40,11 +56,13 @@ class ExampleEncoder(DocEncoder):
     encoded separately, so the boundary is exact), and returns the tokens with one index row per example:
     (start within this batch, prompt length counting bos, total length)."""
 
-    def __call__(self, examples: Sequence[Example]) -> tuple[np.ndarray, np.ndarray]:
-        encoded = self.sp.encode([read_doc(self.store, d) for example in examples for d in example], num_threads=1)
+    def __call__(self, task: tuple[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        data = self.texts(*task)
+        pairs = [(d[:head].decode("utf-8"), d[head:].decode("utf-8")) for d, head in zip(data, task[1][:, RANGE_HEAD])]
+        encoded = self.sp.encode([text for pair in pairs for text in pair], num_threads=1)
         bos, eos = self.sp.bos_id(), self.sp.eos_id()
         flat: list[int] = []
-        rows = np.zeros((len(examples), 3), dtype=np.int64)
+        rows = np.zeros((len(pairs), 3), dtype=np.int64)
         for row, prompt, response in zip(rows, encoded[0::2], encoded[1::2]):
             row[:] = len(flat), 1 + len(prompt), 2 + len(prompt) + len(response)
             flat.append(bos)
@@ -63,21 +81,16 @@ def _start_worker(encoder: type, *encoder_args) -> None:
     _worker_encoder = encoder(*encoder_args)
 
 
-def _encode_in_worker(docs: Sequence[Doc]):
-    return _worker_encoder(docs)
+def _encode_in_worker(task):
+    return _worker_encoder(task)
 
 
-def batch_docs(docs: Sequence[Doc], batch_bytes: int) -> list[list[Doc]]:
-    """Consecutive documents (or examples) grouped into batches of about batch_bytes each (order kept)."""
-    batches: list[list[Doc]] = [[]]
-    size = 0
-    for doc in docs:
-        if batches[-1] and size + doc.nbytes > batch_bytes:
-            batches.append([])
-            size = 0
-        batches[-1].append(doc)
-        size += doc.nbytes
-    return [b for b in batches if b]
+def batch_ranges(ranges: np.ndarray, batch_bytes: int) -> list[np.ndarray]:
+    """Consecutive ranges grouped into batches of about batch_bytes each (order kept)."""
+    ends = np.cumsum(ranges[:, RANGE_NBYTES])
+    groups = ends // batch_bytes  # batch k holds the ranges whose text ends in [k, k + 1) * batch_bytes
+    cuts = np.flatnonzero(np.diff(groups)) + 1
+    return [batch for batch in np.split(ranges, cuts) if len(batch)]
 
 
 def encoding_context() -> multiprocessing.context.BaseContext:
@@ -100,73 +113,83 @@ def start_encoding_server(workers: int) -> None:
         multiprocessing.forkserver.ensure_running()
 
 
-def encode_batches(batches: Sequence[Sequence[Doc]], tokenizer_path: Path, store_path: Path, dtype: np.dtype,
-                   workers: int, encoder: type = DocEncoder) -> Iterator:
-    """encoder's output (DocEncoder: a token array) for each of `batches`, in order. workers > 1 encodes in a
-    process pool (imap keeps the order, and tasks are only document offsets, so memory stays bounded);
-    workers == 1 encodes in this process. Also the benchmark's entry point for single-process versus parallel
-    encoding."""
-    args = (tokenizer_path, store_path, dtype)
-    if workers <= 1 or len(batches) <= 1:
-        yield from map(encoder(*args), batches)
+def peak_rss(pid: int | str = "self") -> int:
+    """The peak resident memory of a process (Linux's VmHWM), 0 where unknown."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
+
+
+def encode_batches(tasks: Sequence[tuple[str, np.ndarray]], tokenizer_path: Path, dtype: np.dtype, workers: int,
+                   encoder: type = DocEncoder, peaks: Optional[list] = None) -> Iterator:
+    """encoder's output (DocEncoder: a token array) for each task (store path, ranges), in order. workers > 1
+    encodes in a process pool (imap keeps the order, and tasks are only offsets, so memory stays bounded), and
+    appends the workers' peak memory to `peaks`; workers == 1 encodes in this process. Also the benchmark's entry
+    point for single-process versus parallel encoding."""
+    args = (tokenizer_path, dtype)
+    if workers <= 1 or len(tasks) <= 1:
+        yield from map(encoder(*args), tasks)
         return
     with encoding_context().Pool(workers, _start_worker, (encoder, *args)) as pool:
-        yield from pool.imap(_encode_in_worker, batches)
+        for i, output in enumerate(pool.imap(_encode_in_worker, tasks)):
+            if i == len(tasks) - 1 and peaks is not None:  # the workers have done their share and are still there
+                peaks.extend(peak_rss(p.pid) for p in multiprocessing.active_children())
+            yield output
 
 
+# -------------------------------------------------------------------------------------------------- a part
 
-def encoded_batches(split_docs: dict[str, list], tokenizer_path: Path, store_path: Path, dtype: np.dtype,
-                    workers: int, encoder: type) -> Iterator[tuple[str, object]]:
-    """(split name, encoder output) for every batch of every split, in order, with a progress bar."""
-    batches = [(name, batch) for name, docs in split_docs.items() for batch in batch_docs(docs, ENCODE_BATCH_BYTES)]
-    with tqdm(total=sum(d.nbytes for docs in split_docs.values() for d in docs), unit="B", unit_scale=True,
-              desc="encode", file=sys.stderr, mininterval=0.5) as bar:
-        outputs = encode_batches([b for _, b in batches], tokenizer_path, store_path, dtype, workers, encoder)
-        with closing(outputs):  # on an error, stop the pool now rather than when garbage-collected
-            for (name, batch), output in zip(batches, outputs):
-                yield name, output
-                bar.update(sum(d.nbytes for d in batch))
-
-
-def encode_splits(split_docs: dict[str, list[Doc]], tokenizer_path: Path, store_path: Path, dtype: np.dtype,
-                  folder: Path, shard_tokens: int, workers: int) -> dict:
-    """Encode every split into its shards; returns meta.json's "splits"."""
-    writers = {name: ShardWriter(folder, name, dtype, shard_tokens) for name in split_docs}
-    with closing(encoded_batches(split_docs, tokenizer_path, store_path, dtype, workers, DocEncoder)) as batches:
-        for name, tokens in batches:
-            writers[name].write(tokens)
-    splits = {}
-    for name, docs in split_docs.items():
-        shards = writers[name].close()
-        splits[name] = {"documents": len(docs), "chars": sum(d.chars for d in docs),
-                        "tokens": sum(s["tokens"] for s in shards), "shards": shards}
-    return splits
+def part_ranges(store: Path, table: np.ndarray, rows: np.ndarray, training_chars: np.ndarray) -> dict[str, np.ndarray]:
+    """The store ranges (offset, head bytes, bytes) of a part's kept rows, per split: whole rows by their training
+    characters, and the document a character split cuts in two (training head, validation tail)."""
+    columns = np.stack([np.asarray(table[k])[rows].astype(np.int64) for k in (OFFSET, HEAD_NBYTES, NBYTES)], axis=1)
+    chars = np.asarray(table[CHARS])[rows].astype(np.int64)
+    train, val = columns[training_chars == chars], columns[training_chars == 0]
+    cut = np.flatnonzero((training_chars > 0) & (training_chars < chars))
+    if len(cut):  # its head is the last training text, its tail the first validation text
+        offset, _, nbytes = columns[cut[0]]
+        with open(store, "rb") as f:
+            text = read_texts(f, table, int(rows[cut[0]]), examples=False)[0]
+        head = len(text[:int(training_chars[cut[0]])].encode("utf-8"))
+        train = np.concatenate([train, [[offset, 0, head]]])
+        val = np.concatenate([[[offset + head, 0, nbytes - head]], val])
+    return {"train": train, "val": val}
 
 
-def encode_example_splits(split_examples: dict[str, list[Example]], tokenizer_path: Path, store_path: Path,
-                          dtype: np.dtype, folder: Path, shard_tokens: int, workers: int) -> dict:
-    """Encode every split's examples into its shards and {split}_index.npy; returns meta.json's "splits".
-    prompt_tokens counts bos, response_tokens counts eos: together they are all the tokens, and
-    response_tokens are exactly the tokens a fine-tuning loss is computed on."""
-    writers = {name: ShardWriter(folder, name, dtype, shard_tokens) for name in split_examples}
-    rows: dict[str, list[np.ndarray]] = {name: [np.zeros((0, 3), dtype=np.int64)] for name in split_examples}
-    offsets = dict.fromkeys(split_examples, 0)
-    with closing(encoded_batches(split_examples, tokenizer_path, store_path, dtype, workers,
-                                 ExampleEncoder)) as batches:
-        for name, (tokens, batch_rows) in batches:
-            batch_rows[:, 0] += offsets[name]  # start within the split's token stream
+def split_counts(table: np.ndarray, rows: np.ndarray, training_chars: np.ndarray, examples: bool) -> dict:
+    """Each split's kept documents (a cut document in both) or examples and characters, for meta.json."""
+    chars = np.asarray(table[CHARS])[rows].astype(np.int64)
+    unit = "examples" if examples else "documents"
+    return {"train": {unit: int((training_chars > 0).sum()), "chars": int(training_chars.sum())},
+            "val": {unit: int((training_chars < chars).sum()), "chars": int((chars - training_chars).sum())}}
+
+
+def encode_part(store: Path, ranges: dict[str, np.ndarray], encode: Callable, folder: Path, index_folder: Path,
+                prefix: str, dtype: np.dtype, shard_tokens: int, examples: bool) -> tuple[dict, dict[Path, dict]]:
+    """Encode a part's ranges into its shards {split}_{prefix}_NNNN.bin in `folder` (and, for examples, its index
+    {split}_index.npy in index_folder); returns each split's tokens and shards, and the files written."""
+    writers = {name: ShardWriter(folder, f"{name}_{prefix}", dtype, shard_tokens) for name in ranges}
+    tasks = [(name, (str(store), batch)) for name, r in ranges.items() for batch in batch_ranges(r, ENCODE_BATCH_BYTES)]
+    rows = {name: [np.zeros((0, 3), np.int64)] for name in ranges}
+    offsets = dict.fromkeys(ranges, 0)
+    with closing(encode([task for _, task in tasks])) as outputs:
+        for (name, _), output in zip(tasks, outputs):
+            tokens, batch_rows = output if examples else (output, None)
+            if examples:
+                batch_rows[:, 0] += offsets[name]  # start within this part's stream of the split
+                rows[name].append(batch_rows)
             offsets[name] += len(tokens)
             writers[name].write(tokens)
-            rows[name].append(batch_rows)
-    splits = {}
-    for name, examples in split_examples.items():
-        shards = writers[name].close()
-        index = np.concatenate(rows[name])
-        index_file = f"{name}_index.npy"
-        np.save(folder / index_file, index.astype("<i8"), allow_pickle=False)
-        prompt_tokens, tokens = int(index[:, 1].sum()), int(index[:, 2].sum())
-        splits[name] = {"examples": len(examples), "chars": sum(e.chars for e in examples), "tokens": tokens,
-                        "prompt_tokens": prompt_tokens, "response_tokens": tokens - prompt_tokens, "shards": shards,
-                        "index": {"file": index_file, "sha256": sha256_file(folder / index_file)}}
-    return splits
-
+    splits, files = {}, {}
+    for name, writer in writers.items():
+        shards = writer.close()
+        splits[name] = {"tokens": offsets[name], "shards": shards}
+        files.update({folder / s["file"]: {"bytes": (folder / s["file"]).stat().st_size, "sha256": s["sha256"]}
+                      for s in shards})
+        if examples:
+            index = np.concatenate(rows[name]).astype("<i8")
+            files.update(save_array(index_folder / f"{name}_index.npy", index))
+            splits[name]["prompt_tokens"] = int(index[:, 1].sum())
+    return splits, files

@@ -1,10 +1,10 @@
 """Text cleaning: small pure functions, one per step, and a Cleaner that applies them and keeps a report.
 
 Character-level steps run in a fixed order (html, unicode, control, whitespace), then the document-level
-steps decide whether the document is kept (short, dedup). None of the default steps touches leading
-indentation or spacing inside a line, so source code survives cleaning unchanged apart from line endings
-and trailing whitespace. `html` is off by default: it would eat `a<b and c>d` in code; turn it on for
-scraped web text.
+steps decide whether the document is kept: short here, dedup (exact duplicates, by document_hash) across the
+whole corpus in prep/dedup.py. None of the default steps touches leading indentation or spacing inside a line,
+so source code survives cleaning unchanged apart from line endings and trailing whitespace. `html` is off by
+default: it would eat `a<b and c>d` in code; turn it on for scraped web text.
 """
 from __future__ import annotations
 
@@ -119,11 +119,10 @@ class Cleaner:
             ("control", remove_control_chars),
             ("whitespace", normalize_whitespace),
         ) if name in self.steps]
-        self._seen: set[bytes] = set()
         self.report = {step: {"documents": 0, "chars": 0} for step in self.steps}
 
     def __call__(self, text: str) -> Optional[str]:
-        """The cleaned document, or None when a document-level step drops it."""
+        """The cleaned document, or None when it is too short (or empty). Duplicates are dedup.py's to drop."""
         for name, fn in self._char_steps:
             cleaned = fn(text)
             if cleaned != text:
@@ -132,12 +131,6 @@ class Cleaner:
         if not text or ("short" in self.steps and len(text) < self.min_chars):
             self._count("short" if "short" in self.steps else "empty", len(text))
             return None
-        if "dedup" in self.steps:
-            digest = document_hash(text)
-            if digest in self._seen:
-                self._count("dedup", len(text))
-                return None
-            self._seen.add(digest)
         return text
 
     def _count(self, step: str, chars: int) -> None:

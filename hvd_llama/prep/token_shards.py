@@ -3,16 +3,22 @@
 A shard is a 1024-byte header of 128 int64 [magic b"HVDLLAMA", format version, bytes per token (2: uint16,
 4: uint32), token count, 0 ...], then the tokens. A split's token stream is its shards in order; meta.json
 (META_FORMAT, META_VERSION) lists them with their token counts and checksums.
+
+verified.json records each data file's size and modification time when its checksum was last found right
+(prepare computes the checksums as it writes): a reader checks a file's checksum again only when these changed,
+so opening a corpus costs a stat per file, not a read of its bytes.
 """
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 
 from hvd_llama.cli import UserError
-from hvd_llama.files import sha256_file
+from hvd_llama.files import atomic_write_text, sha256_file
 
 SHARD_MAGIC = int.from_bytes(b"HVDLLAMA", "little")
 SHARD_VERSION = 1
@@ -22,6 +28,7 @@ TOKEN_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 META_FORMAT = "hvd_llama.prepare"
 META_VERSION = 1
 RERUN_HINT = "re-run `python -m hvd_llama.prepare` to rebuild the data folder"
+VERIFIED = "verified.json"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -55,10 +62,10 @@ def read_shard_header(path: str | os.PathLike) -> tuple[np.dtype, int]:
 
 
 class ShardWriter:
-    """Streams one split's tokens into {split}_0000.bin, {split}_0001.bin, ... of at most shard_tokens each."""
+    """Streams a token stream into {prefix}_0000.bin, {prefix}_0001.bin, ... of at most shard_tokens each."""
 
-    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int):
-        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
+    def __init__(self, folder: Path, prefix: str, dtype: np.dtype, shard_tokens: int):
+        self.folder, self.prefix, self.dtype, self.shard_tokens = folder, prefix, dtype, shard_tokens
         self.shards: list[dict] = []
         self._file = None
         self._count = 0
@@ -67,7 +74,7 @@ class ShardWriter:
         tokens = tokens.astype(self.dtype, copy=False)
         while len(tokens):
             if self._file is None:
-                name = f"{self.split}_{len(self.shards):04d}.bin"
+                name = f"{self.prefix}_{len(self.shards):04d}.bin"
                 self._file = open(self.folder / name, "wb")
                 self._file.write(shard_header(self.dtype, 0))  # rewritten with the count when the shard closes
                 self.shards.append({"file": name})
@@ -90,3 +97,25 @@ class ShardWriter:
         self.shards[-1].update(tokens=self._count, sha256=sha256_file(self.folder / self.shards[-1]["file"]))
         self._file, self._count = None, 0
 
+
+
+def file_signature(path: Path) -> list[int]:
+    """What changes when a file is rewritten or replaced: its size and modification time."""
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def read_verified(folder: Path) -> dict:
+    """verified.json's {file name: [size, mtime_ns, when it was verified (ns)]}; empty when there is none or it
+    is unreadable."""
+    try:
+        return dict(json.loads((folder / VERIFIED).read_text())["files"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def record_verified(folder: Path, signatures: dict[str, list[int]]) -> None:
+    """Record files of `folder` as verified now, each with its signature from before its check."""
+    now = time.time_ns()
+    record = {**read_verified(folder), **{name: [*signature, now] for name, signature in signatures.items()}}
+    atomic_write_text(folder / VERIFIED, json.dumps({"files": record}) + "\n")

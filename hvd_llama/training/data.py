@@ -2,11 +2,15 @@
 example (supervised fine-tuning), a resumable sampler, and the stream of a rank's training batches."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import time
 import warnings
+from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Iterator, Union
 
 import numpy as np
 import torch
@@ -14,11 +18,21 @@ from torch.utils.data import Dataset
 
 from hvd_llama.cli import UserError
 from hvd_llama.files import sha256_file
-from hvd_llama.prep.token_shards import HEADER_BYTES, META_FORMAT, META_VERSION, RERUN_HINT, read_shard_header
+from hvd_llama.prep.token_shards import (
+    HEADER_BYTES,
+    META_FORMAT,
+    META_VERSION,
+    RERUN_HINT,
+    file_signature,
+    read_shard_header,
+    read_verified,
+    record_verified,
+)
 
 SPLITS = ("train", "val")
 KINDS = ("pretrain", "sft")
 IGNORE_INDEX = -100  # targets with this value are left out of the loss (torch's cross_entropy default)
+OPEN_SHARDS = 64  # memory maps a dataset keeps open at once (each holds a file descriptor)
 
 
 def read_meta(data_dir: str | os.PathLike) -> dict:
@@ -45,12 +59,59 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
     return meta
 
 
-class SplitTokens(Dataset):
-    """A split's token stream: its shards checked against meta.json and memory-mapped lazily in each process,
-    so a dataset pickles cheaply into DataLoader workers and never loads a split into memory. The base of the
-    two training datasets, which cut it into items of seq_len inputs."""
+@contextmanager
+def _verification_lock(data_dir: Path) -> Iterator[None]:
+    """One process at a time checks a folder's files, where the folder allows a lock: the ranks that share it (and
+    a job's DataLoader workers) wait, then find the files recorded as verified."""
+    try:
+        lock = open(data_dir / ".verified.lock", "a")
+    except OSError:  # a read-only folder: every process checks what it must
+        yield
+        return
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # a filesystem without locks
+            pass
+        yield
 
-    def __init__(self, data_dir: str | os.PathLike, split: str, seq_len: int, verify: bool = True):
+
+def verify_files(data_dir: Path, checksums: dict[str, str], check: Callable[[Path], None], everything: bool) -> None:
+    """Check the sha256 (and `check`) of the data files whose size or modification time changed since they were
+    last found right (verified.json, which prepare writes), or of every file not checked since this call began
+    with `everything`; record what was checked. Opening a verified corpus costs a stat per file."""
+    started = time.time_ns()
+
+    def stale() -> list[str]:
+        record = read_verified(data_dir)
+        return [name for name, entry in ((name, record.get(name)) for name in checksums)
+                if entry is None or entry[:2] != file_signature(data_dir / name) or (everything and entry[2] < started)]
+
+    if not stale():
+        return
+    with _verification_lock(data_dir):
+        signatures = {}
+        for name in stale():  # again: another process may have checked them while this one waited
+            path = data_dir / name
+            signatures[name] = file_signature(path)  # before reading: a change during the check shows next time
+            check(path)
+            if sha256_file(path) != checksums[name]:
+                raise UserError(f"{path} does not match its checksum in meta.json (corrupted or replaced); "
+                                f"{RERUN_HINT}")
+        try:
+            record_verified(data_dir, signatures)
+        except OSError:  # a read-only folder: checked again next time
+            pass
+
+
+class SplitTokens(Dataset):
+    """A split's token stream: its shards checked against meta.json (their sizes always, their checksums when they
+    changed since their last check, or all with `verify`) and memory-mapped lazily in each process, at most
+    OPEN_SHARDS at once, so a dataset pickles cheaply into DataLoader workers, never loads a split into memory
+    and opens a corpus of any number of shards. The base of the two training datasets, which cut it into items of
+    seq_len inputs."""
+
+    def __init__(self, data_dir: str | os.PathLike, split: str, seq_len: int, verify: bool = False):
         if split not in SPLITS:
             raise UserError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         if seq_len < 1:
@@ -59,39 +120,52 @@ class SplitTokens(Dataset):
         self.split, self.seq_len = split, seq_len
         self.meta = read_meta(self.data_dir)
         self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
-        self.paths, counts = [], []
-        for shard in self.meta["splits"][split]["shards"]:
-            path = self.data_dir / shard["file"]
-            dtype, n_tokens = read_shard_header(path)
-            if dtype != self.dtype or n_tokens != shard["tokens"]:
-                raise UserError(f"{path} holds {n_tokens} {dtype.name} tokens but meta.json says {shard['tokens']} "
-                                f"{self.dtype.name}; {RERUN_HINT}")
-            if verify and sha256_file(path) != shard["sha256"]:
-                raise UserError(f"{path} does not match its checksum in meta.json (corrupted or replaced); "
+        shards = self.meta["splits"][split]["shards"]
+        self.paths = [self.data_dir / shard["file"] for shard in shards]
+        counts = [shard["tokens"] for shard in shards]
+        for path, n_tokens in zip(self.paths, counts):
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise UserError(f"shard {path} is missing; {RERUN_HINT}") from None
+            if size != HEADER_BYTES + n_tokens * self.dtype.itemsize:
+                raise UserError(f"{path} should hold {n_tokens} tokens but its size does not match (truncated?); "
                                 f"{RERUN_HINT}")
-            self.paths.append(path)
-            counts.append(n_tokens)
+        tokens = {shard["file"]: shard["tokens"] for shard in shards}
+        verify_files(self.data_dir, {shard["file"]: shard["sha256"] for shard in shards},
+                     lambda path: self._check_header(path, tokens[path.name]), verify)
         self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])  # shard k holds [starts[k], starts[k+1])
         self.n_tokens = int(self.starts[-1])
-        self._maps: Optional[list[np.memmap]] = None
+        self._maps: OrderedDict[int, np.memmap] = OrderedDict()
+
+    def _check_header(self, path: Path, n_tokens: int) -> None:
+        dtype, found = read_shard_header(path)
+        if dtype != self.dtype or found != n_tokens:
+            raise UserError(f"{path} holds {found} {dtype.name} tokens but meta.json says {n_tokens} "
+                            f"{self.dtype.name}; {RERUN_HINT}")
+
+    def _shard(self, k: int) -> np.memmap:
+        """Shard k's tokens, mapped on first use; the least recently used map is closed beyond OPEN_SHARDS."""
+        if k not in self._maps:
+            if len(self._maps) >= OPEN_SHARDS:
+                self._maps.popitem(last=False)
+            self._maps[k] = np.memmap(self.paths[k], dtype=self.dtype, mode="r", offset=HEADER_BYTES,
+                                      shape=(int(self.starts[k + 1] - self.starts[k]),))
+        self._maps.move_to_end(k)
+        return self._maps[k]
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
         """tokens[start:stop] of the split's stream, read across shard boundaries."""
-        if self._maps is None:
-            self._maps = [np.memmap(p, dtype=self.dtype, mode="r", offset=HEADER_BYTES,
-                                    shape=(int(self.starts[k + 1] - self.starts[k]),))
-                          for k, p in enumerate(self.paths)]
-        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        k = int(np.searchsorted(self.starts, start, side="right")) - 1
         pieces = []
-        k = first
         while start < stop:
             end = min(stop, int(self.starts[k + 1]))
-            pieces.append(self._maps[k][start - self.starts[k]:end - self.starts[k]])
+            pieces.append(self._shard(k)[start - self.starts[k]:end - self.starts[k]])
             start, k = end, k + 1
         return np.concatenate(pieces) if len(pieces) > 1 else np.array(pieces[0])
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_maps": None}  # reopen the memory maps in the receiving process
+        return {**self.__dict__, "_maps": OrderedDict()}  # reopen the memory maps in the receiving process
 
 
 class _Windows:
@@ -120,7 +194,7 @@ class _Windows:
 class TokenWindows(_Windows, SplitTokens):
     """The windows of a prepared split (see _Windows)."""
 
-    def __init__(self, data_dir: str | os.PathLike, split: str, seq_len: int, verify: bool = True,
+    def __init__(self, data_dir: str | os.PathLike, split: str, seq_len: int, verify: bool = False,
                  partial: bool = False):
         super().__init__(data_dir, split, seq_len, verify)
         self.partial = partial
@@ -155,7 +229,7 @@ class SFTExamples(SplitTokens):
     dropped (`dropped`); one warning reports both counts. len() is the number of examples kept.
     """
 
-    def __init__(self, data_dir: str | os.PathLike, split: str, seq_len: int, verify: bool = True):
+    def __init__(self, data_dir: str | os.PathLike, split: str, seq_len: int, verify: bool = False):
         super().__init__(data_dir, split, seq_len, verify)
         if self.meta["kind"] != "sft":
             raise UserError(f"{self.data_dir} holds {self.meta['kind']} data, not fine-tuning examples; prepare "
@@ -182,8 +256,7 @@ class SFTExamples(SplitTokens):
         path = self.data_dir / split_meta["index"]["file"]
         if not path.is_file():
             raise UserError(f"example index {path} is missing; {RERUN_HINT}")
-        if verify and sha256_file(path) != split_meta["index"]["sha256"]:
-            raise UserError(f"{path} does not match its checksum in meta.json (corrupted or replaced); {RERUN_HINT}")
+        verify_files(self.data_dir, {path.name: split_meta["index"]["sha256"]}, lambda _: None, verify)
         try:
             index = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as err:
@@ -216,7 +289,7 @@ class SFTExamples(SplitTokens):
         return item
 
 
-def open_split(data_dir: str | os.PathLike, split: str, seq_len: int, verify: bool = True,
+def open_split(data_dir: str | os.PathLike, split: str, seq_len: int, verify: bool = False,
                scoring: bool = False) -> Union[TokenWindows, SFTExamples]:
     """The items of a split: TokenWindows for a pretraining folder, SFTExamples for a --sft one. `scoring`:
     the items validation and `evaluate` score (every target once: a partial last window included)."""

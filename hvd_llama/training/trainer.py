@@ -39,8 +39,8 @@ class Trainer:
         built = build_training(cfg, device, init_state, initialise=parallel.is_main())
         self.model, self.optimizer, self.scaler = built.model, built.optimizer, built.scaler
         self.checkpointer = Checkpointer(cfg, run_dir, self.model, self.optimizer, self.scaler, parallel, fault)
-        self.train_data = open_split(cfg.data.dir, "train", t.seq_len)
-        self.val_data = open_split(cfg.data.dir, "val", t.seq_len, scoring=True) \
+        self.train_data = open_split(cfg.data.dir, "train", t.seq_len, verify=cfg.data.verify)
+        self.val_data = open_split(cfg.data.dir, "val", t.seq_len, verify=cfg.data.verify, scoring=True) \
             if t.eval_every or t.eval_at_start else None
         self.order = SampleOrder(len(self.train_data), seed=t.seed)
         self.progress = Progress(world_size=parallel.size())

@@ -1,6 +1,6 @@
 """The tests' text and prepared data: the standard library's sources as a corpus, and prepare in this process."""
 from hvd_llama import prepare
-from hvd_llama.prep.corpus import stdlib_files
+from hvd_llama.prep.sources import stdlib_files
 
 # Tiny Shakespeare's size: text enough for a 512-piece tokenizer and a 110,000-character validation split, prepared
 # in about 2 s.

@@ -12,5 +12,5 @@ def executable(path: Path, text: str) -> Path:
 
 def no_temp_folders(parent: Path) -> bool:
     """Nothing of an atomic folder write left in `parent`: no `.tmp-` folder being written, no `.old-` one being
-    replaced."""
-    return not [p for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    replaced, no prepare's `.OUT.prepare` staging folder."""
+    return not [p for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name or p.name.endswith(".prepare")]
