@@ -1,6 +1,7 @@
 import signal
 
 import pytest
+from support import netns
 from support.data import CORPUS_CHARS, stdlib_text
 from support.strict_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401 (hooks)
 from support.trainrun import micro_overrides, train_single
@@ -56,3 +57,12 @@ def micro_run(small_data, tmp_path_factory):
     result = train_single(run_dir, micro_overrides(small_data, **{"train.max_steps": 3}))
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
+
+
+@pytest.fixture
+def hosts(tmp_path):
+    reason = netns.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with netns.TwoHosts(tmp_path / "hosts") as cluster:
+        yield cluster

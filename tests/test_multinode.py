@@ -12,42 +12,13 @@ import pytest
 from support import REPO, netns
 from support.files import executable
 from support.jobkill import wait_for
-from support.multiproc import finish_job, job_env
-from support.netns import IFACE
+from support.multiproc import finish_job
+from support.netns import IFACE, launcher_env, start_on_first_host
 from support.trainrun import losses, metrics, micro_overrides, train_single
 
 from hvd_llama.weights import checkpoint
 
 NETWORK_TIMEOUT_S = 10  # the launch scripts' -t when the link is cut: how long a silent peer may take
-
-
-@pytest.fixture
-def hosts(tmp_path):
-    reason = netns.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with netns.TwoHosts(tmp_path / "hosts") as cluster:
-        yield cluster
-
-
-def launcher_env(cluster: netns.TwoHosts, launcher: str, home: Path) -> dict:
-    """The launcher's environment: for horovodrun an ssh that uses the test keys (and a HOME of its own for
-    horovodrun's check cache), for mpirun Open MPI's consent to run as root."""
-    env = job_env()
-    if launcher == "horovodrun":
-        reason = netns.ssh_unavailable_reason()
-        if reason:
-            pytest.skip(reason)
-        home.mkdir(exist_ok=True)
-        env.update(PATH=f"{cluster.start_sshd()}{os.pathsep}{env['PATH']}", HOME=str(home))
-    else:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    return env
-
-
-def start_on_first_host(cluster: netns.TwoHosts, command: list, env: dict) -> subprocess.Popen:
-    return subprocess.Popen(cluster.hosts[0].command(command), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def plain_command(cluster: netns.TwoHosts, launcher: str, program: list) -> list:

@@ -12,7 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support.data import run_prepare
+from support.data import (
+    WORDS,
+    assert_one_line_error,
+    decode_documents,
+    expected_document_split,
+    make_document,
+    run_cli,
+    run_prepare,
+)
 from support.files import no_temp_folders
 
 from hvd_llama import prepare
@@ -20,21 +28,8 @@ from hvd_llama.cli import UserError
 from hvd_llama.files import sha256_file
 from hvd_llama.prep import encode
 from hvd_llama.prep.sources import stdlib_files
-from hvd_llama.prep.text import Cleaner, document_hash
+from hvd_llama.prep.text import Cleaner
 from hvd_llama.prep.token_shards import HEADER_BYTES, ShardWriter, read_shard_header, token_dtype
-from hvd_llama.tokenizer import Tokenizer
-
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
-         "upsilon phi chi psi omega caf\u00e9 na\u00efve \u00fcber \u65e5\u672c").split()
-
-
-def make_document(i: int) -> str:
-    """A distinct, somewhat varied document: prose with non-ASCII words, or indented code."""
-    words = " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(40 + i))
-    if i % 3 == 0:
-        return (f"def function_{i}(x):\n    total = {i * 1234}\n    for v in x:\n"
-                f"        total += v  # {words[:40]}\n    return total\n")
-    return f"Document {i}: {words}.\r\nSecond line   with  spaces \u00a0\n\n\n\n\nEnd of {i}.\x00\n"
 
 
 @pytest.fixture(scope="module")
@@ -67,32 +62,6 @@ def corpus(tmp_path_factory):
     expected = list(dict.fromkeys(cleaned))  # the first of equal documents is kept
     assert len(expected) == 25 == len(cleaned) - 1
     return root, expected
-
-
-def split_tokens(data_dir: Path, split: str) -> np.ndarray:
-    meta = json.loads((data_dir / "meta.json").read_text())
-    arrays = []
-    for shard in meta["splits"][split]["shards"]:
-        dtype, n = read_shard_header(data_dir / shard["file"])
-        arrays.append(np.fromfile(data_dir / shard["file"], dtype=dtype, offset=HEADER_BYTES))
-        assert len(arrays[-1]) == n == shard["tokens"]
-    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint16)
-
-
-def decode_documents(data_dir: Path, split: str) -> list[str]:
-    """The split's documents: each stored as [bos] + tokens + [eos]."""
-    tok = Tokenizer(data_dir / "tokenizer.model")
-    tokens = split_tokens(data_dir, split).tolist()
-    starts = [i for i, t in enumerate(tokens) if t == tok.bos_id]
-    ends = [i for i, t in enumerate(tokens) if t == tok.eos_id]
-    assert len(starts) == len(ends) and starts[:1] == [0] and ends[-1:] == [len(tokens) - 1]
-    return [tok.decode(tokens[s + 1:e]) for s, e in zip(starts, ends)]
-
-
-def expected_document_split(docs: list[str], fraction=0.1) -> tuple[list[str], list[str]]:
-    n_val = max(1, round(len(docs) * fraction))
-    val_ids = set(sorted(range(len(docs)), key=lambda i: (document_hash(docs[i]), i))[:n_val])
-    return [d for i, d in enumerate(docs) if i not in val_ids], [d for i, d in enumerate(docs) if i in val_ids]
 
 
 @pytest.fixture(scope="module")
@@ -257,18 +226,6 @@ def test_token_dtype_and_uint32_shards(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ bad input
-
-def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hvd_llama.prepare", *map(str, args)], capture_output=True,
-                          text=True, timeout=120, cwd=cwd)
-
-
-def assert_one_line_error(result, pattern):
-    assert result.returncode == 2, result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert re.fullmatch(f"error: .*{pattern}.*", last), last
-    assert "Traceback" not in result.stderr
-
 
 def test_cli_help():
     result = run_cli("--help")

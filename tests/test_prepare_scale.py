@@ -14,18 +14,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from multiproc import REPO, finish_job, job_env, run_job, run_one_process, run_snippet, start_job
-from netns import IFACE
-from test_multinode import hosts, launcher_env, start_on_first_host  # noqa: F401 (hosts: the fixture)
-from test_prepare import (
+from support import REPO
+from support.data import (
     assert_one_line_error,
     decode_documents,
     expected_document_split,
     make_document,
-    no_temp_folders,
     run_cli,
     run_prepare,
 )
+from support.files import no_temp_folders
+from support.multiproc import finish_job, job_env, run_job, run_one_process, run_snippet, start_job
+from support.netns import IFACE, launcher_env, start_on_first_host
 
 from hvd_llama.cli import UserError
 from hvd_llama.prep import corpus, sources

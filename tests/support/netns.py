@@ -23,8 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import pytest
+
+from support import REPO
 from support.files import executable
 from support.jobkill import wait_for
+from support.multiproc import job_env
 
 IFACE = "hvd0"
 PREFIX = "hvdtest"  # namespace names: hvdtest-<pid>-<random>-<host index>
@@ -216,3 +220,23 @@ UsePAM no
         ssh = executable(ssh_dir / "bin" / "ssh",
                          f'#!/bin/sh\nexec {shlex.quote(find_tool("ssh"))} -F {shlex.quote(str(client_config))} "$@"\n')
         return ssh.parent
+
+
+def launcher_env(cluster: TwoHosts, launcher: str, home: Path) -> dict:
+    """The launcher's environment: for horovodrun an ssh that uses the test keys (and a HOME of its own for
+    horovodrun's check cache), for mpirun Open MPI's consent to run as root."""
+    env = job_env()
+    if launcher == "horovodrun":
+        reason = ssh_unavailable_reason()
+        if reason:
+            pytest.skip(reason)
+        home.mkdir(exist_ok=True)
+        env.update(PATH=f"{cluster.start_sshd()}{os.pathsep}{env['PATH']}", HOME=str(home))
+    else:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return env
+
+
+def start_on_first_host(cluster: TwoHosts, command: list, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(cluster.hosts[0].command(command), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
