@@ -12,6 +12,7 @@ from support import REPO
 from support.multiproc import job_env
 from support.trainrun import losses, metrics, micro_overrides, stopped_copy, train_job, train_single
 
+from hvd_llama.use.inference import load_model
 from hvd_llama.weights import checkpoint
 
 pytestmark = pytest.mark.distributed
@@ -96,8 +97,10 @@ def test_bf16_master_weights_track_fp32(small_data, tmp_path):
     assert fp32.returncode == 0 and bf16.returncode == 0, fp32.output[-2000:] + bf16.output[-2000:]
     assert losses(tmp_path / "bf16") == pytest.approx(losses(tmp_path / "fp32"), rel=0.02)
     assert losses(tmp_path / "bf16") != losses(tmp_path / "fp32")  # bf16 really ran
-    saved = torch.load(tmp_path / "bf16" / "checkpoints" / "step_00000020" / "model.pt")
-    assert all(t.dtype == torch.float32 for t in saved.values())  # readable like any checkpoint
+    saved = torch.load(tmp_path / "bf16" / "checkpoints" / "step_00000020" / "model.pt", weights_only=True)
+    assert all(t.dtype == torch.bfloat16 for t in saved.values())  # as the model held them: nothing widened
+    model, _, _ = load_model(tmp_path / "bf16")  # readable like any checkpoint
+    assert torch.isfinite(model(torch.randint(0, 512, (1, 8)))).all()
     slices = checkpoint.read_optimizer_slices(tmp_path / "bf16" / "checkpoints" / "step_00000020")
     assert all("master" in s for s in slices)  # the fp32 master copy lives in the slices
 
