@@ -116,7 +116,7 @@ def test_fault_spec_is_read_once_and_checked(monkeypatch):
             Fault.from_env()
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), 2])
 def test_a_non_os_error_in_one_ranks_save_reaches_every_rank(data_dir, tmp_path, stage):
     """Rank 1's part of a save raises a RuntimeError (as a CUDA out of memory or a zip writer error would): every rank
     stops with the same line instead of waiting for it, the staging folder goes, the earlier checkpoint stays."""

@@ -187,6 +187,7 @@ def test_the_warning_is_given_once(capsys, monkeypatch):
                                 "(and HVD_LLAMA_STOP_NOTICE_S=602)")
 
 
+@pytest.mark.slow  # two training sessions, one with 2 s saves
 def test_a_resumed_run_sizes_its_stop_from_the_last_saves_speed_and_warns_at_start_up(data_dir, tmp_path):
     """Session 1 saves slowly (the drill's 2 s) and logs it; session 2, whose own saves are fast, starts from that
     measurement: the SLURM notice of 1 s it is given is too short, and it says so before it saves anything."""
