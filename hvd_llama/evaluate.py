@@ -35,9 +35,9 @@ from hvd_llama.config import PRECISIONS, DistConfig, TrainConfig
 from hvd_llama.device import resolve_device
 from hvd_llama.files import atomic_write_text
 from hvd_llama.prep.corpus import read_documents
-from hvd_llama.procs import HOROVOD_LAUNCHERS
+from hvd_llama.procs import HOROVOD_LAUNCHERS, OneProcess
 from hvd_llama.tokenizer import Tokenizer
-from hvd_llama.training.compute import OneProcess, score
+from hvd_llama.training.compute import score
 from hvd_llama.training.data import SPLITS, ArrayWindows, open_split, read_meta
 from hvd_llama.use.inference import DTYPES, QUANTIZE_CHOICES, check_dtype, load_model, require_tokenizer
 

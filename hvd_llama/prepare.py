@@ -30,7 +30,6 @@ from typing import Optional, Sequence
 from hvd_llama.cli import UserError, run_main
 from hvd_llama.prep.build import build
 from hvd_llama.prep.encode import start_encoding_server
-from hvd_llama.prep.run import OneProcess
 from hvd_llama.prep.settings import (
     CleanOptions,
     InputOptions,
@@ -45,7 +44,7 @@ from hvd_llama.prep.split import MIN_DOCS_FOR_DOCUMENT_SPLIT
 from hvd_llama.prep.staging import Staging
 from hvd_llama.prep.text import CHAR_STEPS, CLEAN_STEPS, DEFAULT_CLEAN, parse_steps
 from hvd_llama.prep.vocabulary import TOKENIZER_SENTENCE_CHARS, load_tokenizer
-from hvd_llama.procs import LAUNCHER_ENV, say
+from hvd_llama.procs import LAUNCHER_ENV, OneProcess, say
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,7 @@
 """The processes of a job: stop requests (signals, a stop file, the launcher's death) with a grace period,
-which launcher started this process and whether it is still there, and reaping a whole process tree when the
-process that started it dies (so that no rank outlives its job).
+which launcher started this process and whether it is still there, the ranks of a job started without one
+(OneProcess), and reaping a whole process tree when the process that started it dies (so that no rank outlives
+its job).
 
 Linux /proc only; elsewhere the launcher is never reported gone and nothing is reaped. Standard library only:
 the reaper (`python -m hvd_llama.procs PID START_TIME`) starts in milliseconds.
@@ -29,6 +30,39 @@ LAUNCHER_ENV = (("horovodrun", "HOROVOD_RANK", "HOROVOD_SIZE"), ("Open MPI", "OM
 HOROVOD_LAUNCHERS = LAUNCHER_ENV[:3]  # a process they start is a rank of a Horovod world (srun alone is not)
 # A rank of a launched job: a launcher's variable, or our launch scripts' own.
 RANK_VARIABLES = tuple(rank for _, rank, _ in LAUNCHER_ENV) + ("HVD_LLAMA_LAUNCHER_PID",)
+
+
+class OneProcess:
+    """The ranks of a job of one process started without a launcher (no Horovod): what prepare, evaluation and
+    the checkpoint code need of hvd_llama.parallel, which a launched job passes instead."""
+
+    @staticmethod
+    def rank() -> int:
+        return 0
+
+    @staticmethod
+    def size() -> int:
+        return 1
+
+    @staticmethod
+    def is_main() -> bool:
+        return True
+
+    @staticmethod
+    def allreduce_sum(values, name: str):
+        return values.double().cpu()  # parallel.allreduce_sum's float64 on the CPU
+
+    @staticmethod
+    def allgather_object(obj, name: str) -> list:
+        return [obj]
+
+    @staticmethod
+    def broadcast_object(obj, name: str):
+        return obj
+
+    @staticmethod
+    def run_on_main(fn, name: str):
+        return fn()
 
 
 def _stat(pid: int) -> Optional[list[str]]:

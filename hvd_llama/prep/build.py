@@ -9,7 +9,7 @@
 
 Steps 1, 2 and 4 leave a marker per unit, so a re-run skips what is done (staging.py). After each step the ranks
 agree: a user error on any rank stops all of them with the same one line. `ranks` is hvd_llama.parallel under a
-launcher, or OneProcess: this module never imports Horovod.
+launcher, or procs.OneProcess: this module never imports Horovod.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """A prepare run as its ranks see it: its options, its staging folder, its plan of parts, and how the ranks share
-the work and agree after each step. `ranks` is hvd_llama.parallel under a launcher, or OneProcess: nothing in
-prep/ imports Horovod."""
+the work and agree after each step. `ranks` is hvd_llama.parallel under a launcher, or procs.OneProcess: nothing
+in prep/ imports Horovod."""
 from __future__ import annotations
 
 import sys
@@ -13,26 +13,6 @@ from hvd_llama.cli import UserError
 from hvd_llama.prep.settings import PrepareOptions
 from hvd_llama.prep.sources import Piece
 from hvd_llama.prep.staging import Staging
-
-
-class OneProcess:
-    """The ranks of a prepare run without a launcher: one process, no Horovod."""
-
-    @staticmethod
-    def rank() -> int:
-        return 0
-
-    @staticmethod
-    def size() -> int:
-        return 1
-
-    @staticmethod
-    def allgather_object(obj, name: str) -> list:
-        return [obj]
-
-    @staticmethod
-    def broadcast_object(obj, name: str):
-        return obj
 
 
 @dataclass

@@ -62,7 +62,7 @@ def set_rng_state(state: dict) -> None:
 
 
 class Checkpointer:
-    """Save and resume one training run on the ranks `ranks` (hvd_llama.parallel, or compute.OneProcess)."""
+    """Save and resume one training run on the ranks `ranks` (hvd_llama.parallel, or procs.OneProcess)."""
 
     def __init__(self, cfg: Config, run_dir: Path, model: torch.nn.Module, optimizer,
                  scaler: Optional[LossScaler], ranks, fault: Fault = Fault()):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+from hvd_llama.procs import OneProcess
 from hvd_llama.training.data import IGNORE_INDEX, inputs_and_targets
 from hvd_llama.training.optim import LossScaler
 
@@ -67,31 +68,6 @@ def autocast(device: torch.device, precision: str, cache: bool = True):
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision], cache_enabled=cache)
 
 
-class OneProcess:
-    """The ranks of a job of one process started without a launcher (no Horovod): what the functions here
-    need of hvd_llama.parallel, which training passes instead."""
-
-    @staticmethod
-    def rank() -> int:
-        return 0
-
-    @staticmethod
-    def size() -> int:
-        return 1
-
-    @staticmethod
-    def is_main() -> bool:
-        return True
-
-    @staticmethod
-    def allreduce_sum(values: torch.Tensor, name: str) -> torch.Tensor:
-        return values.double().cpu()
-
-    @staticmethod
-    def run_on_main(fn, name: str):
-        return fn()
-
-
 def spread_selection(n_items: int, n_selected: int, seed: int) -> list[int]:
     """`n_selected` item indices spread evenly over [0, n_items): one per equal stratum, at a seeded offset.
 
@@ -124,7 +100,7 @@ def score(model, dataset, indices: Sequence[int], batch_size: int, device: torch
     """Total loss (nats), scored targets and their UTF-8 bytes over `dataset[indices]`, summed over all ranks.
 
     The one scoring function of training's validation and `evaluate`. Batches go to the `ranks` (hvd_llama.parallel,
-    or OneProcess) by stride and do not depend on the world size, and the sums travel in float64, so any number
+    or procs.OneProcess) by stride and do not depend on the world size, and the sums travel in float64, so any number
     of ranks gives the figures of one process. `byte_lengths[token]` (optional) counts the bytes each target token stands for;
     `progress` shows a bar (rank 0 of `evaluate` on a terminal); `loss_chunk`: see model_token_losses.
     """
@@ -158,7 +134,7 @@ def train_step(model, optimizer, micro_batches, device, precision: str, grad_cli
                scaler: Optional[LossScaler] = None, poison: bool = False, ranks=OneProcess,
                loss_chunk: int = 0) -> StepResult:
     """One optimizer step over `grad_accum` micro-batches with a data-parallel optimizer (hvd_llama.parallel's, any
-    ZeRO stage, with `ranks` = hvd_llama.parallel; or a plain one with OneProcess).
+    ZeRO stage, with `ranks` = hvd_llama.parallel; or a plain one with procs.OneProcess).
 
     The step's loss is the sum of its token losses over the global number of targets (all ranks, all
     micro-batches; the count is allreduced before backward), so however the batch is split across ranks and
