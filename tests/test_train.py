@@ -107,6 +107,7 @@ def test_bad_config_fails_fast_with_one_line(data_dir, tmp_path, extra, message)
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_fresh_start_refuses_a_run_with_checkpoints(data_dir, tmp_path):
     overrides = micro_overrides(data_dir, **{"train.max_steps": 2})
     assert train_single(tmp_path / "run", overrides).returncode == 0
@@ -140,6 +141,7 @@ print("events:", events)
 """
 
 
+@pytest.mark.slow
 def test_the_logged_peak_memory_starts_after_set_up(small_data, tmp_path):
     """Set-up (rank 0's pretrained weights, a resume, the matmuls of the peak measurement) can reach a higher
     peak than training's own steps: max_memory_gib is what the memory planner predicts only without them."""
