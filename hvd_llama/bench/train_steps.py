@@ -94,8 +94,6 @@ class MethodTimer:
         return result
 
 
-
-
 def peak_rss() -> int:
     """VmHWM: the most resident memory this process has had so far, in bytes."""
     with open("/proc/self/status") as f:
