@@ -80,7 +80,8 @@ def text_file_items(path: Path, tokenizer: Tokenizer, seq_len: int) -> Scored:
     return Scored(str(path), ArrayWindows(tokens, seq_len), characters, sum(len(d.encode("utf-8")) for d in docs))
 
 
-def data_split_items(data_dir: Path, split: str, tokenizer: Optional[Tokenizer], seq_len: int) -> Scored:
+def data_split_items(data_dir: Path, split: str, tokenizer: Optional[Tokenizer], seq_len: int,
+                     verify: bool = False) -> Scored:
     """A split of a prepared data folder, scored as training's validation scores it. Characters come from
     meta.json; bytes are counted from the tokens (see token_byte_lengths), since meta.json does not record
     them. A fine-tuning folder scores the responses only (no character count)."""
@@ -90,7 +91,7 @@ def data_split_items(data_dir: Path, split: str, tokenizer: Optional[Tokenizer],
                         f"{tokenizer.path}; evaluate on data prepared with --tokenizer {tokenizer.path}")
     if meta["splits"][split]["tokens"] < 2:
         raise UserError(f"the {split} split of {data_dir} holds no text to score (prepare it with --val-fraction > 0)")
-    items = open_split(data_dir, split, seq_len, scoring=True)
+    items = open_split(data_dir, split, seq_len, verify, scoring=True)
     characters = None if meta["kind"] == "sft" else meta["splits"][split]["chars"]
     return Scored(f"{data_dir} ({split})", items, characters, None,
                   token_byte_lengths(Tokenizer(data_dir / meta["tokenizer"])))
@@ -128,6 +129,7 @@ class EvaluateConfig:
     precision: Optional[str] = None  # autocast as in training; None: the checkpoint's train.precision, else fp32
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # CPU threads per rank; 0 = cores / ranks on this node
+    verify_data: bool = False  # check every shard's checksum (else only shards changed since their last check)
     json_path: Optional[str] = None  # also write the figures to this JSON file (atomically)
 
     def validate(self) -> None:
@@ -162,6 +164,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> EvaluateConfig:
                         help="autocast as in training (default: the checkpoint's train.precision, else fp32)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per rank; 0 = cores / ranks on this node")
+    parser.add_argument("--verify-data", action="store_true",
+                        help="check every shard's checksum (default: only shards whose size or time changed since "
+                             "their last check)")
     parser.add_argument("--json", dest="json_path", metavar="OUT",
                         help="also write the figures to this JSON file (atomically)")
     cfg = EvaluateConfig(**vars(parser.parse_args(argv)))
@@ -193,7 +198,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         text = text_file_items(Path(cfg.text), require_tokenizer(tokenizer, cfg.checkpoint), seq_len)
     else:
         data_dir = Path(cfg.data) if cfg.data else default_data_dir(config)
-        text = data_split_items(data_dir, cfg.split, tokenizer, seq_len)
+        text = data_split_items(data_dir, cfg.split, tokenizer, seq_len, cfg.verify_data)
     precision = cfg.precision or (config.get("train") or {}).get("precision") or "fp32"
     start = time.perf_counter()
     sums = score(model, text.items, range(len(text.items)), cfg.batch_size, device, precision, text.byte_lengths,

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support.data import flip_token, flip_token_keeping_size_and_mtime
 from torch.utils.data import DataLoader, DistributedSampler
 
 from hvd_llama import prepare
 from hvd_llama.cli import UserError
-from hvd_llama.prep.token_shards import HEADER_BYTES, META_FORMAT, META_VERSION, ShardWriter
+from hvd_llama.prep.token_shards import META_FORMAT, META_VERSION, ShardWriter
 from hvd_llama.tokenizer import Tokenizer
 from hvd_llama.training.data import OPEN_SHARDS, SampleOrder, StepBatches, TokenWindows, read_meta
 
@@ -100,18 +101,6 @@ def test_damaged_data_folder(shard_dir, damage, pattern):
     with pytest.raises(UserError, match=pattern) as error:
         TokenWindows(shard_dir, "train", seq_len=8)
     assert "re-run `python -m hvd_llama.prepare`" in str(error.value)
-
-
-def flip_token(path):
-    data = bytearray(path.read_bytes())
-    data[HEADER_BYTES + 10] ^= 1
-    path.write_bytes(bytes(data))
-
-
-def flip_token_keeping_size_and_mtime(path):
-    stat = path.stat()
-    flip_token(path)
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 def test_shards_are_checked_once_then_again_only_when_changed_or_asked(shard_dir):

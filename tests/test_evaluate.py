@@ -1,18 +1,21 @@
 """Evaluation: figures checked by hand, every token scored once, horovodrun equals one process, int8, bad input."""
 import json
 import math
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from support import REPO
+from support.data import flip_token_keeping_size_and_mtime
 from support.multiproc import job_env, run_job, run_one_process
 
 from hvd_llama.cli import UserError
-from hvd_llama.evaluate import EvaluateConfig, parse_args, token_byte_lengths
+from hvd_llama.evaluate import EvaluateConfig, evaluate, parse_args, token_byte_lengths
 from hvd_llama.training.compute import item_batches
 from hvd_llama.training.data import ArrayWindows, TokenWindows, read_meta
 from hvd_llama.use.inference import load_model
@@ -116,6 +119,20 @@ def test_horovodrun_two_ranks_equal_one_process(fp32_default, micro_run, tmp_pat
     for key in FIGURES:  # --batch-size 3 vs 8 changes the batches too, not the figures
         assert two[key] == pytest.approx(fp32_default[key], rel=1e-9), key
 
+
+
+def test_verify_data_finds_what_a_stat_cannot_see(loaded, micro_run, tmp_path):  # noqa: F811
+    """A val shard corrupted with its size and time kept: evaluate's default check (size and time since the last
+    check) cannot see it; --verify-data hashes every shard and refuses in one line naming it."""
+    data = tmp_path / "data"
+    shutil.copytree(loaded[2]["data"]["dir"], data)  # copy2: times kept, so the shards count as checked
+    shard = sorted(data.glob("val_*.bin"))[0]
+    flip_token_keeping_size_and_mtime(shard)
+    config = EvaluateConfig(str(micro_run), data=str(data), threads=1)
+    assert evaluate(config)["tokens"] > 0
+    with pytest.raises(UserError, match=f"{shard.name} does not match its checksum"):
+        evaluate(replace(config, verify_data=True))
+    assert parse_args(["--checkpoint", "c", "--verify-data"]).verify_data
 
 BAD_EVALUATE = {
     "missing checkpoint": (["--checkpoint", "{missing}"], "does not exist"),

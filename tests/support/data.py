@@ -1,6 +1,7 @@
 """The tests' text and prepared data: the standard library's sources as a corpus, generated documents, prepare in
 this process or as a command, and what a prepared folder holds."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -74,6 +75,19 @@ def expected_document_split(docs: list[str], fraction=0.1) -> tuple[list[str], l
     n_val = max(1, round(len(docs) * fraction))
     val_ids = set(sorted(range(len(docs)), key=lambda i: (document_hash(docs[i]), i))[:n_val])
     return [d for i, d in enumerate(docs) if i not in val_ids], [d for i, d in enumerate(docs) if i in val_ids]
+
+
+def flip_token(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[HEADER_BYTES + 10] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def flip_token_keeping_size_and_mtime(path: Path) -> None:
+    """Corrupt a shard in a way a stat cannot see: only its checksum tells."""
+    stat = path.stat()
+    flip_token(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
