@@ -9,26 +9,21 @@ import time
 import pytest
 from support.jobkill import wait_for_step
 from support.multiproc import finish_job, start_job
-from support.trainrun import losses, metrics, micro_overrides, train_args, train_job, train_single
+from support.trainrun import (
+    interrupted_then_resumed,
+    losses,
+    metrics,
+    micro_overrides,
+    train_args,
+    train_job,
+    train_single,
+)
 
 from hvd_llama.cli import UserError
 from hvd_llama.files import sha256_file
 from hvd_llama.training.faults import Fault
 
 pytestmark = pytest.mark.distributed
-
-
-def interrupted_then_resumed(overrides, tmp_path, np, launcher, sig):
-    """Send `sig` mid-run; return (exit code, step it stopped at, the resumed run's losses)."""
-    run_dir = tmp_path / "stopped"
-    proc = start_job(train_args(run_dir, overrides), np=np, launcher=launcher)
-    wait_for_step(run_dir, 3, proc)
-    proc.send_signal(sig)
-    stopped = finish_job(proc, timeout=60)
-    stop_step = metrics(run_dir)[-1]["step"]
-    resumed = finish_job(start_job(train_args(run_dir, overrides, "--resume", "auto"), np=np, launcher=launcher))
-    assert resumed.returncode == 0, resumed.output[-3000:]
-    return stopped, stop_step, losses(run_dir)
 
 
 @pytest.mark.slow  # one process; every launcher's cells: test_preemption.py

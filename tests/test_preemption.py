@@ -221,7 +221,7 @@ GRACE_CELLS = [("mpirun", "INT"), ("horovodrun", "TERM")]
 @pytest.fixture(scope="module")
 def activate(tmp_path_factory):
     """A venv's activate script after launch/install.sh (a stand-in venv: nothing is built)."""
-    from test_install import fake_venv, install
+    from support.installer import fake_venv, install
     root = tmp_path_factory.mktemp("venv")
     venv = fake_venv(root, torch_cuda=None)
     (venv / "bin" / "activate").write_text("# the venv's activate script\n")

@@ -10,7 +10,15 @@ import pytest
 import torch
 from support import REPO
 from support.multiproc import job_env
-from support.trainrun import losses, metrics, micro_overrides, stopped_copy, train_job, train_single
+from support.trainrun import (
+    interrupted_then_resumed,
+    losses,
+    metrics,
+    micro_overrides,
+    stopped_copy,
+    train_job,
+    train_single,
+)
 
 from hvd_llama.use.inference import load_model
 from hvd_llama.weights import checkpoint
@@ -137,7 +145,6 @@ def test_sharding_refuses_what_it_cannot_do(extra, message):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_preemption_and_a_failed_slice_write_when_sharded(small_data, tmp_path, stage):
-    from test_faults import interrupted_then_resumed
     overrides = values(small_data, **{"train.max_steps": 100, "checkpoint.every": 0, "dist.zero_stage": stage})
     stopped, stop_step, resumed_losses = interrupted_then_resumed(overrides, tmp_path, 2, "horovodrun", signal.SIGTERM)
     assert stopped.returncode == 0 and "stop requested by a signal" in stopped.output, stopped.output[-3000:]

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Optional
 
 from support import REPO
-from support.multiproc import job_env, run_job
+from support.jobkill import wait_for_step
+from support.multiproc import finish_job, job_env, run_job, start_job
 
 TRAIN_DIGESTS = Path(__file__).with_name("train_digests.py")  # trains, then prints parameter digests per rank
 
@@ -56,3 +57,16 @@ def stopped_copy(run_dir: Path, dest: Path, at_step: int) -> Path:
         if int(ckpt.name.split("_")[1]) > at_step:
             shutil.rmtree(ckpt)
     return dest
+
+
+def interrupted_then_resumed(overrides, tmp_path, np, launcher, sig):
+    """Send `sig` mid-run; return (exit code, step it stopped at, the resumed run's losses)."""
+    run_dir = tmp_path / "stopped"
+    proc = start_job(train_args(run_dir, overrides), np=np, launcher=launcher)
+    wait_for_step(run_dir, 3, proc)
+    proc.send_signal(sig)
+    stopped = finish_job(proc, timeout=60)
+    stop_step = metrics(run_dir)[-1]["step"]
+    resumed = finish_job(start_job(train_args(run_dir, overrides, "--resume", "auto"), np=np, launcher=launcher))
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    return stopped, stop_step, losses(run_dir)
