@@ -65,6 +65,15 @@ class OneProcess:
         return fn()
 
 
+def peak_rss(pid: int | str = "self") -> int:
+    """The peak resident memory of a process (Linux's VmHWM), 0 where unknown."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
+
+
 def _stat(pid: int) -> Optional[list[str]]:
     """The fields of /proc/PID/stat after the command name (field 3 onwards), or None if there is no such process."""
     try:

@@ -69,15 +69,14 @@ BUILD = """import json, sys, torch
 from hvd_llama.training import builder
 from hvd_llama.config import load_config
 from hvd_llama.model import Transformer
-def peak():
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+from hvd_llama.procs import peak_rss
 cfg = load_config(None, sys.argv[1:])
 with torch.device("meta"):  # torch's one-time cost of its first meta-device model (~75 MB), not the model's
     Transformer(cfg.model)
 torch.empty(8).normal_()
-before = peak()
+before = peak_rss()
 model = builder.build_model(cfg, torch.device("cpu"), None, initialise=True)
-print(json.dumps({"growth": peak() - before}))
+print(json.dumps({"growth": peak_rss() - before}))
 """
 
 

@@ -137,18 +137,17 @@ from hvd_llama import parallel
 from hvd_llama.config import load_config
 from hvd_llama.model import Transformer
 from hvd_llama.training.builder import build_sharded_model
+from hvd_llama.procs import peak_rss
 from hvd_llama.weights.pretrained import load_weights
-def peak():
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 hf, values = sys.argv[1], sys.argv[2:]
 cfg = load_config(None, values + ["dist.zero_stage=3", f"finetune.init_from={hf}"])
 device = parallel.init(cfg.dist, "cpu")
 with torch.device("meta"):  # torch's one-time cost of its first meta-device model
     Transformer(cfg.model)
-before = peak()
+before = peak_rss()
 state = load_weights(hf)[0]
 model, shards = build_sharded_model(cfg, device, state)
-growth = peak() - before
+growth = peak_rss() - before
 exact = all(torch.equal(own, state[name].reshape(-1)[start:end]) for i, name in enumerate(shards.names)
             for start, end, own in shards.pieces(i))
 print("RESULT", json.dumps({"growth": growth, "exact": exact, "slices": sum(s.numel() * 4 for s in shards.shards)}))

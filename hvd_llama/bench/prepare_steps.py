@@ -126,7 +126,7 @@ def measure_open(args: argparse.Namespace) -> dict:
     verified.json, or train --verify-data), then, best of --repeats, as every later start does; and read a
     window of every shard, counting the shards still mapped."""
     from hvd_llama.bench.common import best_seconds
-    from hvd_llama.prep.encode import peak_rss
+    from hvd_llama.procs import peak_rss
     from hvd_llama.training.data import TokenWindows
 
     n_bytes = write_shards(args.folder, args.shards, args.tokens_per_shard)

@@ -29,6 +29,7 @@ from hvd_llama.config import Config, load_config
 from hvd_llama.device import measure_peak_flops
 from hvd_llama.files import atomic_write_text
 from hvd_llama.model import Transformer
+from hvd_llama.procs import peak_rss
 from hvd_llama.training.builder import build_training
 from hvd_llama.training.compute import train_step
 from hvd_llama.training.memory import with_train
@@ -92,12 +93,6 @@ class MethodTimer:
         if self._then:
             self._then()
         return result
-
-
-def peak_rss() -> int:
-    """VmHWM: the most resident memory this process has had so far, in bytes."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def new_model(cfg: Config) -> Transformer:

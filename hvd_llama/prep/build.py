@@ -26,12 +26,12 @@ from hvd_llama.prep import corpus, dedup, encode, split
 from hvd_llama.prep.finish import ENCODED, finish
 from hvd_llama.prep.run import Run, merge_counts
 from hvd_llama.prep.settings import MB, PrepareOptions
-from hvd_llama.prep.sources import Piece, file_signature, find_input_files, plan_parts
+from hvd_llama.prep.sources import Piece, find_input_files, plan_parts
 from hvd_llama.prep.staging import Staging, check_out_dir
 from hvd_llama.prep.text import CHAR_STEPS
-from hvd_llama.prep.token_shards import token_dtype
+from hvd_llama.prep.token_shards import file_signature, token_dtype
 from hvd_llama.prep.vocabulary import tokenizer_step
-from hvd_llama.procs import say
+from hvd_llama.procs import peak_rss, say
 from hvd_llama.tokenizer import Tokenizer
 
 
@@ -66,7 +66,7 @@ def open_job(run: Run) -> dict:
     check_out_dir(run.staging.out, options.output.overwrite)
     part_bytes = max(1, int(options.output.part_mb * MB))
     job, resumed = run.staging.open_job(
-        options.identity(), [file_signature(f) for f in files],
+        options.identity(), [[str(f), *file_signature(f)] for f in files],
         lambda: [list(map(list, part)) for part in plan_parts(files, part_bytes, records_only=bool(options.sft))])
     if resumed:
         done = sum((run.staging.part(i) / corpus.READ).exists() for i in range(len(job["parts"])))
@@ -118,7 +118,7 @@ def read_step(run: Run) -> list[dedup.PartRef]:
     """Read this rank's parts; returns the parts that count: every rank's, up to the earliest stop at a cap (all
     parts before it were read: each rank reads its parts in order up to its own stop)."""
     options = run.options
-    caps = corpus.Caps(options.inputs, distinct=options.clean.dedup or options.sft is not None)
+    caps = corpus.Caps(options.inputs, distinct=options.drop_copies)
 
     def work() -> tuple[dict, Optional[tuple[int, int]]]:
         rows, stop = {}, None
@@ -136,7 +136,7 @@ def read_step(run: Run) -> list[dedup.PartRef]:
                 else:
                     bar.update(sum(p.size for p in run.parts[index]))
                     reached = marker["stop"]
-                    if reached is None and caps.active:
+                    if reached is None and caps.active:  # a part read before: its documents still count to the cap
                         reached = caps.add_part(folder)
                 rows[index] = marker["documents"]
                 if reached is not None:
@@ -159,15 +159,14 @@ def dedup_step(run: Run, refs: list[dedup.PartRef]) -> list[Path]:
     cover, so a resumed run that counts other parts (another cap stop) does not reuse them."""
     count = dedup.bucket_count(sum(ref.rows for ref in refs), run.options.work.memory_mb)
     covers = hashlib.blake2b(json.dumps([(r.index, r.rows) for r in refs]).encode(), digest_size=6).hexdigest()
-    prefixes = [run.staging.bucket(count, b).with_name(f"{covers}-{b:04d}") for b in range(count)]
+    prefixes = [run.staging.bucket(count, b, covers) for b in range(count)]
 
     def work() -> None:
         for b in run.mine(count):
             run.staging.check()
             marker = prefixes[b].with_name(prefixes[b].name + ".json")
             if run.staging.done(marker) is None:
-                run.staging.mark(marker, *dedup.dedup_bucket(refs, b, count, run.options.clean.dedup or
-                                                             run.options.sft is not None, prefixes[b]))
+                run.staging.mark(marker, *dedup.dedup_bucket(refs, b, count, run.options.drop_copies, prefixes[b]))
 
     run.agree("dedup", work)
     return prefixes
@@ -253,7 +252,7 @@ def encode_step(run: Run, refs: list[dedup.PartRef], prefixes: list[Path], selec
                 if done is None or done["tokenizer"] != tokenizer.sha256:
                     encode_part(ref)
                 bar.update((ref.folder / corpus.STORE).stat().st_size)
-        return {"main": encode.peak_rss(), "workers": max(peaks, default=0)}
+        return {"main": peak_rss(), "workers": max(peaks, default=0)}
 
     return run.agree("encode", work)
 

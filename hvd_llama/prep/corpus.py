@@ -128,14 +128,17 @@ class Caps:
 
 # ------------------------------------------------------------------------------------------------ reading a part
 
+def document_text(piece: Piece, record: Record, field: str) -> str:
+    """A record's document: the record itself in a text file, its `field` (--text-field) in JSON lines or Parquet."""
+    return record.value if piece.kind == "text" else record_text(record, piece, field, "text", "--text-field")
+
+
 def read_documents(path: Path, text_field: str) -> Iterator[tuple[str, int, int]]:
     """(text, undecodable bytes replaced, bytes of its piece consumed) of each document of one file, uncleaned:
     what `evaluate --text` scores."""
     for piece in file_pieces(path, 1 << 62):
         for record in read_piece(piece, {text_field: "--text-field"}):
-            text = record.value if piece.kind == "text" else record_text(record, piece, text_field, "text",
-                                                                         "--text-field")
-            yield text, record.bad, record.position
+            yield document_text(piece, record, text_field), record.bad, record.position
 
 
 def input_stats(unit: str) -> dict:
@@ -174,8 +177,7 @@ class Documents:
         self.cleaner, self.field = Cleaner(c.steps, c.unicode_form, c.min_chars), options.inputs.text_field
 
     def texts(self, piece: Piece, record: Record) -> Optional[tuple[list[str], bytes]]:
-        text = record.value if piece.kind == "text" else record_text(record, piece, self.field, "text", "--text-field")
-        cleaned = self.cleaner(text)
+        cleaned = self.cleaner(document_text(piece, record, self.field))
         return None if cleaned is None else ([cleaned], document_hash(cleaned))
 
     def report(self) -> dict:

@@ -19,6 +19,7 @@ import numpy as np
 
 from hvd_llama.prep.corpus import CHARS, HEAD_NBYTES, NBYTES, OFFSET, read_texts, save_array
 from hvd_llama.prep.token_shards import ShardWriter
+from hvd_llama.procs import peak_rss
 
 ENCODE_BATCH_BYTES = 1 << 20
 RANGE_OFFSET, RANGE_HEAD, RANGE_NBYTES = range(3)  # columns of an array of store ranges
@@ -111,15 +112,6 @@ def start_encoding_server(workers: int) -> None:
     """Start the fork server now, so that it imports its modules while this process reads the corpus."""
     if workers > 1 and encoding_context().get_start_method() == "forkserver":
         multiprocessing.forkserver.ensure_running()
-
-
-def peak_rss(pid: int | str = "self") -> int:
-    """The peak resident memory of a process (Linux's VmHWM), 0 where unknown."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
-    except OSError:
-        return 0
 
 
 def encode_batches(tasks: Sequence[tuple[str, np.ndarray]], tokenizer_path: Path, dtype: np.dtype, workers: int,

@@ -76,6 +76,11 @@ class PrepareOptions:
         del settings["output"]["overwrite"]
         return settings
 
+    @property
+    def drop_copies(self) -> bool:
+        """Whether a document (or example) seen before is dropped: with the --clean step dedup, and always for fine-tuning rows."""
+        return self.clean.dedup or self.sft is not None
+
     def columns(self) -> dict[str, str]:
         """The record fields read (JSON-lines fields, Parquet columns), each with the option that names it."""
         if self.sft:

@@ -13,7 +13,6 @@ import fnmatch
 import gzip
 import io
 import json
-import os
 import sysconfig
 import zlib
 from contextlib import contextmanager
@@ -304,9 +303,3 @@ def record_text(record: Record, piece: Piece, field: str, what: str, option: str
         raise UserError(f"{location(piece, record.number)}: the {what} field {field!r} holds "
                         f"{type(value[field]).__name__}, expected a string")
     return value[field]
-
-
-def file_signature(path: Path) -> list:
-    """What identifies an input file's content for resuming: its path, size and modification time."""
-    stat = os.stat(path)
-    return [str(path), stat.st_size, stat.st_mtime_ns]

@@ -39,18 +39,20 @@ class Selection:
         return rows if self.cut is None else rows[keys(part.index, rows) <= np.uint64(self.cut)]
 
     def training_chars(self, part: int, rows: np.ndarray, table: np.ndarray) -> np.ndarray:
-        """How many characters of each row are training text: all of it, none (validation), or, for the document
-        a character split cuts, its head."""
-        chars = np.asarray(table[CHARS])[rows].astype(np.int64)
-        key = keys(part, rows)
+        """training_share of the part's rows."""
+        return self.training_share(np.asarray(table[HI])[rows], np.asarray(table[LO])[rows], keys(part, rows),
+                                   np.asarray(table[CHARS])[rows])
+
+    def training_share(self, hi: np.ndarray, lo: np.ndarray, key: np.ndarray, chars: np.ndarray) -> np.ndarray:
+        """How many characters of each document are training text: all of it, none (validation), or, for the
+        document a character split cuts, its head."""
+        chars = chars.astype(np.int64)
         if self.char_cut is not None:
             cut_key, head = self.char_cut
             return np.where(key < np.uint64(cut_key), chars, np.where(key == np.uint64(cut_key), head, 0))
         if self.threshold is None:
             return chars
-        hi, lo = np.asarray(table[HI])[rows], np.asarray(table[LO])[rows]
         return np.where(_at_most(hi, lo, key, self.threshold), 0, chars)
-
 
 def _at_most(hi: np.ndarray, lo: np.ndarray, key: np.ndarray, bound: tuple[int, int, int]) -> np.ndarray:
     """(hi, lo, key) <= bound, element-wise and lexicographically."""
@@ -127,12 +129,7 @@ def sample_candidates(kept: np.ndarray, selection: Selection, budget: int) -> np
     """uint64 [3, n] (lo, training characters, key) of a bucket's training documents that can be in the sample:
     the first ones by lo until they hold `budget` characters."""
     hi, lo, key, chars = kept
-    train = chars.astype(np.int64)
-    if selection.char_cut is not None:
-        cut_key, head = selection.char_cut
-        train = np.where(key < np.uint64(cut_key), train, np.where(key == np.uint64(cut_key), head, 0))
-    elif selection.threshold is not None:
-        train = np.where(_at_most(hi, lo, key, selection.threshold), 0, train)
+    train = selection.training_share(hi, lo, key, chars)
     some = train > 0
     return first_by_priority(np.stack([lo[some], train[some].astype(np.uint64), key[some]]), budget)
 

@@ -4,7 +4,7 @@ and what makes a run resumable.
     .OUT.prepare/
         job.json                  the run's identity (settings, the inputs' sizes and mtimes) and its plan of parts
         parts/00012/              a part's cleaned text and document table (corpus.py); markers read.json, encoded.json
-        dedup/16/0003.*           bucket 3 of 16 of the document hashes (dedup.py)
+        dedup/16/C-0003.*         bucket 3 of 16 of the document hashes of the parts C (a hash) names (dedup.py)
         tokenizer.model           with its marker tokenizer.json
         train_00012_0000.bin ...  the shards, written where they stay
         error                     the first user error of any rank: the others stop at their next unit of work
@@ -78,9 +78,9 @@ class Staging:
     def part(self, index: int) -> Path:
         return self.root / "parts" / f"{index:05d}"
 
-    def bucket(self, count: int, index: int) -> Path:
-        """The files of bucket `index` of `count` share this prefix."""
-        return self.root / "dedup" / str(count) / f"{index:04d}"
+    def bucket(self, count: int, index: int, covers: str) -> Path:
+        """The files of bucket `index` of `count` over the parts `covers` names share this prefix."""
+        return self.root / "dedup" / str(count) / f"{covers}-{index:04d}"
 
     # --------------------------------------------------------------------------------------------- markers
 

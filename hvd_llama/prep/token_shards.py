@@ -98,7 +98,6 @@ class ShardWriter:
         self._file, self._count = None, 0
 
 
-
 def file_signature(path: Path) -> list[int]:
     """What changes when a file is rewritten or replaced: its size and modification time."""
     stat = path.stat()

@@ -11,6 +11,7 @@ from typing import Optional
 import numpy as np
 
 from hvd_llama.cli import UserError
+from hvd_llama.files import sha256_file
 from hvd_llama.prep import corpus, split
 from hvd_llama.prep.run import Run
 from hvd_llama.prep.text import sentence_chunks
@@ -55,7 +56,7 @@ def make_tokenizer(run: Run, path: Path, marker: Path, sample: Optional[np.ndarr
         sentences = sample_sentences(run, sample, options.sentences)
         print(f"training a {options.vocab_size}-piece tokenizer on {len(sentences):,} text chunks", file=sys.stderr)
         train_tokenizer(sentences, path, options.vocab_size, options.sentences, TOKENIZER_SENTENCE_CHARS)
-        run.staging.mark(marker, {}, {path: {"bytes": path.stat().st_size, "sha256": Tokenizer(path).sha256}})
+        run.staging.mark(marker, {}, {path: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}})
 
 
 def sample_sentences(run: Run, sample: np.ndarray, limit: int) -> list[str]:

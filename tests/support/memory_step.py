@@ -11,8 +11,8 @@ import sys
 import torch
 
 from hvd_llama import parallel
-from hvd_llama.bench.train_steps import peak_rss
 from hvd_llama.config import load_config
+from hvd_llama.procs import peak_rss
 from hvd_llama.training.builder import build_training
 from hvd_llama.training.compute import train_step
 
