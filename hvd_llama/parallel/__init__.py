@@ -176,7 +176,7 @@ def build_data_parallel_optimizer(model: torch.nn.Module, param_groups: list[dic
                                   shards: Optional[ShardedParameters] = None) -> DataParallelOptimizer:
     """AdamW over `param_groups` (optim.param_groups) with `optim_kwargs` (lr, betas, eps), data parallel:
     stage 0 replicated (hvd.DistributedOptimizer), 1 optimizer state sharded, 2 gradients sharded too, 3 the
-    parameters too (`shards`: shard_parameters' of the model)."""
+    parameters too (`shards`: the model's ShardedParameters)."""
     if stage not in ZERO_STAGES:
         raise ValueError(f"ZeRO stage must be one of {ZERO_STAGES}, got {stage!r}")
     if stage == 0:
@@ -187,12 +187,6 @@ def build_data_parallel_optimizer(model: torch.nn.Module, param_groups: list[dic
     if stage == 3:
         return FullyShardedOptimizer(model, shards, param_groups, optim_kwargs, **options)
     return ShardedOptimizer(model, param_groups, optim_kwargs, stage, **options)
-
-
-def shard_parameters(model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
-                     prefetch: int) -> ShardedParameters:
-    """ZeRO stage 3: every parameter of `model` (built on the meta device) replaced by this rank's slices."""
-    return ShardedParameters(model, device, dtype, prefetch)
 
 
 def broadcast_state(model: torch.nn.Module, optimizer, has_optimizer_state: bool) -> None:

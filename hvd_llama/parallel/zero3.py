@@ -36,6 +36,7 @@ from hvd_llama.training.zero_layout import (
     Bucket,
     FlatLayout,
     SliceIndex,
+    own_widths,
     transformer_units,
     unit_layouts,
     unit_of_parameters,
@@ -60,7 +61,7 @@ class Unit:
     @property
     def widths(self) -> tuple[int, int]:
         """This rank's elements of the unit: trainable, frozen."""
-        return (self.t.shard_numel if self.t else 0), (self.f.shard_numel if self.f else 0)
+        return own_widths((self.t, self.f))
 
 
 class PostBackward(torch.autograd.Function):
@@ -82,21 +83,20 @@ class ShardedParameters:
     """Every parameter of `model` (built on the meta device) as this rank's slices, per unit; the module hooks that
     gather a unit for its forward and backward and free it after. Build the optimizer on it afterwards."""
 
-    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, prefetch: int = 1,
-                 units: Optional[list[tuple[str, list, bool]]] = None):
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, prefetch: int = 1):
         self.model, self.device, self.dtype, self.prefetch = model, device, dtype, prefetch
         self.world, self.rank = hvd.size(), hvd.rank()
-        spec = units or transformer_units(model)
+        spec = transformer_units(model)
         self.units = [Unit(i, name, modules, sticky) for i, (name, modules, sticky) in enumerate(spec)]
         named = list(model.named_parameters())  # a tied parameter once, where model order first meets it
         self.names, self.shapes = [n for n, _ in named], [tuple(p.shape) for _, p in named]
         unit_of = unit_of_parameters(named, spec)
         self.layout = unit_layouts([p.numel() for _, p in named], [p.requires_grad for _, p in named], unit_of,
                                    self.world, self.rank)
-        self.trainable, self.frozen = self.layout.indices
+        self.position = self.layout.positions()  # model-order index -> (kind, index among that kind)
         self.layouts = self.layout.layouts
         for unit in self.units:
-            unit.t, unit.f = (buckets.get(unit.index) for buckets in self.layout.buckets)
+            unit.t, unit.f = self.layout.unit_buckets(unit.index)
         self.shards = [torch.zeros(layout.shard_numel, dtype=dtype, device=device) for layout in self.layouts]
         self.params = self._materialise(named, unit_of)
         self.on_backward_end: list[Callable[[], None]] = []  # the optimizer's end of a backward pass
@@ -109,12 +109,11 @@ class ShardedParameters:
         unit, each buffer's storage freed before the next is allocated: views made once, valid whenever the
         buffer is gathered."""
         new: dict[int, nn.Parameter] = {}
-        position = {i: (kind, local) for kind in (0, 1) for local, i in enumerate(self.layout.indices[kind])}
         for unit in self.units:
             unit.full = [torch.empty(width * self.world, dtype=self.dtype, device=self.device)
                          for width in unit.widths]
             for i in (i for i, u in enumerate(unit_of) if u == unit.index):
-                kind, local = position[i]
+                kind, local = self.position[i]
                 at = self.layouts[kind].starts[local] - (unit.t, unit.f)[kind].global_start
                 param = named[i][1]
                 # A version counter of its own (not the buffer's, which every refill bumps): what autograd saved
@@ -131,7 +130,7 @@ class ShardedParameters:
 
     def pieces(self, i: int) -> list[tuple[int, int, torch.Tensor]]:
         """(start, end, view into this rank's shard) of every piece of parameter i (flattened) that it owns."""
-        kind, local = (0, self.trainable.index(i)) if i in self.trainable else (1, self.frozen.index(i))
+        kind, local = self.position[i]
         return [(pc.start, pc.end, self.shards[kind][pc.shard_offset:pc.shard_offset + pc.numel])
                 for pc in self.layouts[kind].pieces if pc.index == local]
 
@@ -228,8 +227,9 @@ class ShardedParameters:
         self._backward_started = False
         for unit in self.units:
             unit.in_backward = False
-            if unit.wait is not None:
-                self.gather(unit)
+            if unit.wait is not None:  # a prefetch no unit used: let it finish, its rows are not wanted
+                unit.wait()
+                unit.wait = None
             if unit.ready:
                 self.free(unit)
         for callback in self.on_backward_end:
@@ -270,8 +270,8 @@ class FullyShardedOptimizer(ShardedOptimizer):
         while self.launched < len(self.layout.buckets):
             self._launch(self.launched)
         passes = self.passes + 1
-        self._waiting = [b.last - b.first for b in self.layout.buckets]
-        self.launched, self.passes = 0, passes
+        self._reset_backward()
+        self.passes = passes
 
     @staticmethod
     def _keep_slice(own: torch.Tensor, reduced: torch.Tensor) -> None:

@@ -58,7 +58,7 @@ def build_sharded_model(cfg: Config, device: torch.device,
     with torch.device("meta"):
         model = Transformer(cfg.model)
     apply_finetune_lora(model, cfg.finetune)
-    shards = parallel.shard_parameters(model, device, weights_dtype(cfg), cfg.dist.zero3_prefetch)
+    shards = parallel.ShardedParameters(model, device, weights_dtype(cfg), cfg.dist.zero3_prefetch)
     torch.manual_seed(cfg.train.seed)
     adapters = []
     for i, (name, shape) in enumerate(zip(shards.names, shards.shapes)):

@@ -23,6 +23,7 @@ from hvd_llama.training.zero_layout import (
     FlatLayout,
     UnitLayouts,
     bucket_size,
+    own_widths,
     transformer_units,
     unit_layouts,
     unit_of_parameters,
@@ -96,8 +97,8 @@ def zero3_sizes(counts: ParamCounts, world_size: int) -> tuple[UnitLayouts, list
     layouts = unit_layouts(list(numels), list(trainable), list(unit_of), world_size, 0)
     sizes = []
     for unit, sticky in enumerate(counts.sticky):
-        t, f = (buckets.get(unit) for buckets in layouts.buckets)
-        own_t, own_f = (t.shard_numel if t else 0), (f.shard_numel if f else 0)
+        t, f = layouts.unit_buckets(unit)
+        own_t, own_f = own_widths((t, f))
         sizes.append(UnitSizes(world_size * (own_t + own_f), t.numel if t else 0, world_size * own_t, sticky))
     return layouts, sizes
 

@@ -232,6 +232,19 @@ class UnitLayouts:
     layouts: tuple[FlatLayout, FlatLayout]
     buckets: tuple[dict, dict]
 
+    def unit_buckets(self, unit: int) -> tuple:
+        """The unit's trainable and frozen buckets (None where it has no such parameters)."""
+        return tuple(buckets.get(unit) for buckets in self.buckets)
+
+    def positions(self) -> dict[int, tuple[int, int]]:
+        """Model-order position -> (kind, its index among that kind's parameters)."""
+        return {i: (kind, local) for kind in (0, 1) for local, i in enumerate(self.indices[kind])}
+
+
+def own_widths(buckets) -> tuple[int, int]:
+    """This rank's elements of a unit's (trainable, frozen) buckets."""
+    return tuple(b.shard_numel if b else 0 for b in buckets)
+
 
 def unit_layouts(numels: list[int], trainable: list[bool], unit_of: list[int], world: int, rank: int) -> UnitLayouts:
     """The layouts of parameters of sizes `numels` (model order), trainable or not, in units `unit_of`."""
