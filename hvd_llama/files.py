@@ -48,11 +48,19 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+STAGING_MARKS = (".tmp-", ".old-")  # in the names of staging_dir's folders: being written, or being replaced
+
+
+def is_staging_name(name: str) -> bool:
+    """Whether `name` is one of staging_dir's folders (.OUT.tmp-XXXX being written, .OUT.old-PID being replaced)."""
+    return any(mark in name for mark in STAGING_MARKS)
+
+
 def new_staging_dir(out: str | os.PathLike) -> Path:
     """An empty temporary folder next to `out`, for staging_dir (which renames it to `out`)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}{STAGING_MARKS[0]}"))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; give the folder the usual permissions
     return tmp
 
@@ -79,7 +87,7 @@ def replace_dir(tmp: Path, out: Path) -> None:
     """Rename the complete folder `tmp` to `out`, swapping out an existing `out` first (then deleting it)."""
     fsync_dir(tmp)
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = out.with_name(f".{out.name}{STAGING_MARKS[1]}{os.getpid()}")
         os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)

@@ -67,7 +67,7 @@ def prepare_run_dir(run_dir: Path, resume: Optional[str], cfg: Config) -> None:
         raise UserError(f"{run_dir} already holds checkpoints: pass --resume auto to continue it, "
                         "or choose another --run-dir")
     lock = checkpoint.RunDirLock(run_dir)
-    removed = lock.remove_stale_saves(run_dir)
+    removed = lock.remove_stale_saves()
     if removed:
         show(removed)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))

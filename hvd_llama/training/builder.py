@@ -65,9 +65,11 @@ def build_sharded_model(cfg: Config, device: torch.device,
         if is_lora_name(name):
             adapters.append(i)  # drawn after the base, as apply_lora draws them
             continue
-        value = init_state[name] if init_state is not None else torch.empty(shape, device=device)
         if init_state is None:
+            value = torch.empty(shape, device=device)
             model.init_parameter(name, value)
+        else:
+            value = init_state[name]
         shards.load(i, value)
     for i in adapters:
         value = torch.empty(shards.shapes[i], device=device)

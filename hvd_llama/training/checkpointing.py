@@ -62,7 +62,7 @@ def set_rng_state(state: dict) -> None:
 
 
 class Checkpointer:
-    """Save and resume one training run on the ranks `ranks` (hvd_llama.parallel, or procs.OneProcess)."""
+    """Save and resume one training run on the ranks `ranks`: hvd_llama.parallel (or procs.OneProcess, to save)."""
 
     def __init__(self, cfg: Config, run_dir: Path, model: torch.nn.Module, optimizer,
                  scaler: Optional[LossScaler], ranks, fault: Fault = Fault()):
@@ -130,15 +130,15 @@ class Checkpointer:
         return state
 
     # ---- resuming -------------------------------------------------------------------------------------------
-    def resume(self, resume: Optional[str], broadcast_state) -> Optional[Progress]:
+    def resume(self, resume: Optional[str]) -> Optional[Progress]:
         """Load `resume` ('auto' or a path; None: a fresh start) on every rank and return its progress (None when
-        there is nothing to resume). `broadcast_state(has_optimizer_state)` makes every rank start from rank 0's
-        weights (and stage-0 optimizer state), also on a fresh start."""
+        there is nothing to resume). Every rank starts from rank 0's weights (and stage-0 optimizer state), also on
+        a fresh start."""
         r = self.ranks
         state = r.run_on_main(lambda: self._load_on_main(resume), name="resume") if resume else None
         shared = r.broadcast_object({k: state[k] for k in ("path", "progress", "rng", "scaler")} if state else None,
                                     name="resume.state")
-        broadcast_state(shared is not None)
+        r.broadcast_state(self.model, self.optimizer, shared is not None)
         if shared is None:
             return None
         if self.optimizer.stage:
@@ -176,12 +176,11 @@ class Checkpointer:
         if (saved_stage == 0) != (stage == 0):
             raise UserError(f"{path} was written at dist.zero_stage={saved_stage}; resume it with --set "
                             f"dist.zero_stage={saved_stage}{' (or the other sharded stage)' if saved_stage else ''}")
-        if stage == 3:
-            pass  # every rank reads its own slices of the weights (resume)
-        elif self.lora:  # the base weights came from finetune.init_from
-            load_lora_state_dict(self.model, checkpoint.read_adapters(path))
-        else:
-            self.model.load_state_dict(checkpoint.read_model_checkpoint(path)[0])  # verified when found
+        if stage != 3:  # at stage 3 every rank reads its own slices of the weights (resume)
+            if self.lora:  # the base weights came from finetune.init_from
+                load_lora_state_dict(self.model, checkpoint.read_adapters(path))
+            else:
+                self.model.load_state_dict(checkpoint.read_model_checkpoint(path)[0])  # verified when found
         if stage == 0:
             self.optimizer.load_state_dict(state["optimizer"])
         return {**state, "path": str(path)}

@@ -108,7 +108,7 @@ def zero3_state_bytes(counts: ParamCounts, world_size: int, half: bool, prefetch
     bytes per trainable element), plus at the peak the units gathered (the embedding and the head, the block
     computing and `prefetch` more) and one unit's whole param.grad before its reduction."""
     layouts, sizes = zero3_sizes(counts, world_size)
-    width = 2 if half else 4
+    width = width_of(half)
     slices_t, slices_f = (layout.shard_numel for layout in layouts.layouts)
     blocks = [u.full for u in sizes if not u.sticky]
     gathered = sum(u.full for u in sizes if u.sticky) + sum(sorted(blocks, reverse=True)[:prefetch + 1])
@@ -137,7 +137,7 @@ def model_state_bytes(counts: ParamCounts, stage: int, world_size: int, half: bo
     stage 3: zero3_state_bytes.
     """
     P, T = counts.total, counts.trainable
-    width = 2 if half else 4  # bytes per element of the model's weights and of param.grad
+    width = width_of(half)
     if stage == 3:
         return zero3_state_bytes(counts, world_size, half, prefetch)
     if stage == 0:
@@ -154,7 +154,7 @@ def startup_bytes(counts: ParamCounts, half: bool, stage: int = 0, world_size: i
     """Start-up's peak (builder.build_model): the weights, allocated in their own dtype, plus one tensor's fp32
     draws at a time when they are bf16 (model.init_fp32_). Stage 3: the rank's slices, one unit's full buffer
     (allocated to make the parameters its views) and one parameter drawn in fp32."""
-    width = 2 if half else 4
+    width = width_of(half)
     if stage != 3:
         return width * counts.total + (4 * counts.largest if half else 0)
     layouts, sizes = zero3_sizes(counts, world_size)

@@ -49,8 +49,7 @@ class Trainer:
 
     def resume(self, resume: Optional[str]) -> None:
         """Every rank starts from rank 0's weights, or from the checkpoint `resume` names (checkpointing.py)."""
-        restored = self.checkpointer.resume(resume, lambda has_optimizer_state: parallel.broadcast_state(
-            self.model, self.optimizer, has_optimizer_state))
+        restored = self.checkpointer.resume(resume)
         self.progress = restored or self.progress
 
     def save(self) -> Path:

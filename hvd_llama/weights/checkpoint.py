@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import pickle
-import re
 import shutil
 import socket
 import warnings
@@ -34,7 +33,7 @@ import torch
 import yaml
 
 from hvd_llama.cli import UserError
-from hvd_llama.files import atomic_write_text, new_staging_dir, sha256_file, staging_dir
+from hvd_llama.files import atomic_write_text, is_staging_name, new_staging_dir, sha256_file, staging_dir
 from hvd_llama.model import ModelConfig
 from hvd_llama.training.zero_layout import SliceIndex, check_slices
 
@@ -46,7 +45,6 @@ TRAIN_STATE_FILE = "train_state.pt"
 STEP_PREFIX = "step_"
 LOCK_FILE = ".lock"
 _HELD: list = []  # the run-dir locks this process holds
-STAGING_MARK = re.compile(r"\.(tmp|old)-")  # cli.staging_dir's folders: being written, or being replaced
 
 
 def checkpoint_name(step: int) -> str:
@@ -241,6 +239,7 @@ class RunDirLock:
     """
 
     def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.file = open(run_dir / LOCK_FILE, "a+")
         try:
@@ -260,10 +259,10 @@ class RunDirLock:
         self.file.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
         self.file.flush()
 
-    def remove_stale_saves(self, root) -> str:
-        """Remove what interrupted saves left under `root`'s checkpoints folder; say what went (or why nothing)."""
-        folder = Path(root) / "checkpoints"
-        stale = sorted(p for p in folder.glob(f".{STEP_PREFIX}*") if p.is_dir() and STAGING_MARK.search(p.name))
+    def remove_stale_saves(self) -> str:
+        """Remove what interrupted saves left in the run dir's checkpoints folder; say what went (or why nothing)."""
+        folder = self.run_dir / "checkpoints"
+        stale = sorted(p for p in folder.glob(f".{STEP_PREFIX}*") if p.is_dir() and is_staging_name(p.name))
         if not stale:
             return ""
         if not self.held:
