@@ -87,10 +87,11 @@ def _relative_gap(a: list, b: list) -> float:
 
 def stages(runs_dir) -> tuple[str, list]:
     runs = Path(runs_dir)
-    losses = {name: [r["loss"] for r in records(runs / name)] for name in ("zero0", "zero2", "zero3")}
+    rows = {name: records(runs / name) for name in ("zero0", "zero2", "zero3", "zero3_resumed")}
+    losses = {name: [r["loss"] for r in rows[name]] for name in ("zero0", "zero2", "zero3")}
     gaps = {s: _relative_gap(losses[f"zero{s}"], losses["zero0"]) for s in (2, 3)}
-    resumed = [r["loss"] for r in records(runs / "zero3_resumed") if r["step"] > 10]
-    resume_gap = _relative_gap(resumed, [x for r, x in zip(records(runs / "zero3"), losses["zero3"]) if r["step"] > 10])
+    after_10 = {name: [r["loss"] for r in rows[name] if r["step"] > 10] for name in ("zero3", "zero3_resumed")}
+    resume_gap = _relative_gap(after_10["zero3_resumed"], after_10["zero3"])
     line = (f"bf16, 2 ranks, {len(losses['zero0'])} steps: largest relative loss difference to stage 0 "
             f"{gaps[2]:.2g} at stage 2, {gaps[3]:.2g} at stage 3; stage 3 resumed from step 10: {resume_gap:.2g}")
     problems = [f"stage {s} differs from stage 0 by more than 2% ({gap:.2g})" for s, gap in gaps.items() if gap > 0.02]

@@ -159,6 +159,13 @@ def target_check(value: float, per_round: list[float], passes: Callable[[float],
             "per_round": per_round}
 
 
+def ratio_check(step: dict, base: dict, target: float) -> dict:
+    """Step times (spread()'s) against `base`'s: median over median and within each round (the jobs of a round ran
+    back to back), checked against `target`."""
+    per_round = [x / y for x, y in zip(step["rounds"], base["rounds"])]
+    return target_check(step["median"] / base["median"], per_round, lambda ratio: ratio <= target)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
     """Aligned text table: the first column left-aligned, the others right-aligned."""
     cells = [list(map(str, headers))] + [list(map(str, row)) for row in rows]

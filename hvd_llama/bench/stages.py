@@ -11,9 +11,9 @@ from hvd_llama.bench.common import (
     Bench,
     horovod_rounds,
     num_params,
+    ratio_check,
     summarize_timeline,
     table,
-    target_check,
     timeline_line,
     timeline_path,
 )
@@ -55,10 +55,7 @@ def controller_figures(rounds: dict[int, list[list[dict]]]) -> dict:
     base = stages["0"]["step_s"]
     ratios = {}
     for s in STAGES[1:]:
-        step = stages[str(s)]["step_s"]
-        per_round = [x / y for x, y in zip(step["rounds"], base["rounds"])]
-        ratios[f"stage{s}_vs_stage0"] = target_check(step["median"] / base["median"], per_round,
-                                                     lambda ratio: ratio <= TARGET_RATIO)
+        ratios[f"stage{s}_vs_stage0"] = ratio_check(stages[str(s)]["step_s"], base, TARGET_RATIO)
     return {"stages": stages, "ratios": ratios}
 
 

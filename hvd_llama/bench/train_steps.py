@@ -15,9 +15,10 @@ import argparse
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,12 +51,14 @@ def next_token_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor
 
 
 def reference_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
-                   grad_clip: float) -> None:
-    """The plain PyTorch training step hvd_llama is measured against (nanoGPT's loop, no Horovod)."""
-    next_token_loss(model, batch).backward()
+                   grad_clip: float) -> torch.Tensor:
+    """The plain PyTorch training step hvd_llama is measured against (nanoGPT's loop, no Horovod); its loss."""
+    loss = next_token_loss(model, batch)
+    loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def forward_backward(model: torch.nn.Module, batch: torch.Tensor) -> None:
@@ -178,32 +181,41 @@ def measure_memory_rank(cfg: Config, args: argparse.Namespace) -> dict:
             "state_bytes_after_reduce_gradients": state["reduce_gradients"], "state_bytes_after_step": state["step"]}
 
 
+@contextmanager
+def gloo_rank(cfg: Config) -> Iterator[tuple[int, int]]:
+    """(rank, world size) of a torch.distributed Gloo process group under torchrun, with this rank's threads (the
+    node's cores shared among its ranks unless dist.threads_per_rank says); the group is ended on leaving."""
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo")
+    size = tdist.get_world_size()
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+    torch.set_num_threads(cfg.dist.threads_per_rank or max(1, len(os.sched_getaffinity(0)) // local_size))
+    yield tdist.get_rank(), size
+    tdist.barrier()
+    tdist.destroy_process_group()
+
+
 def measure_ddp_rank(cfg: Config, args: argparse.Namespace) -> dict:
     """One rank of torch.distributed DistributedDataParallel over Gloo, the usual alternative to Horovod:
     the reference step with gradient allreduce, then the same step under no_sync() (no communication)."""
-    import torch.distributed as tdist
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel
 
-    tdist.init_process_group("gloo")
-    rank, size = tdist.get_rank(), tdist.get_world_size()
-    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
-    torch.set_num_threads(cfg.dist.threads_per_rank or max(1, len(os.sched_getaffinity(0)) // local_size))
-    model = new_model(cfg)
-    ddp = DistributedDataParallel(model, bucket_cap_mb=args.bucket_cap_mb)
-    if cfg.dist.compression == "fp16":
-        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
-    optimizer = build_optimizer(model, cfg.optim)
-    batch = random_batch(cfg, cfg.train.seed + rank)
+    with gloo_rank(cfg) as (rank, size):
+        model = new_model(cfg)
+        ddp = DistributedDataParallel(model, bucket_cap_mb=args.bucket_cap_mb)
+        if cfg.dist.compression == "fp16":
+            ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        optimizer = build_optimizer(model, cfg.optim)
+        batch = random_batch(cfg, cfg.train.seed + rank)
 
-    def step():
-        reference_step(ddp, optimizer, batch, cfg.optim.grad_clip)
+        def step():
+            reference_step(ddp, optimizer, batch, cfg.optim.grad_clip)
 
-    step_s = timed(step, args.warmup, args.steps)
-    with ddp.no_sync():
-        no_sync_step_s = timed(step, args.warmup, args.steps)
-    tdist.barrier()
-    tdist.destroy_process_group()
+        step_s = timed(step, args.warmup, args.steps)
+        with ddp.no_sync():
+            no_sync_step_s = timed(step, args.warmup, args.steps)
     return {"rank": rank, "size": size, "threads": torch.get_num_threads(), "step_s": step_s,
             "no_sync_step_s": no_sync_step_s, "bucket_cap_mb": args.bucket_cap_mb}
 
@@ -212,31 +224,17 @@ def measure_fsdp_rank(cfg: Config, args: argparse.Namespace) -> dict:
     """One rank of PyTorch FSDP2 over Gloo, ZeRO-3 as torchtitan applies it: fully_shard on every block, then on
     the root, each resharding after forward; the reference step (its clip_grad_norm_ takes the global norm of the
     sharded gradients) from the same initial weights and batches as hvd_llama's."""
-    import torch.distributed as tdist
     from torch.distributed.fsdp import fully_shard
 
-    tdist.init_process_group("gloo")
-    rank, size = tdist.get_rank(), tdist.get_world_size()
-    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
-    torch.set_num_threads(cfg.dist.threads_per_rank or max(1, len(os.sched_getaffinity(0)) // local_size))
-    model = new_model(cfg)
-    for layer in model.layers:
-        fully_shard(layer, reshard_after_forward=True)
-    fully_shard(model, reshard_after_forward=True)
-    optimizer = build_optimizer(model, cfg.optim)
-    batch, losses = random_batch(cfg, cfg.train.seed + rank), []
-
-    def step():
-        loss = next_token_loss(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-
-    step_s = timed(step, args.warmup, args.steps)
-    tdist.barrier()
-    tdist.destroy_process_group()
+    with gloo_rank(cfg) as (rank, size):
+        model = new_model(cfg)
+        for layer in model.layers:
+            fully_shard(layer, reshard_after_forward=True)
+        fully_shard(model, reshard_after_forward=True)
+        optimizer = build_optimizer(model, cfg.optim)
+        batch, losses = random_batch(cfg, cfg.train.seed + rank), []
+        step_s = timed(lambda: losses.append(reference_step(model, optimizer, batch, cfg.optim.grad_clip).item()),
+                       args.warmup, args.steps)
     return {"rank": rank, "size": size, "threads": torch.get_num_threads(), "step_s": step_s, "losses": losses,
             "peak_rss": peak_rss()}
 
