@@ -10,7 +10,7 @@ import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -76,30 +76,35 @@ def _verification_lock(data_dir: Path) -> Iterator[None]:
         yield
 
 
-def verify_files(data_dir: Path, checksums: dict[str, str], check: Callable[[Path], None], everything: bool) -> None:
+def verify_files(data_dir: Path, checksums: dict[str, str], check: Callable[[Path], None], everything: bool,
+                 signatures: Optional[dict[str, list]] = None) -> None:
     """Check the sha256 (and `check`) of the data files whose size or modification time changed since they were
     last found right (verified.json, which prepare writes), or of every file not checked since this call began
-    with `everything`; record what was checked. Opening a verified corpus costs a stat per file."""
+    with `everything`; record what was checked. Opening a verified corpus costs a stat per file (none when the
+    caller has their `signatures` already)."""
     started = time.time_ns()
 
-    def stale() -> list[str]:
+    def stale(signed: dict[str, list]) -> list[str]:
         record = read_verified(data_dir)
         return [name for name, entry in ((name, record.get(name)) for name in checksums)
-                if entry is None or entry[:2] != file_signature(data_dir / name) or (everything and entry[2] < started)]
+                if entry is None or entry[:2] != signed[name] or (everything and entry[2] < started)]
 
-    if not stale():
+    def signed_now() -> dict[str, list]:
+        return {name: file_signature(data_dir / name) for name in checksums}
+
+    if not stale(signatures or signed_now()):
         return
     with _verification_lock(data_dir):
-        signatures = {}
-        for name in stale():  # again: another process may have checked them while this one waited
+        checked = {}
+        for name in stale(signed_now()):  # again: another process may have checked them while this one waited
             path = data_dir / name
-            signatures[name] = file_signature(path)  # before reading: a change during the check shows next time
+            checked[name] = file_signature(path)  # before reading: a change during the check shows next time
             check(path)
             if sha256_file(path) != checksums[name]:
                 raise UserError(f"{path} does not match its checksum in meta.json (corrupted or replaced); "
                                 f"{RERUN_HINT}")
         try:
-            record_verified(data_dir, signatures)
+            record_verified(data_dir, checked)
         except OSError:  # a read-only folder: checked again next time
             pass
 
@@ -123,17 +128,18 @@ class SplitTokens(Dataset):
         shards = self.meta["splits"][split]["shards"]
         self.paths = [self.data_dir / shard["file"] for shard in shards]
         counts = [shard["tokens"] for shard in shards]
+        signatures = {}  # [size, mtime]: one stat per shard for the size check and verify_files
         for path, n_tokens in zip(self.paths, counts):
             try:
-                size = path.stat().st_size
+                signatures[path.name] = file_signature(path)
             except FileNotFoundError:
                 raise UserError(f"shard {path} is missing; {RERUN_HINT}") from None
-            if size != HEADER_BYTES + n_tokens * self.dtype.itemsize:
+            if signatures[path.name][0] != HEADER_BYTES + n_tokens * self.dtype.itemsize:
                 raise UserError(f"{path} should hold {n_tokens} tokens but its size does not match (truncated?); "
                                 f"{RERUN_HINT}")
         tokens = {shard["file"]: shard["tokens"] for shard in shards}
         verify_files(self.data_dir, {shard["file"]: shard["sha256"] for shard in shards},
-                     lambda path: self._check_header(path, tokens[path.name]), verify)
+                     lambda path: self._check_header(path, tokens[path.name]), verify, signatures)
         self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])  # shard k holds [starts[k], starts[k+1])
         self.n_tokens = int(self.starts[-1])
         self._maps: OrderedDict[int, np.memmap] = OrderedDict()
