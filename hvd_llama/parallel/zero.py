@@ -39,6 +39,7 @@ import torch
 
 from hvd_llama.training.zero_layout import (
     MAX_IN_FLIGHT,
+    OPTIONAL_SLICE_TENSORS,
     STATE_FORMAT,
     FlatLayout,
     Piece,
@@ -406,26 +407,32 @@ class ShardedOptimizer:
         the slice's tensors, which are this rank's flat shards themselves (no copy: saving a checkpoint allocates
         nothing), and the AdamW step count. `params` (names, shapes) defines the space."""
         runs = self.layout.own_runs()
-        state = {"format": STATE_FORMAT, "params": [(n, tuple(p.shape)) for n, p in zip(self.names, self.params)],
-                 "ranges": [(start, end) for start, end, _ in runs], "offsets": [offset for _, _, offset in runs],
-                 "step": self._step_count(), "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
-        if self.master is not None and self._master_ready:
-            state["master"] = self.master
-        return state
+        return {"format": STATE_FORMAT, "params": [(n, tuple(p.shape)) for n, p in zip(self.names, self.params)],
+                "ranges": [(start, end) for start, end, _ in runs], "offsets": [offset for _, _, offset in runs],
+                "step": self._step_count(),
+                **{name: t for name, t in self._slice_tensors().items() if name != "master" or self._master_ready}}
+
+    def _slice_tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's slice tensors, by their names in a checkpoint's slice files."""
+        return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq,
+                **({"master": self.master} if self.master is not None else {})}
 
     @torch.no_grad()
-    def load_state_dict(self, slices) -> None:
+    def load_state_dict(self, slices) -> set[str]:
         """Load this rank's slice from the slice dicts of ALL ranks of a checkpoint saved at any world size (a
-        single dict is taken as a list of one). Without master weights in them, they come from the parameters."""
+        single dict is taken as a list of one); returns the names of the slice tensors filled. Without master
+        weights in them, they come from the parameters."""
         slices = check_slices(slices if isinstance(slices, (list, tuple)) else [slices], self._layout_key())
         index = SliceIndex(slices)
-        names = ["exp_avg", "exp_avg_sq"] + (["master"] if self.master is not None and index.has_master else [])
+        tensors = {name: t for name, t in self._slice_tensors().items()
+                   if name not in OPTIONAL_SLICE_TENSORS or index.holds(name)}
         for start, end, offset in self.layout.own_runs():
-            for name in names:
-                getattr(self, name)[offset:offset + end - start].copy_(index.read(name, start, end))
+            for name, tensor in tensors.items():
+                tensor[offset:offset + end - start].copy_(index.read(name, start, end))
         for s in self.optimizer.state.values():
             s["step"].fill_(index.step)
-        self._master_ready = "master" in names
+        self._master_ready = "master" in tensors
+        return set(tensors)
 
     def _layout_key(self) -> list:
         return [(n, tuple(p.shape)) for n, p in zip(self.names, self.params)]

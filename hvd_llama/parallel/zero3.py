@@ -35,7 +35,6 @@ from hvd_llama.parallel.zero import ShardedOptimizer, _tensor_bytes, allgather_a
 from hvd_llama.training.zero_layout import (
     Bucket,
     FlatLayout,
-    SliceIndex,
     own_widths,
     transformer_units,
     unit_layouts,
@@ -297,21 +296,16 @@ class FullyShardedOptimizer(ShardedOptimizer):
     def _publish(self) -> None:
         pass  # the next forward gathers the updated slices
 
-    def state_dict(self) -> dict:
+    def _slice_tensors(self) -> dict[str, torch.Tensor]:
         """Stages 1-2's slice, and this rank's slice of the trainable weights themselves (`param`)."""
-        return {**super().state_dict(), "param": self.shards.shards[0]}
+        return {**super()._slice_tensors(), "param": self.shards.shards[0]}
 
-    @torch.no_grad()
-    def load_state_dict(self, slices) -> None:
+    def load_state_dict(self, slices) -> set[str]:
         """Stages 1-2's, and this rank's slices of the weights when the checkpoint holds them (`weights_loaded`;
         a checkpoint of stages 1-2 has them in its model.pt instead)."""
-        super().load_state_dict(slices)
-        slices = slices if isinstance(slices, (list, tuple)) else [slices]
-        self.weights_loaded = all("param" in s for s in slices)
-        if self.weights_loaded:
-            index = SliceIndex(slices)
-            for start, end, offset in self.layout.own_runs():
-                self.shards.shards[0][offset:offset + end - start].copy_(index.read("param", start, end))
+        loaded = super().load_state_dict(slices)
+        self.weights_loaded = "param" in loaded
+        return loaded
 
     def state_bytes(self) -> dict:
         grads = [p.grad for p in self.params if p.grad is not None]

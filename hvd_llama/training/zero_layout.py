@@ -23,6 +23,7 @@ MIN_BUCKETS = 4
 MAX_IN_FLIGHT = 2  # reduce-scatters outstanding at once (a third is launched before the oldest is waited for)
 STATE_FORMAT = "hvd_llama.zero_slice/2"
 SLICE_TENSORS = ("exp_avg", "exp_avg_sq", "master")
+OPTIONAL_SLICE_TENSORS = ("master", "param")  # master: with bf16 weights; param: the weights, at stage 3
 
 
 # ---- the flat layout (pure arithmetic; no Horovod) ------------------------------------------------------------
@@ -149,7 +150,10 @@ class SliceIndex:
         runs.sort(key=lambda run: run[0])
         self.runs, self.starts = runs, [r[0] for r in runs]
         self.step = slices[0]["step"]
-        self.has_master = all("master" in s for s in slices)
+        self.held = set.intersection(*(set(s) for s in slices))  # what every slice holds
+
+    def holds(self, name: str) -> bool:
+        return name in self.held
 
     def read(self, name: str, start: int, end: int) -> torch.Tensor:
         parts, at = [], start
@@ -180,7 +184,7 @@ def merge_slices(slices: list) -> dict:
     "master"]} shaped like the parameter}} (for export, or inspecting a checkpoint)."""
     slices = check_slices(list(slices))
     index = SliceIndex(slices)
-    names = [n for n in SLICE_TENSORS if n != "master" or index.has_master]
+    names = [n for n in SLICE_TENSORS if n not in OPTIONAL_SLICE_TENSORS or index.holds(n)]
     tensors = {t: index.parameters(slices[0]["params"], t) for t in names}
     return {"step": index.step, "state": {param: {t: tensors[t][param] for t in names}
                                           for param, _ in slices[0]["params"]}}
