@@ -270,6 +270,10 @@ def diagnose(r: dict) -> tuple[list, list]:
                                  "training, horovodrun --gloo fails)")):
             if not h[controller]:
                 warnings.append(f"Horovod was built without {name}")
+        if not h["exit_status_patch"]:
+            warnings.append("this Horovod was not installed by launch/install.sh: horovodrun --gloo can end with exit "
+                            "status 0 for a job it stopped (SIGTERM, Ctrl-C), so a scheduler may count a preempted "
+                            "job as finished; re-run launch/install.sh")
     if r["gpus"] and "backends" in h:
         cuda = h["backends"].get("cuda", {})
         slow = [op for op in cuda if cuda[op] != "NCCL"]
@@ -320,7 +324,8 @@ def format_report(r: dict) -> list:
         lines.append(row("status", "cannot be used (the problem below)"))
     else:
         lines += [row("build", f"PyTorch extension, NCCL {h['nccl_built'] or 'not built'}, CUDA "
-                               f"{'built' if h['cuda_built'] else 'not built'}"),
+                               f"{'built' if h['cuda_built'] else 'not built'}, launch/install.sh's patches "
+                               f"{'applied' if h['exit_status_patch'] else 'missing'}"),
                   row("controllers", "; ".join(
                       f"{name} {'built' if c['built'] else 'not built'}{', in use' if c['enabled'] else ''}"
                       for name, c in (("MPI", h["controllers"]["mpi"]), ("Gloo", h["controllers"]["gloo"]))))]

@@ -26,6 +26,7 @@ PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 MPI_STOP_GRACE_S=${HVD_LLAMA_MPI_STOP_GRACE_S:-60}
 HOROVOD_VERSION=0.28.1
+PATCHES=cxx17-exitstatus  # what patch_cxx17 and patch_exit_status change: part of the wheel cache key
 DRY_RUN=${HVD_LLAMA_DRY_RUN:-0}
 TEST_TOOLS=${HVD_LLAMA_TEST_TOOLS:-0}
 DEVICE=auto      # --cuda / --cpu
@@ -205,7 +206,7 @@ choose_build() {
   done
   export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1
   export HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
-  KEY="horovod-$HOROVOD_VERSION-torch-$TORCH_FOUND-py$PY_VERSION-pytorch-gloo-mpi"
+  KEY="horovod-$HOROVOD_VERSION-$PATCHES-torch-$TORCH_FOUND-py$PY_VERSION-pytorch-gloo-mpi"
   if [ "$DEVICE" = cuda ]; then
     export HOROVOD_GPU_OPERATIONS=NCCL
     [ -z "$CUDA_HOME_FOUND" ] || export HOROVOD_CUDA_HOME=${HOROVOD_CUDA_HOME:-$CUDA_HOME_FOUND}
@@ -241,6 +242,37 @@ patch_cxx17() {  # patch_cxx17 <horovod source dir>
   done
 }
 
+patch_exit_status() {  # patch_exit_status <horovod source dir>
+  # horovodrun --gloo could exit 0 for a job it stopped on SIGTERM: its middleman process waits for the rank's
+  # shell with Popen.wait() while its stop thread waits for the same shell with psutil, which reaps it when it wins
+  # the race; Popen.wait() then gets ECHILD and reports 0 (a preempted job looked like a finished one). The stop
+  # thread now waits without reaping. Unfixed in 0.28.1, the last release.
+  local file="$1/horovod/runner/common/util/safe_shell_exec.py"
+  "$PY" - "$file" <<'PATCH' || die "the exit-status patch did not apply to $file (not one\
+ 'p.wait(timeout=GRACEFUL_TERMINATION_TIME_S)' there: Horovod's source changed)"
+import sys
+path, old = sys.argv[1], "        p.wait(timeout=GRACEFUL_TERMINATION_TIME_S)\n"
+text = open(path).read()
+if text.count(old) != 1:
+    sys.exit(1)
+open(path, "w").write(text.replace(old, "        _wait_unreaped(p, GRACEFUL_TERMINATION_TIME_S)\n") + """
+
+def _wait_unreaped(p, timeout):
+    # hvd_llama's patch (launch/install.sh): psutil's wait() reaps the shell, the middleman's child, before the
+    # middleman's Popen.wait() can read its exit status, which then reads as 0.
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.05)
+    raise psutil.TimeoutExpired(timeout, p.pid)
+""")
+PATCH
+}
+
 build_horovod_wheel() {  # build_horovod_wheel <wheel dir>
   local out=$1 src log
   check_build_tools
@@ -253,6 +285,7 @@ build_horovod_wheel() {  # build_horovod_wheel <wheel dir>
     || die "could not download the horovod sdist; see $log"
   tar xzf "$src/horovod-$HOROVOD_VERSION.tar.gz" -C "$src"
   patch_cxx17 "$src/horovod-$HOROVOD_VERSION"
+  patch_exit_status "$src/horovod-$HOROVOD_VERSION"
   [ -z "$NCCL_LINK_DIR" ] || { mkdir -p "$NCCL_LINK_DIR" && ln -sfn "$NCCL_SO" "$NCCL_LINK_DIR/libnccl.so"; }
   say "building Horovod (about 4 minutes on 2 cores); log: $log"
   rm -rf "$out.tmp" && mkdir -p "$out.tmp"

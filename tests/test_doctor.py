@@ -194,6 +194,8 @@ def test_diagnose_fires_each_warning_when_its_condition_is_constructed(one_rank)
     for flag, name in (("gloo_built", "Gloo"), ("mpi_built", "MPI")):
         [warning] = traps(changed(horovod={**built, flag: False}))
         assert warning.startswith(f"Horovod was built without {name}")
+    [warning] = traps(changed(horovod={**built, "exit_status_patch": False}))
+    assert "horovodrun --gloo can end with exit status 0 for a job it stopped" in warning
 
     hosts = one_rank[2]["hosts"]
     other = {**hosts, "node2": {**next(iter(hosts.values())), "horovod": "0.27.0", "ranks": [1]}}

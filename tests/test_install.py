@@ -6,16 +6,18 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 import zipfile
 from importlib import metadata
 from pathlib import Path
 
+import psutil
 import pytest
 from packaging.requirements import Requirement
 from support import REPO
 from support.files import executable
-from support.installer import fake_venv, install, nccl_header
+from support.installer import SHELL_EXEC, SHELL_EXEC_WAIT, fake_venv, install, nccl_header
 
 
 @pytest.mark.parametrize("missing, message", [
@@ -128,7 +130,7 @@ def test_dry_run_on_a_cpu_machine_builds_without_nccl_whatever_the_shell_had(tmp
     assert done.returncode == 0, done.stderr
     key, env = printed_build(done.stdout)
     assert env == BASE_FLAGS  # the inherited NCCL and TensorFlow flags are gone: the key says what is built
-    assert key == f"horovod-0.28.1-torch-{torch.__version__}-py%d.%d-pytorch-gloo-mpi" % sys.version_info[:2]
+    assert key == f"horovod-0.28.1-cxx17-exitstatus-torch-{torch.__version__}-py%d.%d-pytorch-gloo-mpi" % sys.version_info[:2]
     assert f"+ {sys.executable} -m pip wheel -v --no-build-isolation --no-deps -w " in done.stdout
     assert not (tmp_path / "cache").exists()  # a dry run writes nothing
 
@@ -142,7 +144,7 @@ def test_dry_run_with_a_cuda_toolkit_and_cuda_torch_builds_with_nccl(tmp_path, f
     key, env = printed_build(done.stdout)
     assert env == BASE_FLAGS | {"HOROVOD_GPU_OPERATIONS=NCCL", f"HOROVOD_CUDA_HOME={cuda}",
                                 f"HOROVOD_NCCL_INCLUDE={cuda}/include", f"HOROVOD_NCCL_LIB={cuda}/lib64"}
-    assert key == ("horovod-0.28.1-torch-2.13.0+cu130-py%d.%d-pytorch-gloo-mpi-nccl2.27.3-static-cuda13.0.88"
+    assert key == ("horovod-0.28.1-cxx17-exitstatus-torch-2.13.0+cu130-py%d.%d-pytorch-gloo-mpi-nccl2.27.3-static-cuda13.0.88"
                    % sys.version_info[:2])
     assert pip_log(tmp_path) == ""  # nothing installed or downloaded
 
@@ -247,6 +249,9 @@ def test_the_build_gets_the_flags_the_dry_run_printed_then_the_cache_is_reused(t
     assert "HOROVOD_GPU_OPERATIONS=NCCL" in printed_env and key.endswith("-nccl2.27.3-static-cuda13.0.88")
     built = (tmp_path / "built_cmake.txt").read_text()
     assert built.count("set(CMAKE_CXX_STANDARD 17)") == 2 and "STANDARD 14" not in built
+    shell_exec = (tmp_path / "built_shell_exec.py").read_text()
+    compile(shell_exec, "safe_shell_exec.py", "exec")
+    assert "_wait_unreaped(p, GRACEFUL_TERMINATION_TIME_S)" in shell_exec and "p.wait(" not in shell_exec
     assert list((tmp_path / "cache" / "wheels" / key).glob("horovod-*.whl"))
     assert "[install] Horovod OK: PyTorch Gloo MPI NCCL available" in done.stdout
     (tmp_path / "pip.log").unlink()
@@ -265,14 +270,30 @@ def test_a_cuda_install_fails_in_one_line_unless_check_build_shows_nccl(tmp_path
     assert "pip install -q -e" not in pip_log(tmp_path)  # hvd_llama not installed over it
 
 
-def test_the_cxx17_patch_must_take_effect(tmp_path):
-    venv = fake_venv(tmp_path, torch_cuda=None, torch_cmake="set(CMAKE_CXX_STANDARD 20)\n")
+@pytest.mark.parametrize("patch, file, changed", [
+    ("C++17", "torch/CMakeLists.txt", dict(torch_cmake="set(CMAKE_CXX_STANDARD 20)\n")),
+    ("exit-status", SHELL_EXEC, dict(shell_exec=SHELL_EXEC_WAIT.replace("p.wait(", "p.wait_for(")))])
+def test_each_patch_must_take_effect(tmp_path, patch, file, changed):
+    venv = fake_venv(tmp_path, torch_cuda=None, **changed)
     done = install(tmp_path, {"nvcc"}, venv=venv)
     assert done.returncode == 1
     line, = done.stderr.splitlines()
-    assert line.startswith("[install] error: the C++17 patch did not apply to ")
-    assert line.split(" to ")[1].split(" (")[0].endswith("/horovod-0.28.1/horovod/torch/CMakeLists.txt")
+    assert line.startswith(f"[install] error: the {patch} patch did not apply to ")
+    assert line.split(" to ")[1].split(" (")[0].endswith(f"/horovod-0.28.1/horovod/{file}")
     assert not (tmp_path / "build_env.txt").exists() and not list((tmp_path / "cache").glob("wheels/*"))
+
+
+def test_horovodrun_reports_the_exit_status_of_a_rank_it_stopped():
+    """The installed Horovod carries patch_exit_status. Without it, horovodrun --gloo's stop thread (psutil) reaped
+    a rank's shell that had exited during the grace period, and the middleman's Popen.wait() then read exit status
+    0: a job stopped by SIGTERM could end with 0. Here the shell has exited (a zombie) when the stop runs."""
+    from horovod.runner.common.util.safe_shell_exec import terminate_executor_shell_and_children
+    shell = subprocess.Popen(["sh", "-c", "exit 130"])
+    deadline = time.monotonic() + 30
+    while psutil.Process(shell.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.01)
+    terminate_executor_shell_and_children(shell.pid)
+    assert shell.wait(timeout=30) == 130
 
 
 @pytest.mark.parametrize("ask", [False, True])

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import horovod
 import horovod.torch as hvd
 import torch
+from horovod.runner.common.util import safe_shell_exec
 
 from hvd_llama import parallel
 from hvd_llama.config import DistConfig
@@ -31,11 +32,13 @@ _ACTIVITY = re.compile(r'"name": "(NCCL|MPI|GLOO|CCL|DDL)_[A-Z_]+", "ts": \d+, "
 
 
 def build() -> dict:
-    """Horovod's build, readable before init: the version, controllers, NCCL (its version code) and CUDA."""
+    """Horovod's build, readable before init: the version, controllers, NCCL (its version code), CUDA, and whether
+    horovodrun carries launch/install.sh's exit-status patch (a stopped job could otherwise exit 0)."""
     nccl = hvd.nccl_built()
     return {"version": horovod.__version__, "pytorch": True, "mpi_built": hvd.mpi_built(),
             "gloo_built": hvd.gloo_built(), "nccl_built": nccl_version(nccl) if nccl else None,
-            "cuda_built": hvd.cuda_built(), "rocm_built": hvd.rocm_built()}
+            "cuda_built": hvd.cuda_built(), "rocm_built": hvd.rocm_built(),
+            "exit_status_patch": hasattr(safe_shell_exec, "_wait_unreaped")}
 
 
 def nccl_version(code: int) -> str:

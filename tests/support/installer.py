@@ -40,6 +40,10 @@ def install(tmp_path, missing: set, *args: str, venv: Path = Path(sys.executable
 # that pip only logs (faking Horovod's sdist download and recording the environment `pip wheel` is started with),
 # torch is a two-line module reporting a chosen CUDA version, and horovodrun --check-build lists NCCL or not.
 CMAKE_CXX14 = "cmake_minimum_required(VERSION 3.13)\nset(CMAKE_CXX_STANDARD 14)\n"
+SHELL_EXEC = "runner/common/util/safe_shell_exec.py"
+SHELL_EXEC_WAIT = ("import time\n\nimport psutil\n\n\ndef stop_shell(p):\n    try:\n"
+                   "        p.wait(timeout=GRACEFUL_TERMINATION_TIME_S)\n    except psutil.TimeoutExpired:\n"
+                   "        p.kill()\n")  # the lines of Horovod's SHELL_EXEC that patch_exit_status changes
 FAKE_PYTHON = """#!/usr/bin/env bash
 if [ "$1 $2" = "-m pip" ]; then
   echo "pip ${*:3}" >> @log@
@@ -48,6 +52,7 @@ if [ "$1 $2" = "-m pip" ]; then
     wheel) while [ "$1" != -w ]; do shift; done
            env | grep -E '^(HOROVOD_[A-Z0-9_]*|MAKEFLAGS)=' | sort > @build_env@
            cat "$3/CMakeLists.txt" "$3/horovod/torch/CMakeLists.txt" > @built_cmake@
+           cp "$3/horovod/@shell_exec@" @built_shell_exec@
            touch "$2/horovod-0.28.1-cp311-cp311-linux_x86_64.whl" ;;
   esac
   exit 0
@@ -68,12 +73,15 @@ def nccl_header(version: str) -> str:
 
 
 def fake_venv(tmp_path, torch_cuda: str | None, nccl_in_build: bool = True, torch_cmake: str = CMAKE_CXX14,
-              pip_nccl: str | None = None) -> Path:
-    """`pip_nccl`: the version of an nvidia-nccl package in the venv, laid out as CUDA torch wheels install it."""
+              pip_nccl: str | None = None, shell_exec: str = SHELL_EXEC_WAIT) -> Path:
+    """`pip_nccl`: the version of an nvidia-nccl package in the venv, laid out as CUDA torch wheels install it.
+    The build copies what it saw of the sdist's patched files to built_cmake.txt and built_shell_exec.py."""
     venv, sdist = tmp_path / "venv", tmp_path / "sdist" / "horovod-0.28.1"
     (sdist / "horovod" / "torch").mkdir(parents=True)
     (sdist / "CMakeLists.txt").write_text(CMAKE_CXX14)
     (sdist / "horovod" / "torch" / "CMakeLists.txt").write_text(torch_cmake)
+    (sdist / "horovod" / SHELL_EXEC).parent.mkdir(parents=True)
+    (sdist / "horovod" / SHELL_EXEC).write_text(shell_exec)
     torch = tmp_path / "faketorch" / "torch"
     torch.mkdir(parents=True)
     if pip_nccl:  # a namespace package, nvidia.nccl, beside torch
@@ -85,7 +93,8 @@ def fake_venv(tmp_path, torch_cuda: str | None, nccl_in_build: bool = True, torc
                                        f"class version:\n    cuda = {torch_cuda!r}\n")
     script = FAKE_PYTHON
     values = dict(log=tmp_path / "pip.log", sdist=sdist.parent, build_env=tmp_path / "build_env.txt",
-                  built_cmake=tmp_path / "built_cmake.txt", torch=torch.parent, python=sys.executable)
+                  built_cmake=tmp_path / "built_cmake.txt", built_shell_exec=tmp_path / "built_shell_exec.py",
+                  shell_exec=SHELL_EXEC, torch=torch.parent, python=sys.executable)
     for name, value in values.items():
         script = script.replace(f"@{name}@", str(value))
     executable(venv / "bin" / "python", script)
