@@ -44,10 +44,12 @@ def count_params(state: dict, cfg: ModelConfig) -> int:
 
 
 @dataclass
-class ExportConfig:
-    """`convert export`'s options."""
+class CheckpointConfig:
+    """`convert export`'s and `convert consolidate`'s options: a checkpoint read, a new folder written (export: a
+    Hugging Face folder, config.json + model.safetensors + the tokenizer files; consolidate: a checkpoint folder,
+    model.pt + config.yaml + tokenizer.model)."""
     checkpoint: str  # checkpoint folder, or a run folder (its newest complete checkpoint is used)
-    out: str  # new folder for config.json, model.safetensors and the tokenizer files
+    out: str
 
 
 @dataclass
@@ -60,19 +62,12 @@ class ImportConfig:
     max_seq_len: Optional[int] = None  # context length to record; None: hf's max_position_embeddings, meta's 2048
 
 
-@dataclass
-class ConsolidateConfig:
-    """`convert consolidate`'s options."""
-    checkpoint: str  # checkpoint folder, or a run folder (its newest complete checkpoint is used)
-    out: str  # new checkpoint folder: model.pt, config.yaml, tokenizer.model
-
-
 def refuse_existing(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists; choose a new folder")
 
 
-def export(args: ExportConfig) -> str:
+def export(args: CheckpointConfig) -> str:
     out = Path(args.out)
     refuse_existing(out)
     state, cfg, tokenizer = load_weights(args.checkpoint)  # LoRA checkpoints arrive merged
@@ -108,7 +103,7 @@ def import_(args: ImportConfig) -> str:
     return f"imported {count_params(state, cfg):,} parameters from {source} to {out} ({', '.join(written)})"
 
 
-def consolidate(args: ConsolidateConfig) -> str:
+def consolidate(args: CheckpointConfig) -> str:
     """Any hvd_llama checkpoint (a ZeRO stage-3 one has its weights in every rank's slice; a LoRA one, adapters
     over a base) as a single-file checkpoint of the whole model: the weights assembled one tensor at a time."""
     out = Path(args.out)
@@ -144,19 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"export": (ExportConfig, export), "import": (ImportConfig, import_),
-            "consolidate": (ConsolidateConfig, consolidate)}
+COMMANDS = {"export": (CheckpointConfig, export), "import": (ImportConfig, import_),
+            "consolidate": (CheckpointConfig, consolidate)}
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> Union[ExportConfig, ImportConfig, ConsolidateConfig]:
+def parse_args(argv: Optional[Sequence[str]]) -> tuple[str, Union[CheckpointConfig, ImportConfig]]:
+    """(the subcommand, its options)."""
     options = vars(build_parser().parse_args(argv))
-    return COMMANDS[options.pop("command")][0](**options)
+    command = options.pop("command")
+    return command, COMMANDS[command][0](**options)
 
 
 def _main(argv=None) -> None:
-    args = parse_args(argv)
+    command, args = parse_args(argv)
     start = time.perf_counter()
-    summary = next(run for kind, run in COMMANDS.values() if isinstance(args, kind))(args)
+    summary = COMMANDS[command][1](args)
     print(f"{summary} in {time.perf_counter() - start:.1f} s", flush=True)
 
 

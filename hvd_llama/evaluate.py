@@ -146,6 +146,7 @@ class EvaluateConfig:
 def parse_args(argv: Optional[Sequence[str]]) -> EvaluateConfig:
     parser = argparse.ArgumentParser(
         prog="python -m hvd_llama.evaluate", description=__doc__.split("\n\n")[0],
+        argument_default=argparse.SUPPRESS,  # a flag left out is not set: the config dataclass's default holds
         epilog="Example: horovodrun -np 2 -H localhost:2 python -m hvd_llama.evaluate --checkpoint runs/tiny "
                "--json runs/tiny/eval.json")
     parser.add_argument("--checkpoint", required=True,
@@ -153,17 +154,17 @@ def parse_args(argv: Optional[Sequence[str]]) -> EvaluateConfig:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--data", help="prepared data folder (default: the checkpoint's data.dir)")
     source.add_argument("--text", help="text file to score (.jsonl: one document per line's \"text\"; .gz ok)")
-    parser.add_argument("--split", choices=SPLITS, default="val", help="split of the data folder")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass on each rank")
-    parser.add_argument("--seq-len", type=int, default=None,
+    parser.add_argument("--split", choices=SPLITS, help="split of the data folder")
+    parser.add_argument("--batch-size", type=int, help="windows per forward pass on each rank")
+    parser.add_argument("--seq-len", type=int,
                         help="window length (default: the checkpoint's train.seq_len, else model.max_seq_len)")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="dynamic int8 Linear layers (CPU)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+    parser.add_argument("--dtype", choices=tuple(DTYPES),
                         help="the weights' type: bf16 halves their memory (fast on GPUs, slow on most CPUs)")
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="autocast as in training (default: the checkpoint's train.precision, else fp32)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads per rank; 0 = cores / ranks on this node")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--threads", type=int, help="CPU threads per rank; 0 = cores / ranks on this node")
     parser.add_argument("--verify-data", action="store_true",
                         help="check every shard's checksum (default: only shards whose size or time changed since "
                              "their last check)")

@@ -85,26 +85,27 @@ class GenerateConfig:
 def parse_args(argv: Optional[Sequence[str]]) -> GenerateConfig:
     parser = argparse.ArgumentParser(
         prog="python -m hvd_llama.generate", description=__doc__.split("\n\n")[0],
+        argument_default=argparse.SUPPRESS,  # a flag left out is not set: the config dataclass's default holds
         epilog="Example: python -m hvd_llama.generate --checkpoint runs/tiny --prompt 'def main(' --stream")
     parser.add_argument("--checkpoint", required=True,
                         help="checkpoint folder, run folder (newest checkpoint) or Hugging Face LLaMA folder")
-    parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable: a batch)")
-    parser.add_argument("--prompt-file", action="append", default=[], metavar="FILE",
+    parser.add_argument("--prompt", action="append", help="prompt text (repeatable: a batch)")
+    parser.add_argument("--prompt-file", action="append", metavar="FILE",
                         help="a file whose whole content is one prompt (repeatable)")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
+    parser.add_argument("--max-new-tokens", type=int,
                         help=f"tokens to generate per sample (default: {DEFAULT_MAX_NEW_TOKENS}, or what fits in "
                              "the context); stops earlier at EOS")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=200, help="sample from the k most likely tokens; 0 = all")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off")
-    parser.add_argument("--seed", type=int, default=1337, help="random seed; the same seed gives the same samples")
-    parser.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    parser.add_argument("--temperature", type=float, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, help="sample from the k most likely tokens; 0 = all")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1]; 1 = off")
+    parser.add_argument("--seed", type=int, help="random seed; the same seed gives the same samples")
+    parser.add_argument("--num-samples", type=int, help="samples per prompt")
     parser.add_argument("--stream", action="store_true", help="print tokens as they are generated (one sample)")
     parser.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence for every token")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="dynamic int8 Linear layers (CPU)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+    parser.add_argument("--dtype", choices=tuple(DTYPES),
                         help="the weights' type: bf16 halves their memory (fast on GPUs, slow on most CPUs)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
     cfg = GenerateConfig(**vars(parser.parse_args(argv)))
     cfg.validate()
     return cfg

@@ -165,7 +165,7 @@ def test_bad_input_is_one_line_exit_2(case, bad_evaluate_runs):
 
 
 def test_the_flags_become_an_evaluate_config_with_its_defaults():
-    """Flags land in their fields, and a flag left out gets the dataclass's default (the two lists agree)."""
+    """Flags land in their fields, and a flag left out gets the dataclass's default (the only list of them)."""
     cfg = parse_args(["--checkpoint", "ckpt", "--batch-size", "3", "--json", "eval.json"])
     assert cfg == EvaluateConfig("ckpt", batch_size=3, json_path="eval.json")
 

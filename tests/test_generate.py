@@ -200,7 +200,7 @@ def test_bad_input_is_one_line_exit_2(case, bad_generate_runs):
 
 
 def test_the_flags_become_a_generate_config_with_its_defaults(tmp_path):
-    """Flags land in their fields, and a flag left out gets the dataclass's default (the two lists agree)."""
+    """Flags land in their fields, and a flag left out gets the dataclass's default (the only list of them)."""
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("def ")
     cfg = parse_args(["--checkpoint", "ckpt", "--prompt", "a", "--prompt-file", str(prompt_file), "--top-k", "5",
