@@ -130,7 +130,8 @@ def test_dry_run_on_a_cpu_machine_builds_without_nccl_whatever_the_shell_had(tmp
     assert done.returncode == 0, done.stderr
     key, env = printed_build(done.stdout)
     assert env == BASE_FLAGS  # the inherited NCCL and TensorFlow flags are gone: the key says what is built
-    assert key == f"horovod-0.28.1-cxx17-exitstatus-torch-{torch.__version__}-py%d.%d-pytorch-gloo-mpi" % sys.version_info[:2]
+    assert key == (f"horovod-0.28.1-cxx17-exitstatus-torch-{torch.__version__}-py%d.%d-pytorch-gloo-mpi"
+                   % sys.version_info[:2])
     assert f"+ {sys.executable} -m pip wheel -v --no-build-isolation --no-deps -w " in done.stdout
     assert not (tmp_path / "cache").exists()  # a dry run writes nothing
 
@@ -144,8 +145,8 @@ def test_dry_run_with_a_cuda_toolkit_and_cuda_torch_builds_with_nccl(tmp_path, f
     key, env = printed_build(done.stdout)
     assert env == BASE_FLAGS | {"HOROVOD_GPU_OPERATIONS=NCCL", f"HOROVOD_CUDA_HOME={cuda}",
                                 f"HOROVOD_NCCL_INCLUDE={cuda}/include", f"HOROVOD_NCCL_LIB={cuda}/lib64"}
-    assert key == ("horovod-0.28.1-cxx17-exitstatus-torch-2.13.0+cu130-py%d.%d-pytorch-gloo-mpi-nccl2.27.3-static-cuda13.0.88"
-                   % sys.version_info[:2])
+    assert key == ("horovod-0.28.1-cxx17-exitstatus-torch-2.13.0+cu130-py%d.%d-pytorch-gloo-mpi-nccl2.27.3-static-"
+                   "cuda13.0.88" % sys.version_info[:2])
     assert pip_log(tmp_path) == ""  # nothing installed or downloaded
 
 

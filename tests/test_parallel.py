@@ -36,8 +36,8 @@ except UserError as err:
 """
 
 
-@pytest.mark.parametrize("count, binding, expected", [pytest.param(1, "own", ["cuda:0", "cuda:0"], marks=pytest.mark.slow),
-                                                     (2, "all", ["cuda:0", "cuda:1"])])
+@pytest.mark.parametrize("count, binding, expected", [
+    pytest.param(1, "own", ["cuda:0", "cuda:0"], marks=pytest.mark.slow), (2, "all", ["cuda:0", "cuda:1"])])
 def test_dist_init_pins_the_mapped_device(tmp_path, count, binding, expected):
     job = run_snippet(BIND, tmp_path, [str(count), binding, "nccl"], np=2)
     assert job.returncode == 0, job.output[-3000:]
@@ -78,7 +78,8 @@ def test_elastic_jobs_start_without_the_gpu_check(tmp_path):
                                                               "rank 1 device cuda:0 pinned [0]"}
 
 
-@pytest.mark.parametrize("np, refused", [(2, True), pytest.param(1, False, marks=pytest.mark.slow)])  # one rank exchanges nothing with another GPU
+# one rank exchanges nothing with another GPU
+@pytest.mark.parametrize("np, refused", [(2, True), pytest.param(1, False, marks=pytest.mark.slow)])
 def test_gpus_with_a_horovod_without_nccl_stop_in_one_line(tmp_path, np, refused):
     [error] = rank_errors(run_snippet(BIND, tmp_path, [str(np), "all", "none"], np=np), np)
     assert error.startswith(f"rank error: Horovod on {socket.gethostname()} was built without NCCL") == refused

@@ -168,7 +168,6 @@ def test_no_helper_is_defined_twice():
     assert {name: paths for name, paths in defined.items() if len(paths) > 1} == {}
 
 
-
 def test_test_files_import_no_test_file():
     """What two test files share lives in tests/support/, not in one of them (at any depth: a function's import too)."""
     def imported(path: Path) -> set[str]:
@@ -177,8 +176,10 @@ def test_test_files_import_no_test_file():
                 ([a.name for a in node.names] if isinstance(node, ast.Import) else
                  [node.module or ""] if isinstance(node, ast.ImportFrom) else [])}
 
-    assert {path.name: sorted(m for m in imported(path) if m.startswith("test_"))
-            for path in TESTS.glob("*.py") if any(m.startswith("test_") for m in imported(path))} == {}
+    test_modules = {path.name: sorted(m for m in imported(path) if m.startswith("test_"))
+                    for path in TESTS.glob("*.py")}
+    assert {name: modules for name, modules in test_modules.items() if modules} == {}
+
 
 def test_test_files_do_not_redefine_conftests_fixtures():
     """conftest.py's fixtures are the suite's shared ones: a test file defining one again would use its own copy."""

@@ -78,7 +78,8 @@ class PrepareOptions:
 
     @property
     def drop_copies(self) -> bool:
-        """Whether a document (or example) seen before is dropped: with the --clean step dedup, and always for fine-tuning rows."""
+        """Whether a document (or example) seen before is dropped: with the --clean step dedup, and always for
+        fine-tuning rows."""
         return self.clean.dedup or self.sft is not None
 
     def columns(self) -> dict[str, str]:

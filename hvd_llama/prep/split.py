@@ -54,6 +54,7 @@ class Selection:
             return chars
         return np.where(_at_most(hi, lo, key, self.threshold), 0, chars)
 
+
 def _at_most(hi: np.ndarray, lo: np.ndarray, key: np.ndarray, bound: tuple[int, int, int]) -> np.ndarray:
     """(hi, lo, key) <= bound, element-wise and lexicographically."""
     b_hi, b_lo, b_key = (np.uint64(v) for v in bound)

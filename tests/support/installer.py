@@ -69,7 +69,8 @@ printf 'Available Tensor Operations:\\n    [{nccl}] NCCL\\n    [ ] DDL\\n    [ ]
 
 def nccl_header(version: str) -> str:
     major, minor, patch = version.split(".")
-    return f'#define NCCL_MAJOR {major}\n#define NCCL_MINOR {minor}\n#define NCCL_PATCH {patch}\n#define NCCL_SUFFIX ""\n'
+    return (f'#define NCCL_MAJOR {major}\n#define NCCL_MINOR {minor}\n#define NCCL_PATCH {patch}\n'
+            '#define NCCL_SUFFIX ""\n')
 
 
 def fake_venv(tmp_path, torch_cuda: str | None, nccl_in_build: bool = True, torch_cmake: str = CMAKE_CXX14,
