@@ -4,6 +4,7 @@ import pytest
 from support import netns
 from support.data import CORPUS_CHARS, stdlib_text
 from support.strict_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401 (hooks)
+from support.suite_guard import pytest_runtest_teardown, pytest_terminal_summary  # noqa: F401 (hooks)
 from support.trainrun import micro_overrides, train_single
 
 from hvd_llama.prepare import main as prepare_main
