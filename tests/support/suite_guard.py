@@ -18,24 +18,19 @@ NEEDED = (REPO / "hvd_llama" / "__init__.py", REPO / "tests" / "conftest.py", Pa
 
 
 def machine_state() -> str:
-    """Free disk where the checkout and the temporary files are, available memory, and how many processes run."""
-    disks = {str(path): shutil.disk_usage(path).free for path in (REPO, Path(tempfile.gettempdir())) if path.exists()}
-    meminfo = Path("/proc/meminfo").read_text().split("\n") if Path("/proc/meminfo").exists() else []
-    available = next((int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:")), None)
-    processes = sum(entry.isdigit() for entry in os.listdir("/proc")) if Path("/proc").exists() else None
-    parts = [f"{free / 2**30:.1f} GiB free on {path}" for path, free in disks.items()]
-    parts.append(f"{available / 2**30:.1f} GiB of memory available" if available is not None else "memory unknown")
-    parts.append(f"{processes} processes" if processes is not None else "processes unknown")
-    return ", ".join(parts)
-
-
-def missing() -> list[str]:
-    return [str(path) for path in NEEDED if not path.exists()]
+    """Free disk where the checkout and the temporary files are, available memory, and how many processes run
+    (Linux's /proc, which the product reads too: procs.py)."""
+    disks = [f"{shutil.disk_usage(path).free / 2**30:.1f} GiB free on {path}"
+             for path in (REPO, Path(tempfile.gettempdir())) if path.exists()]
+    available = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                     if line.startswith("MemAvailable:"))
+    processes = sum(entry.isdigit() for entry in os.listdir("/proc"))
+    return ", ".join([*disks, f"{available / 2**30:.1f} GiB of memory available", f"{processes} processes"])
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item, nextitem):
-    gone = missing()
+    gone = [str(path) for path in NEEDED if not path.exists()]
     if gone:
         pytest.exit(f"stopping the suite: {', '.join(gone)} vanished by the end of {item.nodeid} (every later test "
                     f"needs them); the machine: {machine_state()}", returncode=3)
